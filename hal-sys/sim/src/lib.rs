@@ -1,1 +1,625 @@
+//! A simulated SX1302 concentrator behind the libloragw V2.1.0 C ABI.
+//!
+//! This crate *is* a libloragw for machines without a radio: it exports `lgw_board_setconf`,
+//! `lgw_start`, `lgw_receive`, `lgw_send`, ... with the exact C signatures and struct layouts of
+//! `sx1302-hal-sys`, so the bindings, the FFI marshalling and the agent's safe wrapper run in
+//! tests exactly as on a gateway. Like the real library it keeps one global concentrator.
+//!
+//! It is configured the way the real HAL is pointed at its SPI device: `com_path` in
+//! `lgw_board_setconf` names a simulator file (TOML, see `config/simulator-demo.toml`):
+//! a scenario of received frames to replay, steady synthetic traffic, the start value of the
+//! 1 MHz counter (to test its wrap), injected faults, and a log of every `lgw_send`.
+//!
+//! The `unsafe` here is the C side of the ABI: pointers handed in by the caller are trusted as
+//! the real library trusts them.
 
+mod scenario;
+mod toa;
+
+use std::ffi::{c_char, c_int, CStr};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sx1302_hal_sys as sys;
+
+pub use scenario::{parse_scenario, ScenarioFrame};
+pub use toa::time_on_air_ms;
+
+const OK: c_int = 0;
+const ERR: c_int = -1;
+
+/// The simulator file named by `com_path`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimConfig {
+    /// Concentrator EUI returned by `lgw_get_eui` (16 hex digits).
+    #[serde(default = "default_eui")]
+    pub eui: String,
+    #[serde(default = "default_temperature")]
+    pub temperature_c: f32,
+    /// Counter value at `lgw_start`; start near 2^32 to exercise the wrap.
+    #[serde(default)]
+    pub counter_start_us: u32,
+    /// Frames to replay (CSV, see `scenario.rs`), relative to this file.
+    pub scenario: Option<PathBuf>,
+    /// Steady synthetic uplinks per second after the scenario (0 = none).
+    #[serde(default)]
+    pub synthetic_rate_hz: f64,
+    /// Stop synthetic traffic after this many frames (0 = never).
+    #[serde(default)]
+    pub synthetic_max_frames: u64,
+    #[serde(default = "default_devices")]
+    pub synthetic_devices: u32,
+    #[serde(default = "default_payload_size")]
+    pub synthetic_payload_size: usize,
+    /// Every `lgw_send` is appended here as one JSON line, relative to this file.
+    pub tx_log: Option<PathBuf>,
+    #[serde(default)]
+    pub faults: Faults,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// The first N calls to `lgw_start` fail.
+    #[serde(default)]
+    pub start_failures: u32,
+    /// `lgw_receive` returns -1 once after each of these totals of delivered frames.
+    #[serde(default)]
+    pub receive_error_after_frames: Vec<u64>,
+    /// After this many delivered frames the link dies: `lgw_receive` returns 0 and
+    /// `lgw_get_instcnt` "succeeds" with a frozen value until the next `lgw_start`.
+    #[serde(default)]
+    pub link_dead_after_frames: Option<u64>,
+    /// The first N calls to `lgw_send` fail.
+    #[serde(default)]
+    pub send_failures: u32,
+}
+
+fn default_eui() -> String {
+    "0016c001ff10a235".into()
+}
+fn default_temperature() -> f32 {
+    38.5
+}
+fn default_devices() -> u32 {
+    16
+}
+fn default_payload_size() -> usize {
+    24
+}
+
+impl SimConfig {
+    pub fn load(path: &Path) -> Result<SimConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("simulator file {}: {e}", path.display()))?;
+        let mut cfg: SimConfig =
+            toml::from_str(&text).map_err(|e| format!("simulator file {}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.scenario = cfg.scenario.map(|p| base.join(p));
+        cfg.tx_log = cfg.tx_log.map(|p| base.join(p));
+        Ok(cfg)
+    }
+}
+
+#[derive(Default)]
+struct Setup {
+    com_path: Option<PathBuf>,
+    rf_enabled: [bool; 2],
+    rf_tx_enabled: [bool; 2],
+    if_enabled: u32,
+    txgain_size: [u8; 2],
+}
+
+struct Running {
+    cfg: SimConfig,
+    started: Instant,
+    frames: Vec<ScenarioFrame>,
+    tx_log: Option<File>,
+    link_dead: bool,
+    frozen_counter: u32,
+    /// End of the last transmission, in counter microseconds (start, end).
+    tx_window: Option<(u32, u32)>,
+}
+
+#[derive(Default)]
+struct Sim {
+    setup: Setup,
+    running: Option<Running>,
+    /// Timeline state kept across restarts, like the traffic on the air.
+    timeline_start: Option<Instant>,
+    next_frame: usize,
+    delivered: u64,
+    synthetic_sent: u64,
+    synthetic_fcnt: Vec<u16>,
+    start_calls: u32,
+    send_calls: u32,
+    receive_errors_done: usize,
+}
+
+static SIM: Mutex<Option<Sim>> = Mutex::new(None);
+
+fn with_sim<R>(f: impl FnOnce(&mut Sim) -> R) -> R {
+    let mut guard = SIM.lock().unwrap_or_else(|p| p.into_inner());
+    f(guard.get_or_insert_with(Sim::default))
+}
+
+fn log(msg: &str) {
+    eprintln!("[sx1302-sim] {msg}");
+}
+
+impl Running {
+    fn counter(&self) -> u32 {
+        if self.link_dead {
+            return self.frozen_counter;
+        }
+        let us = self.started.elapsed().as_micros() as u64;
+        self.cfg.counter_start_us.wrapping_add(us as u32)
+    }
+
+    fn counter_at(&self, at: Instant) -> u32 {
+        let us = at.saturating_duration_since(self.started).as_micros() as u64;
+        self.cfg.counter_start_us.wrapping_add(us as u32)
+    }
+}
+
+// --- configuration -------------------------------------------------------------------------
+
+/// # Safety
+/// `conf` must point to a valid `lgw_conf_board_s`.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_board_setconf(conf: *mut sys::lgw_conf_board_s) -> c_int {
+    let Some(conf) = conf.as_ref() else { return ERR };
+    with_sim(|s| {
+        if s.running.is_some() {
+            log("lgw_board_setconf: concentrator is running");
+            return ERR;
+        }
+        let raw = &conf.com_path;
+        let len = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+        let bytes: Vec<u8> = raw[..len].iter().map(|&c| c as u8).collect();
+        s.setup.com_path = Some(PathBuf::from(String::from_utf8_lossy(&bytes).into_owned()));
+        OK
+    })
+}
+
+/// # Safety
+/// `conf` must point to a valid `lgw_conf_rxrf_s`.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_rxrf_setconf(rf_chain: u8, conf: *mut sys::lgw_conf_rxrf_s) -> c_int {
+    let Some(conf) = conf.as_ref() else { return ERR };
+    if rf_chain as u32 >= sys::LGW_RF_CHAIN_NB {
+        return ERR;
+    }
+    with_sim(|s| {
+        if s.running.is_some() {
+            return ERR;
+        }
+        s.setup.rf_enabled[rf_chain as usize] = conf.enable;
+        s.setup.rf_tx_enabled[rf_chain as usize] = conf.tx_enable;
+        OK
+    })
+}
+
+/// # Safety
+/// `conf` must point to a valid `lgw_conf_rxif_s`.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_rxif_setconf(if_chain: u8, conf: *mut sys::lgw_conf_rxif_s) -> c_int {
+    let Some(conf) = conf.as_mut() else { return ERR };
+    if if_chain as u32 >= sys::LGW_IF_CHAIN_NB {
+        return ERR;
+    }
+    with_sim(|s| {
+        if s.running.is_some() {
+            return ERR;
+        }
+        if conf.enable {
+            if conf.rf_chain as u32 >= sys::LGW_RF_CHAIN_NB {
+                return ERR;
+            }
+            s.setup.if_enabled |= 1 << if_chain;
+            // The real HAL writes defaults back into the caller's struct.
+            if if_chain == 8 && conf.sync_word_size == 0 {
+                conf.sync_word_size = 1;
+            }
+        } else {
+            s.setup.if_enabled &= !(1 << if_chain);
+        }
+        OK
+    })
+}
+
+/// # Safety
+/// `conf` must point to a valid `lgw_conf_demod_s`.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_demod_setconf(conf: *mut sys::lgw_conf_demod_s) -> c_int {
+    if conf.is_null() {
+        return ERR;
+    }
+    OK
+}
+
+/// # Safety
+/// `conf` must point to a valid `lgw_tx_gain_lut_s`.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_txgain_setconf(rf_chain: u8, conf: *mut sys::lgw_tx_gain_lut_s) -> c_int {
+    let Some(conf) = conf.as_ref() else { return ERR };
+    if rf_chain as u32 >= sys::LGW_RF_CHAIN_NB || conf.size == 0 || conf.size as u32 > sys::TX_GAIN_LUT_SIZE_MAX {
+        return ERR;
+    }
+    with_sim(|s| {
+        s.setup.txgain_size[rf_chain as usize] = conf.size;
+        OK
+    })
+}
+
+/// # Safety
+/// `conf` must point to a valid `lgw_conf_ftime_s`.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_ftime_setconf(conf: *mut sys::lgw_conf_ftime_s) -> c_int {
+    if conf.is_null() {
+        return ERR;
+    }
+    OK
+}
+
+/// # Safety
+/// `conf` must point to a valid `lgw_conf_sx1261_s`.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_sx1261_setconf(conf: *mut sys::lgw_conf_sx1261_s) -> c_int {
+    if conf.is_null() {
+        return ERR;
+    }
+    OK
+}
+
+// --- life cycle ----------------------------------------------------------------------------
+
+#[no_mangle]
+pub extern "C" fn lgw_start() -> c_int {
+    with_sim(|s| {
+        if s.running.is_some() {
+            log("lgw_start: already started");
+            return ERR;
+        }
+        s.start_calls += 1;
+        let Some(path) = s.setup.com_path.clone() else {
+            log("lgw_start: no board configuration (lgw_board_setconf not called)");
+            return ERR;
+        };
+        let cfg = match SimConfig::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                log(&e);
+                return ERR;
+            }
+        };
+        if s.start_calls <= cfg.faults.start_failures {
+            log(&format!("lgw_start: injected failure {}/{}", s.start_calls, cfg.faults.start_failures));
+            return ERR;
+        }
+        let frames = match &cfg.scenario {
+            Some(p) => match std::fs::read_to_string(p).map_err(|e| e.to_string()).and_then(|t| parse_scenario(&t)) {
+                Ok(f) => f,
+                Err(e) => {
+                    log(&format!("scenario {}: {e}", p.display()));
+                    return ERR;
+                }
+            },
+            None => Vec::new(),
+        };
+        let tx_log = match &cfg.tx_log {
+            Some(p) => match OpenOptions::new().create(true).append(true).open(p) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    log(&format!("tx log {}: {e}", p.display()));
+                    return ERR;
+                }
+            },
+            None => None,
+        };
+        if s.synthetic_fcnt.len() != cfg.synthetic_devices as usize {
+            s.synthetic_fcnt = vec![0; cfg.synthetic_devices as usize];
+        }
+        let now = Instant::now();
+        s.timeline_start.get_or_insert(now);
+        s.running = Some(Running {
+            cfg,
+            started: now,
+            frames,
+            tx_log,
+            link_dead: false,
+            frozen_counter: 0,
+            tx_window: None,
+        });
+        OK
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn lgw_stop() -> c_int {
+    with_sim(|s| {
+        s.running = None;
+        OK
+    })
+}
+
+// --- receive -------------------------------------------------------------------------------
+
+/// # Safety
+/// `pkt_data` must point to at least `max_pkt` writable `lgw_pkt_rx_s`.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_receive(max_pkt: u8, pkt_data: *mut sys::lgw_pkt_rx_s) -> c_int {
+    if pkt_data.is_null() {
+        return ERR;
+    }
+    let out = std::slice::from_raw_parts_mut(pkt_data, max_pkt as usize);
+    with_sim(|s| s.receive(out))
+}
+
+impl Sim {
+    fn receive(&mut self, out: &mut [sys::lgw_pkt_rx_s]) -> c_int {
+        let Some(run) = self.running.as_mut() else {
+            return ERR;
+        };
+        let faults = &run.cfg.faults;
+        if let Some(&after) = faults.receive_error_after_frames.get(self.receive_errors_done) {
+            if self.delivered >= after {
+                self.receive_errors_done += 1;
+                log(&format!("lgw_receive: injected error after {} frames", self.delivered));
+                return ERR;
+            }
+        }
+        if run.link_dead {
+            return 0;
+        }
+        let timeline = self.timeline_start.expect("set by lgw_start");
+        let now = Instant::now();
+        let mut n = 0;
+        while n < out.len() {
+            if let Some(dead_after) = run.cfg.faults.link_dead_after_frames {
+                if self.delivered >= dead_after {
+                    log(&format!("link dead after {} frames: lgw_receive now returns 0", self.delivered));
+                    run.frozen_counter = run.counter();
+                    run.link_dead = true;
+                    break;
+                }
+            }
+            let frame = if let Some(f) = run.frames.get(self.next_frame) {
+                let due = timeline + Duration::from_micros(f.offset_us);
+                if due > now {
+                    break;
+                }
+                self.next_frame += 1;
+                let mut f = f.clone();
+                f.count_us = run.counter_at(due.max(run.started));
+                f
+            } else if run.cfg.synthetic_rate_hz > 0.0
+                && (run.cfg.synthetic_max_frames == 0 || self.synthetic_sent < run.cfg.synthetic_max_frames)
+            {
+                let scenario_end = run.frames.last().map(|f| f.offset_us).unwrap_or(0);
+                let k = self.synthetic_sent;
+                let due = timeline
+                    + Duration::from_micros(scenario_end)
+                    + Duration::from_secs_f64(k as f64 / run.cfg.synthetic_rate_hz);
+                if due > now {
+                    break;
+                }
+                self.synthetic_sent += 1;
+                let mut f = synthetic_frame(&run.cfg, k, &mut self.synthetic_fcnt);
+                f.count_us = run.counter_at(due.max(run.started));
+                f
+            } else {
+                break;
+            };
+            frame.write_to(&mut out[n]);
+            self.delivered += 1;
+            n += 1;
+        }
+        n as c_int
+    }
+}
+
+fn synthetic_frame(cfg: &SimConfig, k: u64, fcnt: &mut [u16]) -> ScenarioFrame {
+    const CHANNELS: [u32; 8] = [
+        868_100_000, 868_300_000, 868_500_000, 867_100_000, 867_300_000, 867_500_000, 867_700_000, 867_900_000,
+    ];
+    let devices = cfg.synthetic_devices.max(1);
+    let dev = (k % devices as u64) as u32;
+    let counter = &mut fcnt[dev as usize % fcnt.len().max(1)];
+    let fc = *counter;
+    *counter = counter.wrapping_add(1);
+    let dev_addr = 0x2601_1000u32 + dev;
+    // Unconfirmed data up: MHDR, DevAddr (LE), FCtrl, FCnt (LE), FPort, FRMPayload, MIC.
+    let mut p = vec![0x40];
+    p.extend_from_slice(&dev_addr.to_le_bytes());
+    p.push(0x00);
+    p.extend_from_slice(&fc.to_le_bytes());
+    p.push(0x01);
+    let body = cfg.synthetic_payload_size.saturating_sub(13).max(1);
+    p.extend((0..body).map(|i| (k as usize + i) as u8));
+    p.extend_from_slice(&((k as u32).wrapping_mul(2_654_435_761)).to_le_bytes());
+    p.truncate(255);
+    let ch = (k % 8) as usize;
+    ScenarioFrame {
+        offset_us: 0,
+        freq_hz: CHANNELS[ch],
+        modulation: sys::MOD_LORA as u8,
+        datarate: 7 + (k % 6) as u32,
+        bandwidth: sys::BW_125KHZ as u8,
+        coderate: sys::CR_LORA_4_5 as u8,
+        rssi: -60.0 - (k % 50) as f32,
+        snr: 9.5 - (k % 20) as f32,
+        if_chain: ch as u8,
+        rf_chain: if ch < 3 { 1 } else { 0 },
+        status: sys::STAT_CRC_OK as u8,
+        payload: p,
+        count_us: 0,
+    }
+}
+
+// --- transmit ------------------------------------------------------------------------------
+
+/// # Safety
+/// `pkt_data` must point to a valid `lgw_pkt_tx_s`.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_send(pkt_data: *mut sys::lgw_pkt_tx_s) -> c_int {
+    let Some(pkt) = pkt_data.as_mut() else { return ERR };
+    with_sim(|s| {
+        s.send_calls += 1;
+        let Some(run) = s.running.as_mut() else {
+            log("lgw_send: concentrator not started");
+            return ERR;
+        };
+        let now = run.counter();
+        let mut result = OK;
+        if s.send_calls <= run.cfg.faults.send_failures {
+            log("lgw_send: injected failure");
+            result = ERR;
+        } else if pkt.rf_chain as u32 >= sys::LGW_RF_CHAIN_NB || !s.setup.rf_tx_enabled[pkt.rf_chain as usize] {
+            log("lgw_send: rf chain not enabled for TX");
+            result = ERR;
+        } else if pkt.size as usize > 255 {
+            result = ERR;
+        } else if matches!(run.tx_window, Some((start, end)) if in_window(now, start, end)) {
+            log("lgw_send: concentrator is currently emitting");
+            result = ERR;
+        }
+        // The real HAL raises a too-short LoRa preamble to its minimum and writes it back.
+        if pkt.modulation as u32 == sys::MOD_LORA && pkt.preamble < 8 {
+            pkt.preamble = 8;
+        }
+        if result == OK {
+            let start = if pkt.tx_mode as u32 == sys::IMMEDIATE { now } else { pkt.count_us };
+            let toa_us = time_on_air_ms(pkt).saturating_mul(1000);
+            run.tx_window = Some((start, start.wrapping_add(toa_us)));
+        }
+        if let Some(f) = run.tx_log.as_mut() {
+            let payload: String = pkt.payload[..(pkt.size as usize).min(256)]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let line = format!(
+                "{{\"counter_at_handoff\":{now},\"result\":{result},\"tx_mode\":{},\"count_us\":{},\"freq_hz\":{},\"rf_chain\":{},\"rf_power\":{},\"modulation\":{},\"bandwidth\":{},\"datarate\":{},\"coderate\":{},\"invert_pol\":{},\"preamble\":{},\"no_crc\":{},\"size\":{},\"payload\":\"{payload}\"}}\n",
+                pkt.tx_mode, pkt.count_us, pkt.freq_hz, pkt.rf_chain, pkt.rf_power, pkt.modulation,
+                pkt.bandwidth, pkt.datarate, pkt.coderate, pkt.invert_pol, pkt.preamble, pkt.no_crc, pkt.size
+            );
+            let _ = f.write_all(line.as_bytes());
+        }
+        result
+    })
+}
+
+fn in_window(now: u32, start: u32, end: u32) -> bool {
+    now.wrapping_sub(start) < end.wrapping_sub(start)
+}
+
+/// # Safety
+/// `code` must point to a writable byte.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_status(rf_chain: u8, select: u8, code: *mut u8) -> c_int {
+    let Some(code) = code.as_mut() else { return ERR };
+    if rf_chain as u32 >= sys::LGW_RF_CHAIN_NB || select as u32 != sys::TX_STATUS {
+        return ERR;
+    }
+    with_sim(|s| {
+        let Some(run) = s.running.as_ref() else {
+            *code = sys::TX_OFF as u8;
+            return OK;
+        };
+        let now = run.counter();
+        *code = match run.tx_window {
+            Some((start, end)) if in_window(now, start, end) => sys::TX_EMITTING as u8,
+            // A timestamped packet up to 512 s ahead is "scheduled".
+            Some((start, _)) if start.wrapping_sub(now) < 512_000_000 && start != now => sys::TX_SCHEDULED as u8,
+            _ => sys::TX_FREE as u8,
+        };
+        OK
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn lgw_abort_tx(_rf_chain: u8) -> c_int {
+    with_sim(|s| {
+        if let Some(run) = s.running.as_mut() {
+            run.tx_window = None;
+        }
+        OK
+    })
+}
+
+// --- counters and identity -----------------------------------------------------------------
+
+/// # Safety
+/// `trig_cnt_us` must point to a writable u32.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_get_trigcnt(trig_cnt_us: *mut u32) -> c_int {
+    lgw_get_instcnt(trig_cnt_us)
+}
+
+/// # Safety
+/// `inst_cnt_us` must point to a writable u32.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_get_instcnt(inst_cnt_us: *mut u32) -> c_int {
+    let Some(out) = inst_cnt_us.as_mut() else { return ERR };
+    with_sim(|s| match s.running.as_ref() {
+        Some(run) => {
+            // Like the real HAL, a dead link still "succeeds" (with a frozen value).
+            *out = run.counter();
+            OK
+        }
+        None => ERR,
+    })
+}
+
+/// # Safety
+/// `eui` must point to a writable u64.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_get_eui(eui: *mut u64) -> c_int {
+    let Some(out) = eui.as_mut() else { return ERR };
+    with_sim(|s| match s.running.as_ref() {
+        Some(run) => match u64::from_str_radix(&run.cfg.eui, 16) {
+            Ok(v) => {
+                *out = v;
+                OK
+            }
+            Err(_) => ERR,
+        },
+        None => ERR,
+    })
+}
+
+/// # Safety
+/// `temperature` must point to a writable f32.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_get_temperature(temperature: *mut f32) -> c_int {
+    let Some(out) = temperature.as_mut() else { return ERR };
+    with_sim(|s| match s.running.as_ref() {
+        Some(run) => {
+            *out = run.cfg.temperature_c;
+            OK
+        }
+        None => ERR,
+    })
+}
+
+static VERSION: &CStr = c"lora-edge simulated concentrator; libloragw V2.1.0 ABI";
+
+#[no_mangle]
+pub extern "C" fn lgw_version_info() -> *const c_char {
+    VERSION.as_ptr()
+}
+
+/// # Safety
+/// `packet` must point to a valid `lgw_pkt_tx_s`.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_time_on_air(packet: *const sys::lgw_pkt_tx_s) -> u32 {
+    match packet.as_ref() {
+        Some(p) => time_on_air_ms(p),
+        None => 0,
+    }
+}
