@@ -1,1 +1,230 @@
-fn main(){}
+//! `lora-edge`: command line and wiring only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+use lora_edge::backhaul::Backhaul;
+use lora_edge::config::{self, Config};
+use lora_edge::events::{Body, Event};
+use lora_edge::ops::counters::Counters;
+use lora_edge::ops::stats::StatsReporter;
+use lora_edge::radio::hal::Concentrator;
+use lora_edge::radio::{Radio, RadioSettings};
+use lora_edge::store::{Opened, Queue, QueueOptions, Writer};
+use lora_edge::uplink::{CrcFilter, Uplinks};
+
+#[derive(Parser)]
+#[command(name = "lora-edge", version, about = "LoRa concentrator gateway daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// Configuration file; repeat to merge several, later ones win.
+    #[arg(short = 'c', long = "config", required = true)]
+    config: Vec<PathBuf>,
+    /// Override one value: `--set section.key=value` (TOML value, or a bare string).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run(ConfigArgs),
+    /// Validate the configuration and explain every error; non-zero exit status if any.
+    Check(ConfigArgs),
+}
+
+/// Frames between the radio and the uplink stage, and events waiting for the store.
+const RADIO_QUEUE: usize = 8192;
+const EVENT_QUEUE: usize = 8192;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Check(args) => match config::load(&args.config, &args.set) {
+            Ok(cfg) => {
+                println!(
+                    "ok: gateway {}, board {}, backend {:?}, plan {}, mqtt {}, store {}",
+                    cfg.gateway.id.as_deref().unwrap_or("(concentrator EUI)"),
+                    cfg.radio.board,
+                    cfg.radio.backend,
+                    cfg.region.plan,
+                    cfg.mqtt.server,
+                    cfg.store.path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => {
+            let cfg = match config::load(&args.config, &args.set) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let counters = Arc::new(Counters::new());
+    let (queue, opened) = Queue::open(QueueOptions {
+        path: cfg.store.path.clone(),
+        max_disk_bytes: cfg.store.max_size_mib * 1024 * 1024,
+        max_age: cfg.store.max_age,
+        commit_interval: cfg.store.commit_interval,
+    })
+    .with_context(|| format!("opening the store at {}", cfg.store.path.display()))?;
+    let queue = Arc::new(queue);
+    let hal = Concentrator::claim()?;
+
+    let stop_radio = Arc::new(AtomicBool::new(false));
+    let (radio_tx, radio_rx) = sync_channel(RADIO_QUEUE);
+    let (event_tx, event_rx) = sync_channel::<Event>(EVENT_QUEUE);
+    let (eui_tx, mut eui_rx) = watch::channel(None);
+    let radio = Radio {
+        settings: RadioSettings::from_config(&cfg),
+        hal,
+        out: radio_tx,
+        counters: counters.clone(),
+        stop: stop_radio.clone(),
+        eui: eui_tx,
+    }
+    .spawn()?;
+
+    let gateway_id = match &cfg.gateway.id {
+        Some(id) => id.to_lowercase(),
+        None => {
+            tracing::info!("gateway.id not set: waiting for the concentrator's EUI");
+            tokio::select! {
+                eui = eui_rx.wait_for(Option::is_some) => format!("{:016x}", eui?.expect("is some")),
+                _ = stop_signal() => {
+                    stop_radio.store(true, Ordering::Relaxed);
+                    let _ = tokio::task::spawn_blocking(move || radio.join()).await;
+                    return Ok(());
+                }
+            }
+        }
+    };
+    tracing::info!(gateway_id = %gateway_id, store = %cfg.store.path.display(), "lora-edge starting");
+
+    let (appended_tx, appended_rx) = watch::channel(queue.next_seq().saturating_sub(1));
+    let writer = Writer {
+        queue: queue.clone(),
+        input: event_rx,
+        encoding: cfg.mqtt.encoding,
+        appended: appended_tx,
+        counters: counters.clone(),
+    }
+    .spawn()?;
+    if let Opened::MovedAside { to, why } = &opened {
+        tracing::error!(moved_to = %to.display(), %why, "ALARM: the store was unreadable; it was moved aside and a fresh one created");
+        let notice = serde_json::json!({"event": "store_corrupt", "movedTo": to.display().to_string(), "error": why});
+        let _ = event_tx.send(Event { at: SystemTime::now(), body: Body::Notice(notice) });
+    }
+    let uplinks = Uplinks {
+        input: radio_rx,
+        output: event_tx.clone(),
+        gateway_id: gateway_id.clone(),
+        filter: CrcFilter {
+            forward_ok: cfg.radio.forward_crc_ok,
+            forward_invalid: cfg.radio.forward_crc_invalid,
+            forward_missing: cfg.radio.forward_crc_missing,
+        },
+        counters: counters.clone(),
+    }
+    .spawn()?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let backhaul = tokio::spawn(
+        Backhaul {
+            cfg: cfg.mqtt.clone(),
+            gateway_id: gateway_id.clone(),
+            join_request_max_age: cfg.store.join_request_max_age,
+            queue: queue.clone(),
+            appended: appended_rx,
+            counters: counters.clone(),
+            shutdown: shutdown_rx.clone(),
+        }
+        .run(),
+    );
+    let stats = tokio::spawn(
+        StatsReporter {
+            interval: cfg.stats.interval,
+            gateway_id,
+            counters,
+            queue,
+            output: event_tx,
+            shutdown: shutdown_rx,
+        }
+        .run(),
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    stop_signal().await;
+    tracing::info!("shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    // Radio first, so every frame it read is accepted before the store closes.
+    stop_radio.store(true, Ordering::Relaxed);
+    let _ = shutdown_tx.send(true);
+    tokio::task::spawn_blocking(move || {
+        let _ = radio.join();
+        let _ = uplinks.join();
+    })
+    .await?;
+    let _ = stats.await;
+    tokio::task::spawn_blocking(move || writer.join()).await?.ok();
+    let _ = backhaul.await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! The MQTT backhaul: one session at a time to the broker, fed from the durable queue.
+//!
+//! Each connection is a fresh rumqttc client and event loop (clean session): nothing is trusted
+//! to rumqttc across a disconnect. After the CONNACK it publishes the retained ONLINE state and
+//! then everything above the queue's acknowledged watermark, in sequence order, keeping at most
+//! `mqtt.inflight` publishes unacknowledged. A PUBACK removes its record from the store (via
+//! `Inflight`). A connection error, a CONNACK that does not come, or a publish not acknowledged
+//! within `mqtt.ack_timeout` (a silent cut) ends the session; the next one starts again from the
+//! watermark after a back-off with jitter. Delivery is therefore at-least-once; duplicates are
+//! bounded by the inflight window and carry the same sequence number.
+
+mod inflight;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use chirpstack_api::gw;
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::watch;
+
+use crate::config::{Encoding, MqttConfig};
+use crate::events::{unix_ms, Kind, FLAG_JOIN_REQUEST};
+use crate::ops::counters::Counters;
+use crate::store::Queue;
+use inflight::Inflight;
+
+/// Topics of one gateway.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    base: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str, gateway_id: &str) -> Topics {
+        Topics { base: format!("{prefix}/gateway/{gateway_id}") }
+    }
+
+    pub fn under(&self, suffix: &str) -> String {
+        format!("{}/{suffix}", self.base)
+    }
+}
+
+pub struct Backhaul {
+    pub cfg: MqttConfig,
+    pub gateway_id: String,
+    pub join_request_max_age: Duration,
+    pub queue: Arc<Queue>,
+    pub appended: watch::Receiver<u64>,
+    pub counters: Arc<Counters>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+fn conn_state(gateway_id: &str, online: bool, encoding: Encoding) -> Vec<u8> {
+    let state = gw::ConnState {
+        gateway_id: gateway_id.to_string(),
+        state: if online { gw::conn_state::State::Online } else { gw::conn_state::State::Offline } as i32,
+        ..Default::default()
+    };
+    match encoding {
+        Encoding::Protobuf => prost::Message::encode_to_vec(&state),
+        Encoding::Json => serde_json::to_vec(&state).unwrap_or_default(),
+    }
+}
+
+impl Backhaul {
+    pub async fn run(mut self) {
+        let topics = Topics::new(&self.cfg.topic_prefix, &self.gateway_id);
+        let mut backoff = self.cfg.reconnect_min;
+        let mut outage_since: Option<Instant> = Some(Instant::now());
+        loop {
+            let connected_at = Instant::now();
+            let end = self.session(&topics, &mut outage_since).await;
+            self.counters.backhaul_up.store(false, std::sync::atomic::Ordering::Relaxed);
+            match end {
+                SessionEnd::Shutdown => return,
+                SessionEnd::Lost(why) => {
+                    if outage_since.is_none() {
+                        outage_since = Some(Instant::now());
+                    }
+                    // A session that lived a while was healthy: start the back-off over.
+                    if connected_at.elapsed() > self.cfg.reconnect_max {
+                        backoff = self.cfg.reconnect_min;
+                    }
+                    let jitter = 0.8 + fastrand::f64() * 0.4;
+                    let wait = backoff.mul_f64(jitter);
+                    tracing::warn!(%why, retry_in = ?wait, backlog = self.queue.backlog().records, "backhaul down");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(self.cfg.reconnect_max);
+                }
+            }
+        }
+    }
+
+    fn options(&self, topics: &Topics) -> MqttOptions {
+        let (host, port) = crate::config::parse_server(&self.cfg.server).expect("validated");
+        let client_id = self.cfg.client_id.clone().unwrap_or_else(|| format!("lora-edge-{}", self.gateway_id));
+        let mut o = MqttOptions::new(client_id, host, port);
+        o.set_keep_alive(self.cfg.keep_alive);
+        o.set_clean_session(true);
+        o.set_inflight(self.cfg.inflight.saturating_add(8));
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_last_will(LastWill::new(
+            topics.under("state/conn"),
+            conn_state(&self.gateway_id, false, self.cfg.encoding),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        if let Some(user) = &self.cfg.username {
+            o.set_credentials(user.clone(), self.cfg.password.clone().unwrap_or_default());
+        }
+        o
+    }
+
+    async fn session(&mut self, topics: &Topics, outage_since: &mut Option<Instant>) -> SessionEnd {
+        let window = self.cfg.inflight as usize;
+        let (client, mut events) = AsyncClient::new(self.options(topics), window + 16);
+        events.network_options.set_connection_timeout(self.cfg.connect_timeout.as_secs().max(1));
+        let mut inflight = Inflight::default();
+        let mut cursor = self.queue.acked() + 1;
+        let mut connected = false;
+        let mut tokens = self.cfg.max_rate_per_s as f64;
+        let mut last_refill = Instant::now();
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => {
+                    self.goodbye(&client, &mut events, topics).await;
+                    return SessionEnd::Shutdown;
+                }
+                ev = events.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        if ack.code != ConnectReturnCode::Success {
+                            return SessionEnd::Lost(format!("broker refused the connection: {:?}", ack.code));
+                        }
+                        connected = true;
+                        self.counters.backhaul_up.store(true, std::sync::atomic::Ordering::Relaxed);
+                        if let Some(since) = outage_since.take() {
+                            let ms = since.elapsed().as_millis() as u64;
+                            Counters::add(&self.counters.outages, 1);
+                            self.counters.last_outage_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+                            tracing::info!(outage_ms = ms, backlog = self.queue.backlog().records, "backhaul up");
+                        }
+                        let online = conn_state(&self.gateway_id, true, self.cfg.encoding);
+                        if client.try_publish(topics.under("state/conn"), QoS::AtLeastOnce, true, online).is_ok() {
+                            inflight.submitted(None, false, Instant::now());
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if !inflight.written(pkid) {
+                            return SessionEnd::Lost(format!("publish {pkid} written but none submitted"));
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+                        return SessionEnd::Lost(format!("packet id {pkid} still in use; resynchronising"));
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if !inflight.acked(ack.pkid) {
+                            tracing::debug!(pkid = ack.pkid, "PUBACK for no publish of this session");
+                        }
+                        let settled = inflight.settle();
+                        Counters::add(&self.counters.up_forwarded, settled.uplinks);
+                        if let Some(seq) = settled.top {
+                            if let Err(e) = self.queue.ack_upto(seq) {
+                                tracing::error!(error = %e, "store: acknowledging");
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return SessionEnd::Lost(e.to_string()),
+                },
+                _ = self.appended.changed() => {}
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if !connected && started.elapsed() > self.cfg.connect_timeout {
+                        return SessionEnd::Lost("no CONNACK within mqtt.connect_timeout".into());
+                    }
+                    if let Some(wait) = inflight.oldest_wait(now) {
+                        if wait > self.cfg.ack_timeout {
+                            return SessionEnd::Lost(format!("no PUBACK for {wait:?}: link presumed dead"));
+                        }
+                    }
+                    if self.cfg.max_rate_per_s > 0 {
+                        let rate = self.cfg.max_rate_per_s as f64;
+                        tokens = (tokens + now.duration_since(last_refill).as_secs_f64() * rate).min(rate);
+                        last_refill = now;
+                    }
+                }
+            }
+            if connected {
+                if let Err(why) = self.fill(&client, topics, &mut inflight, &mut cursor, &mut tokens, window) {
+                    return SessionEnd::Lost(why);
+                }
+            }
+        }
+    }
+
+    /// Submits records from the cursor until the window (or the rate budget) is full.
+    fn fill(
+        &self,
+        client: &AsyncClient,
+        topics: &Topics,
+        inflight: &mut Inflight,
+        cursor: &mut u64,
+        tokens: &mut f64,
+        window: usize,
+    ) -> Result<(), String> {
+        let limited = self.cfg.max_rate_per_s > 0;
+        loop {
+            let room = window.saturating_sub(inflight.outstanding());
+            let budget = if limited { room.min(*tokens as usize) } else { room };
+            if budget == 0 {
+                return Ok(());
+            }
+            let records = self.queue.read_from(*cursor, budget).map_err(|e| format!("store read: {e}"))?;
+            if records.is_empty() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            let now_ms = unix_ms(SystemTime::now());
+            for r in records {
+                *cursor = r.seq + 1;
+                let Some(kind) = Kind::from_u8(r.kind) else {
+                    tracing::error!(seq = r.seq, kind = r.kind, "store: record of unknown kind skipped");
+                    inflight.skipped(r.seq, now);
+                    continue;
+                };
+                if r.flags & FLAG_JOIN_REQUEST != 0
+                    && now_ms.saturating_sub(r.at_ms) > self.join_request_max_age.as_millis() as u64
+                {
+                    // Its answer could never reach the device: forwarding it would only make the
+                    // network server start a session the device never hears of.
+                    Counters::add(&self.counters.join_expired, 1);
+                    inflight.skipped(r.seq, now);
+                    continue;
+                }
+                client
+                    .try_publish(topics.under(kind.topic()), QoS::AtLeastOnce, false, r.payload)
+                    .map_err(|e| format!("submit: {e}"))?;
+                inflight.submitted(Some(r.seq), kind == Kind::Up, now);
+                if limited {
+                    *tokens -= 1.0;
+                }
+            }
+        }
+    }
+
+    /// Retained OFFLINE, then DISCONNECT, waiting briefly for the broker.
+    async fn goodbye(&self, client: &AsyncClient, events: &mut EventLoop, topics: &Topics) {
+        let offline = conn_state(&self.gateway_id, false, self.cfg.encoding);
+        if client.try_publish(topics.under("state/conn"), QoS::AtLeastOnce, true, offline).is_err() {
+            return;
+        }
+        let _ = client.try_disconnect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(ev) = tokio::time::timeout_at(deadline, events.poll()).await {
+            match ev {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The agent's configuration: one TOML format, typed here, with defaults and units in the
+//! field names. `load` merges files and `--set` overrides and reports every problem with file,
+//! line and field; `validate` checks what serde cannot (board names, ranges, paths).
+//!
+//! The reference of every key is README.md § Configuration; `config/lora-edge.toml` is the
+//! shipped file.
+
+mod load;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use load::{load, ConfigError, ConfigErrors};
+
+use crate::radio::boards;
+use crate::radio::region;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub region: RegionConfig,
+    #[serde(default)]
+    pub radio: RadioConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub stats: StatsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// 16 hex digits; when absent the concentrator's EUI is used.
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    /// Channel plan name; `eu868` is shipped.
+    #[serde(default = "default_plan")]
+    pub plan: String,
+}
+
+impl Default for RegionConfig {
+    fn default() -> Self {
+        RegionConfig { plan: default_plan() }
+    }
+}
+
+fn default_plan() -> String {
+    "eu868".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sx1302,
+    Simulator,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RadioConfig {
+    #[serde(default = "default_backend")]
+    pub backend: Backend,
+    /// Board profile: rak2287, rak5146, seeed_wm1302, semtech_corecell.
+    #[serde(default = "default_board")]
+    pub board: String,
+    #[serde(default = "default_spi")]
+    pub spi_path: String,
+    #[serde(default = "default_gpio_chip")]
+    pub gpio_chip: String,
+    /// Simulator file (backend = "simulator"); relative paths are relative to the config file.
+    pub simulator: Option<PathBuf>,
+    #[serde(default = "default_poll", with = "duration")]
+    pub poll_interval: Duration,
+    #[serde(default)]
+    pub antenna_gain_dbi: f32,
+    #[serde(default = "yes")]
+    pub lorawan_public: bool,
+    #[serde(default = "yes")]
+    pub forward_crc_ok: bool,
+    #[serde(default)]
+    pub forward_crc_invalid: bool,
+    #[serde(default)]
+    pub forward_crc_missing: bool,
+    /// A concentrator whose counter stops advancing for this long is restarted.
+    #[serde(default = "default_watchdog", with = "duration")]
+    pub watchdog: Duration,
+    #[serde(default = "default_restart_max", with = "duration")]
+    pub restart_backoff_max: Duration,
+}
+
+impl Default for RadioConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+// A gateway is the product: the simulator must be asked for.
+fn default_backend() -> Backend {
+    Backend::Sx1302
+}
+fn default_board() -> String {
+    "semtech_corecell".into()
+}
+fn default_spi() -> String {
+    "/dev/spidev0.0".into()
+}
+fn default_gpio_chip() -> String {
+    "/dev/gpiochip0".into()
+}
+fn default_poll() -> Duration {
+    Duration::from_millis(10)
+}
+fn default_watchdog() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_restart_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Protobuf,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `tcp://host:port`.
+    #[serde(default = "default_server")]
+    pub server: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Defaults to `lora-edge-<gateway id>`.
+    pub client_id: Option<String>,
+    #[serde(default = "default_plan")]
+    pub topic_prefix: String,
+    #[serde(default = "default_encoding")]
+    pub encoding: Encoding,
+    #[serde(default = "default_keep_alive", with = "duration")]
+    pub keep_alive: Duration,
+    /// Publishes awaiting their PUBACK at once.
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+    /// A publish not acknowledged within this time means the link is dead (silent cut).
+    #[serde(default = "default_ack_timeout", with = "duration")]
+    pub ack_timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_reconnect_min", with = "duration")]
+    pub reconnect_min: Duration,
+    #[serde(default = "default_reconnect_max", with = "duration")]
+    pub reconnect_max: Duration,
+    /// Messages per second at most (metered backhauls); 0 = as fast as the broker acknowledges.
+    #[serde(default)]
+    pub max_rate_per_s: u32,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+fn default_server() -> String {
+    "tcp://127.0.0.1:1883".into()
+}
+fn default_encoding() -> Encoding {
+    Encoding::Protobuf
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_inflight() -> u16 {
+    64
+}
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(60)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    /// Disk budget of the store directory, in MiB.
+    #[serde(default = "default_max_size")]
+    pub max_size_mib: u64,
+    /// Older events are evicted (and reported) even when the budget is not reached.
+    #[serde(default = "default_max_age", with = "duration")]
+    pub max_age: Duration,
+    /// Interval of the store's fsync: what a power cut can lose at most.
+    #[serde(default = "default_commit", with = "duration")]
+    pub commit_interval: Duration,
+    /// Join-requests older than this when their turn comes are not forwarded (see README).
+    #[serde(default = "default_join_age", with = "duration")]
+    pub join_request_max_age: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+fn default_store_path() -> PathBuf {
+    "/var/lib/lora-edge/store".into()
+}
+fn default_max_size() -> u64 {
+    256
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_commit() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_join_age() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsConfig {
+    #[serde(default = "default_stats_interval", with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        StatsConfig { interval: default_stats_interval() }
+    }
+}
+
+fn default_stats_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Durations written as `"10ms"`, `"30s"`, `"2h"`.
+mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"500ms\", \"30s\" or \"2h\" ({e})")))
+    }
+}
+
+/// A problem serde cannot see, with the dotted path of the field it concerns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> Invalid {
+    Invalid { field: field.into(), message: message.into() }
+}
+
+impl Config {
+    /// Every semantic problem at once.
+    pub fn validate(&self) -> Vec<Invalid> {
+        let mut out = Vec::new();
+        if let Some(id) = &self.gateway.id {
+            if id.len() != 16 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+                out.push(invalid("gateway.id", format!("{id:?} is not 16 hexadecimal digits (an EUI-64)")));
+            }
+        }
+        if region::plan(&self.region.plan).is_none() {
+            out.push(invalid(
+                "region.plan",
+                format!("unknown channel plan {:?} (known: {})", self.region.plan, region::known().join(", ")),
+            ));
+        }
+        let r = &self.radio;
+        if boards::profile(&r.board).is_none() {
+            out.push(invalid(
+                "radio.board",
+                format!("unknown board {:?} (known: {})", r.board, boards::known().join(", ")),
+            ));
+        }
+        match r.backend {
+            Backend::Simulator => match &r.simulator {
+                None => out.push(invalid("radio.simulator", "backend \"simulator\" needs a simulator file")),
+                Some(p) if p.as_os_str().len() > 63 => out.push(invalid(
+                    "radio.simulator",
+                    format!("{} is longer than the 63 bytes the HAL's com_path holds", p.display()),
+                )),
+                Some(p) if !p.is_file() => {
+                    out.push(invalid("radio.simulator", format!("{} does not exist", p.display())))
+                }
+                _ => {}
+            },
+            Backend::Sx1302 => {
+                if r.spi_path.len() > 63 {
+                    out.push(invalid("radio.spi_path", "longer than the 63 bytes the HAL's com_path holds"));
+                }
+            }
+        }
+        if r.poll_interval.is_zero() || r.poll_interval > Duration::from_secs(1) {
+            out.push(invalid("radio.poll_interval", "must be between 1ms and 1s (10ms is usual)"));
+        }
+        // The HAL extends its 27-bit counter only if polled at least every ~134 s.
+        if r.watchdog < Duration::from_secs(1) || r.watchdog > Duration::from_secs(120) {
+            out.push(invalid("radio.watchdog", "must be between 1s and 120s"));
+        }
+        if !(-10.0..=30.0).contains(&r.antenna_gain_dbi) {
+            out.push(invalid("radio.antenna_gain_dbi", "must be between -10 and 30 dBi"));
+        }
+        let m = &self.mqtt;
+        if let Err(e) = parse_server(&m.server) {
+            out.push(invalid("mqtt.server", e));
+        }
+        if m.topic_prefix.is_empty() || m.topic_prefix.contains(['#', '+']) || m.topic_prefix.ends_with('/') {
+            out.push(invalid("mqtt.topic_prefix", "must be non-empty, without '#', '+' or a trailing '/'"));
+        }
+        if m.username.is_none() && m.password.is_some() {
+            out.push(invalid("mqtt.password", "a password needs a username"));
+        }
+        if !(1..=1000).contains(&m.inflight) {
+            out.push(invalid("mqtt.inflight", "must be between 1 and 1000"));
+        }
+        if m.keep_alive < Duration::from_secs(5) {
+            out.push(invalid("mqtt.keep_alive", "must be at least 5s"));
+        }
+        if m.reconnect_min.is_zero() || m.reconnect_min > m.reconnect_max {
+            out.push(invalid("mqtt.reconnect_min", "must be above 0 and not above mqtt.reconnect_max"));
+        }
+        let s = &self.store;
+        if s.max_size_mib < 1 {
+            out.push(invalid("store.max_size_mib", "must be at least 1"));
+        }
+        if s.commit_interval.is_zero() || s.commit_interval > Duration::from_secs(10) {
+            out.push(invalid("store.commit_interval", "must be between 1ms and 10s"));
+        }
+        if self.stats.interval < Duration::from_secs(1) {
+            out.push(invalid("stats.interval", "must be at least 1s"));
+        }
+        out
+    }
+}
+
+/// `tcp://host:port` → (host, port).
+pub fn parse_server(s: &str) -> Result<(String, u16), String> {
+    let rest = s
+        .strip_prefix("tcp://")
+        .ok_or_else(|| format!("{s:?} must start with tcp:// (TLS is not supported yet)"))?;
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} has no port (tcp://host:1883)"))?;
+    let port: u16 = port.parse().map_err(|_| format!("{s:?}: port {port:?} is not a number"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    Ok((host.trim_matches(['[', ']']).to_string(), port))
+}

@@ -1,0 +1,55 @@
+//! Counters shared by the stages, read by the stats reporter. Plain atomics: each stage only
+//! adds to its own.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Frames read from the concentrator.
+    pub rx_received: AtomicU64,
+    pub rx_crc_ok: AtomicU64,
+    /// Frames not forwarded because of the CRC filters.
+    pub rx_filtered: AtomicU64,
+    /// Frames the concentrator returned with impossible fields.
+    pub rx_malformed: AtomicU64,
+    /// Frames lost before the store accepted them (a stalled store filled the queue).
+    pub rx_dropped: AtomicU64,
+    /// Uplinks appended to the durable store.
+    pub up_accepted: AtomicU64,
+    /// Uplinks acknowledged by the broker.
+    pub up_forwarded: AtomicU64,
+    /// Join-requests too old to be answered when their turn came.
+    pub join_expired: AtomicU64,
+    /// Events the store could not take at all (disk full after eviction).
+    pub store_rejected: AtomicU64,
+    pub evicted_events: AtomicU64,
+    pub radio_starts: AtomicU64,
+    pub radio_failures: AtomicU64,
+    /// f32 bits; NaN when unknown.
+    pub temperature_bits: AtomicU32,
+    pub backhaul_up: AtomicBool,
+    pub outages: AtomicU64,
+    /// Length of the last finished outage.
+    pub last_outage_ms: AtomicU64,
+}
+
+impl Counters {
+    pub fn new() -> Counters {
+        let c = Counters::default();
+        c.temperature_bits.store(f32::NAN.to_bits(), Ordering::Relaxed);
+        c
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub fn temperature(&self) -> Option<f32> {
+        let t = f32::from_bits(self.temperature_bits.load(Ordering::Relaxed));
+        (!t.is_nan()).then_some(t)
+    }
+}

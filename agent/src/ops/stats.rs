@@ -1,0 +1,105 @@
+//! Every `stats.interval`: a `GatewayStats` event (through the store, like every event) and a
+//! log line. lora-edge's own figures (backlog, evictions, backhaul) go in its metadata.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use chirpstack_api::gw;
+use tokio::sync::watch;
+
+use super::counters::Counters;
+use crate::events::{unix_ms, Body, Event};
+use crate::store::Queue;
+use crate::uplink::timestamp;
+
+pub struct StatsReporter {
+    pub interval: Duration,
+    pub gateway_id: String,
+    pub counters: Arc<Counters>,
+    pub queue: Arc<Queue>,
+    pub output: SyncSender<Event>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Previous {
+    received: u64,
+    crc_ok: u64,
+}
+
+impl StatsReporter {
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.tick().await;
+        let mut prev = Previous::default();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.changed() => return,
+            }
+            let (stats, next) = self.snapshot(prev);
+            prev = next;
+            let event = Event { at: SystemTime::now(), body: Body::Stats(Box::new(stats)) };
+            if self.output.try_send(event).is_err() {
+                tracing::warn!("stats not queued: the store is not keeping up");
+            }
+        }
+    }
+
+    fn snapshot(&self, prev: Previous) -> (gw::GatewayStats, Previous) {
+        let c = &self.counters;
+        let now = SystemTime::now();
+        let received = Counters::get(&c.rx_received);
+        let crc_ok = Counters::get(&c.rx_crc_ok);
+        let backlog = self.queue.backlog();
+        let oldest_age_s = backlog.oldest_at_ms.map(|t| unix_ms(now).saturating_sub(t) / 1000).unwrap_or(0);
+        let up = c.backhaul_up.load(Ordering::Relaxed);
+        let mut m: HashMap<String, String> = HashMap::new();
+        let mut put = |k: &str, v: String| {
+            m.insert(k.to_string(), v);
+        };
+        put("rx_total", received.to_string());
+        put("rx_crc_ok_total", crc_ok.to_string());
+        put("rx_filtered_total", Counters::get(&c.rx_filtered).to_string());
+        put("rx_malformed_total", Counters::get(&c.rx_malformed).to_string());
+        put("rx_dropped_total", Counters::get(&c.rx_dropped).to_string());
+        put("up_accepted_total", Counters::get(&c.up_accepted).to_string());
+        put("up_forwarded_total", Counters::get(&c.up_forwarded).to_string());
+        put("join_expired_total", Counters::get(&c.join_expired).to_string());
+        put("backlog_events", backlog.records.to_string());
+        put("backlog_bytes", backlog.bytes.to_string());
+        put("backlog_oldest_age_s", oldest_age_s.to_string());
+        put("store_disk_bytes", self.queue.disk_bytes().to_string());
+        put("store_evicted_total", self.queue.evicted_total().to_string());
+        put("store_rejected_total", Counters::get(&c.store_rejected).to_string());
+        put("backhaul", if up { "up" } else { "down" }.to_string());
+        put("backhaul_outages_total", Counters::get(&c.outages).to_string());
+        put("backhaul_last_outage_ms", c.last_outage_ms.load(Ordering::Relaxed).to_string());
+        put("radio_starts_total", Counters::get(&c.radio_starts).to_string());
+        put("radio_failures_total", Counters::get(&c.radio_failures).to_string());
+        if let Some(t) = c.temperature() {
+            put("concentrator_temperature_c", format!("{t:.1}"));
+        }
+        tracing::info!(
+            rx = received,
+            forwarded = Counters::get(&c.up_forwarded),
+            backlog = backlog.records,
+            evicted = self.queue.evicted_total(),
+            dropped = Counters::get(&c.rx_dropped),
+            backhaul = if up { "up" } else { "down" },
+            "status"
+        );
+        let stats = gw::GatewayStats {
+            gateway_id: self.gateway_id.clone(),
+            time: Some(timestamp(now)),
+            rx_packets_received: received.saturating_sub(prev.received) as u32,
+            rx_packets_received_ok: crc_ok.saturating_sub(prev.crc_ok) as u32,
+            metadata: m,
+            ..Default::default()
+        };
+        (stats, Previous { received, crc_ok })
+    }
+}

@@ -1,0 +1,525 @@
+//! The durable queue: append, read from a cursor, acknowledge up to a sequence number.
+//!
+//! One sled tree holds the records (key: sequence number, 8 bytes big-endian) and, under a key
+//! that sorts after every record, the queue's metadata (next sequence, acknowledged watermark,
+//! byte and record counts, evictions). Every change is one atomic `apply_batch`, so the counts
+//! can never disagree with the records after a crash, and opening needs no scan.
+//!
+//! Durability: `append` returns after `flush()`, which hands the data to the kernel (sled's
+//! `sync_file_range`), so a killed process loses nothing appended; sled's background thread
+//! fsyncs every `commit_interval`, which bounds what a power cut can lose.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use thiserror::Error;
+
+const META_KEY: &[u8] = b"\xffmeta";
+/// Written beside sled's files once the store holds metadata. sled recovers an unreadable log
+/// as an empty database without an error; metadata missing while this file exists is how that
+/// loss is noticed instead of silently starting over.
+const MARKER: &str = "lora-edge-queue";
+const HEADER: usize = 1 + 1 + 1 + 8;
+const FORMAT: u8 = 1;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("store I/O: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("disk full: {0}")]
+    DiskFull(sled::Error),
+    #[error("the store at {0} is in use by another process")]
+    Locked(PathBuf),
+    #[error("unreadable record {seq}: {why}")]
+    BadRecord { seq: u64, why: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueOptions {
+    pub path: PathBuf,
+    /// Budget for the store directory on disk.
+    pub max_disk_bytes: u64,
+    pub max_age: Duration,
+    pub commit_interval: Duration,
+}
+
+/// Record bytes kept at most, as a share of the disk budget: sled needs about twice the
+/// payload on disk (measured: BENCHMARKS.md), plus room for its log to turn over.
+pub const RECORD_SHARE_OF_DISK: f64 = 0.4;
+
+/// What the caller appends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRecord {
+    pub kind: u8,
+    pub flags: u8,
+    /// Wall-clock time the event happened (ms since the Unix epoch).
+    pub at_ms: u64,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub seq: u64,
+    pub kind: u8,
+    pub flags: u8,
+    pub at_ms: u64,
+    pub payload: Vec<u8>,
+}
+
+/// Records removed unsent, reported exactly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Eviction {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Backlog {
+    pub records: u64,
+    pub bytes: u64,
+    pub oldest_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Meta {
+    next_seq: u64,
+    acked: u64,
+    records: u64,
+    bytes: u64,
+    evicted: u64,
+}
+
+impl Meta {
+    fn encode(&self) -> [u8; 40] {
+        let mut b = [0u8; 40];
+        for (i, v) in [self.next_seq, self.acked, self.records, self.bytes, self.evicted].iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
+        }
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Meta> {
+        if b.len() != 40 {
+            return None;
+        }
+        let v = |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        Some(Meta { next_seq: v(0), acked: v(1), records: v(2), bytes: v(3), evicted: v(4) })
+    }
+}
+
+pub struct Queue {
+    db: sled::Db,
+    tree: sled::Tree,
+    meta: Mutex<Meta>,
+    opts: QueueOptions,
+}
+
+fn key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+fn seq_of(k: &[u8]) -> u64 {
+    u64::from_be_bytes(k.try_into().unwrap_or([0; 8]))
+}
+
+fn stored_size(payload_len: usize) -> u64 {
+    (8 + HEADER + payload_len) as u64
+}
+
+fn is_disk_full(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.raw_os_error() == Some(28))
+}
+
+impl Record {
+    fn decode(seq: u64, v: &[u8]) -> Result<Record, StoreError> {
+        if v.len() < HEADER || v[0] != FORMAT {
+            return Err(StoreError::BadRecord { seq, why: format!("{} bytes, format {:?}", v.len(), v.first()) });
+        }
+        Ok(Record {
+            seq,
+            kind: v[1],
+            flags: v[2],
+            at_ms: u64::from_be_bytes(v[3..11].try_into().expect("8 bytes")),
+            payload: v[HEADER..].to_vec(),
+        })
+    }
+}
+
+fn encode(r: &NewRecord) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER + r.payload.len());
+    v.push(FORMAT);
+    v.push(r.kind);
+    v.push(r.flags);
+    v.extend_from_slice(&r.at_ms.to_be_bytes());
+    v.extend_from_slice(&r.payload);
+    v
+}
+
+/// How the store was found at start.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Opened {
+    Clean,
+    /// It could not be read; it was moved here and a fresh one created.
+    MovedAside { to: PathBuf, why: String },
+}
+
+impl Queue {
+    /// Opens the store, or moves an unreadable one aside and starts fresh (never a crash loop).
+    /// A store locked by another running agent is an error: it is not corrupt.
+    pub fn open(opts: QueueOptions) -> Result<(Queue, Opened), StoreError> {
+        match Self::try_open(&opts) {
+            Ok(q) => Ok((q, Opened::Clean)),
+            Err(StoreError::Locked(p)) => Err(StoreError::Locked(p)),
+            Err(e) => {
+                let why = e.to_string();
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let to = PathBuf::from(format!("{}.corrupt-{stamp}", opts.path.display()));
+                std::fs::rename(&opts.path, &to).map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+                let q = Self::try_open(&opts)?;
+                Ok((q, Opened::MovedAside { to, why }))
+            }
+        }
+    }
+
+    fn try_open(opts: &QueueOptions) -> Result<Queue, StoreError> {
+        let config = sled::Config::new()
+            .path(&opts.path)
+            .cache_capacity(8 * 1024 * 1024)
+            .flush_every_ms(Some(opts.commit_interval.as_millis().max(1) as u64));
+        // sled panics on some corruptions instead of returning an error.
+        let db = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())) {
+            Ok(Ok(db)) => db,
+            Ok(Err(sled::Error::Io(e))) if e.to_string().contains("lock") => {
+                return Err(StoreError::Locked(opts.path.clone()))
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(sled::Error::Unsupported("sled panicked while opening the store".into()).into()),
+        };
+        let tree = db.open_tree("queue")?;
+        let marker = opts.path.join(MARKER);
+        let meta = match tree.get(META_KEY)? {
+            Some(v) => Meta::decode(&v).ok_or_else(|| StoreError::BadRecord { seq: 0, why: "metadata".into() })?,
+            None if marker.exists() => {
+                return Err(StoreError::BadRecord { seq: 0, why: "metadata lost: sled could not recover its log".into() })
+            }
+            None => {
+                let fresh = Meta { next_seq: 1, ..Meta::default() };
+                tree.insert(META_KEY, fresh.encode().to_vec())?;
+                db.flush()?;
+                std::fs::write(&marker, b"lora-edge durable queue, format 1\n").map_err(sled::Error::Io)?;
+                fresh
+            }
+        };
+        // The oldest record must be readable and agree with the metadata.
+        if let Some((k, v)) = tree.range(..META_KEY.to_vec()).next().transpose()? {
+            let r = Record::decode(seq_of(&k), &v)?;
+            if r.seq <= meta.acked || r.seq >= meta.next_seq {
+                return Err(StoreError::BadRecord { seq: r.seq, why: "outside the metadata's range".into() });
+            }
+        }
+        Ok(Queue { db, tree, meta: Mutex::new(meta), opts: opts.clone() })
+    }
+
+    fn meta(&self) -> std::sync::MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.opts.path
+    }
+
+    /// The sequence number the next appended record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.meta().next_seq
+    }
+
+    /// Everything up to here has been acknowledged and removed.
+    pub fn acked(&self) -> u64 {
+        self.meta().acked
+    }
+
+    pub fn evicted_total(&self) -> u64 {
+        self.meta().evicted
+    }
+
+    fn record_budget(&self) -> u64 {
+        (self.opts.max_disk_bytes as f64 * RECORD_SHARE_OF_DISK) as u64
+    }
+
+    /// Appends durably (flushed to the kernel) and returns the sequence numbers given, after
+    /// evicting the oldest records if the budget requires it.
+    pub fn append(&self, records: &[NewRecord]) -> Result<(std::ops::RangeInclusive<u64>, Vec<Eviction>), StoreError> {
+        let incoming: u64 = records.iter().map(|r| stored_size(r.payload.len())).sum();
+        let mut evictions = Vec::new();
+        let budget = self.record_budget();
+        let over = (self.meta().bytes + incoming).saturating_sub(budget);
+        if over > 0 {
+            evictions.extend(self.evict_oldest(over, "size_budget")?);
+        }
+        match self.insert(records) {
+            Ok(range) => Ok((range, evictions)),
+            Err(StoreError::DiskFull(e)) => {
+                // Make room by dropping the oldest tenth (reported), then try once more.
+                let tenth = (self.meta().bytes / 10).max(incoming);
+                tracing::error!(error = %e, "disk full: evicting the oldest records to make room");
+                evictions.extend(self.evict_oldest(tenth, "disk_full")?);
+                let range = self.insert(records)?;
+                Ok((range, evictions))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn insert(&self, records: &[NewRecord]) -> Result<std::ops::RangeInclusive<u64>, StoreError> {
+        let mut meta = self.meta();
+        let mut next = *meta;
+        let mut batch = sled::Batch::default();
+        let first = next.next_seq;
+        for r in records {
+            batch.insert(&key(next.next_seq), encode(r));
+            next.next_seq += 1;
+            next.records += 1;
+            next.bytes += stored_size(r.payload.len());
+        }
+        batch.insert(META_KEY, next.encode().to_vec());
+        let result = self.tree.apply_batch(batch).and_then(|_| self.db.flush().map(|_| ()));
+        match result {
+            Ok(()) => {
+                *meta = next;
+                Ok(first..=next.next_seq - 1)
+            }
+            Err(e) if is_disk_full(&e) => Err(StoreError::DiskFull(e)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Up to `max` records with a sequence number of `from` or more, oldest first.
+    pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Record>, StoreError> {
+        let mut out = Vec::with_capacity(max.min(1024));
+        for item in self.tree.range(key(from).to_vec()..META_KEY.to_vec()).take(max) {
+            let (k, v) = item?;
+            out.push(Record::decode(seq_of(&k), &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Removes every record up to `seq` included: the broker has them.
+    pub fn ack_upto(&self, seq: u64) -> Result<(), StoreError> {
+        let mut meta = self.meta();
+        if seq <= meta.acked {
+            return Ok(());
+        }
+        let mut next = *meta;
+        let mut batch = sled::Batch::default();
+        for item in self.tree.range(..key(seq.saturating_add(1)).to_vec()) {
+            let (k, v) = item?;
+            batch.remove(k);
+            next.records = next.records.saturating_sub(1);
+            next.bytes = next.bytes.saturating_sub(8 + v.len() as u64);
+        }
+        next.acked = seq.min(next.next_seq - 1);
+        batch.insert(META_KEY, next.encode().to_vec());
+        self.tree.apply_batch(batch)?;
+        *meta = next;
+        Ok(())
+    }
+
+    /// Drops the oldest records until `at_least` bytes are freed.
+    fn evict_oldest(&self, at_least: u64, reason: &'static str) -> Result<Option<Eviction>, StoreError> {
+        self.evict_while(reason, |freed, _| freed < at_least)
+    }
+
+    /// Drops records accepted before `now_ms - max_age`.
+    pub fn evict_expired(&self, now_ms: u64) -> Result<Option<Eviction>, StoreError> {
+        let cutoff = now_ms.saturating_sub(self.opts.max_age.as_millis() as u64);
+        self.evict_while("max_age", |_, r| r.at_ms < cutoff)
+    }
+
+    fn evict_while(
+        &self,
+        reason: &'static str,
+        mut more: impl FnMut(u64, &Record) -> bool,
+    ) -> Result<Option<Eviction>, StoreError> {
+        let mut meta = self.meta();
+        let mut next = *meta;
+        let mut batch = sled::Batch::default();
+        let mut ev = Eviction { first_seq: 0, last_seq: 0, records: 0, bytes: 0, reason };
+        for item in self.tree.range(..META_KEY.to_vec()) {
+            let (k, v) = item?;
+            let seq = seq_of(&k);
+            // An unreadable record is evicted too: it could never be sent.
+            let keep_going = match Record::decode(seq, &v) {
+                Ok(r) => more(ev.bytes, &r),
+                Err(_) => true,
+            };
+            if !keep_going {
+                break;
+            }
+            if ev.records == 0 {
+                ev.first_seq = seq;
+            }
+            ev.last_seq = seq;
+            ev.records += 1;
+            ev.bytes += 8 + v.len() as u64;
+            batch.remove(k);
+        }
+        if ev.records == 0 {
+            return Ok(None);
+        }
+        next.records = next.records.saturating_sub(ev.records);
+        next.bytes = next.bytes.saturating_sub(ev.bytes);
+        next.evicted += ev.records;
+        // Evicted records count as done: a later ack below them changes nothing.
+        next.acked = next.acked.max(ev.last_seq);
+        batch.insert(META_KEY, next.encode().to_vec());
+        self.tree.apply_batch(batch)?;
+        *meta = next;
+        Ok(Some(ev))
+    }
+
+    pub fn backlog(&self) -> Backlog {
+        let meta = *self.meta();
+        let oldest_at_ms = self
+            .tree
+            .range(..META_KEY.to_vec())
+            .next()
+            .and_then(|r| r.ok())
+            .and_then(|(k, v)| Record::decode(seq_of(&k), &v).ok())
+            .map(|r| r.at_ms);
+        Backlog { records: meta.records, bytes: meta.bytes, oldest_at_ms }
+    }
+
+    /// The store directory's real size on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Forces everything to stable storage (used at shutdown).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(dir: &Path) -> QueueOptions {
+        QueueOptions {
+            path: dir.join("store"),
+            max_disk_bytes: 64 << 20,
+            max_age: Duration::from_secs(3600),
+            commit_interval: Duration::from_millis(100),
+        }
+    }
+
+    fn tmp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("lora-edge-q-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn rec(i: u64, size: usize) -> NewRecord {
+        NewRecord { kind: 1, flags: 0, at_ms: 1_000 + i, payload: vec![i as u8; size] }
+    }
+
+    #[test]
+    fn appended_records_are_read_back_in_order_from_a_cursor() {
+        let d = tmp();
+        let (q, opened) = Queue::open(opts(&d)).unwrap();
+        assert_eq!(opened, Opened::Clean);
+        let (range, ev) = q.append(&(0..10).map(|i| rec(i, 20)).collect::<Vec<_>>()).unwrap();
+        assert_eq!(range, 1..=10);
+        assert!(ev.is_empty());
+        let got = q.read_from(4, 3).unwrap();
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![4, 5, 6]);
+        assert_eq!(got[0].payload, vec![3u8; 20]);
+        assert_eq!(got[0].at_ms, 1_003);
+    }
+
+    #[test]
+    fn acknowledged_records_are_gone_and_sequence_numbers_survive_a_reopen() {
+        let d = tmp();
+        {
+            let (q, _) = Queue::open(opts(&d)).unwrap();
+            q.append(&(0..10).map(|i| rec(i, 20)).collect::<Vec<_>>()).unwrap();
+            q.ack_upto(10).unwrap();
+            assert_eq!(q.backlog(), Backlog { records: 0, bytes: 0, oldest_at_ms: None });
+        }
+        let (q, _) = Queue::open(opts(&d)).unwrap();
+        assert_eq!(q.acked(), 10);
+        let (range, _) = q.append(&[rec(99, 5)]).unwrap();
+        assert_eq!(range, 11..=11, "sequence numbers never restart");
+    }
+
+    #[test]
+    fn the_backlog_counts_survive_a_reopen_without_a_scan() {
+        let d = tmp();
+        {
+            let (q, _) = Queue::open(opts(&d)).unwrap();
+            q.append(&(0..100).map(|i| rec(i, 50)).collect::<Vec<_>>()).unwrap();
+            q.ack_upto(40).unwrap();
+        }
+        let (q, _) = Queue::open(opts(&d)).unwrap();
+        let b = q.backlog();
+        assert_eq!(b.records, 60);
+        assert_eq!(b.bytes, 60 * stored_size(50));
+        assert_eq!(b.oldest_at_ms, Some(1_040));
+        assert_eq!(q.read_from(0, 1000).unwrap().len(), 60);
+    }
+
+    #[test]
+    fn over_budget_the_oldest_are_evicted_and_reported_exactly() {
+        let d = tmp();
+        let mut o = opts(&d);
+        // Room for exactly 10 records of 100 payload bytes.
+        o.max_disk_bytes = ((10 * stored_size(100)) as f64 / RECORD_SHARE_OF_DISK).ceil() as u64;
+        let (q, _) = Queue::open(o).unwrap();
+        q.append(&(0..10).map(|i| rec(i, 100)).collect::<Vec<_>>()).unwrap();
+        let (_, ev) = q.append(&(10..13).map(|i| rec(i, 100)).collect::<Vec<_>>()).unwrap();
+        assert_eq!(
+            ev,
+            vec![Eviction { first_seq: 1, last_seq: 3, records: 3, bytes: 3 * stored_size(100), reason: "size_budget" }]
+        );
+        assert_eq!(q.read_from(0, 100).unwrap().first().map(|r| r.seq), Some(4));
+        assert_eq!(q.evicted_total(), 3);
+        assert_eq!(q.backlog().records, 10);
+    }
+
+    #[test]
+    fn records_older_than_max_age_are_evicted() {
+        let d = tmp();
+        let (q, _) = Queue::open(opts(&d)).unwrap();
+        q.append(&(0..5).map(|i| rec(i, 10)).collect::<Vec<_>>()).unwrap();
+        // max_age is 1 h: at 1_003 + 1 h, the records from 1_000..1_002 are too old.
+        let ev = q.evict_expired(1_003 + 3_600_000).unwrap().unwrap();
+        assert_eq!((ev.first_seq, ev.last_seq, ev.reason), (1, 3, "max_age"));
+    }
+
+    #[test]
+    fn an_unreadable_store_is_moved_aside_and_a_fresh_one_opens() {
+        let d = tmp();
+        let o = opts(&d);
+        {
+            let (q, _) = Queue::open(o.clone()).unwrap();
+            q.append(&[rec(1, 10)]).unwrap();
+        }
+        let db = o.path.join("db");
+        let len = std::fs::metadata(&db).unwrap().len() as usize;
+        std::fs::write(&db, vec![0xA5; len.max(4096)]).unwrap();
+        let (q, opened) = Queue::open(o.clone()).unwrap();
+        match opened {
+            Opened::MovedAside { to, .. } => assert!(to.exists()),
+            other => panic!("expected the store moved aside, got {other:?}"),
+        }
+        assert_eq!(q.append(&[rec(2, 10)]).unwrap().0, 1..=1);
+    }
+}

@@ -1,0 +1,118 @@
+//! The uplink stage: radio frames in, accepted uplink events out.
+//!
+//! Applies the CRC filters and turns each frame into a ChirpStack `UplinkFrame` carrying all the
+//! radio metadata. The pump-safety rules will sit in this stage (radio → rules → store).
+
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use chirpstack_api::gw;
+use chirpstack_api::pbjson_types::Timestamp;
+
+use crate::events::{Body, Event};
+use crate::ops::counters::Counters;
+use crate::radio::hal::{CodeRate, CrcStatus, Modulation};
+use crate::radio::Received;
+
+#[derive(Debug, Clone, Copy)]
+pub struct CrcFilter {
+    pub forward_ok: bool,
+    pub forward_invalid: bool,
+    pub forward_missing: bool,
+}
+
+impl CrcFilter {
+    fn forwards(&self, crc: CrcStatus) -> bool {
+        match crc {
+            CrcStatus::Ok => self.forward_ok,
+            CrcStatus::Bad => self.forward_invalid,
+            CrcStatus::Missing => self.forward_missing,
+        }
+    }
+}
+
+pub struct Uplinks {
+    pub input: Receiver<Received>,
+    pub output: SyncSender<Event>,
+    pub gateway_id: String,
+    pub filter: CrcFilter,
+    pub counters: Arc<Counters>,
+}
+
+impl Uplinks {
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name("uplink".into()).spawn(move || self.run())
+    }
+
+    fn run(self) {
+        for r in self.input.iter() {
+            if r.packet.crc == CrcStatus::Ok {
+                Counters::add(&self.counters.rx_crc_ok, 1);
+            }
+            if !self.filter.forwards(r.packet.crc) {
+                Counters::add(&self.counters.rx_filtered, 1);
+                continue;
+            }
+            let event = Event { at: r.at, body: Body::Uplink(Box::new(uplink_frame(&self.gateway_id, &r))) };
+            // Blocking here is right: the radio never waits on us (it counts what it cannot hand
+            // over), and waiting keeps frames in order while the store catches up.
+            if self.output.send(event).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+pub fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+pub fn uplink_frame(gateway_id: &str, r: &Received) -> gw::UplinkFrame {
+    let p = &r.packet;
+    let parameters = match p.modulation {
+        Modulation::Lora { spreading_factor, bandwidth_hz, code_rate } => {
+            gw::modulation::Parameters::Lora(gw::LoraModulationInfo {
+                bandwidth: bandwidth_hz,
+                spreading_factor,
+                code_rate: match code_rate {
+                    CodeRate::Cr45 => gw::CodeRate::Cr45,
+                    CodeRate::Cr46 => gw::CodeRate::Cr46,
+                    CodeRate::Cr47 => gw::CodeRate::Cr47,
+                    CodeRate::Cr48 => gw::CodeRate::Cr48,
+                    CodeRate::Undefined => gw::CodeRate::CrUndefined,
+                } as i32,
+                ..Default::default()
+            })
+        }
+        Modulation::Fsk { datarate } => {
+            gw::modulation::Parameters::Fsk(gw::FskModulationInfo { datarate, ..Default::default() })
+        }
+    };
+    gw::UplinkFrame {
+        phy_payload: p.payload.clone(),
+        tx_info: Some(gw::UplinkTxInfo {
+            frequency: p.freq_hz,
+            modulation: Some(gw::Modulation { parameters: Some(parameters) }),
+        }),
+        rx_info: Some(gw::UplinkRxInfo {
+            gateway_id: gateway_id.to_string(),
+            // Never 0: ChirpStack treats 0 as "not set".
+            uplink_id: fastrand::u32(1..),
+            gw_time: Some(timestamp(r.at)),
+            rssi: p.rssi.round() as i32,
+            snr: p.snr,
+            channel: p.if_chain as u32,
+            rf_chain: p.rf_chain as u32,
+            context: p.count_us.to_be_bytes().to_vec(),
+            crc_status: match p.crc {
+                CrcStatus::Ok => gw::CrcStatus::CrcOk,
+                CrcStatus::Bad => gw::CrcStatus::BadCrc,
+                CrcStatus::Missing => gw::CrcStatus::NoCrc,
+            } as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
