@@ -35,8 +35,14 @@ fn main() {
             missing.join(", ")
         );
     }
-    println!("cargo:rustc-link-search=native={}", dir.join("libloragw").display());
-    println!("cargo:rustc-link-search=native={}", dir.join("libtools").display());
+    println!(
+        "cargo:rustc-link-search=native={}",
+        dir.join("libloragw").display()
+    );
+    println!(
+        "cargo:rustc-link-search=native={}",
+        dir.join("libtools").display()
+    );
     println!("cargo:rustc-link-lib=static=loragw");
     println!("cargo:rustc-link-lib=static=tinymt32");
     println!("cargo:rustc-link-lib=dylib=m");

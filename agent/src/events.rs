@@ -61,7 +61,9 @@ pub struct Event {
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Event {
@@ -77,7 +79,9 @@ impl Event {
     pub fn flags(&self) -> u8 {
         match &self.body {
             // MType 000 in the MHDR.
-            Body::Uplink(f) if f.phy_payload.first().is_some_and(|m| m >> 5 == 0) => FLAG_JOIN_REQUEST,
+            Body::Uplink(f) if f.phy_payload.first().is_some_and(|m| m >> 5 == 0) => {
+                FLAG_JOIN_REQUEST
+            }
             _ => 0,
         }
     }

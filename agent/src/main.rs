@@ -22,7 +22,11 @@ use lora_edge::store::{Opened, Queue, QueueOptions, Writer};
 use lora_edge::uplink::{CrcFilter, Uplinks};
 
 #[derive(Parser)]
-#[command(name = "lora-edge", version, about = "LoRa concentrator gateway daemon")]
+#[command(
+    name = "lora-edge",
+    version,
+    about = "LoRa concentrator gateway daemon"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -87,7 +91,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");
@@ -171,7 +179,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Opened::MovedAside { to, why } = &opened {
         tracing::error!(moved_to = %to.display(), %why, "ALARM: the store was unreadable; it was moved aside and a fresh one created");
         let notice = serde_json::json!({"event": "store_corrupt", "movedTo": to.display().to_string(), "error": why});
-        let _ = event_tx.send(Event { at: SystemTime::now(), body: Body::Notice(notice) });
+        let _ = event_tx.send(Event {
+            at: SystemTime::now(),
+            body: Body::Notice(notice),
+        });
     }
     let uplinks = Uplinks {
         input: radio_rx,
@@ -224,7 +235,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     })
     .await?;
     let _ = stats.await;
-    tokio::task::spawn_blocking(move || writer.join()).await?.ok();
+    tokio::task::spawn_blocking(move || writer.join())
+        .await?
+        .ok();
     let _ = backhaul.await;
     tracing::info!("stopped");
     Ok(())

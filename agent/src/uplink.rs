@@ -42,7 +42,9 @@ pub struct Uplinks {
 
 impl Uplinks {
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new().name("uplink".into()).spawn(move || self.run())
+        std::thread::Builder::new()
+            .name("uplink".into())
+            .spawn(move || self.run())
     }
 
     fn run(self) {
@@ -54,7 +56,10 @@ impl Uplinks {
                 Counters::add(&self.counters.rx_filtered, 1);
                 continue;
             }
-            let event = Event { at: r.at, body: Body::Uplink(Box::new(uplink_frame(&self.gateway_id, &r))) };
+            let event = Event {
+                at: r.at,
+                body: Body::Uplink(Box::new(uplink_frame(&self.gateway_id, &r))),
+            };
             // Blocking here is right: the radio never waits on us (it counts what it cannot hand
             // over), and waiting keeps frames in order while the store catches up.
             if self.output.send(event).is_err() {
@@ -66,35 +71,43 @@ impl Uplinks {
 
 pub fn timestamp(t: SystemTime) -> Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 pub fn uplink_frame(gateway_id: &str, r: &Received) -> gw::UplinkFrame {
     let p = &r.packet;
     let parameters = match p.modulation {
-        Modulation::Lora { spreading_factor, bandwidth_hz, code_rate } => {
-            gw::modulation::Parameters::Lora(gw::LoraModulationInfo {
-                bandwidth: bandwidth_hz,
-                spreading_factor,
-                code_rate: match code_rate {
-                    CodeRate::Cr45 => gw::CodeRate::Cr45,
-                    CodeRate::Cr46 => gw::CodeRate::Cr46,
-                    CodeRate::Cr47 => gw::CodeRate::Cr47,
-                    CodeRate::Cr48 => gw::CodeRate::Cr48,
-                    CodeRate::Undefined => gw::CodeRate::CrUndefined,
-                } as i32,
-                ..Default::default()
-            })
-        }
-        Modulation::Fsk { datarate } => {
-            gw::modulation::Parameters::Fsk(gw::FskModulationInfo { datarate, ..Default::default() })
-        }
+        Modulation::Lora {
+            spreading_factor,
+            bandwidth_hz,
+            code_rate,
+        } => gw::modulation::Parameters::Lora(gw::LoraModulationInfo {
+            bandwidth: bandwidth_hz,
+            spreading_factor,
+            code_rate: match code_rate {
+                CodeRate::Cr45 => gw::CodeRate::Cr45,
+                CodeRate::Cr46 => gw::CodeRate::Cr46,
+                CodeRate::Cr47 => gw::CodeRate::Cr47,
+                CodeRate::Cr48 => gw::CodeRate::Cr48,
+                CodeRate::Undefined => gw::CodeRate::CrUndefined,
+            } as i32,
+            ..Default::default()
+        }),
+        Modulation::Fsk { datarate } => gw::modulation::Parameters::Fsk(gw::FskModulationInfo {
+            datarate,
+            ..Default::default()
+        }),
     };
     gw::UplinkFrame {
         phy_payload: p.payload.clone(),
         tx_info: Some(gw::UplinkTxInfo {
             frequency: p.freq_hz,
-            modulation: Some(gw::Modulation { parameters: Some(parameters) }),
+            modulation: Some(gw::Modulation {
+                parameters: Some(parameters),
+            }),
         }),
         rx_info: Some(gw::UplinkRxInfo {
             gateway_id: gateway_id.to_string(),

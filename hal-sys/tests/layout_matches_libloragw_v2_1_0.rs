@@ -37,7 +37,10 @@ fn measured_here() -> Vec<(&'static str, usize)> {
     v.push(("sizeof(lgw_radio_type_t)", size_of::<lgw_radio_type_t>()));
     v.push(("sizeof(lgw_com_type_t)", size_of::<lgw_com_type_t>()));
     v.push(("sizeof(lgw_ftime_mode_t)", size_of::<lgw_ftime_mode_t>()));
-    v.push(("sizeof(lgw_lbt_scan_time_t)", size_of::<lgw_lbt_scan_time_t>()));
+    v.push((
+        "sizeof(lgw_lbt_scan_time_t)",
+        size_of::<lgw_lbt_scan_time_t>(),
+    ));
     v.push(("sizeof(bool)", size_of::<bool>()));
     v
 }
@@ -74,5 +77,9 @@ fn every_struct_matches_the_v2_1_0_table_row_for_row() {
     }
     // Every row checked here must come from the table, so neither side can silently shrink.
     assert_eq!(expected.len(), here.len(), "table rows vs checked rows");
-    assert!(mismatches.is_empty(), "layout mismatches:\n{}", mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "layout mismatches:\n{}",
+        mismatches.join("\n")
+    );
 }

@@ -21,15 +21,25 @@ pub use proxy::{Mode, Proxy};
 pub const GATEWAY_ID: &str = "0016c001ff10a235";
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// The agent binary, built beside the test executables (the test command builds it first).
 pub fn agent_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let bin = dir.join("lora-edge");
-    assert!(bin.exists(), "{} is missing: build it first (`cargo build -p lora-edge`, as scripts/test does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p lora-edge`, as scripts/test does)",
+        bin.display()
+    );
     bin
 }
 
@@ -55,7 +65,11 @@ pub struct Broker {
 impl Broker {
     pub fn start() -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut b = Broker { port: free_port(), dir, child: None };
+        let mut b = Broker {
+            port: free_port(),
+            dir,
+            child: None,
+        };
         b.start_again();
         b
     }
@@ -85,7 +99,11 @@ impl Broker {
             .spawn()
             .expect("start mosquitto");
         self.child = Some(child);
-        assert!(wait_port(self.port, Duration::from_secs(10)), "mosquitto did not listen on {}", self.port);
+        assert!(
+            wait_port(self.port, Duration::from_secs(10)),
+            "mosquitto did not listen on {}",
+            self.port
+        );
     }
 
     /// SIGTERM (mosquitto saves its persistent state) and wait.
@@ -134,7 +152,8 @@ impl Collector {
         let msgs = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let subscribed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut o = rumqttc::MqttOptions::new(format!("collector-{}", free_port()), "127.0.0.1", port);
+        let mut o =
+            rumqttc::MqttOptions::new(format!("collector-{}", free_port()), "127.0.0.1", port);
         o.set_clean_session(false);
         o.set_keep_alive(Duration::from_secs(5));
         o.set_max_packet_size(1 << 20, 1 << 20);
@@ -150,7 +169,8 @@ impl Collector {
                     match ev {
                         Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
                             if !a.session_present {
-                                let _ = client.try_subscribe(topic.clone(), rumqttc::QoS::AtLeastOnce);
+                                let _ =
+                                    client.try_subscribe(topic.clone(), rumqttc::QoS::AtLeastOnce);
                             }
                         }
                         Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
@@ -183,11 +203,19 @@ impl Collector {
     }
 
     pub fn on(&self, suffix: &str) -> Vec<Msg> {
-        self.all().into_iter().filter(|m| m.topic.ends_with(suffix)).collect()
+        self.all()
+            .into_iter()
+            .filter(|m| m.topic.ends_with(suffix))
+            .collect()
     }
 
     /// Waits until `done` holds for the messages on `suffix`, or the timeout.
-    pub fn wait_for(&self, suffix: &str, timeout: Duration, done: impl Fn(&[Msg]) -> bool) -> Vec<Msg> {
+    pub fn wait_for(
+        &self,
+        suffix: &str,
+        timeout: Duration,
+        done: impl Fn(&[Msg]) -> bool,
+    ) -> Vec<Msg> {
         let until = Instant::now() + timeout;
         loop {
             let got = self.on(suffix);
@@ -215,7 +243,11 @@ pub fn decode_uplink(payload: &[u8], json: bool) -> gw::UplinkFrame {
 }
 
 pub fn seq_of(f: &gw::UplinkFrame) -> u64 {
-    f.rx_info.as_ref().and_then(|r| r.metadata.get("seq")).and_then(|s| s.parse().ok()).expect("seq metadata")
+    f.rx_info
+        .as_ref()
+        .and_then(|r| r.metadata.get("seq"))
+        .and_then(|s| s.parse().ok())
+        .expect("seq metadata")
 }
 
 /// A scenario frame the tests generate and later recognise by its payload.
@@ -235,10 +267,45 @@ pub struct Frame {
 
 /// `n` unconfirmed data uplinks from `devices` devices, `interval_ms` apart (0 = one burst).
 pub fn frames(n: usize, devices: u32, start_ms: u64, interval_ms: f64) -> Vec<Frame> {
-    const FREQS: [u32; 8] =
-        [868_100_000, 868_300_000, 868_500_000, 867_100_000, 867_300_000, 867_500_000, 867_700_000, 867_900_000];
-    (0..n)
-        .map(|i| {
+    let offsets: Vec<u64> = (0..n)
+        .map(|i| start_ms + (i as f64 * interval_ms).round() as u64)
+        .collect();
+    frames_at(&offsets, devices)
+}
+
+/// Steady traffic at `rate_hz` for `duration_ms`, plus a burst of `burst` frames at `burst_at_ms`.
+pub fn traffic_with_burst(
+    rate_hz: f64,
+    duration_ms: u64,
+    burst: usize,
+    burst_at_ms: u64,
+    devices: u32,
+) -> Vec<Frame> {
+    let steady = (duration_ms as f64 / 1000.0 * rate_hz) as usize;
+    let mut offsets: Vec<u64> = (0..steady)
+        .map(|i| (i as f64 * 1000.0 / rate_hz).round() as u64)
+        .collect();
+    offsets.extend(std::iter::repeat_n(burst_at_ms, burst));
+    offsets.sort();
+    frames_at(&offsets, devices)
+}
+
+/// One frame at each offset (sorted), the devices taking turns; frame counters per device.
+pub fn frames_at(offsets: &[u64], devices: u32) -> Vec<Frame> {
+    const FREQS: [u32; 8] = [
+        868_100_000,
+        868_300_000,
+        868_500_000,
+        867_100_000,
+        867_300_000,
+        867_500_000,
+        867_700_000,
+        867_900_000,
+    ];
+    offsets
+        .iter()
+        .enumerate()
+        .map(|(i, &offset_ms)| {
             let device = i as u32 % devices;
             let fcnt = (i as u32 / devices) as u16;
             let dev_addr = 0x2601_2000u32 + device;
@@ -251,7 +318,7 @@ pub fn frames(n: usize, devices: u32, start_ms: u64, interval_ms: f64) -> Vec<Fr
             p.extend_from_slice(&[0xAB; 4]);
             let ch = i % 8;
             Frame {
-                offset_ms: start_ms + (i as f64 * interval_ms).round() as u64,
+                offset_ms,
                 freq_hz: FREQS[ch],
                 sf: 7 + (i % 6) as u32,
                 rssi: -40 - (i % 80) as i32,
@@ -313,7 +380,8 @@ impl AgentSetup {
     }
 
     pub fn scenario(mut self, frames: &[Frame]) -> Self {
-        std::fs::write(self.dir.path().join("scenario.csv"), scenario_csv(frames)).expect("write scenario");
+        std::fs::write(self.dir.path().join("scenario.csv"), scenario_csv(frames))
+            .expect("write scenario");
         self.sim.push_str("scenario = \"scenario.csv\"\n");
         self
     }
@@ -338,7 +406,12 @@ impl AgentSetup {
     fn write(&self) -> PathBuf {
         let d = self.dir.path();
         let mut sim = std::fs::File::create(d.join("sim.toml")).expect("sim.toml");
-        write!(sim, "eui = \"{GATEWAY_ID}\"\ntx_log = \"tx.jsonl\"\n{}", self.sim).unwrap();
+        write!(
+            sim,
+            "eui = \"{GATEWAY_ID}\"\ntx_log = \"tx.jsonl\"\n{}",
+            self.sim
+        )
+        .unwrap();
         let cfg = d.join("agent.toml");
         std::fs::write(
             &cfg,
@@ -366,7 +439,12 @@ impl AgentSetup {
             extra.push("-c".to_string());
             extra.push(self.dir.path().join("extra.toml").display().to_string());
         }
-        let mut agent = Agent { dir: self.dir.path().to_path_buf(), child: None, config, extra };
+        let mut agent = Agent {
+            dir: self.dir.path().to_path_buf(),
+            child: None,
+            config,
+            extra,
+        };
         agent.start_again();
         (agent, self.dir)
     }
@@ -423,15 +501,22 @@ impl Agent {
     /// The most recent value of `key=` in the agent's status lines.
     pub fn status_value(&self, key: &str) -> Option<u64> {
         let log = self.log();
-        let line = log.lines().rev().find(|l| l.contains(" status") && l.contains(&format!("{key}=")))?;
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains(" status") && l.contains(&format!("{key}=")))?;
         let rest = line.split(&format!("{key}=")).nth(1)?;
-        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
     }
 
     pub fn sigterm(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("agent running");
         signal(&c, nix::sys::signal::Signal::SIGTERM);
-        wait_with_timeout(&mut c, Duration::from_secs(20)).expect("agent exits within 20 s of SIGTERM")
+        wait_with_timeout(&mut c, Duration::from_secs(20))
+            .expect("agent exits within 20 s of SIGTERM")
     }
 
     pub fn sigkill(&mut self) {
@@ -441,7 +526,9 @@ impl Agent {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 }
 
@@ -467,7 +554,10 @@ impl Drop for Agent {
 }
 
 /// Every uplink the collector holds, decoded, keyed by the frame index carried in its payload.
-pub fn uplinks_by_index(msgs: &[Msg], json: bool) -> (Vec<(u32, gw::UplinkFrame)>, HashMap<u32, usize>) {
+pub fn uplinks_by_index(
+    msgs: &[Msg],
+    json: bool,
+) -> (Vec<(u32, gw::UplinkFrame)>, HashMap<u32, usize>) {
     let mut out = Vec::new();
     let mut count: HashMap<u32, usize> = HashMap::new();
     for m in msgs {
@@ -509,5 +599,9 @@ pub fn delivery(msgs: &[Msg], n: u32, devices: u32, json: bool) -> Delivery {
         }
         last.insert(device, fcnt);
     }
-    Delivery { missing, duplicates, order_violations }
+    Delivery {
+        missing,
+        duplicates,
+        order_violations,
+    }
 }

@@ -40,7 +40,11 @@ fn reset(stream: TcpStream) {
 
 impl Proxy {
     pub fn start(upstream_port: u16) -> Proxy {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let port = crate::free_port();
         let (mode, mode_rx) = watch::channel(Mode::Pass);
         let generation = Arc::new(AtomicU64::new(0));
@@ -137,20 +141,42 @@ async fn connection(
     // Linger 0 on both sockets: when a reset is asked for, dropping them sends RST.
     let _ = client.set_zero_linger();
     let blackholed = Arc::new(AtomicBool::new(*mode.borrow() == Mode::BlackHole));
-    let server = if blackholed.load(Ordering::SeqCst) { None } else { TcpStream::connect(upstream).await.ok() };
+    let server = if blackholed.load(Ordering::SeqCst) {
+        None
+    } else {
+        TcpStream::connect(upstream).await.ok()
+    };
     let (cr, cw) = client.into_split();
     let (up, down) = match server {
         Some(server) => {
             let _ = server.set_zero_linger();
             let (sr, sw) = server.into_split();
             (
-                tokio::spawn(pump(cr, Some(sw), mode.clone(), blackholed.clone(), swallowed.clone())),
-                tokio::spawn(pump(sr, Some(cw), mode.clone(), blackholed.clone(), swallowed.clone())),
+                tokio::spawn(pump(
+                    cr,
+                    Some(sw),
+                    mode.clone(),
+                    blackholed.clone(),
+                    swallowed.clone(),
+                )),
+                tokio::spawn(pump(
+                    sr,
+                    Some(cw),
+                    mode.clone(),
+                    blackholed.clone(),
+                    swallowed.clone(),
+                )),
             )
         }
         // Black hole from the start: take the bytes, answer nothing, never close.
         None => (
-            tokio::spawn(pump(cr, None, mode.clone(), blackholed.clone(), swallowed.clone())),
+            tokio::spawn(pump(
+                cr,
+                None,
+                mode.clone(),
+                blackholed.clone(),
+                swallowed.clone(),
+            )),
             tokio::spawn(async move {
                 std::future::pending::<()>().await;
                 drop(cw);

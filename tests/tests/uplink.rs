@@ -12,15 +12,23 @@ fn check_every_field(json: bool) {
     let collector = Collector::start(broker.port, "eu868");
     let sent = frames(40, 5, 200, 25.0);
     let counter_start: u32 = 1_000_000;
-    let mut setup = AgentSetup::new(broker.port).scenario(&sent).sim(&format!("counter_start_us = {counter_start}"));
+    let mut setup = AgentSetup::new(broker.port)
+        .scenario(&sent)
+        .sim(&format!("counter_start_us = {counter_start}"));
     if json {
         setup = setup.json();
     }
     let before = SystemTime::now();
     let (_agent, _dir) = setup.start();
 
-    let got = collector.wait_for("/event/up", Duration::from_secs(30), |m| m.len() >= sent.len());
-    assert_eq!(got.len(), sent.len(), "every scenario frame is published once");
+    let got = collector.wait_for("/event/up", Duration::from_secs(30), |m| {
+        m.len() >= sent.len()
+    });
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "every scenario frame is published once"
+    );
     let after = SystemTime::now();
     let mut seqs = Vec::new();
     let mut uplink_ids = std::collections::HashSet::new();
@@ -47,14 +55,28 @@ fn check_every_field(json: bool) {
         assert_eq!(rx.crc_status(), gw::CrcStatus::CrcOk);
         // The context is the 1 MHz counter at the frame, big-endian.
         let expected_counter = counter_start.wrapping_add((f.offset_ms * 1000) as u32);
-        assert_eq!(rx.context, expected_counter.to_be_bytes().to_vec(), "context of frame at {} ms", f.offset_ms);
+        assert_eq!(
+            rx.context,
+            expected_counter.to_be_bytes().to_vec(),
+            "context of frame at {} ms",
+            f.offset_ms
+        );
         let t = rx.gw_time.as_ref().expect("gw_time");
         let at = UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32);
-        assert!(at >= before && at <= after, "gw_time is the wall-clock reception time");
-        assert!(rx.uplink_id != 0 && uplink_ids.insert(rx.uplink_id), "uplink ids are unique");
+        assert!(
+            at >= before && at <= after,
+            "gw_time is the wall-clock reception time"
+        );
+        assert!(
+            rx.uplink_id != 0 && uplink_ids.insert(rx.uplink_id),
+            "uplink ids are unique"
+        );
         seqs.push(seq_of(&up));
     }
-    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "sequence numbers increase: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[1] > w[0]),
+        "sequence numbers increase: {seqs:?}"
+    );
 }
 
 #[test]
@@ -74,8 +96,13 @@ fn frames_across_the_counter_wrap_carry_the_wrapped_counter() {
     // Start 300 ms before the wrap; frames every 100 ms cross it.
     let start = u32::MAX - 300_000;
     let sent = frames(8, 2, 0, 100.0);
-    let (_agent, _dir) = AgentSetup::new(broker.port).scenario(&sent).sim(&format!("counter_start_us = {start}")).start();
-    let got = collector.wait_for("/event/up", Duration::from_secs(20), |m| m.len() >= sent.len());
+    let (_agent, _dir) = AgentSetup::new(broker.port)
+        .scenario(&sent)
+        .sim(&format!("counter_start_us = {start}"))
+        .start();
+    let got = collector.wait_for("/event/up", Duration::from_secs(20), |m| {
+        m.len() >= sent.len()
+    });
     assert_eq!(got.len(), sent.len());
     let counters: Vec<u32> = got
         .iter()
@@ -87,8 +114,16 @@ fn frames_across_the_counter_wrap_carry_the_wrapped_counter() {
     for (c, f) in counters.iter().zip(&sent) {
         assert_eq!(*c, start.wrapping_add((f.offset_ms * 1000) as u32));
     }
-    assert!(counters.iter().any(|&c| c < 1_000_000), "some frames are past the wrap: {counters:?}");
-    assert!(counters.windows(2).all(|w| w[1].wrapping_sub(w[0]) == 100_000), "wrapping distance: {counters:?}");
+    assert!(
+        counters.iter().any(|&c| c < 1_000_000),
+        "some frames are past the wrap: {counters:?}"
+    );
+    assert!(
+        counters
+            .windows(2)
+            .all(|w| w[1].wrapping_sub(w[0]) == 100_000),
+        "wrapping distance: {counters:?}"
+    );
 }
 
 #[test]
@@ -100,13 +135,32 @@ fn a_radio_that_fails_to_start_or_to_receive_is_restarted_and_frames_keep_coming
         .scenario(&sent)
         .sim("[faults]\nstart_failures = 2\nreceive_error_after_frames = [10, 20]")
         .start();
-    let got = collector.wait_for("/event/up", Duration::from_secs(60), |m| m.len() >= sent.len());
+    let got = collector.wait_for("/event/up", Duration::from_secs(60), |m| {
+        m.len() >= sent.len()
+    });
     let d = delivery(&got, sent.len() as u32, 3, false);
-    assert!(d.missing.is_empty(), "missing after restarts: {:?}", d.missing);
-    assert_eq!(agent.wait_log_count("concentrator started", 3, Duration::from_secs(20)), 3, "{}", agent.log());
+    assert!(
+        d.missing.is_empty(),
+        "missing after restarts: {:?}",
+        d.missing
+    );
+    assert_eq!(
+        agent.wait_log_count("concentrator started", 3, Duration::from_secs(20)),
+        3,
+        "{}",
+        agent.log()
+    );
     let log = agent.log();
-    assert_eq!(log.matches("lgw_start failed").count(), 2, "two failed starts logged:\n{log}");
-    assert_eq!(log.matches("lgw_receive failed").count(), 2, "two receive failures logged:\n{log}");
+    assert_eq!(
+        log.matches("lgw_start failed").count(),
+        2,
+        "two failed starts logged:\n{log}"
+    );
+    assert_eq!(
+        log.matches("lgw_receive failed").count(),
+        2,
+        "two receive failures logged:\n{log}"
+    );
     assert!(agent.is_running());
 }
 
@@ -116,10 +170,21 @@ fn a_dead_link_that_returns_nothing_trips_the_watchdog_and_the_radio_restarts() 
     let (mut agent, _dir) = AgentSetup::new(broker.port)
         .sim("synthetic_rate_hz = 20.0\n[faults]\nlink_dead_after_frames = 20")
         .start();
-    assert!(agent.wait_log("watchdog: the concentrator counter has not moved", Duration::from_secs(20)), "{}", agent.log());
+    assert!(
+        agent.wait_log(
+            "watchdog: the concentrator counter has not moved",
+            Duration::from_secs(20)
+        ),
+        "{}",
+        agent.log()
+    );
     assert!(agent.wait_log("concentrator started", Duration::from_secs(10)));
     std::thread::sleep(Duration::from_secs(3));
-    assert!(agent.log().matches("concentrator started").count() >= 2, "{}", agent.log());
+    assert!(
+        agent.log().matches("concentrator started").count() >= 2,
+        "{}",
+        agent.log()
+    );
     assert!(agent.is_running());
 }
 
@@ -127,7 +192,9 @@ fn a_dead_link_that_returns_nothing_trips_the_watchdog_and_the_radio_restarts() 
 fn sigterm_publishes_offline_and_exits_zero() {
     let broker = Broker::start();
     let collector = Collector::start(broker.port, "eu868");
-    let (mut agent, _dir) = AgentSetup::new(broker.port).sim("synthetic_rate_hz = 5.0").start();
+    let (mut agent, _dir) = AgentSetup::new(broker.port)
+        .sim("synthetic_rate_hz = 5.0")
+        .start();
     let online = collector.wait_for("/state/conn", Duration::from_secs(10), |m| !m.is_empty());
     let state = gw::ConnState::decode(online[0].payload.as_slice()).unwrap();
     assert_eq!(state.state(), gw::conn_state::State::Online);
@@ -141,56 +208,126 @@ fn sigterm_publishes_offline_and_exits_zero() {
     let late = Collector::start(broker.port, "eu868");
     let seen = late.wait_for("/state/conn", Duration::from_secs(5), |m| !m.is_empty());
     assert!(seen[0].retain);
-    assert_eq!(gw::ConnState::decode(seen[0].payload.as_slice()).unwrap().state(), gw::conn_state::State::Offline);
+    assert_eq!(
+        gw::ConnState::decode(seen[0].payload.as_slice())
+            .unwrap()
+            .state(),
+        gw::conn_state::State::Offline
+    );
 }
 
 #[test]
 fn stats_report_counts_and_the_buffer_state() {
     let broker = Broker::start();
     let collector = Collector::start(broker.port, "eu868");
-    let (_agent, _dir) = AgentSetup::new(broker.port).sim("synthetic_rate_hz = 20.0").start();
+    let (_agent, _dir) = AgentSetup::new(broker.port)
+        .sim("synthetic_rate_hz = 20.0")
+        .start();
     let stats = collector.wait_for("/event/stats", Duration::from_secs(15), |m| m.len() >= 3);
     assert!(stats.len() >= 3);
-    let decoded: Vec<gw::GatewayStats> = stats.iter().map(|m| gw::GatewayStats::decode(m.payload.as_slice()).unwrap()).collect();
+    let decoded: Vec<gw::GatewayStats> = stats
+        .iter()
+        .map(|m| gw::GatewayStats::decode(m.payload.as_slice()).unwrap())
+        .collect();
     let last = decoded.last().unwrap();
     assert_eq!(last.gateway_id, GATEWAY_ID);
     assert!(decoded.iter().map(|s| s.rx_packets_received).sum::<u32>() > 0);
-    for key in ["backlog_events", "store_disk_bytes", "backhaul", "up_forwarded_total", "concentrator_temperature_c"] {
-        assert!(last.metadata.contains_key(key), "stats metadata has {key}: {:?}", last.metadata);
+    for key in [
+        "backlog_events",
+        "store_disk_bytes",
+        "backhaul",
+        "up_forwarded_total",
+        "concentrator_temperature_c",
+    ] {
+        assert!(
+            last.metadata.contains_key(key),
+            "stats metadata has {key}: {:?}",
+            last.metadata
+        );
     }
     assert_eq!(last.metadata["backhaul"], "up");
     assert_eq!(last.metadata["concentrator_temperature_c"], "38.5");
     let forwarded: u64 = last.metadata["up_forwarded_total"].parse().unwrap();
     let ups = collector.on("/event/up").len() as u64;
-    assert!(forwarded > 0 && forwarded <= ups, "forwarded {forwarded} counts only acknowledged uplinks ({ups} seen)");
+    assert!(
+        forwarded > 0 && forwarded <= ups,
+        "forwarded {forwarded} counts only acknowledged uplinks ({ups} seen)"
+    );
 }
 
 #[test]
 fn check_explains_a_broken_config_with_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
-    std::fs::write(&cfg, "[radio]\nbackend = \"sx1302\"\nboard = \"rak9999\"\n\n[mqtt]\nserver = \"mqtt://x\"\n").unwrap();
-    let out = std::process::Command::new(agent_binary()).arg("check").arg("-c").arg(&cfg).output().unwrap();
+    std::fs::write(
+        &cfg,
+        "[radio]\nbackend = \"sx1302\"\nboard = \"rak9999\"\n\n[mqtt]\nserver = \"mqtt://x\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(agent_binary())
+        .arg("check")
+        .arg("-c")
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:3:9: radio.board: unknown board \"rak9999\"", cfg.display())), "{err}");
-    assert!(err.contains(&format!("{}:6:10: mqtt.server:", cfg.display())), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:3:9: radio.board: unknown board \"rak9999\"",
+            cfg.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{}:6:10: mqtt.server:", cfg.display())),
+        "{err}"
+    );
     assert!(err.contains("2 error(s)"), "{err}");
 
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, "[radio]\nbackend = \"sx1302\"\nboard = \"rak2287\"\n").unwrap();
-    let out = std::process::Command::new(agent_binary()).arg("check").arg("-c").arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        &good,
+        "[radio]\nbackend = \"sx1302\"\nboard = \"rak2287\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(agent_binary())
+        .arg("check")
+        .arg("-c")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // `run` refuses a broken config the same way, without starting.
-    let out = std::process::Command::new(agent_binary()).arg("run").arg("-c").arg(&cfg).output().unwrap();
+    let out = std::process::Command::new(agent_binary())
+        .arg("run")
+        .arg("-c")
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
 fn the_shipped_configs_pass_check() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
     for f in ["config/lora-edge.toml", "config/demo.toml"] {
-        let out = std::process::Command::new(agent_binary()).arg("check").arg("-c").arg(root.join(f)).output().unwrap();
-        assert!(out.status.success(), "{f}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new(agent_binary())
+            .arg("check")
+            .arg("-c")
+            .arg(root.join(f))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

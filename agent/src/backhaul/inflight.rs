@@ -42,17 +42,31 @@ pub struct Inflight {
 impl Inflight {
     /// A publish handed to the client, in submission order.
     pub fn submitted(&mut self, seq: Option<u64>, uplink: bool, now: Instant) {
-        self.entries.push_back(Entry { seq, uplink, state: State::Submitted, since: now });
+        self.entries.push_back(Entry {
+            seq,
+            uplink,
+            state: State::Submitted,
+            since: now,
+        });
     }
 
     /// A record that needs no publish (an expired join-request): done at once, in order.
     pub fn skipped(&mut self, seq: u64, now: Instant) {
-        self.entries.push_back(Entry { seq: Some(seq), uplink: false, state: State::Done, since: now });
+        self.entries.push_back(Entry {
+            seq: Some(seq),
+            uplink: false,
+            state: State::Done,
+            since: now,
+        });
     }
 
     /// `Outgoing::Publish(pkid)`: the oldest submitted publish went out with this id.
     pub fn written(&mut self, pkid: u16) -> bool {
-        match self.entries.iter_mut().find(|e| e.state == State::Submitted) {
+        match self
+            .entries
+            .iter_mut()
+            .find(|e| e.state == State::Submitted)
+        {
             Some(e) => {
                 e.state = State::Written(pkid);
                 true
@@ -63,7 +77,11 @@ impl Inflight {
 
     /// `Incoming::PubAck(pkid)`.
     pub fn acked(&mut self, pkid: u16) -> bool {
-        match self.entries.iter_mut().find(|e| e.state == State::Written(pkid)) {
+        match self
+            .entries
+            .iter_mut()
+            .find(|e| e.state == State::Written(pkid))
+        {
             Some(e) => {
                 e.state = State::Done;
                 true
@@ -88,12 +106,18 @@ impl Inflight {
 
     /// Publishes not yet acknowledged.
     pub fn outstanding(&self) -> usize {
-        self.entries.iter().filter(|e| e.state != State::Done).count()
+        self.entries
+            .iter()
+            .filter(|e| e.state != State::Done)
+            .count()
     }
 
     /// How long the oldest unacknowledged publish has waited.
     pub fn oldest_wait(&self, now: Instant) -> Option<Duration> {
-        self.entries.iter().find(|e| e.state != State::Done).map(|e| now.duration_since(e.since))
+        self.entries
+            .iter()
+            .find(|e| e.state != State::Done)
+            .map(|e| now.duration_since(e.since))
     }
 }
 
@@ -116,12 +140,29 @@ mod tests {
         assert!(f.acked(3));
         assert_eq!(f.settle(), Settled::default());
         assert!(f.acked(1));
-        assert_eq!(f.settle(), Settled::default(), "ONLINE carries no sequence number; 10 is still out");
+        assert_eq!(
+            f.settle(),
+            Settled::default(),
+            "ONLINE carries no sequence number; 10 is still out"
+        );
         assert!(f.acked(2));
-        assert_eq!(f.settle(), Settled { top: Some(12), uplinks: 2 }, "10, 11 and the skipped 12");
+        assert_eq!(
+            f.settle(),
+            Settled {
+                top: Some(12),
+                uplinks: 2
+            },
+            "10, 11 and the skipped 12"
+        );
         assert!(!f.acked(2), "an id is credited once");
         assert!(f.acked(4));
-        assert_eq!(f.settle(), Settled { top: Some(13), uplinks: 1 });
+        assert_eq!(
+            f.settle(),
+            Settled {
+                top: Some(13),
+                uplinks: 1
+            }
+        );
         assert_eq!(f.outstanding(), 0);
     }
 

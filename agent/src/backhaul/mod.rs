@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use chirpstack_api::gw;
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+};
 use tokio::sync::watch;
 
 use crate::config::{Encoding, MqttConfig};
@@ -32,7 +34,9 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(prefix: &str, gateway_id: &str) -> Topics {
-        Topics { base: format!("{prefix}/gateway/{gateway_id}") }
+        Topics {
+            base: format!("{prefix}/gateway/{gateway_id}"),
+        }
     }
 
     pub fn under(&self, suffix: &str) -> String {
@@ -58,7 +62,11 @@ enum SessionEnd {
 fn conn_state(gateway_id: &str, online: bool, encoding: Encoding) -> Vec<u8> {
     let state = gw::ConnState {
         gateway_id: gateway_id.to_string(),
-        state: if online { gw::conn_state::State::Online } else { gw::conn_state::State::Offline } as i32,
+        state: if online {
+            gw::conn_state::State::Online
+        } else {
+            gw::conn_state::State::Offline
+        } as i32,
         ..Default::default()
     };
     match encoding {
@@ -75,7 +83,9 @@ impl Backhaul {
         loop {
             let connected_at = Instant::now();
             let end = self.session(&topics, &mut outage_since).await;
-            self.counters.backhaul_up.store(false, std::sync::atomic::Ordering::Relaxed);
+            self.counters
+                .backhaul_up
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost(why) => {
@@ -101,7 +111,11 @@ impl Backhaul {
 
     fn options(&self, topics: &Topics) -> MqttOptions {
         let (host, port) = crate::config::parse_server(&self.cfg.server).expect("validated");
-        let client_id = self.cfg.client_id.clone().unwrap_or_else(|| format!("lora-edge-{}", self.gateway_id));
+        let client_id = self
+            .cfg
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("lora-edge-{}", self.gateway_id));
         let mut o = MqttOptions::new(client_id, host, port);
         o.set_keep_alive(self.cfg.keep_alive);
         o.set_clean_session(true);
@@ -122,7 +136,9 @@ impl Backhaul {
     async fn session(&mut self, topics: &Topics, outage_since: &mut Option<Instant>) -> SessionEnd {
         let window = self.cfg.inflight as usize;
         let (client, mut events) = AsyncClient::new(self.options(topics), window + 16);
-        events.network_options.set_connection_timeout(self.cfg.connect_timeout.as_secs().max(1));
+        events
+            .network_options
+            .set_connection_timeout(self.cfg.connect_timeout.as_secs().max(1));
         let mut inflight = Inflight::default();
         let mut cursor = self.queue.acked() + 1;
         let mut connected = false;
@@ -199,7 +215,14 @@ impl Backhaul {
                 }
             }
             if connected {
-                if let Err(why) = self.fill(&client, topics, &mut inflight, &mut cursor, &mut tokens, window) {
+                if let Err(why) = self.fill(
+                    &client,
+                    topics,
+                    &mut inflight,
+                    &mut cursor,
+                    &mut tokens,
+                    window,
+                ) {
                     return SessionEnd::Lost(why);
                 }
             }
@@ -219,11 +242,18 @@ impl Backhaul {
         let limited = self.cfg.max_rate_per_s > 0;
         loop {
             let room = window.saturating_sub(inflight.outstanding());
-            let budget = if limited { room.min(*tokens as usize) } else { room };
+            let budget = if limited {
+                room.min(*tokens as usize)
+            } else {
+                room
+            };
             if budget == 0 {
                 return Ok(());
             }
-            let records = self.queue.read_from(*cursor, budget).map_err(|e| format!("store read: {e}"))?;
+            let records = self
+                .queue
+                .read_from(*cursor, budget)
+                .map_err(|e| format!("store read: {e}"))?;
             if records.is_empty() {
                 return Ok(());
             }
@@ -232,7 +262,11 @@ impl Backhaul {
             for r in records {
                 *cursor = r.seq + 1;
                 let Some(kind) = Kind::from_u8(r.kind) else {
-                    tracing::error!(seq = r.seq, kind = r.kind, "store: record of unknown kind skipped");
+                    tracing::error!(
+                        seq = r.seq,
+                        kind = r.kind,
+                        "store: record of unknown kind skipped"
+                    );
                     inflight.skipped(r.seq, now);
                     continue;
                 };
@@ -246,7 +280,12 @@ impl Backhaul {
                     continue;
                 }
                 client
-                    .try_publish(topics.under(kind.topic()), QoS::AtLeastOnce, false, r.payload)
+                    .try_publish(
+                        topics.under(kind.topic()),
+                        QoS::AtLeastOnce,
+                        false,
+                        r.payload,
+                    )
                     .map_err(|e| format!("submit: {e}"))?;
                 inflight.submitted(Some(r.seq), kind == Kind::Up, now);
                 if limited {
@@ -259,7 +298,10 @@ impl Backhaul {
     /// Retained OFFLINE, then DISCONNECT, waiting briefly for the broker.
     async fn goodbye(&self, client: &AsyncClient, events: &mut EventLoop, topics: &Topics) {
         let offline = conn_state(&self.gateway_id, false, self.cfg.encoding);
-        if client.try_publish(topics.under("state/conn"), QoS::AtLeastOnce, true, offline).is_err() {
+        if client
+            .try_publish(topics.under("state/conn"), QoS::AtLeastOnce, true, offline)
+            .is_err()
+        {
             return;
         }
         let _ = client.try_disconnect();

@@ -58,7 +58,11 @@ pub fn load(files: &[PathBuf], sets: &[String]) -> Result<Config, ConfigErrors> 
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
-                errors.push(ConfigError { origin: path.display().to_string(), field: None, message: e.to_string() });
+                errors.push(ConfigError {
+                    origin: path.display().to_string(),
+                    field: None,
+                    message: e.to_string(),
+                });
                 continue;
             }
         };
@@ -70,16 +74,26 @@ pub fn load(files: &[PathBuf], sets: &[String]) -> Result<Config, ConfigErrors> 
                 message: e.message().trim().to_string(),
             }),
         }
-        sources.push(Source { path: path.clone(), text });
+        sources.push(Source {
+            path: path.clone(),
+            text,
+        });
     }
     let mut overrides = Vec::new();
     for set in sets {
         match parse_set(set) {
             Ok((field, value)) => {
                 insert(&mut merged, &field, value);
-                overrides.push(Override { field, raw: set.clone() });
+                overrides.push(Override {
+                    field,
+                    raw: set.clone(),
+                });
             }
-            Err(message) => errors.push(ConfigError { origin: format!("--set {set}"), field: None, message }),
+            Err(message) => errors.push(ConfigError {
+                origin: format!("--set {set}"),
+                field: None,
+                message,
+            }),
         }
     }
     if !errors.is_empty() {
@@ -87,7 +101,11 @@ pub fn load(files: &[PathBuf], sets: &[String]) -> Result<Config, ConfigErrors> 
     }
 
     let locate = |field: &str| -> String {
-        if let Some(o) = overrides.iter().rev().find(|o| o.field == field || field.starts_with(&format!("{}.", o.field))) {
+        if let Some(o) = overrides
+            .iter()
+            .rev()
+            .find(|o| o.field == field || field.starts_with(&format!("{}.", o.field)))
+        {
             return format!("--set {}", o.raw);
         }
         for s in sources.iter().rev() {
@@ -102,18 +120,32 @@ pub fn load(files: &[PathBuf], sets: &[String]) -> Result<Config, ConfigErrors> 
                 return at(&s.path, &s.text, Some(offset));
             }
         }
-        sources.last().map(|s| s.path.display().to_string()).unwrap_or_else(|| "(defaults)".into())
+        sources
+            .last()
+            .map(|s| s.path.display().to_string())
+            .unwrap_or_else(|| "(defaults)".into())
     };
 
-    let mut config: Config = match serde_path_to_error::deserialize(toml::Value::Table(merged.clone())) {
-        Ok(c) => c,
-        Err(e) => {
-            let field = e.path().to_string();
-            // The value deserialiser appends "in `section`": the field already says it.
-            let message = e.inner().to_string().lines().next().unwrap_or_default().to_string();
-            return Err(ConfigErrors(vec![ConfigError { origin: locate(&field), field: Some(field), message }]));
-        }
-    };
+    let mut config: Config =
+        match serde_path_to_error::deserialize(toml::Value::Table(merged.clone())) {
+            Ok(c) => c,
+            Err(e) => {
+                let field = e.path().to_string();
+                // The value deserialiser appends "in `section`": the field already says it.
+                let message = e
+                    .inner()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                return Err(ConfigErrors(vec![ConfigError {
+                    origin: locate(&field),
+                    field: Some(field),
+                    message,
+                }]));
+            }
+        };
 
     // Paths in a file are relative to that file.
     let base_of = |field: &str| -> PathBuf {
@@ -141,7 +173,11 @@ pub fn load(files: &[PathBuf], sets: &[String]) -> Result<Config, ConfigErrors> 
         return Err(ConfigErrors(
             invalid
                 .into_iter()
-                .map(|i| ConfigError { origin: locate(&i.field), field: Some(i.field), message: i.message })
+                .map(|i| ConfigError {
+                    origin: locate(&i.field),
+                    field: Some(i.field),
+                    message: i.message,
+                })
                 .collect(),
         ));
     }
@@ -182,7 +218,9 @@ fn insert(table: &mut toml::Table, field: &str, value: toml::Value) {
     let last = parts.pop().expect("non-empty");
     let mut t = table;
     for p in parts {
-        let entry = t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         if !entry.is_table() {
             *entry = toml::Value::Table(toml::Table::new());
         }
@@ -234,7 +272,11 @@ mod tests {
     }
 
     fn tmp() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("lora-edge-cfg-{}-{}", std::process::id(), fastrand::u64(..)));
+        let d = std::env::temp_dir().join(format!(
+            "lora-edge-cfg-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&d).unwrap();
         d
     }
@@ -250,8 +292,12 @@ mod tests {
     #[test]
     fn a_syntax_error_names_file_line_and_column() {
         let d = tmp();
-        let f = write(&d, "a.toml", "[mqtt]\nserver = \"tcp://x:1\"\nkeep_alive = \n");
-        let e = errors(&[f.clone()], &[]);
+        let f = write(
+            &d,
+            "a.toml",
+            "[mqtt]\nserver = \"tcp://x:1\"\nkeep_alive = \n",
+        );
+        let e = errors(std::slice::from_ref(&f), &[]);
         assert_eq!(e.len(), 1);
         assert!(e[0].starts_with(&format!("{}:3:", f.display())), "{e:?}");
     }
@@ -259,8 +305,12 @@ mod tests {
     #[test]
     fn an_unknown_key_is_named_with_its_line() {
         let d = tmp();
-        let f = write(&d, "a.toml", "[radio]\nbackend = \"sx1302\"\nboard = \"rak2287\"\nbaord = \"x\"\n");
-        let e = errors(&[f.clone()], &[]);
+        let f = write(
+            &d,
+            "a.toml",
+            "[radio]\nbackend = \"sx1302\"\nboard = \"rak2287\"\nbaord = \"x\"\n",
+        );
+        let e = errors(std::slice::from_ref(&f), &[]);
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with(&format!("{}:4:", f.display())), "{e:?}");
         assert!(e[0].contains("radio.baord: unknown field `baord`"), "{e:?}");
@@ -270,17 +320,30 @@ mod tests {
     fn a_value_of_the_wrong_type_is_located() {
         let d = tmp();
         let f = write(&d, "a.toml", "[mqtt]\ninflight = \"many\"\n");
-        let e = errors(&[f.clone()], &[]);
-        assert!(e[0].starts_with(&format!("{}:2:12: mqtt.inflight:", f.display())), "{e:?}");
+        let e = errors(std::slice::from_ref(&f), &[]);
+        assert!(
+            e[0].starts_with(&format!("{}:2:12: mqtt.inflight:", f.display())),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn an_unknown_board_is_a_clear_error_not_a_panic() {
         let d = tmp();
-        let f = write(&d, "a.toml", "[radio]\nbackend = \"sx1302\"\n\nboard = \"rak9999\"\n");
-        let e = errors(&[f.clone()], &[]);
+        let f = write(
+            &d,
+            "a.toml",
+            "[radio]\nbackend = \"sx1302\"\n\nboard = \"rak9999\"\n",
+        );
+        let e = errors(std::slice::from_ref(&f), &[]);
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].starts_with(&format!("{}:4:9: radio.board: unknown board \"rak9999\"", f.display())), "{e:?}");
+        assert!(
+            e[0].starts_with(&format!(
+                "{}:4:9: radio.board: unknown board \"rak9999\"",
+                f.display()
+            )),
+            "{e:?}"
+        );
         assert!(e[0].contains("rak2287"), "lists the known boards: {e:?}");
     }
 
@@ -292,29 +355,51 @@ mod tests {
             "a.toml",
             "[gateway]\nid = \"xyz\"\n[radio]\nbackend = \"sx1302\"\nboard = \"nope\"\n[mqtt]\nserver = \"mqtt.example:1883\"\n",
         );
-        let e = errors(&[f.clone()], &[]);
+        let e = errors(std::slice::from_ref(&f), &[]);
         assert_eq!(e.len(), 3, "{e:?}");
         assert!(e[0].contains(":2:6: gateway.id:"), "{e:?}");
         assert!(e[1].contains(":5:9: radio.board:"), "{e:?}");
-        assert!(e[2].contains(":7:10: mqtt.server:") && e[2].contains("tcp://"), "{e:?}");
+        assert!(
+            e[2].contains(":7:10: mqtt.server:") && e[2].contains("tcp://"),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn later_files_and_set_override_earlier_ones_and_errors_point_at_the_winner() {
         let d = tmp();
         let sim = write(&d, "sim.toml", "");
-        let a = write(&d, "a.toml", "[radio]\nbackend = \"simulator\"\nsimulator = \"sim.toml\"\n[mqtt]\ninflight = 8\n");
+        let a = write(
+            &d,
+            "a.toml",
+            "[radio]\nbackend = \"simulator\"\nsimulator = \"sim.toml\"\n[mqtt]\ninflight = 8\n",
+        );
         let b = write(&d, "b.toml", "[mqtt]\ninflight = 16\nkeep_alive = \"1s\"\n");
         let e = errors(&[a.clone(), b.clone()], &[]);
-        assert_eq!(e, vec![format!("{}:3:14: mqtt.keep_alive: must be at least 5s", b.display())]);
-        let cfg = load(&[a.clone(), b.clone()], &["mqtt.keep_alive=\"9s\"".into(), "mqtt.server=tcp://h:1".into()])
-            .unwrap();
+        assert_eq!(
+            e,
+            vec![format!(
+                "{}:3:14: mqtt.keep_alive: must be at least 5s",
+                b.display()
+            )]
+        );
+        let cfg = load(
+            &[a.clone(), b.clone()],
+            &[
+                "mqtt.keep_alive=\"9s\"".into(),
+                "mqtt.server=tcp://h:1".into(),
+            ],
+        )
+        .unwrap();
         assert_eq!(cfg.mqtt.inflight, 16);
         assert_eq!(cfg.mqtt.keep_alive, std::time::Duration::from_secs(9));
         assert_eq!(cfg.mqtt.server, "tcp://h:1");
         assert_eq!(cfg.radio.simulator.as_deref(), Some(sim.as_path()));
         let e = errors(&[a], &["mqtt.inflight=0"]);
-        assert_eq!(e, vec!["--set mqtt.inflight=0: mqtt.inflight: must be between 1 and 1000".to_string()]);
+        assert_eq!(
+            e,
+            vec!["--set mqtt.inflight=0: mqtt.inflight: must be between 1 and 1000".to_string()]
+        );
     }
 
     #[test]

@@ -51,7 +51,9 @@ pub struct RegionConfig {
 
 impl Default for RegionConfig {
     fn default() -> Self {
-        RegionConfig { plan: default_plan() }
+        RegionConfig {
+            plan: default_plan(),
+        }
     }
 }
 
@@ -252,7 +254,9 @@ pub struct StatsConfig {
 
 impl Default for StatsConfig {
     fn default() -> Self {
-        StatsConfig { interval: default_stats_interval() }
+        StatsConfig {
+            interval: default_stats_interval(),
+        }
     }
 }
 
@@ -267,8 +271,11 @@ mod duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"500ms\", \"30s\" or \"2h\" ({e})")))
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration like \"500ms\", \"30s\" or \"2h\" ({e})"
+            ))
+        })
     }
 }
 
@@ -280,7 +287,10 @@ pub struct Invalid {
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> Invalid {
-    Invalid { field: field.into(), message: message.into() }
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 impl Config {
@@ -289,56 +299,89 @@ impl Config {
         let mut out = Vec::new();
         if let Some(id) = &self.gateway.id {
             if id.len() != 16 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
-                out.push(invalid("gateway.id", format!("{id:?} is not 16 hexadecimal digits (an EUI-64)")));
+                out.push(invalid(
+                    "gateway.id",
+                    format!("{id:?} is not 16 hexadecimal digits (an EUI-64)"),
+                ));
             }
         }
         if region::plan(&self.region.plan).is_none() {
             out.push(invalid(
                 "region.plan",
-                format!("unknown channel plan {:?} (known: {})", self.region.plan, region::known().join(", ")),
+                format!(
+                    "unknown channel plan {:?} (known: {})",
+                    self.region.plan,
+                    region::known().join(", ")
+                ),
             ));
         }
         let r = &self.radio;
         if boards::profile(&r.board).is_none() {
             out.push(invalid(
                 "radio.board",
-                format!("unknown board {:?} (known: {})", r.board, boards::known().join(", ")),
+                format!(
+                    "unknown board {:?} (known: {})",
+                    r.board,
+                    boards::known().join(", ")
+                ),
             ));
         }
         match r.backend {
             Backend::Simulator => match &r.simulator {
-                None => out.push(invalid("radio.simulator", "backend \"simulator\" needs a simulator file")),
+                None => out.push(invalid(
+                    "radio.simulator",
+                    "backend \"simulator\" needs a simulator file",
+                )),
                 Some(p) if p.as_os_str().len() > 63 => out.push(invalid(
                     "radio.simulator",
-                    format!("{} is longer than the 63 bytes the HAL's com_path holds", p.display()),
+                    format!(
+                        "{} is longer than the 63 bytes the HAL's com_path holds",
+                        p.display()
+                    ),
                 )),
-                Some(p) if !p.is_file() => {
-                    out.push(invalid("radio.simulator", format!("{} does not exist", p.display())))
-                }
+                Some(p) if !p.is_file() => out.push(invalid(
+                    "radio.simulator",
+                    format!("{} does not exist", p.display()),
+                )),
                 _ => {}
             },
             Backend::Sx1302 => {
                 if r.spi_path.len() > 63 {
-                    out.push(invalid("radio.spi_path", "longer than the 63 bytes the HAL's com_path holds"));
+                    out.push(invalid(
+                        "radio.spi_path",
+                        "longer than the 63 bytes the HAL's com_path holds",
+                    ));
                 }
             }
         }
         if r.poll_interval.is_zero() || r.poll_interval > Duration::from_secs(1) {
-            out.push(invalid("radio.poll_interval", "must be between 1ms and 1s (10ms is usual)"));
+            out.push(invalid(
+                "radio.poll_interval",
+                "must be between 1ms and 1s (10ms is usual)",
+            ));
         }
         // The HAL extends its 27-bit counter only if polled at least every ~134 s.
         if r.watchdog < Duration::from_secs(1) || r.watchdog > Duration::from_secs(120) {
             out.push(invalid("radio.watchdog", "must be between 1s and 120s"));
         }
         if !(-10.0..=30.0).contains(&r.antenna_gain_dbi) {
-            out.push(invalid("radio.antenna_gain_dbi", "must be between -10 and 30 dBi"));
+            out.push(invalid(
+                "radio.antenna_gain_dbi",
+                "must be between -10 and 30 dBi",
+            ));
         }
         let m = &self.mqtt;
         if let Err(e) = parse_server(&m.server) {
             out.push(invalid("mqtt.server", e));
         }
-        if m.topic_prefix.is_empty() || m.topic_prefix.contains(['#', '+']) || m.topic_prefix.ends_with('/') {
-            out.push(invalid("mqtt.topic_prefix", "must be non-empty, without '#', '+' or a trailing '/'"));
+        if m.topic_prefix.is_empty()
+            || m.topic_prefix.contains(['#', '+'])
+            || m.topic_prefix.ends_with('/')
+        {
+            out.push(invalid(
+                "mqtt.topic_prefix",
+                "must be non-empty, without '#', '+' or a trailing '/'",
+            ));
         }
         if m.username.is_none() && m.password.is_some() {
             out.push(invalid("mqtt.password", "a password needs a username"));
@@ -350,14 +393,20 @@ impl Config {
             out.push(invalid("mqtt.keep_alive", "must be at least 5s"));
         }
         if m.reconnect_min.is_zero() || m.reconnect_min > m.reconnect_max {
-            out.push(invalid("mqtt.reconnect_min", "must be above 0 and not above mqtt.reconnect_max"));
+            out.push(invalid(
+                "mqtt.reconnect_min",
+                "must be above 0 and not above mqtt.reconnect_max",
+            ));
         }
         let s = &self.store;
         if s.max_size_mib < 1 {
             out.push(invalid("store.max_size_mib", "must be at least 1"));
         }
         if s.commit_interval.is_zero() || s.commit_interval > Duration::from_secs(10) {
-            out.push(invalid("store.commit_interval", "must be between 1ms and 10s"));
+            out.push(invalid(
+                "store.commit_interval",
+                "must be between 1ms and 10s",
+            ));
         }
         if self.stats.interval < Duration::from_secs(1) {
             out.push(invalid("stats.interval", "must be at least 1s"));
@@ -374,7 +423,9 @@ pub fn parse_server(s: &str) -> Result<(String, u16), String> {
     let (host, port) = rest
         .rsplit_once(':')
         .ok_or_else(|| format!("{s:?} has no port (tcp://host:1883)"))?;
-    let port: u16 = port.parse().map_err(|_| format!("{s:?}: port {port:?} is not a number"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{s:?}: port {port:?} is not a number"))?;
     if host.is_empty() {
         return Err(format!("{s:?} has no host"));
     }

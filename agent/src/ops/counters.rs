@@ -36,7 +36,8 @@ pub struct Counters {
 impl Counters {
     pub fn new() -> Counters {
         let c = Counters::default();
-        c.temperature_bits.store(f32::NAN.to_bits(), Ordering::Relaxed);
+        c.temperature_bits
+            .store(f32::NAN.to_bits(), Ordering::Relaxed);
         c
     }
 

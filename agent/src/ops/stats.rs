@@ -42,7 +42,10 @@ impl StatsReporter {
             }
             let (stats, next) = self.snapshot(prev);
             prev = next;
-            let event = Event { at: SystemTime::now(), body: Body::Stats(Box::new(stats)) };
+            let event = Event {
+                at: SystemTime::now(),
+                body: Body::Stats(Box::new(stats)),
+            };
             if self.output.try_send(event).is_err() {
                 tracing::warn!("stats not queued: the store is not keeping up");
             }
@@ -55,7 +58,10 @@ impl StatsReporter {
         let received = Counters::get(&c.rx_received);
         let crc_ok = Counters::get(&c.rx_crc_ok);
         let backlog = self.queue.backlog();
-        let oldest_age_s = backlog.oldest_at_ms.map(|t| unix_ms(now).saturating_sub(t) / 1000).unwrap_or(0);
+        let oldest_age_s = backlog
+            .oldest_at_ms
+            .map(|t| unix_ms(now).saturating_sub(t) / 1000)
+            .unwrap_or(0);
         let up = c.backhaul_up.load(Ordering::Relaxed);
         let mut m: HashMap<String, String> = HashMap::new();
         let mut put = |k: &str, v: String| {
@@ -63,28 +69,62 @@ impl StatsReporter {
         };
         put("rx_total", received.to_string());
         put("rx_crc_ok_total", crc_ok.to_string());
-        put("rx_filtered_total", Counters::get(&c.rx_filtered).to_string());
-        put("rx_malformed_total", Counters::get(&c.rx_malformed).to_string());
+        put(
+            "rx_filtered_total",
+            Counters::get(&c.rx_filtered).to_string(),
+        );
+        put(
+            "rx_malformed_total",
+            Counters::get(&c.rx_malformed).to_string(),
+        );
         put("rx_dropped_total", Counters::get(&c.rx_dropped).to_string());
-        put("up_accepted_total", Counters::get(&c.up_accepted).to_string());
-        put("up_forwarded_total", Counters::get(&c.up_forwarded).to_string());
-        put("join_expired_total", Counters::get(&c.join_expired).to_string());
+        put(
+            "up_accepted_total",
+            Counters::get(&c.up_accepted).to_string(),
+        );
+        put(
+            "up_forwarded_total",
+            Counters::get(&c.up_forwarded).to_string(),
+        );
+        put(
+            "join_expired_total",
+            Counters::get(&c.join_expired).to_string(),
+        );
         put("backlog_events", backlog.records.to_string());
         put("backlog_bytes", backlog.bytes.to_string());
         put("backlog_oldest_age_s", oldest_age_s.to_string());
         put("store_disk_bytes", self.queue.disk_bytes().to_string());
-        put("store_evicted_total", self.queue.evicted_total().to_string());
-        put("store_rejected_total", Counters::get(&c.store_rejected).to_string());
+        put(
+            "store_evicted_total",
+            self.queue.evicted_total().to_string(),
+        );
+        put(
+            "store_rejected_total",
+            Counters::get(&c.store_rejected).to_string(),
+        );
         put("backhaul", if up { "up" } else { "down" }.to_string());
-        put("backhaul_outages_total", Counters::get(&c.outages).to_string());
-        put("backhaul_last_outage_ms", c.last_outage_ms.load(Ordering::Relaxed).to_string());
-        put("radio_starts_total", Counters::get(&c.radio_starts).to_string());
-        put("radio_failures_total", Counters::get(&c.radio_failures).to_string());
+        put(
+            "backhaul_outages_total",
+            Counters::get(&c.outages).to_string(),
+        );
+        put(
+            "backhaul_last_outage_ms",
+            c.last_outage_ms.load(Ordering::Relaxed).to_string(),
+        );
+        put(
+            "radio_starts_total",
+            Counters::get(&c.radio_starts).to_string(),
+        );
+        put(
+            "radio_failures_total",
+            Counters::get(&c.radio_failures).to_string(),
+        );
         if let Some(t) = c.temperature() {
             put("concentrator_temperature_c", format!("{t:.1}"));
         }
         tracing::info!(
             rx = received,
+            accepted = Counters::get(&c.up_accepted),
             forwarded = Counters::get(&c.up_forwarded),
             backlog = backlog.records,
             evicted = self.queue.evicted_total(),

@@ -25,7 +25,16 @@ pub struct BoardProfile {
 }
 
 const fn gain(rf_power: i8, pa_gain: u8, pwr_idx: u8) -> TxGain {
-    TxGain { rf_power, dig_gain: 0, pa_gain, dac_gain: 3, mix_gain: 5, offset_i: 0, offset_q: 0, pwr_idx }
+    TxGain {
+        rf_power,
+        dig_gain: 0,
+        pa_gain,
+        dac_gain: 3,
+        mix_gain: 5,
+        offset_i: 0,
+        offset_q: 0,
+        pwr_idx,
+    }
 }
 
 /// Semtech reference design, EU868, SX1250 radio.
@@ -121,7 +130,11 @@ mod tests {
     fn every_gain_table_is_sorted_by_power_and_fits_the_hal() {
         for b in BOARDS {
             assert!(b.tx_gains.len() <= 16, "{}", b.name);
-            assert!(b.tx_gains.windows(2).all(|w| w[0].rf_power < w[1].rf_power), "{}", b.name);
+            assert!(
+                b.tx_gains.windows(2).all(|w| w[0].rf_power < w[1].rf_power),
+                "{}",
+                b.name
+            );
         }
     }
 }

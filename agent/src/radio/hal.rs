@@ -32,8 +32,14 @@ pub enum CodeRate {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Modulation {
-    Lora { spreading_factor: u32, bandwidth_hz: u32, code_rate: CodeRate },
-    Fsk { datarate: u32 },
+    Lora {
+        spreading_factor: u32,
+        bandwidth_hz: u32,
+        code_rate: CodeRate,
+    },
+    Fsk {
+        datarate: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,9 +141,22 @@ pub struct RfChainConf {
 #[derive(Debug, Clone, PartialEq)]
 pub enum IfChainConf {
     Disabled,
-    MultiSf { rf_chain: u8, offset_hz: i32 },
-    LoraStd { rf_chain: u8, offset_hz: i32, bandwidth_hz: u32, spreading_factor: u32 },
-    Fsk { rf_chain: u8, offset_hz: i32, bandwidth_hz: u32, datarate: u32 },
+    MultiSf {
+        rf_chain: u8,
+        offset_hz: i32,
+    },
+    LoraStd {
+        rf_chain: u8,
+        offset_hz: i32,
+        bandwidth_hz: u32,
+        spreading_factor: u32,
+    },
+    Fsk {
+        rf_chain: u8,
+        offset_hz: i32,
+        bandwidth_hz: u32,
+        datarate: u32,
+    },
 }
 
 /// Everything set before `lgw_start`.
@@ -178,7 +197,12 @@ fn bandwidth_code(hz: u32) -> Result<u8, HalError> {
         125_000 => sys::BW_125KHZ,
         250_000 => sys::BW_250KHZ,
         500_000 => sys::BW_500KHZ,
-        _ => return Err(HalError::Invalid { what: "bandwidth", why: format!("{hz} Hz") }),
+        _ => {
+            return Err(HalError::Invalid {
+                what: "bandwidth",
+                why: format!("{hz} Hz"),
+            })
+        }
     } as u8)
 }
 
@@ -214,7 +238,10 @@ fn code_rate(code: u8) -> CodeRate {
 fn copy_path(dst: &mut [core::ffi::c_char; 64], path: &str) -> Result<(), HalError> {
     let bytes = path.as_bytes();
     if bytes.len() > 63 || bytes.contains(&0) {
-        return Err(HalError::Invalid { what: "com_path", why: format!("{path:?} must be at most 63 bytes") });
+        return Err(HalError::Invalid {
+            what: "com_path",
+            why: format!("{path:?} must be at most 63 bytes"),
+        });
     }
     for (d, &b) in dst.iter_mut().zip(bytes) {
         *d = b as core::ffi::c_char;
@@ -230,10 +257,13 @@ impl TryFrom<&sys::lgw_pkt_rx_s> for RxPacket {
         let modulation = match p.modulation as u32 {
             sys::MOD_LORA => Modulation::Lora {
                 spreading_factor: p.datarate,
-                bandwidth_hz: bandwidth_hz(p.bandwidth).ok_or_else(|| format!("bandwidth code {}", p.bandwidth))?,
+                bandwidth_hz: bandwidth_hz(p.bandwidth)
+                    .ok_or_else(|| format!("bandwidth code {}", p.bandwidth))?,
                 code_rate: code_rate(p.coderate),
             },
-            sys::MOD_FSK => Modulation::Fsk { datarate: p.datarate },
+            sys::MOD_FSK => Modulation::Fsk {
+                datarate: p.datarate,
+            },
             m => return Err(format!("modulation code {m}")),
         };
         let crc = match p.status as u32 {
@@ -266,7 +296,10 @@ impl TryFrom<&sys::lgw_pkt_rx_s> for RxPacket {
 impl TxPacket {
     fn to_c(&self) -> Result<sys::lgw_pkt_tx_s, HalError> {
         if self.payload.len() > 255 {
-            return Err(HalError::Invalid { what: "payload", why: format!("{} bytes (255 at most)", self.payload.len()) });
+            return Err(HalError::Invalid {
+                what: "payload",
+                why: format!("{} bytes (255 at most)", self.payload.len()),
+            });
         }
         let mut c = sys::lgw_pkt_tx_s {
             freq_hz: self.freq_hz,
@@ -288,9 +321,16 @@ impl TxPacket {
             }
         }
         match self.modulation {
-            Modulation::Lora { spreading_factor, bandwidth_hz, code_rate } => {
+            Modulation::Lora {
+                spreading_factor,
+                bandwidth_hz,
+                code_rate,
+            } => {
                 if !(5..=12).contains(&spreading_factor) {
-                    return Err(HalError::Invalid { what: "spreading factor", why: spreading_factor.to_string() });
+                    return Err(HalError::Invalid {
+                        what: "spreading factor",
+                        why: spreading_factor.to_string(),
+                    });
                 }
                 c.modulation = sys::MOD_LORA as u8;
                 c.datarate = spreading_factor;
@@ -314,7 +354,10 @@ impl Concentrator {
             return Err(HalError::AlreadyClaimed);
         }
         Ok(Arc::new(Concentrator {
-            inner: Mutex::new(Inner { rx: vec![sys::lgw_pkt_rx_s::default(); RX_BATCH], started: false }),
+            inner: Mutex::new(Inner {
+                rx: vec![sys::lgw_pkt_rx_s::default(); RX_BATCH],
+                started: false,
+            }),
         }))
     }
 
@@ -344,7 +387,10 @@ impl Concentrator {
     pub fn configure_and_start(&self, setup: &Setup) -> Result<(), HalError> {
         let mut g = self.lock();
         if g.started {
-            return Err(HalError::Invalid { what: "state", why: "configure while started".into() });
+            return Err(HalError::Invalid {
+                what: "state",
+                why: "configure while started".into(),
+            });
         }
         let mut board = sys::lgw_conf_board_s {
             lorawan_public: setup.board.lorawan_public,
@@ -355,7 +401,9 @@ impl Concentrator {
         };
         copy_path(&mut board.com_path, &setup.board.com_path)?;
         // SAFETY: `board` is a valid, initialised struct that outlives the call.
-        check("lgw_board_setconf", unsafe { sys::lgw_board_setconf(&mut board) })?;
+        check("lgw_board_setconf", unsafe {
+            sys::lgw_board_setconf(&mut board)
+        })?;
 
         for (i, rf) in setup.rf_chains.iter().enumerate() {
             let [a, b, c, d, e] = rf.rssi_tcomp;
@@ -363,35 +411,59 @@ impl Concentrator {
                 enable: rf.enable,
                 freq_hz: rf.freq_hz,
                 rssi_offset: rf.rssi_offset,
-                rssi_tcomp: sys::lgw_rssi_tcomp_s { coeff_a: a, coeff_b: b, coeff_c: c, coeff_d: d, coeff_e: e },
+                rssi_tcomp: sys::lgw_rssi_tcomp_s {
+                    coeff_a: a,
+                    coeff_b: b,
+                    coeff_c: c,
+                    coeff_d: d,
+                    coeff_e: e,
+                },
                 type_: sys::lgw_radio_type_t_LGW_RADIO_TYPE_SX1250,
                 tx_enable: rf.tx_enable,
                 single_input_mode: rf.single_input_mode,
             };
             // SAFETY: valid struct; i < 2 = LGW_RF_CHAIN_NB.
-            check("lgw_rxrf_setconf", unsafe { sys::lgw_rxrf_setconf(i as u8, &mut conf) })?;
+            check("lgw_rxrf_setconf", unsafe {
+                sys::lgw_rxrf_setconf(i as u8, &mut conf)
+            })?;
         }
 
         if setup.if_chains.len() > sys::LGW_IF_CHAIN_NB as usize {
-            return Err(HalError::Invalid { what: "if chains", why: format!("{} > 10", setup.if_chains.len()) });
+            return Err(HalError::Invalid {
+                what: "if chains",
+                why: format!("{} > 10", setup.if_chains.len()),
+            });
         }
         for (i, ifc) in setup.if_chains.iter().enumerate() {
             let mut conf = sys::lgw_conf_rxif_s::default();
             match *ifc {
                 IfChainConf::Disabled => {}
-                IfChainConf::MultiSf { rf_chain, offset_hz } => {
+                IfChainConf::MultiSf {
+                    rf_chain,
+                    offset_hz,
+                } => {
                     conf.enable = true;
                     conf.rf_chain = rf_chain;
                     conf.freq_hz = offset_hz;
                 }
-                IfChainConf::LoraStd { rf_chain, offset_hz, bandwidth_hz, spreading_factor } => {
+                IfChainConf::LoraStd {
+                    rf_chain,
+                    offset_hz,
+                    bandwidth_hz,
+                    spreading_factor,
+                } => {
                     conf.enable = true;
                     conf.rf_chain = rf_chain;
                     conf.freq_hz = offset_hz;
                     conf.bandwidth = bandwidth_code(bandwidth_hz)?;
                     conf.datarate = spreading_factor;
                 }
-                IfChainConf::Fsk { rf_chain, offset_hz, bandwidth_hz, datarate } => {
+                IfChainConf::Fsk {
+                    rf_chain,
+                    offset_hz,
+                    bandwidth_hz,
+                    datarate,
+                } => {
                     conf.enable = true;
                     conf.rf_chain = rf_chain;
                     conf.freq_hz = offset_hz;
@@ -400,21 +472,36 @@ impl Concentrator {
                 }
             }
             // SAFETY: valid struct, the HAL may write defaults back into it (hence &mut); i < 10.
-            check("lgw_rxif_setconf", unsafe { sys::lgw_rxif_setconf(i as u8, &mut conf) })?;
+            check("lgw_rxif_setconf", unsafe {
+                sys::lgw_rxif_setconf(i as u8, &mut conf)
+            })?;
         }
 
-        let mut demod = sys::lgw_conf_demod_s { multisf_datarate: 0xff };
+        let mut demod = sys::lgw_conf_demod_s {
+            multisf_datarate: 0xff,
+        };
         // SAFETY: valid struct.
-        check("lgw_demod_setconf", unsafe { sys::lgw_demod_setconf(&mut demod) })?;
+        check("lgw_demod_setconf", unsafe {
+            sys::lgw_demod_setconf(&mut demod)
+        })?;
 
         if setup.tx_gains.is_empty() || setup.tx_gains.len() > sys::TX_GAIN_LUT_SIZE_MAX as usize {
-            return Err(HalError::Invalid { what: "tx gain table", why: format!("{} entries", setup.tx_gains.len()) });
+            return Err(HalError::Invalid {
+                what: "tx gain table",
+                why: format!("{} entries", setup.tx_gains.len()),
+            });
         }
         // lgw_txgain_setconf does not bounds-check the chain: we do.
         if setup.tx_rf_chain as u32 >= sys::LGW_RF_CHAIN_NB {
-            return Err(HalError::Invalid { what: "tx rf chain", why: setup.tx_rf_chain.to_string() });
+            return Err(HalError::Invalid {
+                what: "tx rf chain",
+                why: setup.tx_rf_chain.to_string(),
+            });
         }
-        let mut lut = sys::lgw_tx_gain_lut_s { size: setup.tx_gains.len() as u8, ..Default::default() };
+        let mut lut = sys::lgw_tx_gain_lut_s {
+            size: setup.tx_gains.len() as u8,
+            ..Default::default()
+        };
         for (dst, g) in lut.lut.iter_mut().zip(&setup.tx_gains) {
             *dst = sys::lgw_tx_gain_s {
                 rf_power: g.rf_power,
@@ -428,7 +515,9 @@ impl Concentrator {
             };
         }
         // SAFETY: valid struct; rf chain checked above.
-        check("lgw_txgain_setconf", unsafe { sys::lgw_txgain_setconf(setup.tx_rf_chain, &mut lut) })?;
+        check("lgw_txgain_setconf", unsafe {
+            sys::lgw_txgain_setconf(setup.tx_rf_chain, &mut lut)
+        })?;
 
         // SAFETY: no arguments; configuration done above.
         check("lgw_start", unsafe { sys::lgw_start() })?;
@@ -451,7 +540,10 @@ impl Concentrator {
         // SAFETY: `rx` holds `n` initialised, writable lgw_pkt_rx_s.
         let got = unsafe { sys::lgw_receive(n, g.rx.as_mut_ptr()) };
         if got < 0 || got > n as i32 {
-            return Err(HalError::Call { call: "lgw_receive", code: got });
+            return Err(HalError::Call {
+                call: "lgw_receive",
+                code: got,
+            });
         }
         let mut malformed = 0;
         for p in &g.rx[..got as usize] {
@@ -473,7 +565,10 @@ impl Concentrator {
         match unsafe { sys::lgw_send(&mut c) } {
             0 => Ok(SendOutcome::Accepted),
             1 => Ok(SendOutcome::LbtNotAllowed),
-            code => Err(HalError::Call { call: "lgw_send", code }),
+            code => Err(HalError::Call {
+                call: "lgw_send",
+                code,
+            }),
         }
     }
 
@@ -481,7 +576,9 @@ impl Concentrator {
         let mut code = 0u8;
         let _g = self.lock();
         // SAFETY: `code` is a writable byte.
-        check("lgw_status", unsafe { sys::lgw_status(rf_chain, sys::TX_STATUS as u8, &mut code) })?;
+        check("lgw_status", unsafe {
+            sys::lgw_status(rf_chain, sys::TX_STATUS as u8, &mut code)
+        })?;
         Ok(match code as u32 {
             sys::TX_OFF => TxStatus::Off,
             sys::TX_FREE => TxStatus::Free,
@@ -512,7 +609,9 @@ impl Concentrator {
         let mut v = 0f32;
         let _g = self.lock();
         // SAFETY: `v` is a writable f32.
-        check("lgw_get_temperature", unsafe { sys::lgw_get_temperature(&mut v) })?;
+        check("lgw_get_temperature", unsafe {
+            sys::lgw_get_temperature(&mut v)
+        })?;
         Ok(v)
     }
 

@@ -51,7 +51,12 @@ impl RadioSettings {
         let r = &cfg.radio;
         let com_path = match r.backend {
             Backend::Sx1302 => r.spi_path.clone(),
-            Backend::Simulator => r.simulator.clone().unwrap_or_else(|| PathBuf::from("")).display().to_string(),
+            Backend::Simulator => r
+                .simulator
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(""))
+                .display()
+                .to_string(),
         };
         RadioSettings {
             backend: r.backend,
@@ -81,18 +86,32 @@ impl RadioSettings {
             .channels
             .iter()
             .map(|c| match *c {
-                IfChannel::MultiSf { radio, freq_hz } => {
-                    IfChainConf::MultiSf { rf_chain: radio, offset_hz: offset(radio, freq_hz) }
-                }
-                IfChannel::LoraStd { radio, freq_hz, bandwidth_hz, spreading_factor } => IfChainConf::LoraStd {
+                IfChannel::MultiSf { radio, freq_hz } => IfChainConf::MultiSf {
+                    rf_chain: radio,
+                    offset_hz: offset(radio, freq_hz),
+                },
+                IfChannel::LoraStd {
+                    radio,
+                    freq_hz,
+                    bandwidth_hz,
+                    spreading_factor,
+                } => IfChainConf::LoraStd {
                     rf_chain: radio,
                     offset_hz: offset(radio, freq_hz),
                     bandwidth_hz,
                     spreading_factor,
                 },
-                IfChannel::Fsk { radio, freq_hz, bandwidth_hz, datarate } => {
-                    IfChainConf::Fsk { rf_chain: radio, offset_hz: offset(radio, freq_hz), bandwidth_hz, datarate }
-                }
+                IfChannel::Fsk {
+                    radio,
+                    freq_hz,
+                    bandwidth_hz,
+                    datarate,
+                } => IfChainConf::Fsk {
+                    rf_chain: radio,
+                    offset_hz: offset(radio, freq_hz),
+                    bandwidth_hz,
+                    datarate,
+                },
             })
             .collect();
         Setup {
@@ -132,7 +151,9 @@ const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 impl Radio {
     pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new().name("radio".into()).spawn(move || self.run())
+        std::thread::Builder::new()
+            .name("radio".into())
+            .spawn(move || self.run())
     }
 
     fn run(self) {
@@ -178,7 +199,9 @@ impl Radio {
         let lines = match self.settings.backend {
             Backend::Simulator => {
                 if Concentrator::linked() != "simulator" {
-                    return Err("backend \"simulator\" but this build links the real libloragw".into());
+                    return Err(
+                        "backend \"simulator\" but this build links the real libloragw".into(),
+                    );
                 }
                 None
             }
@@ -191,12 +214,15 @@ impl Radio {
                     );
                 }
                 Some(
-                    reset::reset(&self.settings.gpio_chip, self.settings.board)
-                        .map_err(|e| format!("board reset through {}: {e}", self.settings.gpio_chip))?,
+                    reset::reset(&self.settings.gpio_chip, self.settings.board).map_err(|e| {
+                        format!("board reset through {}: {e}", self.settings.gpio_chip)
+                    })?,
                 )
             }
         };
-        self.hal.configure_and_start(&self.settings.setup()).map_err(|e| e.to_string())?;
+        self.hal
+            .configure_and_start(&self.settings.setup())
+            .map_err(|e| e.to_string())?;
         match self.hal.eui() {
             Ok(eui) => {
                 self.eui.send_replace(Some(eui));
@@ -253,7 +279,9 @@ impl Radio {
             if now >= next_temperature {
                 next_temperature = now + Duration::from_secs(10);
                 if let Ok(t) = self.hal.temperature() {
-                    self.counters.temperature_bits.store(t.to_bits(), Ordering::Relaxed);
+                    self.counters
+                        .temperature_bits
+                        .store(t.to_bits(), Ordering::Relaxed);
                 }
             }
             // A full batch means more frames are waiting: read again at once.

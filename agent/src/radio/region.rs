@@ -6,9 +6,19 @@ pub enum IfChannel {
     /// Multi-SF LoRa 125 kHz (IF chains 0-7).
     MultiSf { radio: u8, freq_hz: u32 },
     /// Single-SF "LoRa standard" channel (IF chain 8).
-    LoraStd { radio: u8, freq_hz: u32, bandwidth_hz: u32, spreading_factor: u32 },
+    LoraStd {
+        radio: u8,
+        freq_hz: u32,
+        bandwidth_hz: u32,
+        spreading_factor: u32,
+    },
     /// FSK channel (IF chain 9).
-    Fsk { radio: u8, freq_hz: u32, bandwidth_hz: u32, datarate: u32 },
+    Fsk {
+        radio: u8,
+        freq_hz: u32,
+        bandwidth_hz: u32,
+        datarate: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +44,10 @@ pub fn known() -> Vec<&'static str> {
 }
 
 fn eu868() -> ChannelPlan {
-    let multi = |radio, mhz: f64| IfChannel::MultiSf { radio, freq_hz: (mhz * 1e6).round() as u32 };
+    let multi = |radio, mhz: f64| IfChannel::MultiSf {
+        radio,
+        freq_hz: (mhz * 1e6).round() as u32,
+    };
     ChannelPlan {
         name: "eu868",
         radio_freq_hz: [867_500_000, 868_500_000],
@@ -50,8 +63,18 @@ fn eu868() -> ChannelPlan {
             multi(0, 867.5),
             multi(0, 867.7),
             multi(0, 867.9),
-            IfChannel::LoraStd { radio: 1, freq_hz: 868_300_000, bandwidth_hz: 250_000, spreading_factor: 7 },
-            IfChannel::Fsk { radio: 1, freq_hz: 868_800_000, bandwidth_hz: 125_000, datarate: 50_000 },
+            IfChannel::LoraStd {
+                radio: 1,
+                freq_hz: 868_300_000,
+                bandwidth_hz: 250_000,
+                spreading_factor: 7,
+            },
+            IfChannel::Fsk {
+                radio: 1,
+                freq_hz: 868_800_000,
+                bandwidth_hz: 125_000,
+                datarate: 50_000,
+            },
         ],
     }
 }

@@ -96,7 +96,16 @@ struct Meta {
 impl Meta {
     fn encode(&self) -> [u8; 40] {
         let mut b = [0u8; 40];
-        for (i, v) in [self.next_seq, self.acked, self.records, self.bytes, self.evicted].iter().enumerate() {
+        for (i, v) in [
+            self.next_seq,
+            self.acked,
+            self.records,
+            self.bytes,
+            self.evicted,
+        ]
+        .iter()
+        .enumerate()
+        {
             b[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
         }
         b
@@ -107,7 +116,13 @@ impl Meta {
             return None;
         }
         let v = |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-        Some(Meta { next_seq: v(0), acked: v(1), records: v(2), bytes: v(3), evicted: v(4) })
+        Some(Meta {
+            next_seq: v(0),
+            acked: v(1),
+            records: v(2),
+            bytes: v(3),
+            evicted: v(4),
+        })
     }
 }
 
@@ -137,7 +152,10 @@ fn is_disk_full(e: &sled::Error) -> bool {
 impl Record {
     fn decode(seq: u64, v: &[u8]) -> Result<Record, StoreError> {
         if v.len() < HEADER || v[0] != FORMAT {
-            return Err(StoreError::BadRecord { seq, why: format!("{} bytes, format {:?}", v.len(), v.first()) });
+            return Err(StoreError::BadRecord {
+                seq,
+                why: format!("{} bytes, format {:?}", v.len(), v.first()),
+            });
         }
         Ok(Record {
             seq,
@@ -164,7 +182,10 @@ fn encode(r: &NewRecord) -> Vec<u8> {
 pub enum Opened {
     Clean,
     /// It could not be read; it was moved here and a fresh one created.
-    MovedAside { to: PathBuf, why: String },
+    MovedAside {
+        to: PathBuf,
+        why: String,
+    },
 }
 
 impl Queue {
@@ -181,7 +202,8 @@ impl Queue {
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
                 let to = PathBuf::from(format!("{}.corrupt-{stamp}", opts.path.display()));
-                std::fs::rename(&opts.path, &to).map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+                std::fs::rename(&opts.path, &to)
+                    .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
                 let q = Self::try_open(&opts)?;
                 Ok((q, Opened::MovedAside { to, why }))
             }
@@ -200,20 +222,35 @@ impl Queue {
                 return Err(StoreError::Locked(opts.path.clone()))
             }
             Ok(Err(e)) => return Err(e.into()),
-            Err(_) => return Err(sled::Error::Unsupported("sled panicked while opening the store".into()).into()),
+            Err(_) => {
+                return Err(sled::Error::Unsupported(
+                    "sled panicked while opening the store".into(),
+                )
+                .into())
+            }
         };
         let tree = db.open_tree("queue")?;
         let marker = opts.path.join(MARKER);
         let meta = match tree.get(META_KEY)? {
-            Some(v) => Meta::decode(&v).ok_or_else(|| StoreError::BadRecord { seq: 0, why: "metadata".into() })?,
+            Some(v) => Meta::decode(&v).ok_or_else(|| StoreError::BadRecord {
+                seq: 0,
+                why: "metadata".into(),
+            })?,
             None if marker.exists() => {
-                return Err(StoreError::BadRecord { seq: 0, why: "metadata lost: sled could not recover its log".into() })
+                return Err(StoreError::BadRecord {
+                    seq: 0,
+                    why: "metadata lost: sled could not recover its log".into(),
+                })
             }
             None => {
-                let fresh = Meta { next_seq: 1, ..Meta::default() };
+                let fresh = Meta {
+                    next_seq: 1,
+                    ..Meta::default()
+                };
                 tree.insert(META_KEY, fresh.encode().to_vec())?;
                 db.flush()?;
-                std::fs::write(&marker, b"lora-edge durable queue, format 1\n").map_err(sled::Error::Io)?;
+                std::fs::write(&marker, b"lora-edge durable queue, format 1\n")
+                    .map_err(sled::Error::Io)?;
                 fresh
             }
         };
@@ -221,10 +258,18 @@ impl Queue {
         if let Some((k, v)) = tree.range(..META_KEY.to_vec()).next().transpose()? {
             let r = Record::decode(seq_of(&k), &v)?;
             if r.seq <= meta.acked || r.seq >= meta.next_seq {
-                return Err(StoreError::BadRecord { seq: r.seq, why: "outside the metadata's range".into() });
+                return Err(StoreError::BadRecord {
+                    seq: r.seq,
+                    why: "outside the metadata's range".into(),
+                });
             }
         }
-        Ok(Queue { db, tree, meta: Mutex::new(meta), opts: opts.clone() })
+        Ok(Queue {
+            db,
+            tree,
+            meta: Mutex::new(meta),
+            opts: opts.clone(),
+        })
     }
 
     fn meta(&self) -> std::sync::MutexGuard<'_, Meta> {
@@ -255,7 +300,10 @@ impl Queue {
 
     /// Appends durably (flushed to the kernel) and returns the sequence numbers given, after
     /// evicting the oldest records if the budget requires it.
-    pub fn append(&self, records: &[NewRecord]) -> Result<(std::ops::RangeInclusive<u64>, Vec<Eviction>), StoreError> {
+    pub fn append(
+        &self,
+        records: &[NewRecord],
+    ) -> Result<(std::ops::RangeInclusive<u64>, Vec<Eviction>), StoreError> {
         let incoming: u64 = records.iter().map(|r| stored_size(r.payload.len())).sum();
         let mut evictions = Vec::new();
         let budget = self.record_budget();
@@ -289,7 +337,10 @@ impl Queue {
             next.bytes += stored_size(r.payload.len());
         }
         batch.insert(META_KEY, next.encode().to_vec());
-        let result = self.tree.apply_batch(batch).and_then(|_| self.db.flush().map(|_| ()));
+        let result = self
+            .tree
+            .apply_batch(batch)
+            .and_then(|_| self.db.flush().map(|_| ()));
         match result {
             Ok(()) => {
                 *meta = next;
@@ -303,7 +354,11 @@ impl Queue {
     /// Up to `max` records with a sequence number of `from` or more, oldest first.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Record>, StoreError> {
         let mut out = Vec::with_capacity(max.min(1024));
-        for item in self.tree.range(key(from).to_vec()..META_KEY.to_vec()).take(max) {
+        for item in self
+            .tree
+            .range(key(from).to_vec()..META_KEY.to_vec())
+            .take(max)
+        {
             let (k, v) = item?;
             out.push(Record::decode(seq_of(&k), &v)?);
         }
@@ -332,7 +387,11 @@ impl Queue {
     }
 
     /// Drops the oldest records until `at_least` bytes are freed.
-    fn evict_oldest(&self, at_least: u64, reason: &'static str) -> Result<Option<Eviction>, StoreError> {
+    fn evict_oldest(
+        &self,
+        at_least: u64,
+        reason: &'static str,
+    ) -> Result<Option<Eviction>, StoreError> {
         self.evict_while(reason, |freed, _| freed < at_least)
     }
 
@@ -350,7 +409,13 @@ impl Queue {
         let mut meta = self.meta();
         let mut next = *meta;
         let mut batch = sled::Batch::default();
-        let mut ev = Eviction { first_seq: 0, last_seq: 0, records: 0, bytes: 0, reason };
+        let mut ev = Eviction {
+            first_seq: 0,
+            last_seq: 0,
+            records: 0,
+            bytes: 0,
+            reason,
+        };
         for item in self.tree.range(..META_KEY.to_vec()) {
             let (k, v) = item?;
             let seq = seq_of(&k);
@@ -393,7 +458,11 @@ impl Queue {
             .and_then(|r| r.ok())
             .and_then(|(k, v)| Record::decode(seq_of(&k), &v).ok())
             .map(|r| r.at_ms);
-        Backlog { records: meta.records, bytes: meta.bytes, oldest_at_ms }
+        Backlog {
+            records: meta.records,
+            bytes: meta.bytes,
+            oldest_at_ms,
+        }
     }
 
     /// The store directory's real size on disk.
@@ -422,13 +491,22 @@ mod tests {
     }
 
     fn tmp() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("lora-edge-q-{}-{}", std::process::id(), fastrand::u64(..)));
+        let d = std::env::temp_dir().join(format!(
+            "lora-edge-q-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&d).unwrap();
         d
     }
 
     fn rec(i: u64, size: usize) -> NewRecord {
-        NewRecord { kind: 1, flags: 0, at_ms: 1_000 + i, payload: vec![i as u8; size] }
+        NewRecord {
+            kind: 1,
+            flags: 0,
+            at_ms: 1_000 + i,
+            payload: vec![i as u8; size],
+        }
     }
 
     #[test]
@@ -436,7 +514,9 @@ mod tests {
         let d = tmp();
         let (q, opened) = Queue::open(opts(&d)).unwrap();
         assert_eq!(opened, Opened::Clean);
-        let (range, ev) = q.append(&(0..10).map(|i| rec(i, 20)).collect::<Vec<_>>()).unwrap();
+        let (range, ev) = q
+            .append(&(0..10).map(|i| rec(i, 20)).collect::<Vec<_>>())
+            .unwrap();
         assert_eq!(range, 1..=10);
         assert!(ev.is_empty());
         let got = q.read_from(4, 3).unwrap();
@@ -450,9 +530,17 @@ mod tests {
         let d = tmp();
         {
             let (q, _) = Queue::open(opts(&d)).unwrap();
-            q.append(&(0..10).map(|i| rec(i, 20)).collect::<Vec<_>>()).unwrap();
+            q.append(&(0..10).map(|i| rec(i, 20)).collect::<Vec<_>>())
+                .unwrap();
             q.ack_upto(10).unwrap();
-            assert_eq!(q.backlog(), Backlog { records: 0, bytes: 0, oldest_at_ms: None });
+            assert_eq!(
+                q.backlog(),
+                Backlog {
+                    records: 0,
+                    bytes: 0,
+                    oldest_at_ms: None
+                }
+            );
         }
         let (q, _) = Queue::open(opts(&d)).unwrap();
         assert_eq!(q.acked(), 10);
@@ -465,7 +553,8 @@ mod tests {
         let d = tmp();
         {
             let (q, _) = Queue::open(opts(&d)).unwrap();
-            q.append(&(0..100).map(|i| rec(i, 50)).collect::<Vec<_>>()).unwrap();
+            q.append(&(0..100).map(|i| rec(i, 50)).collect::<Vec<_>>())
+                .unwrap();
             q.ack_upto(40).unwrap();
         }
         let (q, _) = Queue::open(opts(&d)).unwrap();
@@ -483,11 +572,20 @@ mod tests {
         // Room for exactly 10 records of 100 payload bytes.
         o.max_disk_bytes = ((10 * stored_size(100)) as f64 / RECORD_SHARE_OF_DISK).ceil() as u64;
         let (q, _) = Queue::open(o).unwrap();
-        q.append(&(0..10).map(|i| rec(i, 100)).collect::<Vec<_>>()).unwrap();
-        let (_, ev) = q.append(&(10..13).map(|i| rec(i, 100)).collect::<Vec<_>>()).unwrap();
+        q.append(&(0..10).map(|i| rec(i, 100)).collect::<Vec<_>>())
+            .unwrap();
+        let (_, ev) = q
+            .append(&(10..13).map(|i| rec(i, 100)).collect::<Vec<_>>())
+            .unwrap();
         assert_eq!(
             ev,
-            vec![Eviction { first_seq: 1, last_seq: 3, records: 3, bytes: 3 * stored_size(100), reason: "size_budget" }]
+            vec![Eviction {
+                first_seq: 1,
+                last_seq: 3,
+                records: 3,
+                bytes: 3 * stored_size(100),
+                reason: "size_budget"
+            }]
         );
         assert_eq!(q.read_from(0, 100).unwrap().first().map(|r| r.seq), Some(4));
         assert_eq!(q.evicted_total(), 3);
@@ -498,7 +596,8 @@ mod tests {
     fn records_older_than_max_age_are_evicted() {
         let d = tmp();
         let (q, _) = Queue::open(opts(&d)).unwrap();
-        q.append(&(0..5).map(|i| rec(i, 10)).collect::<Vec<_>>()).unwrap();
+        q.append(&(0..5).map(|i| rec(i, 10)).collect::<Vec<_>>())
+            .unwrap();
         // max_age is 1 h: at 1_003 + 1 h, the records from 1_000..1_002 are too old.
         let ev = q.evict_expired(1_003 + 3_600_000).unwrap().unwrap();
         assert_eq!((ev.first_seq, ev.last_seq, ev.reason), (1, 3, "max_age"));

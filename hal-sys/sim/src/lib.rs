@@ -173,7 +173,9 @@ impl Running {
 /// `conf` must point to a valid `lgw_conf_board_s`.
 #[no_mangle]
 pub unsafe extern "C" fn lgw_board_setconf(conf: *mut sys::lgw_conf_board_s) -> c_int {
-    let Some(conf) = conf.as_ref() else { return ERR };
+    let Some(conf) = conf.as_ref() else {
+        return ERR;
+    };
     with_sim(|s| {
         if s.running.is_some() {
             log("lgw_board_setconf: concentrator is running");
@@ -191,7 +193,9 @@ pub unsafe extern "C" fn lgw_board_setconf(conf: *mut sys::lgw_conf_board_s) -> 
 /// `conf` must point to a valid `lgw_conf_rxrf_s`.
 #[no_mangle]
 pub unsafe extern "C" fn lgw_rxrf_setconf(rf_chain: u8, conf: *mut sys::lgw_conf_rxrf_s) -> c_int {
-    let Some(conf) = conf.as_ref() else { return ERR };
+    let Some(conf) = conf.as_ref() else {
+        return ERR;
+    };
     if rf_chain as u32 >= sys::LGW_RF_CHAIN_NB {
         return ERR;
     }
@@ -209,7 +213,9 @@ pub unsafe extern "C" fn lgw_rxrf_setconf(rf_chain: u8, conf: *mut sys::lgw_conf
 /// `conf` must point to a valid `lgw_conf_rxif_s`.
 #[no_mangle]
 pub unsafe extern "C" fn lgw_rxif_setconf(if_chain: u8, conf: *mut sys::lgw_conf_rxif_s) -> c_int {
-    let Some(conf) = conf.as_mut() else { return ERR };
+    let Some(conf) = conf.as_mut() else {
+        return ERR;
+    };
     if if_chain as u32 >= sys::LGW_IF_CHAIN_NB {
         return ERR;
     }
@@ -246,9 +252,17 @@ pub unsafe extern "C" fn lgw_demod_setconf(conf: *mut sys::lgw_conf_demod_s) -> 
 /// # Safety
 /// `conf` must point to a valid `lgw_tx_gain_lut_s`.
 #[no_mangle]
-pub unsafe extern "C" fn lgw_txgain_setconf(rf_chain: u8, conf: *mut sys::lgw_tx_gain_lut_s) -> c_int {
-    let Some(conf) = conf.as_ref() else { return ERR };
-    if rf_chain as u32 >= sys::LGW_RF_CHAIN_NB || conf.size == 0 || conf.size as u32 > sys::TX_GAIN_LUT_SIZE_MAX {
+pub unsafe extern "C" fn lgw_txgain_setconf(
+    rf_chain: u8,
+    conf: *mut sys::lgw_tx_gain_lut_s,
+) -> c_int {
+    let Some(conf) = conf.as_ref() else {
+        return ERR;
+    };
+    if rf_chain as u32 >= sys::LGW_RF_CHAIN_NB
+        || conf.size == 0
+        || conf.size as u32 > sys::TX_GAIN_LUT_SIZE_MAX
+    {
         return ERR;
     }
     with_sim(|s| {
@@ -299,11 +313,17 @@ pub extern "C" fn lgw_start() -> c_int {
             }
         };
         if s.start_calls <= cfg.faults.start_failures {
-            log(&format!("lgw_start: injected failure {}/{}", s.start_calls, cfg.faults.start_failures));
+            log(&format!(
+                "lgw_start: injected failure {}/{}",
+                s.start_calls, cfg.faults.start_failures
+            ));
             return ERR;
         }
         let frames = match &cfg.scenario {
-            Some(p) => match std::fs::read_to_string(p).map_err(|e| e.to_string()).and_then(|t| parse_scenario(&t)) {
+            Some(p) => match std::fs::read_to_string(p)
+                .map_err(|e| e.to_string())
+                .and_then(|t| parse_scenario(&t))
+            {
                 Ok(f) => f,
                 Err(e) => {
                     log(&format!("scenario {}: {e}", p.display()));
@@ -367,10 +387,16 @@ impl Sim {
             return ERR;
         };
         let faults = &run.cfg.faults;
-        if let Some(&after) = faults.receive_error_after_frames.get(self.receive_errors_done) {
+        if let Some(&after) = faults
+            .receive_error_after_frames
+            .get(self.receive_errors_done)
+        {
             if self.delivered >= after {
                 self.receive_errors_done += 1;
-                log(&format!("lgw_receive: injected error after {} frames", self.delivered));
+                log(&format!(
+                    "lgw_receive: injected error after {} frames",
+                    self.delivered
+                ));
                 return ERR;
             }
         }
@@ -383,7 +409,10 @@ impl Sim {
         while n < out.len() {
             if let Some(dead_after) = run.cfg.faults.link_dead_after_frames {
                 if self.delivered >= dead_after {
-                    log(&format!("link dead after {} frames: lgw_receive now returns 0", self.delivered));
+                    log(&format!(
+                        "link dead after {} frames: lgw_receive now returns 0",
+                        self.delivered
+                    ));
                     run.frozen_counter = run.counter();
                     run.link_dead = true;
                     break;
@@ -399,7 +428,8 @@ impl Sim {
                 f.count_us = run.counter_at(due.max(run.started));
                 f
             } else if run.cfg.synthetic_rate_hz > 0.0
-                && (run.cfg.synthetic_max_frames == 0 || self.synthetic_sent < run.cfg.synthetic_max_frames)
+                && (run.cfg.synthetic_max_frames == 0
+                    || self.synthetic_sent < run.cfg.synthetic_max_frames)
             {
                 let scenario_end = run.frames.last().map(|f| f.offset_us).unwrap_or(0);
                 let k = self.synthetic_sent;
@@ -426,7 +456,14 @@ impl Sim {
 
 fn synthetic_frame(cfg: &SimConfig, k: u64, fcnt: &mut [u16]) -> ScenarioFrame {
     const CHANNELS: [u32; 8] = [
-        868_100_000, 868_300_000, 868_500_000, 867_100_000, 867_300_000, 867_500_000, 867_700_000, 867_900_000,
+        868_100_000,
+        868_300_000,
+        868_500_000,
+        867_100_000,
+        867_300_000,
+        867_500_000,
+        867_700_000,
+        867_900_000,
     ];
     let devices = cfg.synthetic_devices.max(1);
     let dev = (k % devices as u64) as u32;
@@ -468,7 +505,9 @@ fn synthetic_frame(cfg: &SimConfig, k: u64, fcnt: &mut [u16]) -> ScenarioFrame {
 /// `pkt_data` must point to a valid `lgw_pkt_tx_s`.
 #[no_mangle]
 pub unsafe extern "C" fn lgw_send(pkt_data: *mut sys::lgw_pkt_tx_s) -> c_int {
-    let Some(pkt) = pkt_data.as_mut() else { return ERR };
+    let Some(pkt) = pkt_data.as_mut() else {
+        return ERR;
+    };
     with_sim(|s| {
         s.send_calls += 1;
         let Some(run) = s.running.as_mut() else {
@@ -480,7 +519,9 @@ pub unsafe extern "C" fn lgw_send(pkt_data: *mut sys::lgw_pkt_tx_s) -> c_int {
         if s.send_calls <= run.cfg.faults.send_failures {
             log("lgw_send: injected failure");
             result = ERR;
-        } else if pkt.rf_chain as u32 >= sys::LGW_RF_CHAIN_NB || !s.setup.rf_tx_enabled[pkt.rf_chain as usize] {
+        } else if pkt.rf_chain as u32 >= sys::LGW_RF_CHAIN_NB
+            || !s.setup.rf_tx_enabled[pkt.rf_chain as usize]
+        {
             log("lgw_send: rf chain not enabled for TX");
             result = ERR;
         } else if pkt.size as usize > 255 {
@@ -494,7 +535,11 @@ pub unsafe extern "C" fn lgw_send(pkt_data: *mut sys::lgw_pkt_tx_s) -> c_int {
             pkt.preamble = 8;
         }
         if result == OK {
-            let start = if pkt.tx_mode as u32 == sys::IMMEDIATE { now } else { pkt.count_us };
+            let start = if pkt.tx_mode as u32 == sys::IMMEDIATE {
+                now
+            } else {
+                pkt.count_us
+            };
             let toa_us = time_on_air_ms(pkt).saturating_mul(1000);
             run.tx_window = Some((start, start.wrapping_add(toa_us)));
         }
@@ -522,7 +567,9 @@ fn in_window(now: u32, start: u32, end: u32) -> bool {
 /// `code` must point to a writable byte.
 #[no_mangle]
 pub unsafe extern "C" fn lgw_status(rf_chain: u8, select: u8, code: *mut u8) -> c_int {
-    let Some(code) = code.as_mut() else { return ERR };
+    let Some(code) = code.as_mut() else {
+        return ERR;
+    };
     if rf_chain as u32 >= sys::LGW_RF_CHAIN_NB || select as u32 != sys::TX_STATUS {
         return ERR;
     }
@@ -535,7 +582,9 @@ pub unsafe extern "C" fn lgw_status(rf_chain: u8, select: u8, code: *mut u8) -> 
         *code = match run.tx_window {
             Some((start, end)) if in_window(now, start, end) => sys::TX_EMITTING as u8,
             // A timestamped packet up to 512 s ahead is "scheduled".
-            Some((start, _)) if start.wrapping_sub(now) < 512_000_000 && start != now => sys::TX_SCHEDULED as u8,
+            Some((start, _)) if start.wrapping_sub(now) < 512_000_000 && start != now => {
+                sys::TX_SCHEDULED as u8
+            }
             _ => sys::TX_FREE as u8,
         };
         OK
@@ -565,7 +614,9 @@ pub unsafe extern "C" fn lgw_get_trigcnt(trig_cnt_us: *mut u32) -> c_int {
 /// `inst_cnt_us` must point to a writable u32.
 #[no_mangle]
 pub unsafe extern "C" fn lgw_get_instcnt(inst_cnt_us: *mut u32) -> c_int {
-    let Some(out) = inst_cnt_us.as_mut() else { return ERR };
+    let Some(out) = inst_cnt_us.as_mut() else {
+        return ERR;
+    };
     with_sim(|s| match s.running.as_ref() {
         Some(run) => {
             // Like the real HAL, a dead link still "succeeds" (with a frozen value).
@@ -597,7 +648,9 @@ pub unsafe extern "C" fn lgw_get_eui(eui: *mut u64) -> c_int {
 /// `temperature` must point to a writable f32.
 #[no_mangle]
 pub unsafe extern "C" fn lgw_get_temperature(temperature: *mut f32) -> c_int {
-    let Some(out) = temperature.as_mut() else { return ERR };
+    let Some(out) = temperature.as_mut() else {
+        return ERR;
+    };
     with_sim(|s| match s.running.as_ref() {
         Some(run) => {
             *out = run.cfg.temperature_c;

@@ -55,7 +55,11 @@ fn crc16(data: &[u8]) -> u16 {
     for &b in data {
         crc ^= (b as u16) << 8;
         for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
         }
     }
     crc
@@ -82,7 +86,10 @@ pub fn parse_scenario(text: &str) -> Result<Vec<ScenarioFrame>, String> {
 fn parse_line(line: &str) -> Result<ScenarioFrame, String> {
     let c: Vec<&str> = line.split(',').map(str::trim).collect();
     if c.len() != 12 {
-        return Err(format!("expected 12 comma-separated fields, found {}", c.len()));
+        return Err(format!(
+            "expected 12 comma-separated fields, found {}",
+            c.len()
+        ));
     }
     fn num<T: std::str::FromStr>(s: &str, what: &str) -> Result<T, String> {
         s.parse().map_err(|_| format!("{what}: cannot parse {s:?}"))
@@ -97,7 +104,11 @@ fn parse_line(line: &str) -> Result<ScenarioFrame, String> {
         "250000" => sys::BW_250KHZ,
         "500000" => sys::BW_500KHZ,
         "0" => sys::BW_UNDEFINED,
-        other => return Err(format!("bandwidth_hz: {other:?} is not 125000, 250000, 500000 or 0")),
+        other => {
+            return Err(format!(
+                "bandwidth_hz: {other:?} is not 125000, 250000, 500000 or 0"
+            ))
+        }
     } as u8;
     let coderate = match c[5] {
         "4/5" => sys::CR_LORA_4_5,
@@ -114,7 +125,7 @@ fn parse_line(line: &str) -> Result<ScenarioFrame, String> {
         other => return Err(format!("crc: {other:?} is not ok, bad or none")),
     } as u8;
     let hex = c[11];
-    if hex.len() % 2 != 0 || hex.len() > 512 {
+    if !hex.len().is_multiple_of(2) || hex.len() > 512 {
         return Err("payload_hex: odd length or longer than 256 bytes".into());
     }
     let payload = (0..hex.len())
@@ -146,7 +157,10 @@ mod tests {
 
     #[test]
     fn a_scenario_line_becomes_a_frame_with_every_field() {
-        let f = parse_scenario("# c\n12.5, 868100000, LORA, 9, 125000, 4/6, -57, 9.5, 2, 1, bad, 40aa\n").unwrap();
+        let f = parse_scenario(
+            "# c\n12.5, 868100000, LORA, 9, 125000, 4/6, -57, 9.5, 2, 1, bad, 40aa\n",
+        )
+        .unwrap();
         assert_eq!(f.len(), 1);
         let f = &f[0];
         assert_eq!(f.offset_us, 12_500);
@@ -159,8 +173,10 @@ mod tests {
 
     #[test]
     fn a_bad_line_is_reported_with_its_number() {
-        let err = parse_scenario("0,868100000,LORA,7,125000,4/5,-57,9.5,0,1,ok,40\n0,1,XX,7,125000,4/5,0,0,0,0,ok,\n")
-            .unwrap_err();
+        let err = parse_scenario(
+            "0,868100000,LORA,7,125000,4/5,-57,9.5,0,1,ok,40\n0,1,XX,7,125000,4/5,0,0,0,0,ok,\n",
+        )
+        .unwrap_err();
         assert!(err.starts_with("line 2: modulation"), "{err}");
     }
 }

@@ -21,7 +21,11 @@ pub fn time_on_air_ms(p: &sys::lgw_pkt_tx_s) -> u32 {
             let de = if t_sym_ms >= 16.0 { 1.0 } else { 0.0 };
             let ih = if p.no_header { 1.0 } else { 0.0 };
             let crc = if p.no_crc { 0.0 } else { 1.0 };
-            let preamble = if p.preamble < 8 { 8.0 } else { p.preamble as f64 };
+            let preamble = if p.preamble < 8 {
+                8.0
+            } else {
+                p.preamble as f64
+            };
             let num = 8.0 * size - 4.0 * sf + 28.0 + 16.0 * crc - 20.0 * ih;
             let den = 4.0 * (sf - 2.0 * de);
             let n_payload = 8.0 + ((num / den).ceil() * (cr + 4.0)).max(0.0);
@@ -32,7 +36,11 @@ pub fn time_on_air_ms(p: &sys::lgw_pkt_tx_s) -> u32 {
             if p.datarate == 0 {
                 return 0;
             }
-            let preamble = if p.preamble == 0 { 5.0 } else { p.preamble as f64 };
+            let preamble = if p.preamble == 0 {
+                5.0
+            } else {
+                p.preamble as f64
+            };
             let bits = (preamble + 3.0 + 1.0 + size + if p.no_crc { 0.0 } else { 2.0 }) * 8.0;
             (bits / p.datarate as f64 * 1000.0).ceil() as u32
         }

@@ -1,0 +1,284 @@
+//! Store-and-forward, end to end: no frame is lost to a broker outage, a reset, a silent cut, a
+//! SIGKILL or a full budget that is not reported exactly.
+//!
+//! Each outage test runs 50 frames/s for 45 s with a 1000-frame burst inside a 30 s outage, and
+//! checks from the frames' own reception times that the outage really covered them.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chirpstack_api::gw;
+use lora_edge_e2e::*;
+use prost::Message;
+
+const DEVICES: u32 = 20;
+const INFLIGHT: u64 = 64;
+
+fn gw_time(f: &gw::UplinkFrame) -> SystemTime {
+    let t = f.rx_info.as_ref().unwrap().gw_time.as_ref().unwrap();
+    UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32)
+}
+
+/// Runs the standard outage scenario; `cut` starts the outage and `heal` ends it.
+fn outage_loses_nothing(
+    via_proxy: bool,
+    cut: impl FnOnce(&mut Broker, Option<&Proxy>),
+    heal: impl FnOnce(&mut Broker, Option<&Proxy>),
+) {
+    let mut broker = Broker::start();
+    let proxy = via_proxy.then(|| Proxy::start(broker.port));
+    let collector = Collector::start(broker.port, "eu868");
+    // 45 s at 50 frames/s; the burst lands in the middle of the outage.
+    let sent = traffic_with_burst(50.0, 45_000, 1000, 20_000, DEVICES);
+    let port = proxy.as_ref().map(|p| p.port).unwrap_or(broker.port);
+    let (agent, _dir) = AgentSetup::new(port).scenario(&sent).start();
+
+    std::thread::sleep(Duration::from_secs(5));
+    let cut_at = SystemTime::now();
+    cut(&mut broker, proxy.as_ref());
+    std::thread::sleep(Duration::from_secs(30));
+    let healed_at = SystemTime::now();
+    heal(&mut broker, proxy.as_ref());
+
+    let got = collector.wait_for("/event/up", Duration::from_secs(90), |m| {
+        uplinks_by_index(m, false).1.len() >= sent.len()
+    });
+    let d = delivery(&got, sent.len() as u32, DEVICES, false);
+    assert!(
+        d.missing.is_empty(),
+        "{} frames lost: {:?}\n{}",
+        d.missing.len(),
+        &d.missing[..d.missing.len().min(20)],
+        agent.log()
+    );
+    assert!(
+        d.order_violations.is_empty(),
+        "a newer frame overtook an older one: {:?}",
+        &d.order_violations[..d.order_violations.len().min(10)]
+    );
+    assert!(
+        d.duplicates as u64 <= INFLIGHT,
+        "{} duplicates, more than the inflight window",
+        d.duplicates
+    );
+
+    // The outage really covered the burst and 30 s of steady traffic.
+    let (ups, _) = uplinks_by_index(&got, false);
+    let mut during = HashSet::new();
+    for (idx, f) in &ups {
+        let t = gw_time(f);
+        if t > cut_at && t < healed_at {
+            during.insert(*idx);
+        }
+    }
+    assert!(
+        during.len() >= 1000 + 1400,
+        "only {} frames were received during the outage",
+        during.len()
+    );
+    assert!(
+        agent.log().contains("backhaul down"),
+        "the agent noticed the outage"
+    );
+}
+
+#[test]
+fn frames_buffered_while_the_broker_is_stopped_all_arrive_in_order() {
+    outage_loses_nothing(false, |b, _| b.stop(), |b, _| b.start_again());
+}
+
+#[test]
+fn frames_buffered_through_connection_resets_all_arrive_in_order() {
+    outage_loses_nothing(
+        true,
+        |_, p| p.unwrap().set(Mode::Reset),
+        |_, p| p.unwrap().set(Mode::Pass),
+    );
+}
+
+#[test]
+fn frames_sent_into_a_silent_black_hole_all_arrive_in_order() {
+    outage_loses_nothing(
+        true,
+        |_, p| p.unwrap().set(Mode::BlackHole),
+        |_, p| p.unwrap().set(Mode::Pass),
+    );
+}
+
+#[test]
+fn every_accepted_frame_survives_a_sigkill_during_an_outage() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port);
+    let collector = Collector::start(broker.port, "eu868");
+    proxy.set(Mode::Refuse);
+    // 1000 frames at 100/s: the agent is killed while they are still coming in.
+    let sent = frames(1000, DEVICES, 0, 10.0);
+    let (mut agent, dir) = AgentSetup::new(proxy.port).scenario(&sent).start();
+    let until = Instant::now() + Duration::from_secs(30);
+    while agent.status_value("accepted").unwrap_or(0) < 400 {
+        assert!(
+            Instant::now() < until,
+            "frames were not accepted:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let accepted_before_kill = agent.status_value("accepted").unwrap();
+    agent.sigkill();
+
+    // Restart on a quiet radio and let the backhaul come back.
+    std::fs::write(
+        dir.path().join("sim.toml"),
+        format!("eui = \"{GATEWAY_ID}\"\n"),
+    )
+    .unwrap();
+    agent.start_again();
+    proxy.set(Mode::Pass);
+    let got = collector.wait_for("/event/up", Duration::from_secs(30), |m| {
+        uplinks_by_index(m, false).1.len() as u64 >= accepted_before_kill
+    });
+    let (_, count) = uplinks_by_index(&got, false);
+    let delivered: BTreeSet<u32> = count.keys().copied().collect();
+    let top = *delivered.iter().max().expect("frames delivered");
+    let holes: Vec<u32> = (0..=top).filter(|i| !delivered.contains(i)).collect();
+    assert!(
+        holes.is_empty(),
+        "accepted frames lost in the kill: {holes:?}"
+    );
+    assert!(
+        delivered.len() as u64 >= accepted_before_kill,
+        "{} delivered, but {accepted_before_kill} had been accepted before the kill",
+        delivered.len()
+    );
+}
+
+#[test]
+fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port);
+    let collector = Collector::start(broker.port, "eu868");
+    proxy.set(Mode::Refuse);
+    // A 1 MiB budget holds ~400 KiB of records: ~4,000 of these uplinks. Send 8,000.
+    let sent = frames(8000, DEVICES, 0, 0.5);
+    let (agent, _dir) = AgentSetup::new(proxy.port)
+        .scenario(&sent)
+        .config("[store]\nmax_size_mib = 1")
+        .start();
+    let until = Instant::now() + Duration::from_secs(60);
+    while agent.status_value("rx").unwrap_or(0) < 8000
+        || !agent.log().contains("oldest events evicted")
+    {
+        assert!(Instant::now() < until, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    proxy.set(Mode::Pass);
+
+    // Everything still stored arrives; with the eviction notices it accounts for every sequence
+    // number exactly once.
+    let mut seen_seqs: BTreeSet<u64> = BTreeSet::new();
+    let mut evicted: Vec<(u64, u64)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        seen_seqs.clear();
+        evicted.clear();
+        for m in collector.all() {
+            if m.topic.ends_with("/event/up") {
+                seen_seqs.insert(seq_of(&decode_uplink(&m.payload, false)));
+            } else if m.topic.ends_with("/event/stats") {
+                let s = gw::GatewayStats::decode(m.payload.as_slice()).unwrap();
+                seen_seqs.insert(s.metadata["seq"].parse().unwrap());
+            } else if m.topic.ends_with("/event/buffer") {
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                seen_seqs.insert(v["seq"].as_u64().unwrap());
+                if v["event"] == "evicted" {
+                    for r in v["ranges"].as_array().unwrap() {
+                        evicted.push((r[0].as_u64().unwrap(), r[1].as_u64().unwrap()));
+                    }
+                }
+            }
+        }
+        let max = seen_seqs.iter().max().copied().unwrap_or(0);
+        let evicted_count: u64 = evicted.iter().map(|(a, b)| b - a + 1).sum();
+        if max > 0
+            && seen_seqs.len() as u64 + evicted_count >= max
+            && agent.status_value("backlog") == Some(0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog did not drain:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!evicted.is_empty(), "evictions were reported");
+    let mut accounted = seen_seqs.clone();
+    for &(a, b) in &evicted {
+        for s in a..=b {
+            assert!(
+                accounted.insert(s),
+                "seq {s} both evicted and delivered (or evicted twice)"
+            );
+        }
+    }
+    let max = *accounted.iter().max().unwrap();
+    let gaps: Vec<u64> = (1..=max).filter(|s| !accounted.contains(s)).collect();
+    assert!(
+        gaps.is_empty(),
+        "sequence numbers neither delivered nor reported evicted: {:?}",
+        &gaps[..gaps.len().min(20)]
+    );
+    // The evicted ones are the oldest: every surviving uplink is newer than every evicted event.
+    let oldest_delivered_up = collector
+        .on("/event/up")
+        .iter()
+        .map(|m| seq_of(&decode_uplink(&m.payload, false)))
+        .min()
+        .unwrap();
+    assert!(evicted.iter().all(|&(_, b)| b < oldest_delivered_up));
+    let delivered_frames = uplinks_by_index(&collector.on("/event/up"), false).1.len();
+    assert!(
+        delivered_frames > 2000 && delivered_frames < 8000,
+        "{delivered_frames} frames survived"
+    );
+}
+
+#[test]
+fn a_corrupt_store_is_moved_aside_with_an_alarm_and_the_agent_runs_on_a_fresh_one() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let (mut agent, dir) = AgentSetup::new(broker.port)
+        .sim("synthetic_rate_hz = 10.0")
+        .start();
+    collector.wait_for("/event/up", Duration::from_secs(10), |m| !m.is_empty());
+    assert!(agent.sigterm().success());
+    let db = dir.path().join("store/db");
+    let len = std::fs::metadata(&db).unwrap().len() as usize;
+    std::fs::write(&db, vec![0x5A; len]).unwrap();
+
+    let before = collector.on("/event/up").len();
+    agent.start_again();
+    assert!(
+        agent.wait_log("ALARM: the store was unreadable", Duration::from_secs(10)),
+        "{}",
+        agent.log()
+    );
+    let notices = collector.wait_for("/event/buffer", Duration::from_secs(10), |m| !m.is_empty());
+    let v: serde_json::Value = serde_json::from_slice(&notices[0].payload).unwrap();
+    assert_eq!(v["event"], "store_corrupt");
+    let moved = v["movedTo"].as_str().unwrap();
+    assert!(
+        std::path::Path::new(moved).join("db").exists(),
+        "the old store is kept for inspection"
+    );
+    let after = collector.wait_for("/event/up", Duration::from_secs(10), |m| {
+        m.len() > before + 10
+    });
+    assert!(
+        after.len() > before + 10,
+        "the agent forwards frames on its fresh store"
+    );
+    assert!(agent.is_running());
+}
