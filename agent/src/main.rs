@@ -127,6 +127,7 @@ async fn stop_signal() {
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::new());
+    let opening = std::time::Instant::now();
     let (queue, opened) = Queue::open(QueueOptions {
         path: cfg.store.path.clone(),
         max_disk_bytes: cfg.store.max_size_mib * 1024 * 1024,
@@ -134,6 +135,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         commit_interval: cfg.store.commit_interval,
     })
     .with_context(|| format!("opening the store at {}", cfg.store.path.display()))?;
+    let backlog = queue.backlog();
+    tracing::info!(
+        open_ms = opening.elapsed().as_millis() as u64,
+        backlog = backlog.records,
+        backlog_bytes = backlog.bytes,
+        "store opened"
+    );
     let queue = Arc::new(queue);
     let hal = Concentrator::claim()?;
 

@@ -2,6 +2,7 @@
 //! Mosquitto started on a free port, a fault-injecting TCP proxy between them, and a collector
 //! that subscribes to everything the gateway publishes.
 
+pub mod bench;
 pub mod proxy;
 
 use std::collections::HashMap;
@@ -523,6 +524,10 @@ impl Agent {
         let mut c = self.child.take().expect("agent running");
         signal(&c, nix::sys::signal::Signal::SIGKILL);
         let _ = c.wait();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn is_running(&mut self) -> bool {

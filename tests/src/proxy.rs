@@ -140,6 +140,7 @@ async fn connection(
     let born = generation.load(Ordering::SeqCst);
     // Linger 0 on both sockets: when a reset is asked for, dropping them sends RST.
     let _ = client.set_zero_linger();
+    let _ = client.set_nodelay(true);
     let blackholed = Arc::new(AtomicBool::new(*mode.borrow() == Mode::BlackHole));
     let server = if blackholed.load(Ordering::SeqCst) {
         None
@@ -150,6 +151,7 @@ async fn connection(
     let (up, down) = match server {
         Some(server) => {
             let _ = server.set_zero_linger();
+            let _ = server.set_nodelay(true);
             let (sr, sw) = server.into_split();
             (
                 tokio::spawn(pump(

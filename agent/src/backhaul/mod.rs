@@ -145,10 +145,13 @@ impl Backhaul {
         let mut tokens = self.cfg.max_rate_per_s as f64;
         let mut last_refill = Instant::now();
         let started = Instant::now();
+        let batch = (window / 4).max(1);
+        let mut to_ack: Option<u64> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
+            let mut ticked = false;
             tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => {
@@ -188,9 +191,7 @@ impl Backhaul {
                         let settled = inflight.settle();
                         Counters::add(&self.counters.up_forwarded, settled.uplinks);
                         if let Some(seq) = settled.top {
-                            if let Err(e) = self.queue.ack_upto(seq) {
-                                tracing::error!(error = %e, "store: acknowledging");
-                            }
+                            to_ack = Some(seq);
                         }
                     }
                     Ok(_) => {}
@@ -198,6 +199,7 @@ impl Backhaul {
                 },
                 _ = self.appended.changed() => {}
                 _ = tick.tick() => {
+                    ticked = true;
                     let now = Instant::now();
                     if !connected && started.elapsed() > self.cfg.connect_timeout {
                         return SessionEnd::Lost("no CONNACK within mqtt.connect_timeout".into());
@@ -214,7 +216,18 @@ impl Backhaul {
                     }
                 }
             }
-            if connected {
+            // Removing acknowledged records and reading new ones are store operations: do them in
+            // batches (a quarter of the window), or when the pipeline runs dry.
+            let idle = inflight.outstanding() == 0;
+            if let Some(seq) = to_ack {
+                if idle || ticked || seq >= self.queue.acked() + batch as u64 {
+                    if let Err(e) = self.queue.ack_upto(seq) {
+                        tracing::error!(error = %e, "store: acknowledging");
+                    }
+                    to_ack = None;
+                }
+            }
+            if connected && (idle || window - inflight.outstanding() >= batch) {
                 if let Err(why) = self.fill(
                     &client,
                     topics,
