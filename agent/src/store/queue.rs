@@ -213,7 +213,7 @@ impl Queue {
     fn try_open(opts: &QueueOptions) -> Result<Queue, StoreError> {
         let config = sled::Config::new()
             .path(&opts.path)
-            .cache_capacity(8 * 1024 * 1024)
+            .cache_capacity(4 * 1024 * 1024)
             .flush_every_ms(Some(opts.commit_interval.as_millis().max(1) as u64));
         // sled panics on some corruptions instead of returning an error.
         let db = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())) {
