@@ -7,10 +7,13 @@
 //! radio (thread: lgw_receive) → uplink (CRC filter, UplinkFrame; rules go here)
 //!   → store::Writer (number, encode, append to sled, flush) → backhaul (MQTT, PUBACK → ack)
 //! ```
+//! Downlink path: `backhaul` (command/down) → `downlink` (validate, schedule, hand-off to the
+//! radio at the right counter) → acks through the store like every event.
 //! `ops` reports statistics through the same store; `config` loads and validates everything.
 
 pub mod backhaul;
 pub mod config;
+pub mod downlink;
 pub mod events;
 pub mod ops;
 pub mod radio;

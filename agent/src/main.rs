@@ -13,6 +13,8 @@ use tokio::sync::watch;
 
 use lora_edge::backhaul::Backhaul;
 use lora_edge::config::{self, Config};
+use lora_edge::downlink::validate::TxLimits;
+use lora_edge::downlink::Downlinks;
 use lora_edge::events::{Body, Event};
 use lora_edge::ops::counters::Counters;
 use lora_edge::ops::stats::StatsReporter;
@@ -53,6 +55,8 @@ enum Command {
 /// Frames between the radio and the uplink stage, and events waiting for the store.
 const RADIO_QUEUE: usize = 8192;
 const EVENT_QUEUE: usize = 8192;
+/// Downlink commands waiting for validation (a burst of 1000 must all be answered).
+const DOWNLINK_QUEUE: usize = 4096;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -151,7 +155,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let (eui_tx, mut eui_rx) = watch::channel(None);
     let radio = Radio {
         settings: RadioSettings::from_config(&cfg),
-        hal,
+        hal: hal.clone(),
         out: radio_tx,
         counters: counters.clone(),
         stop: stop_radio.clone(),
@@ -205,6 +209,27 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     .spawn()?;
 
+    let board = lora_edge::radio::boards::profile(&cfg.radio.board).expect("validated");
+    let plan = lora_edge::radio::region::plan(&cfg.region.plan).expect("validated");
+    let (down_tx, down_rx) = sync_channel(DOWNLINK_QUEUE);
+    let downlinks = Downlinks {
+        input: down_rx,
+        hal: hal.clone(),
+        output: event_tx.clone(),
+        gateway_id: gateway_id.clone(),
+        encoding: cfg.mqtt.encoding,
+        limits: TxLimits {
+            freq_min_hz: plan.tx_freq_min_hz.max(board.tx_freq_min_hz),
+            freq_max_hz: plan.tx_freq_max_hz.min(board.tx_freq_max_hz),
+            gains: board.tx_gains.to_vec(),
+            antenna_gain_dbi: cfg.radio.antenna_gain_dbi,
+            rf_chain: plan.tx_radio,
+        },
+        enforce_duty_cycle: cfg.radio.enforce_duty_cycle,
+        counters: counters.clone(),
+    }
+    .spawn()?;
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let backhaul = tokio::spawn(
         Backhaul {
@@ -215,6 +240,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             appended: appended_rx,
             counters: counters.clone(),
             shutdown: shutdown_rx.clone(),
+            downlinks: down_tx,
         }
         .run(),
     );
@@ -243,10 +269,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     })
     .await?;
     let _ = stats.await;
-    tokio::task::spawn_blocking(move || writer.join())
-        .await?
-        .ok();
     let _ = backhaul.await;
+    // The backhaul held the command sender: the downlink stage ends with it, and the writer
+    // once every stage that sends it events has ended.
+    tokio::task::spawn_blocking(move || {
+        let _ = downlinks.join();
+        let _ = writer.join();
+    })
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }

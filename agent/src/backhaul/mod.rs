@@ -11,6 +11,7 @@
 
 mod inflight;
 
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -52,6 +53,8 @@ pub struct Backhaul {
     pub appended: watch::Receiver<u64>,
     pub counters: Arc<Counters>,
     pub shutdown: watch::Receiver<bool>,
+    /// `command/down` payloads, to the downlink stage.
+    pub downlinks: SyncSender<Vec<u8>>,
 }
 
 enum SessionEnd {
@@ -146,6 +149,7 @@ impl Backhaul {
         let mut last_refill = Instant::now();
         let started = Instant::now();
         let batch = (window / 4).max(1);
+        let down_topic = topics.under("command/down");
         let mut to_ack: Option<u64> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -171,6 +175,9 @@ impl Backhaul {
                             self.counters.last_outage_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
                             tracing::info!(outage_ms = ms, backlog = self.queue.backlog().records, "backhaul up");
                         }
+                        if let Err(e) = client.try_subscribe(topics.under("command/down"), QoS::AtLeastOnce) {
+                            return SessionEnd::Lost(format!("subscribe: {e}"));
+                        }
                         let online = conn_state(&self.gateway_id, true, self.cfg.encoding);
                         if client.try_publish(topics.under("state/conn"), QoS::AtLeastOnce, true, online).is_ok() {
                             inflight.submitted(None, false, Instant::now());
@@ -192,6 +199,16 @@ impl Backhaul {
                         Counters::add(&self.counters.up_forwarded, settled.uplinks);
                         if let Some(seq) = settled.top {
                             to_ack = Some(seq);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if p.topic == down_topic {
+                            if let Err(TrySendError::Full(_)) = self.downlinks.try_send(p.payload.to_vec()) {
+                                Counters::add(&self.counters.tx_dropped, 1);
+                                tracing::warn!("command/down: the downlink stage is saturated; command dropped");
+                            }
+                        } else {
+                            tracing::debug!(topic = %p.topic, "message on a topic lora-edge does not handle");
                         }
                     }
                     Ok(_) => {}

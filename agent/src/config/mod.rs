@@ -99,6 +99,9 @@ pub struct RadioConfig {
     pub watchdog: Duration,
     #[serde(default = "default_restart_max", with = "duration")]
     pub restart_backoff_max: Duration,
+    /// Refuse downlinks that would exceed the EU868 sub-band duty cycle (DUTY_CYCLE_OVERFLOW).
+    #[serde(default = "yes")]
+    pub enforce_duty_cycle: bool,
 }
 
 impl Default for RadioConfig {

@@ -2,6 +2,7 @@
 //! adds to its own.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -31,6 +32,16 @@ pub struct Counters {
     pub outages: AtomicU64,
     /// Length of the last finished outage.
     pub last_outage_ms: AtomicU64,
+    /// Downlink commands received on `command/down`.
+    pub tx_received: AtomicU64,
+    /// Commands not taken because the downlink stage was saturated.
+    pub tx_dropped: AtomicU64,
+    /// Packets the HAL accepted at hand-off.
+    pub tx_emitted: AtomicU64,
+    /// Ack statuses sent, indexed by `gw::TxAckStatus` value.
+    pub tx_status: [AtomicU64; 12],
+    /// Share of each EU868 sub-band's hourly allowance used, in per cent.
+    pub duty_cycle_pct: Mutex<Vec<(&'static str, f64)>>,
 }
 
 impl Counters {

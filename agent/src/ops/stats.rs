@@ -28,6 +28,9 @@ pub struct StatsReporter {
 struct Previous {
     received: u64,
     crc_ok: u64,
+    tx_received: u64,
+    tx_emitted: u64,
+    tx_status: [u64; 12],
 }
 
 impl StatsReporter {
@@ -57,6 +60,9 @@ impl StatsReporter {
         let now = SystemTime::now();
         let received = Counters::get(&c.rx_received);
         let crc_ok = Counters::get(&c.rx_crc_ok);
+        let tx_received = Counters::get(&c.tx_received);
+        let tx_emitted = Counters::get(&c.tx_emitted);
+        let tx_status: [u64; 12] = std::array::from_fn(|i| Counters::get(&c.tx_status[i]));
         let backlog = self.queue.backlog();
         let oldest_age_s = backlog
             .oldest_at_ms
@@ -119,6 +125,14 @@ impl StatsReporter {
             "radio_failures_total",
             Counters::get(&c.radio_failures).to_string(),
         );
+        put("tx_received_total", Counters::get(&c.tx_received).to_string());
+        put("tx_emitted_total", Counters::get(&c.tx_emitted).to_string());
+        put("tx_dropped_total", Counters::get(&c.tx_dropped).to_string());
+        if let Ok(usage) = c.duty_cycle_pct.lock() {
+            for (band, pct) in usage.iter() {
+                put(&format!("duty_cycle_pct_{band}"), format!("{pct:.3}"));
+            }
+        }
         if let Some(t) = c.temperature() {
             put("concentrator_temperature_c", format!("{t:.1}"));
         }
@@ -137,9 +151,20 @@ impl StatsReporter {
             time: Some(timestamp(now)),
             rx_packets_received: received.saturating_sub(prev.received) as u32,
             rx_packets_received_ok: crc_ok.saturating_sub(prev.crc_ok) as u32,
+            tx_packets_received: tx_received.saturating_sub(prev.tx_received) as u32,
+            tx_packets_emitted: tx_emitted.saturating_sub(prev.tx_emitted) as u32,
+            tx_packets_per_status: tx_status
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .filter_map(|(i, n)| {
+                    let name = chirpstack_api::gw::TxAckStatus::try_from(i as i32).ok()?.as_str_name().to_string();
+                    Some((name, (*n - prev.tx_status[i]) as u32))
+                })
+                .collect(),
             metadata: m,
             ..Default::default()
         };
-        (stats, Previous { received, crc_ok })
+        (stats, Previous { received, crc_ok, tx_received, tx_emitted, tx_status })
     }
 }

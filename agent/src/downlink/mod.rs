@@ -1,0 +1,235 @@
+//! The downlink stage: `command/down` payloads in, transmissions and honest acks out.
+//!
+//! MQTT → decode → validate each item (`validate.rs`) → schedule (`scheduler.rs`) → hand-off to
+//! `lgw_send` 40 ms before the start → `DownlinkTxAck` through the durable store. Items are
+//! alternatives (RX1, RX2): the first that can be scheduled wins and the rest are IGNORED. The ack
+//! of a scheduled item is sent after the hand-off, with its real outcome: a failed `lgw_send` or
+//! a radio still emitting the previous packet is reported, not hidden behind an early OK.
+
+pub mod scheduler;
+pub mod validate;
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use chirpstack_api::gw;
+use prost::Message;
+
+use crate::config::Encoding;
+use crate::events::{Body, Event};
+use crate::ops::counters::Counters;
+use crate::radio::hal::{Concentrator, SendOutcome, TxMode, TxPacket, TxStatus};
+use scheduler::{lead_us, Refusal, Scheduler};
+use validate::{validate, TxLimits};
+
+/// A hand-off with less lead than this cannot start on time (HAL start delay plus SPI).
+const MIN_HANDOFF_LEAD_US: i64 = 3_000;
+
+struct Pending {
+    downlink_id: u32,
+    statuses: Vec<gw::TxAckStatus>,
+    item: usize,
+    packet: TxPacket,
+    /// The radio start this was scheduled against: a restart resets the counter.
+    radio_start: u64,
+}
+
+pub struct Downlinks {
+    pub input: Receiver<Vec<u8>>,
+    pub hal: Arc<Concentrator>,
+    pub output: SyncSender<Event>,
+    pub gateway_id: String,
+    pub encoding: Encoding,
+    pub limits: TxLimits,
+    pub enforce_duty_cycle: bool,
+    pub counters: Arc<Counters>,
+}
+
+fn refusal_status(r: Refusal) -> gw::TxAckStatus {
+    match r {
+        Refusal::TooLate => gw::TxAckStatus::TooLate,
+        Refusal::TooEarly => gw::TxAckStatus::TooEarly,
+        Refusal::Collision => gw::TxAckStatus::CollisionPacket,
+        Refusal::QueueFull => gw::TxAckStatus::QueueFull,
+        Refusal::DutyCycle => gw::TxAckStatus::DutyCycleOverflow,
+    }
+}
+
+impl Downlinks {
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name("downlink".into()).spawn(move || self.run())
+    }
+
+    fn run(self) {
+        let mut sched: Scheduler<Pending> = Scheduler::new(self.enforce_duty_cycle);
+        let mut last_usage = Instant::now();
+        loop {
+            let now = self.hal.counter().ok();
+            let wait = now
+                .and_then(|n| sched.next_handoff_in(n))
+                .unwrap_or(Duration::from_millis(100))
+                .min(Duration::from_millis(100));
+            match self.input.recv_timeout(wait) {
+                Ok(bytes) => {
+                    self.command(&mut sched, &bytes);
+                    // A burst is taken in one go, still handing off on time in between.
+                    for _ in 0..64 {
+                        match self.input.try_recv() {
+                            Ok(bytes) => self.command(&mut sched, &bytes),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if let Ok(now) = self.hal.counter() {
+                for (start, p) in sched.due(now) {
+                    self.hand_off(start, p);
+                }
+            }
+            if last_usage.elapsed() >= Duration::from_secs(1) {
+                last_usage = Instant::now();
+                let usage = sched.duty_cycle_usage(Instant::now());
+                if let Ok(mut u) = self.counters.duty_cycle_pct.lock() {
+                    *u = usage;
+                }
+            }
+        }
+    }
+
+    fn ack(&self, downlink_id: u32, statuses: &[gw::TxAckStatus]) {
+        for s in statuses {
+            if let Some(c) = self.counters.tx_status.get(*s as usize) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let ack = gw::DownlinkTxAck {
+            gateway_id: self.gateway_id.clone(),
+            downlink_id,
+            items: statuses.iter().map(|s| gw::DownlinkTxAckItem { status: *s as i32 }).collect(),
+            ..Default::default()
+        };
+        if self.output.try_send(Event { at: SystemTime::now(), body: Body::Ack(ack) }).is_err() {
+            tracing::error!(downlink_id, "ack not queued: the store is not keeping up");
+        }
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<gw::DownlinkFrame, String> {
+        match self.encoding {
+            Encoding::Protobuf => gw::DownlinkFrame::decode(bytes).map_err(|e| e.to_string()),
+            Encoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn command(&self, sched: &mut Scheduler<Pending>, bytes: &[u8]) {
+        Counters::add(&self.counters.tx_received, 1);
+        let frame = match self.decode(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, bytes = bytes.len(), "command/down: undecodable command refused");
+                self.ack(0, &[gw::TxAckStatus::InternalError]);
+                return;
+            }
+        };
+        let id = frame.downlink_id;
+        if frame.items.is_empty() {
+            tracing::warn!(downlink_id = id, "command/down: no items");
+            self.ack(id, &[gw::TxAckStatus::InternalError]);
+            return;
+        }
+        if !frame.gateway_id.eq_ignore_ascii_case(&self.gateway_id) {
+            tracing::warn!(downlink_id = id, gateway_id = %frame.gateway_id, "command/down: for another gateway, refused");
+            self.ack(id, &vec![gw::TxAckStatus::InternalError; frame.items.len()]);
+            return;
+        }
+        let mut statuses = vec![gw::TxAckStatus::Ignored; frame.items.len()];
+        let Ok(now) = self.hal.counter() else {
+            tracing::warn!(downlink_id = id, "command/down: the radio is not running");
+            self.ack(id, &vec![gw::TxAckStatus::InternalError; frame.items.len()]);
+            return;
+        };
+        let radio_start = Counters::get(&self.counters.radio_starts);
+        for (i, item) in frame.items.iter().enumerate() {
+            let c = match validate(item, &self.limits) {
+                Ok(c) => c,
+                Err((status, why)) => {
+                    tracing::info!(downlink_id = id, item = i, ?status, %why, "downlink item refused");
+                    statuses[i] = status;
+                    continue;
+                }
+            };
+            let airtime_us = match self.hal.time_on_air_ms(&c.packet) {
+                Ok(ms) if ms > 0 => ms.saturating_mul(1000),
+                _ => {
+                    statuses[i] = gw::TxAckStatus::InternalError;
+                    continue;
+                }
+            };
+            let freq = c.packet.freq_hz;
+            // Earlier items keep their refusals, later ones stay IGNORED.
+            let pending = Pending { downlink_id: id, statuses: statuses.clone(), item: i, packet: c.packet, radio_start };
+            match sched.schedule(now, Instant::now(), c.when.when(), airtime_us, freq, pending) {
+                Ok(start) => {
+                    // The ack waits for the hand-off.
+                    tracing::debug!(downlink_id = id, item = i, start, lead_us = lead_us(now, start), "downlink scheduled");
+                    return;
+                }
+                Err(r) => {
+                    tracing::info!(downlink_id = id, item = i, refusal = ?r, "downlink item not scheduled");
+                    statuses[i] = refusal_status(r);
+                }
+            }
+        }
+        self.ack(id, &statuses);
+    }
+
+    fn hand_off(&self, start: u32, mut p: Pending) {
+        let status = self.transmit(start, &mut p.packet, p.radio_start);
+        if status == gw::TxAckStatus::Ok {
+            Counters::add(&self.counters.tx_emitted, 1);
+        }
+        p.statuses[p.item] = status;
+        self.ack(p.downlink_id, &p.statuses);
+    }
+
+    fn transmit(&self, start: u32, packet: &mut TxPacket, radio_start: u64) -> gw::TxAckStatus {
+        if Counters::get(&self.counters.radio_starts) != radio_start {
+            tracing::warn!("downlink dropped: the radio restarted since it was scheduled (counter reset)");
+            return gw::TxAckStatus::InternalError;
+        }
+        packet.mode = TxMode::Timestamped(start);
+        // The previous packet may still be on air: wait for it while there is time.
+        loop {
+            let now = match self.hal.counter() {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "downlink hand-off: no counter");
+                    return gw::TxAckStatus::InternalError;
+                }
+            };
+            let lead = lead_us(now, start);
+            if lead < MIN_HANDOFF_LEAD_US {
+                tracing::warn!(lead_us = lead, "downlink hand-off too late");
+                return gw::TxAckStatus::TooLate;
+            }
+            match self.hal.tx_status(packet.rf_chain) {
+                Ok(TxStatus::Emitting) => std::thread::sleep(Duration::from_micros(500)),
+                _ => break,
+            }
+        }
+        match self.hal.send(packet) {
+            Ok(SendOutcome::Accepted) => gw::TxAckStatus::Ok,
+            Ok(SendOutcome::LbtNotAllowed) => {
+                tracing::info!("downlink not sent: listen-before-talk found the channel busy");
+                gw::TxAckStatus::CollisionPacket
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "downlink hand-off failed");
+                gw::TxAckStatus::InternalError
+            }
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The downlink scheduler: decides when each transmission happens and keeps them apart.
+//!
+//! Pure logic on the concentrator's 1 MHz counter (`now` is always passed in, so tests drive
+//! time): a packet reserves `[start, start + time on air)` plus margins; timing rules follow
+//! Semtech's JIT queue (hand-off 40 ms ahead, too late under 42.5 ms, too early beyond 512 s,
+//! Class C "immediately" at now + 80 ms or the first free gap after it); 32 packets at most are
+//! queued; the EU868 duty cycle is tracked per sub-band over a sliding hour of monotonic time
+//! (the counter wraps every 71.6 min, so it cannot measure an hour).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Hand-off to `lgw_send` this long before the start (`TX_JIT_DELAY`).
+pub const HANDOFF_LEAD_US: u32 = 40_000;
+/// A packet starting sooner than this is too late (lead + start delay + margin).
+pub const MIN_LEAD_US: u32 = HANDOFF_LEAD_US + 1_500 + 1_000;
+pub const MAX_LEAD_US: u32 = 512_000_000;
+pub const IMMEDIATE_DELAY_US: u32 = 80_000;
+/// Kept free before and after each transmission.
+pub const GUARD_US: u32 = 1_000;
+pub const QUEUE_MAX: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    TooLate,
+    TooEarly,
+    Collision,
+    QueueFull,
+    DutyCycle,
+}
+
+/// When the item asks to go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// At this counter value (Class A: uplink counter + delay).
+    At(u32),
+    /// Class C: as soon as possible.
+    Immediately,
+}
+
+/// One ETSI EN 300 220 sub-band: `[min, max)` Hz and its duty cycle in per mille.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SubBand {
+    pub name: &'static str,
+    pub min_hz: u32,
+    pub max_hz: u32,
+    pub permille: u32,
+}
+
+pub const EU868_SUB_BANDS: &[SubBand] = &[
+    SubBand { name: "863.0-865.0", min_hz: 863_000_000, max_hz: 865_000_000, permille: 1 },
+    SubBand { name: "865.0-868.0", min_hz: 865_000_000, max_hz: 868_000_000, permille: 10 },
+    SubBand { name: "868.0-868.6", min_hz: 868_000_000, max_hz: 868_600_000, permille: 10 },
+    SubBand { name: "868.7-869.2", min_hz: 868_700_000, max_hz: 869_200_000, permille: 1 },
+    SubBand { name: "869.4-869.65", min_hz: 869_400_000, max_hz: 869_650_000, permille: 100 },
+    SubBand { name: "869.7-870.0", min_hz: 869_700_000, max_hz: 870_000_000, permille: 10 },
+];
+
+/// Frequencies between the listed sub-bands fall back to the strictest rule.
+const OTHER: SubBand = SubBand { name: "other", min_hz: 0, max_hz: 0, permille: 1 };
+
+pub fn sub_band(freq_hz: u32) -> SubBand {
+    EU868_SUB_BANDS.iter().copied().find(|b| freq_hz >= b.min_hz && freq_hz < b.max_hz).unwrap_or(OTHER)
+}
+
+#[derive(Debug, Clone)]
+struct Reservation<T> {
+    start: u32,
+    airtime_us: u32,
+    payload: T,
+}
+
+/// Airtime used per sub-band over the last hour.
+#[derive(Debug, Default)]
+struct DutyCycle {
+    /// (sub-band name, when, airtime)
+    used: VecDeque<(&'static str, Instant, Duration)>,
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+impl DutyCycle {
+    fn expire(&mut self, now: Instant) {
+        while self.used.front().is_some_and(|(_, t, _)| now.duration_since(*t) >= HOUR) {
+            self.used.pop_front();
+        }
+    }
+
+    fn used(&self, band: &str) -> Duration {
+        self.used.iter().filter(|(b, _, _)| *b == band).map(|(_, _, d)| *d).sum()
+    }
+}
+
+pub struct Scheduler<T> {
+    queue: Vec<Reservation<T>>,
+    duty: DutyCycle,
+    enforce_duty_cycle: bool,
+}
+
+/// Whether two transmissions, guards included, overlap on the wrapping counter.
+fn overlap(a: u32, a_air: u32, b: u32, b_air: u32) -> bool {
+    let (a0, b0) = (a.wrapping_sub(GUARD_US), b.wrapping_sub(GUARD_US));
+    b0.wrapping_sub(a0) < a_air + 2 * GUARD_US || a0.wrapping_sub(b0) < b_air + 2 * GUARD_US
+}
+
+/// Distance from `now` to `at` on the wrapping counter, negative when `at` is past.
+pub fn lead_us(now: u32, at: u32) -> i64 {
+    at.wrapping_sub(now) as i32 as i64
+}
+
+impl<T> Scheduler<T> {
+    pub fn new(enforce_duty_cycle: bool) -> Scheduler<T> {
+        Scheduler { queue: Vec::new(), duty: DutyCycle::default(), enforce_duty_cycle }
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn overlaps(&self, start: u32, airtime_us: u32) -> bool {
+        self.queue.iter().any(|r| overlap(r.start, r.airtime_us, start, airtime_us))
+    }
+
+    /// Reserves a transmission; returns its start counter.
+    pub fn schedule(
+        &mut self,
+        now: u32,
+        mono_now: Instant,
+        when: When,
+        airtime_us: u32,
+        freq_hz: u32,
+        payload: T,
+    ) -> Result<u32, Refusal> {
+        if self.queue.len() >= QUEUE_MAX {
+            return Err(Refusal::QueueFull);
+        }
+        let start = match when {
+            When::At(at) => {
+                let lead = lead_us(now, at);
+                if lead < MIN_LEAD_US as i64 {
+                    return Err(Refusal::TooLate);
+                }
+                if lead > MAX_LEAD_US as i64 {
+                    return Err(Refusal::TooEarly);
+                }
+                if self.overlaps(at, airtime_us) {
+                    return Err(Refusal::Collision);
+                }
+                at
+            }
+            When::Immediately => {
+                // now + 80 ms, pushed past each reservation it would overlap.
+                let mut at = now.wrapping_add(IMMEDIATE_DELAY_US);
+                for _ in 0..=self.queue.len() {
+                    match self.queue.iter().find(|r| overlap(r.start, r.airtime_us, at, airtime_us)) {
+                        Some(r) => at = r.start.wrapping_add(r.airtime_us + 2 * GUARD_US),
+                        None => break,
+                    }
+                }
+                if self.overlaps(at, airtime_us) || lead_us(now, at) > MAX_LEAD_US as i64 {
+                    return Err(Refusal::Collision);
+                }
+                at
+            }
+        };
+        if self.enforce_duty_cycle {
+            self.duty.expire(mono_now);
+            let band = sub_band(freq_hz);
+            let allowed = HOUR * band.permille / 1000;
+            let airtime = Duration::from_micros(airtime_us as u64);
+            if self.duty.used(band.name) + airtime > allowed {
+                return Err(Refusal::DutyCycle);
+            }
+            let at = mono_now + Duration::from_micros(lead_us(now, start).max(0) as u64);
+            self.duty.used.push_back((band.name, at, airtime));
+        }
+        let pos = self.queue.iter().position(|r| lead_us(now, r.start) > lead_us(now, start)).unwrap_or(self.queue.len());
+        self.queue.insert(pos, Reservation { start, airtime_us, payload });
+        Ok(start)
+    }
+
+    /// Packets whose hand-off time has come, in start order, with their start counter.
+    pub fn due(&mut self, now: u32) -> Vec<(u32, T)> {
+        let mut out = Vec::new();
+        while self.queue.first().is_some_and(|r| lead_us(now, r.start) <= HANDOFF_LEAD_US as i64) {
+            let r = self.queue.remove(0);
+            out.push((r.start, r.payload));
+        }
+        out
+    }
+
+    /// How long until the next hand-off, if any.
+    pub fn next_handoff_in(&self, now: u32) -> Option<Duration> {
+        self.queue
+            .first()
+            .map(|r| Duration::from_micros((lead_us(now, r.start) - HANDOFF_LEAD_US as i64).max(0) as u64))
+    }
+
+    /// Share of each sub-band's hourly allowance used, in per cent.
+    pub fn duty_cycle_usage(&mut self, mono_now: Instant) -> Vec<(&'static str, f64)> {
+        self.duty.expire(mono_now);
+        EU868_SUB_BANDS
+            .iter()
+            .map(|b| {
+                let allowed = (HOUR * b.permille / 1000).as_secs_f64();
+                (b.name, self.duty.used(b.name).as_secs_f64() / allowed * 100.0)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const F: u32 = 868_100_000;
+
+    #[test]
+    fn a_class_a_downlink_is_scheduled_at_its_counter_and_handed_off_40_ms_ahead() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(true);
+        let at = 5_000_000;
+        assert_eq!(s.schedule(4_000_000, t, When::At(at), 50_000, F, "rx1"), Ok(at));
+        assert!(s.due(at - HANDOFF_LEAD_US - 1).is_empty());
+        assert_eq!(s.due(at - HANDOFF_LEAD_US), vec![(at, "rx1")]);
+    }
+
+    #[test]
+    fn too_late_and_too_early_are_refused() {
+        let t = Instant::now();
+        let mut s = Scheduler::<()>::new(true);
+        assert_eq!(s.schedule(1_000_000, t, When::At(1_000_000 + MIN_LEAD_US - 1), 10, F, ()), Err(Refusal::TooLate));
+        assert_eq!(s.schedule(1_000_000, t, When::At(999_000), 10, F, ()), Err(Refusal::TooLate));
+        assert_eq!(s.schedule(0, t, When::At(MAX_LEAD_US + 1), 10, F, ()), Err(Refusal::TooEarly));
+        assert!(s.schedule(1_000_000, t, When::At(1_000_000 + MIN_LEAD_US), 10, F, ()).is_ok());
+    }
+
+    #[test]
+    fn overlapping_transmissions_collide() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(false);
+        s.schedule(0, t, When::At(1_000_000), 100_000, F, 1).unwrap();
+        assert_eq!(s.schedule(0, t, When::At(1_050_000), 10_000, F, 2), Err(Refusal::Collision));
+        assert_eq!(s.schedule(0, t, When::At(950_000), 49_500, F, 3), Err(Refusal::Collision), "guard time");
+        assert!(s.schedule(0, t, When::At(1_102_000), 10_000, F, 4).is_ok());
+    }
+
+    #[test]
+    fn immediately_takes_the_first_free_gap_after_80_ms() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(false);
+        assert_eq!(s.schedule(0, t, When::Immediately, 50_000, F, 1), Ok(80_000));
+        let second = s.schedule(0, t, When::Immediately, 50_000, F, 2).unwrap();
+        assert!(second >= 80_000 + 50_000 + 2 * GUARD_US, "{second}");
+    }
+
+    #[test]
+    fn the_queue_holds_32_packets() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(false);
+        for i in 0..QUEUE_MAX as u32 {
+            s.schedule(0, t, When::At(1_000_000 + i * 100_000), 10_000, F, i).unwrap();
+        }
+        assert_eq!(s.schedule(0, t, When::At(9_000_000), 10_000, F, 99), Err(Refusal::QueueFull));
+    }
+
+    #[test]
+    fn scheduling_works_across_the_counter_wrap() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(false);
+        let now = u32::MAX - 500_000;
+        let at = now.wrapping_add(1_000_000);
+        assert!(at < now, "wrapped");
+        assert_eq!(s.schedule(now, t, When::At(at), 30_000, F, "x"), Ok(at));
+        assert_eq!(s.schedule(now, t, When::At(at.wrapping_sub(10_000)), 30_000, F, "y"), Err(Refusal::Collision));
+        assert!(s.due(now).is_empty());
+        assert_eq!(s.due(at.wrapping_sub(HANDOFF_LEAD_US)).len(), 1);
+    }
+
+    #[test]
+    fn the_duty_cycle_of_a_sub_band_is_enforced_over_a_sliding_hour() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(true);
+        // 1 % of an hour on 868.0-868.6 is 36 s: six transmissions of 6 s fit, a seventh not.
+        for i in 0..6u32 {
+            s.schedule(0, t, When::At(1_000_000 + i * 7_000_000), 6_000_000, F, i).unwrap();
+            s.due(u32::MAX / 2);
+        }
+        assert_eq!(s.schedule(0, t, When::At(100_000_000), 6_000_000, F, 9), Err(Refusal::DutyCycle));
+        // Another sub-band is not affected; an hour later the allowance is back.
+        assert!(s.schedule(0, t, When::At(100_000_000), 6_000_000, 869_525_000, 10).is_ok());
+        s.due(u32::MAX / 2);
+        let later = t + HOUR + Duration::from_secs(60);
+        assert!(s.schedule(0, later, When::At(200_000_000), 6_000_000, F, 11).is_ok());
+    }
+}
