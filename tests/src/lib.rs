@@ -234,6 +234,86 @@ impl Drop for Collector {
     }
 }
 
+/// Publishes one message (QoS 1) and waits for the broker's PUBACK.
+pub fn publish(port: u16, topic: &str, payload: Vec<u8>) {
+    publish_many(port, vec![(topic.to_string(), payload)]);
+}
+
+/// Publishes messages in order (QoS 1) and waits until the broker acknowledged them all.
+pub fn publish_many(port: u16, msgs: Vec<(String, Vec<u8>)>) {
+    let mut o = rumqttc::MqttOptions::new(format!("publisher-{}", free_port()), "127.0.0.1", port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o.set_inflight(100);
+    let (client, mut conn) = rumqttc::Client::new(o, 100);
+    let n = msgs.len();
+    std::thread::spawn(move || {
+        for (t, p) in msgs {
+            client
+                .publish(t, rumqttc::QoS::AtLeastOnce, false, p)
+                .expect("publish");
+        }
+    });
+    let mut acked = 0;
+    let until = Instant::now() + Duration::from_secs(60);
+    for ev in conn.iter() {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = ev {
+            acked += 1;
+            if acked == n {
+                break;
+            }
+        }
+        assert!(
+            ev.is_ok() && Instant::now() < until,
+            "publishing failed: {ev:?}"
+        );
+    }
+}
+
+/// One line of the simulator's TX log: what `lgw_send` received.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub counter_at_handoff: u32,
+    pub result: i64,
+    pub tx_mode: u64,
+    pub count_us: u32,
+    pub freq_hz: u32,
+    pub rf_power: i64,
+    pub datarate: u64,
+    pub bandwidth: u64,
+    pub invert_pol: bool,
+    pub payload: Vec<u8>,
+}
+
+impl Sent {
+    /// How long before its start the packet was handed to the radio (µs).
+    pub fn lead_us(&self) -> i64 {
+        self.count_us.wrapping_sub(self.counter_at_handoff) as i32 as i64
+    }
+}
+
+pub fn tx_log(dir: &Path) -> Vec<Sent> {
+    std::fs::read_to_string(dir.join("tx.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("tx log line is JSON");
+            let n = |k: &str| v[k].as_i64().unwrap_or_else(|| panic!("{k} in {l}"));
+            Sent {
+                counter_at_handoff: n("counter_at_handoff") as u32,
+                result: n("result"),
+                tx_mode: n("tx_mode") as u64,
+                count_us: n("count_us") as u32,
+                freq_hz: n("freq_hz") as u32,
+                rf_power: n("rf_power"),
+                datarate: n("datarate") as u64,
+                bandwidth: n("bandwidth") as u64,
+                invert_pol: v["invert_pol"].as_bool().unwrap(),
+                payload: hex::decode(v["payload"].as_str().unwrap()).unwrap(),
+            }
+        })
+        .collect()
+}
+
 /// Decodes an uplink in either encoding.
 pub fn decode_uplink(payload: &[u8], json: bool) -> gw::UplinkFrame {
     if json {

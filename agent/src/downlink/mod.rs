@@ -59,7 +59,9 @@ fn refusal_status(r: Refusal) -> gw::TxAckStatus {
 
 impl Downlinks {
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new().name("downlink".into()).spawn(move || self.run())
+        std::thread::Builder::new()
+            .name("downlink".into())
+            .spawn(move || self.run())
     }
 
     fn run(self) {
@@ -109,10 +111,20 @@ impl Downlinks {
         let ack = gw::DownlinkTxAck {
             gateway_id: self.gateway_id.clone(),
             downlink_id,
-            items: statuses.iter().map(|s| gw::DownlinkTxAckItem { status: *s as i32 }).collect(),
+            items: statuses
+                .iter()
+                .map(|s| gw::DownlinkTxAckItem { status: *s as i32 })
+                .collect(),
             ..Default::default()
         };
-        if self.output.try_send(Event { at: SystemTime::now(), body: Body::Ack(ack) }).is_err() {
+        if self
+            .output
+            .try_send(Event {
+                at: SystemTime::now(),
+                body: Body::Ack(ack),
+            })
+            .is_err()
+        {
             tracing::error!(downlink_id, "ack not queued: the store is not keeping up");
         }
     }
@@ -170,11 +182,30 @@ impl Downlinks {
             };
             let freq = c.packet.freq_hz;
             // Earlier items keep their refusals, later ones stay IGNORED.
-            let pending = Pending { downlink_id: id, statuses: statuses.clone(), item: i, packet: c.packet, radio_start };
-            match sched.schedule(now, Instant::now(), c.when.when(), airtime_us, freq, pending) {
+            let pending = Pending {
+                downlink_id: id,
+                statuses: statuses.clone(),
+                item: i,
+                packet: c.packet,
+                radio_start,
+            };
+            match sched.schedule(
+                now,
+                Instant::now(),
+                c.when.when(),
+                airtime_us,
+                freq,
+                pending,
+            ) {
                 Ok(start) => {
                     // The ack waits for the hand-off.
-                    tracing::debug!(downlink_id = id, item = i, start, lead_us = lead_us(now, start), "downlink scheduled");
+                    tracing::debug!(
+                        downlink_id = id,
+                        item = i,
+                        start,
+                        lead_us = lead_us(now, start),
+                        "downlink scheduled"
+                    );
                     return;
                 }
                 Err(r) => {
@@ -197,7 +228,9 @@ impl Downlinks {
 
     fn transmit(&self, start: u32, packet: &mut TxPacket, radio_start: u64) -> gw::TxAckStatus {
         if Counters::get(&self.counters.radio_starts) != radio_start {
-            tracing::warn!("downlink dropped: the radio restarted since it was scheduled (counter reset)");
+            tracing::warn!(
+                "downlink dropped: the radio restarted since it was scheduled (counter reset)"
+            );
             return gw::TxAckStatus::InternalError;
         }
         packet.mode = TxMode::Timestamped(start);

@@ -16,8 +16,12 @@ pub const HANDOFF_LEAD_US: u32 = 40_000;
 pub const MIN_LEAD_US: u32 = HANDOFF_LEAD_US + 1_500 + 1_000;
 pub const MAX_LEAD_US: u32 = 512_000_000;
 pub const IMMEDIATE_DELAY_US: u32 = 80_000;
-/// Kept free before and after each transmission.
+/// Kept free before each transmission.
 pub const GUARD_US: u32 = 1_000;
+/// Kept free after each transmission: `lgw_send` refuses while the radio is still emitting, so
+/// the next packet can only be handed off once the previous one has ended, and a hand-off needs
+/// a few ms of lead.
+pub const TAIL_US: u32 = 5_000;
 pub const QUEUE_MAX: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,19 +52,58 @@ pub struct SubBand {
 }
 
 pub const EU868_SUB_BANDS: &[SubBand] = &[
-    SubBand { name: "863.0-865.0", min_hz: 863_000_000, max_hz: 865_000_000, permille: 1 },
-    SubBand { name: "865.0-868.0", min_hz: 865_000_000, max_hz: 868_000_000, permille: 10 },
-    SubBand { name: "868.0-868.6", min_hz: 868_000_000, max_hz: 868_600_000, permille: 10 },
-    SubBand { name: "868.7-869.2", min_hz: 868_700_000, max_hz: 869_200_000, permille: 1 },
-    SubBand { name: "869.4-869.65", min_hz: 869_400_000, max_hz: 869_650_000, permille: 100 },
-    SubBand { name: "869.7-870.0", min_hz: 869_700_000, max_hz: 870_000_000, permille: 10 },
+    SubBand {
+        name: "863.0-865.0",
+        min_hz: 863_000_000,
+        max_hz: 865_000_000,
+        permille: 1,
+    },
+    SubBand {
+        name: "865.0-868.0",
+        min_hz: 865_000_000,
+        max_hz: 868_000_000,
+        permille: 10,
+    },
+    SubBand {
+        name: "868.0-868.6",
+        min_hz: 868_000_000,
+        max_hz: 868_600_000,
+        permille: 10,
+    },
+    SubBand {
+        name: "868.7-869.2",
+        min_hz: 868_700_000,
+        max_hz: 869_200_000,
+        permille: 1,
+    },
+    SubBand {
+        name: "869.4-869.65",
+        min_hz: 869_400_000,
+        max_hz: 869_650_000,
+        permille: 100,
+    },
+    SubBand {
+        name: "869.7-870.0",
+        min_hz: 869_700_000,
+        max_hz: 870_000_000,
+        permille: 10,
+    },
 ];
 
 /// Frequencies between the listed sub-bands fall back to the strictest rule.
-const OTHER: SubBand = SubBand { name: "other", min_hz: 0, max_hz: 0, permille: 1 };
+const OTHER: SubBand = SubBand {
+    name: "other",
+    min_hz: 0,
+    max_hz: 0,
+    permille: 1,
+};
 
 pub fn sub_band(freq_hz: u32) -> SubBand {
-    EU868_SUB_BANDS.iter().copied().find(|b| freq_hz >= b.min_hz && freq_hz < b.max_hz).unwrap_or(OTHER)
+    EU868_SUB_BANDS
+        .iter()
+        .copied()
+        .find(|b| freq_hz >= b.min_hz && freq_hz < b.max_hz)
+        .unwrap_or(OTHER)
 }
 
 #[derive(Debug, Clone)]
@@ -81,13 +124,21 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 impl DutyCycle {
     fn expire(&mut self, now: Instant) {
-        while self.used.front().is_some_and(|(_, t, _)| now.duration_since(*t) >= HOUR) {
+        while self
+            .used
+            .front()
+            .is_some_and(|(_, t, _)| now.duration_since(*t) >= HOUR)
+        {
             self.used.pop_front();
         }
     }
 
     fn used(&self, band: &str) -> Duration {
-        self.used.iter().filter(|(b, _, _)| *b == band).map(|(_, _, d)| *d).sum()
+        self.used
+            .iter()
+            .filter(|(b, _, _)| *b == band)
+            .map(|(_, _, d)| *d)
+            .sum()
     }
 }
 
@@ -97,10 +148,11 @@ pub struct Scheduler<T> {
     enforce_duty_cycle: bool,
 }
 
-/// Whether two transmissions, guards included, overlap on the wrapping counter.
+/// Whether two transmissions, guard and tail included, overlap on the wrapping counter.
 fn overlap(a: u32, a_air: u32, b: u32, b_air: u32) -> bool {
     let (a0, b0) = (a.wrapping_sub(GUARD_US), b.wrapping_sub(GUARD_US));
-    b0.wrapping_sub(a0) < a_air + 2 * GUARD_US || a0.wrapping_sub(b0) < b_air + 2 * GUARD_US
+    b0.wrapping_sub(a0) < a_air + GUARD_US + TAIL_US
+        || a0.wrapping_sub(b0) < b_air + GUARD_US + TAIL_US
 }
 
 /// Distance from `now` to `at` on the wrapping counter, negative when `at` is past.
@@ -110,7 +162,11 @@ pub fn lead_us(now: u32, at: u32) -> i64 {
 
 impl<T> Scheduler<T> {
     pub fn new(enforce_duty_cycle: bool) -> Scheduler<T> {
-        Scheduler { queue: Vec::new(), duty: DutyCycle::default(), enforce_duty_cycle }
+        Scheduler {
+            queue: Vec::new(),
+            duty: DutyCycle::default(),
+            enforce_duty_cycle,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -122,7 +178,9 @@ impl<T> Scheduler<T> {
     }
 
     fn overlaps(&self, start: u32, airtime_us: u32) -> bool {
-        self.queue.iter().any(|r| overlap(r.start, r.airtime_us, start, airtime_us))
+        self.queue
+            .iter()
+            .any(|r| overlap(r.start, r.airtime_us, start, airtime_us))
     }
 
     /// Reserves a transmission; returns its start counter.
@@ -156,8 +214,12 @@ impl<T> Scheduler<T> {
                 // now + 80 ms, pushed past each reservation it would overlap.
                 let mut at = now.wrapping_add(IMMEDIATE_DELAY_US);
                 for _ in 0..=self.queue.len() {
-                    match self.queue.iter().find(|r| overlap(r.start, r.airtime_us, at, airtime_us)) {
-                        Some(r) => at = r.start.wrapping_add(r.airtime_us + 2 * GUARD_US),
+                    match self
+                        .queue
+                        .iter()
+                        .find(|r| overlap(r.start, r.airtime_us, at, airtime_us))
+                    {
+                        Some(r) => at = r.start.wrapping_add(r.airtime_us + TAIL_US + GUARD_US),
                         None => break,
                     }
                 }
@@ -178,15 +240,30 @@ impl<T> Scheduler<T> {
             let at = mono_now + Duration::from_micros(lead_us(now, start).max(0) as u64);
             self.duty.used.push_back((band.name, at, airtime));
         }
-        let pos = self.queue.iter().position(|r| lead_us(now, r.start) > lead_us(now, start)).unwrap_or(self.queue.len());
-        self.queue.insert(pos, Reservation { start, airtime_us, payload });
+        let pos = self
+            .queue
+            .iter()
+            .position(|r| lead_us(now, r.start) > lead_us(now, start))
+            .unwrap_or(self.queue.len());
+        self.queue.insert(
+            pos,
+            Reservation {
+                start,
+                airtime_us,
+                payload,
+            },
+        );
         Ok(start)
     }
 
     /// Packets whose hand-off time has come, in start order, with their start counter.
     pub fn due(&mut self, now: u32) -> Vec<(u32, T)> {
         let mut out = Vec::new();
-        while self.queue.first().is_some_and(|r| lead_us(now, r.start) <= HANDOFF_LEAD_US as i64) {
+        while self
+            .queue
+            .first()
+            .is_some_and(|r| lead_us(now, r.start) <= HANDOFF_LEAD_US as i64)
+        {
             let r = self.queue.remove(0);
             out.push((r.start, r.payload));
         }
@@ -195,9 +272,9 @@ impl<T> Scheduler<T> {
 
     /// How long until the next hand-off, if any.
     pub fn next_handoff_in(&self, now: u32) -> Option<Duration> {
-        self.queue
-            .first()
-            .map(|r| Duration::from_micros((lead_us(now, r.start) - HANDOFF_LEAD_US as i64).max(0) as u64))
+        self.queue.first().map(|r| {
+            Duration::from_micros((lead_us(now, r.start) - HANDOFF_LEAD_US as i64).max(0) as u64)
+        })
     }
 
     /// Share of each sub-band's hourly allowance used, in per cent.
@@ -207,7 +284,10 @@ impl<T> Scheduler<T> {
             .iter()
             .map(|b| {
                 let allowed = (HOUR * b.permille / 1000).as_secs_f64();
-                (b.name, self.duty.used(b.name).as_secs_f64() / allowed * 100.0)
+                (
+                    b.name,
+                    self.duty.used(b.name).as_secs_f64() / allowed * 100.0,
+                )
             })
             .collect()
     }
@@ -224,7 +304,10 @@ mod tests {
         let t = Instant::now();
         let mut s = Scheduler::new(true);
         let at = 5_000_000;
-        assert_eq!(s.schedule(4_000_000, t, When::At(at), 50_000, F, "rx1"), Ok(at));
+        assert_eq!(
+            s.schedule(4_000_000, t, When::At(at), 50_000, F, "rx1"),
+            Ok(at)
+        );
         assert!(s.due(at - HANDOFF_LEAD_US - 1).is_empty());
         assert_eq!(s.due(at - HANDOFF_LEAD_US), vec![(at, "rx1")]);
     }
@@ -233,29 +316,63 @@ mod tests {
     fn too_late_and_too_early_are_refused() {
         let t = Instant::now();
         let mut s = Scheduler::<()>::new(true);
-        assert_eq!(s.schedule(1_000_000, t, When::At(1_000_000 + MIN_LEAD_US - 1), 10, F, ()), Err(Refusal::TooLate));
-        assert_eq!(s.schedule(1_000_000, t, When::At(999_000), 10, F, ()), Err(Refusal::TooLate));
-        assert_eq!(s.schedule(0, t, When::At(MAX_LEAD_US + 1), 10, F, ()), Err(Refusal::TooEarly));
-        assert!(s.schedule(1_000_000, t, When::At(1_000_000 + MIN_LEAD_US), 10, F, ()).is_ok());
+        assert_eq!(
+            s.schedule(
+                1_000_000,
+                t,
+                When::At(1_000_000 + MIN_LEAD_US - 1),
+                10,
+                F,
+                ()
+            ),
+            Err(Refusal::TooLate)
+        );
+        assert_eq!(
+            s.schedule(1_000_000, t, When::At(999_000), 10, F, ()),
+            Err(Refusal::TooLate)
+        );
+        assert_eq!(
+            s.schedule(0, t, When::At(MAX_LEAD_US + 1), 10, F, ()),
+            Err(Refusal::TooEarly)
+        );
+        assert!(s
+            .schedule(1_000_000, t, When::At(1_000_000 + MIN_LEAD_US), 10, F, ())
+            .is_ok());
     }
 
     #[test]
     fn overlapping_transmissions_collide() {
         let t = Instant::now();
         let mut s = Scheduler::new(false);
-        s.schedule(0, t, When::At(1_000_000), 100_000, F, 1).unwrap();
-        assert_eq!(s.schedule(0, t, When::At(1_050_000), 10_000, F, 2), Err(Refusal::Collision));
-        assert_eq!(s.schedule(0, t, When::At(950_000), 49_500, F, 3), Err(Refusal::Collision), "guard time");
-        assert!(s.schedule(0, t, When::At(1_102_000), 10_000, F, 4).is_ok());
+        s.schedule(0, t, When::At(1_000_000), 100_000, F, 1)
+            .unwrap();
+        assert_eq!(
+            s.schedule(0, t, When::At(1_050_000), 10_000, F, 2),
+            Err(Refusal::Collision)
+        );
+        assert_eq!(
+            s.schedule(0, t, When::At(950_000), 49_500, F, 3),
+            Err(Refusal::Collision),
+            "guard time"
+        );
+        assert_eq!(
+            s.schedule(0, t, When::At(1_102_000), 10_000, F, 4),
+            Err(Refusal::Collision),
+            "inside the tail"
+        );
+        assert!(s.schedule(0, t, When::At(1_106_000), 10_000, F, 5).is_ok());
     }
 
     #[test]
     fn immediately_takes_the_first_free_gap_after_80_ms() {
         let t = Instant::now();
         let mut s = Scheduler::new(false);
-        assert_eq!(s.schedule(0, t, When::Immediately, 50_000, F, 1), Ok(80_000));
+        assert_eq!(
+            s.schedule(0, t, When::Immediately, 50_000, F, 1),
+            Ok(80_000)
+        );
         let second = s.schedule(0, t, When::Immediately, 50_000, F, 2).unwrap();
-        assert!(second >= 80_000 + 50_000 + 2 * GUARD_US, "{second}");
+        assert!(second >= 80_000 + 50_000 + TAIL_US + GUARD_US, "{second}");
     }
 
     #[test]
@@ -263,9 +380,13 @@ mod tests {
         let t = Instant::now();
         let mut s = Scheduler::new(false);
         for i in 0..QUEUE_MAX as u32 {
-            s.schedule(0, t, When::At(1_000_000 + i * 100_000), 10_000, F, i).unwrap();
+            s.schedule(0, t, When::At(1_000_000 + i * 100_000), 10_000, F, i)
+                .unwrap();
         }
-        assert_eq!(s.schedule(0, t, When::At(9_000_000), 10_000, F, 99), Err(Refusal::QueueFull));
+        assert_eq!(
+            s.schedule(0, t, When::At(9_000_000), 10_000, F, 99),
+            Err(Refusal::QueueFull)
+        );
     }
 
     #[test]
@@ -276,7 +397,10 @@ mod tests {
         let at = now.wrapping_add(1_000_000);
         assert!(at < now, "wrapped");
         assert_eq!(s.schedule(now, t, When::At(at), 30_000, F, "x"), Ok(at));
-        assert_eq!(s.schedule(now, t, When::At(at.wrapping_sub(10_000)), 30_000, F, "y"), Err(Refusal::Collision));
+        assert_eq!(
+            s.schedule(now, t, When::At(at.wrapping_sub(10_000)), 30_000, F, "y"),
+            Err(Refusal::Collision)
+        );
         assert!(s.due(now).is_empty());
         assert_eq!(s.due(at.wrapping_sub(HANDOFF_LEAD_US)).len(), 1);
     }
@@ -287,14 +411,22 @@ mod tests {
         let mut s = Scheduler::new(true);
         // 1 % of an hour on 868.0-868.6 is 36 s: six transmissions of 6 s fit, a seventh not.
         for i in 0..6u32 {
-            s.schedule(0, t, When::At(1_000_000 + i * 7_000_000), 6_000_000, F, i).unwrap();
+            s.schedule(0, t, When::At(1_000_000 + i * 7_000_000), 6_000_000, F, i)
+                .unwrap();
             s.due(u32::MAX / 2);
         }
-        assert_eq!(s.schedule(0, t, When::At(100_000_000), 6_000_000, F, 9), Err(Refusal::DutyCycle));
+        assert_eq!(
+            s.schedule(0, t, When::At(100_000_000), 6_000_000, F, 9),
+            Err(Refusal::DutyCycle)
+        );
         // Another sub-band is not affected; an hour later the allowance is back.
-        assert!(s.schedule(0, t, When::At(100_000_000), 6_000_000, 869_525_000, 10).is_ok());
+        assert!(s
+            .schedule(0, t, When::At(100_000_000), 6_000_000, 869_525_000, 10)
+            .is_ok());
         s.due(u32::MAX / 2);
         let later = t + HOUR + Duration::from_secs(60);
-        assert!(s.schedule(0, later, When::At(200_000_000), 6_000_000, F, 11).is_ok());
+        assert!(s
+            .schedule(0, later, When::At(200_000_000), 6_000_000, F, 11)
+            .is_ok());
     }
 }

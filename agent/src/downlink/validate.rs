@@ -31,7 +31,10 @@ pub struct Candidate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timing {
     /// `delay` after the uplink whose counter is `context`.
-    Delay { context: u32, delay_us: u32 },
+    Delay {
+        context: u32,
+        delay_us: u32,
+    },
     Immediately,
 }
 
@@ -54,19 +57,33 @@ fn refuse(status: gw::TxAckStatus, why: impl Into<String>) -> Refused {
 /// The gain entry for a requested EIRP: the highest not above `requested - antenna gain`.
 pub fn gain_for(limits: &TxLimits, requested_dbm: i32) -> Option<TxGain> {
     let conducted = requested_dbm as f32 - limits.antenna_gain_dbi;
-    limits.gains.iter().rev().find(|g| g.rf_power as f32 <= conducted).copied()
+    limits
+        .gains
+        .iter()
+        .rev()
+        .find(|g| g.rf_power as f32 <= conducted)
+        .copied()
 }
 
 pub fn validate(item: &gw::DownlinkFrameItem, limits: &TxLimits) -> Result<Candidate, Refused> {
     use gw::TxAckStatus as S;
-    let tx = item.tx_info.as_ref().ok_or_else(|| refuse(S::InternalError, "no tx_info"))?;
+    let tx = item
+        .tx_info
+        .as_ref()
+        .ok_or_else(|| refuse(S::InternalError, "no tx_info"))?;
     if item.phy_payload.is_empty() || item.phy_payload.len() > 255 {
-        return Err(refuse(S::InternalError, format!("payload of {} bytes (1 to 255)", item.phy_payload.len())));
+        return Err(refuse(
+            S::InternalError,
+            format!("payload of {} bytes (1 to 255)", item.phy_payload.len()),
+        ));
     }
     if tx.frequency < limits.freq_min_hz || tx.frequency > limits.freq_max_hz {
         return Err(refuse(
             S::TxFreq,
-            format!("{} Hz outside {}-{} Hz", tx.frequency, limits.freq_min_hz, limits.freq_max_hz),
+            format!(
+                "{} Hz outside {}-{} Hz",
+                tx.frequency, limits.freq_min_hz, limits.freq_max_hz
+            ),
         ));
     }
     let gain = gain_for(limits, tx.power).ok_or_else(|| {
@@ -83,8 +100,13 @@ pub fn validate(item: &gw::DownlinkFrameItem, limits: &TxLimits) -> Result<Candi
     let (modulation, invert_polarity, preamble, no_crc, f_dev) =
         match tx.modulation.as_ref().and_then(|m| m.parameters.as_ref()) {
             Some(gw::modulation::Parameters::Lora(l)) => {
-                if !(5..=12).contains(&l.spreading_factor) || ![125_000, 250_000, 500_000].contains(&l.bandwidth) {
-                    return Err(refuse(S::InternalError, format!("LoRa SF{} BW{}", l.spreading_factor, l.bandwidth)));
+                if !(5..=12).contains(&l.spreading_factor)
+                    || ![125_000, 250_000, 500_000].contains(&l.bandwidth)
+                {
+                    return Err(refuse(
+                        S::InternalError,
+                        format!("LoRa SF{} BW{}", l.spreading_factor, l.bandwidth),
+                    ));
                 }
                 let code_rate = match l.code_rate() {
                     gw::CodeRate::Cr45 | gw::CodeRate::CrUndefined => CodeRate::Cr45,
@@ -93,35 +115,71 @@ pub fn validate(item: &gw::DownlinkFrameItem, limits: &TxLimits) -> Result<Candi
                     gw::CodeRate::Cr48 => CodeRate::Cr48,
                     other => return Err(refuse(S::InternalError, format!("code rate {other:?}"))),
                 };
-                let m = Modulation::Lora { spreading_factor: l.spreading_factor, bandwidth_hz: l.bandwidth, code_rate };
-                (m, l.polarization_inversion, l.preamble.min(65_535) as u16, l.no_crc, 0u8)
+                let m = Modulation::Lora {
+                    spreading_factor: l.spreading_factor,
+                    bandwidth_hz: l.bandwidth,
+                    code_rate,
+                };
+                (
+                    m,
+                    l.polarization_inversion,
+                    l.preamble.min(65_535) as u16,
+                    l.no_crc,
+                    0u8,
+                )
             }
             Some(gw::modulation::Parameters::Fsk(f)) => {
                 if !(500..=250_000).contains(&f.datarate) {
-                    return Err(refuse(S::InternalError, format!("FSK datarate {}", f.datarate)));
+                    return Err(refuse(
+                        S::InternalError,
+                        format!("FSK datarate {}", f.datarate),
+                    ));
                 }
                 let f_dev = (f.frequency_deviation / 1000).min(255) as u8;
-                (Modulation::Fsk { datarate: f.datarate }, false, 5, false, f_dev)
+                (
+                    Modulation::Fsk {
+                        datarate: f.datarate,
+                    },
+                    false,
+                    5,
+                    false,
+                    f_dev,
+                )
             }
-            _ => return Err(refuse(S::InternalError, "modulation missing or not LoRa/FSK")),
+            _ => {
+                return Err(refuse(
+                    S::InternalError,
+                    "modulation missing or not LoRa/FSK",
+                ))
+            }
         };
     let when = match tx.timing.as_ref().and_then(|t| t.parameters.as_ref()) {
         Some(gw::timing::Parameters::Immediately(_)) => Timing::Immediately,
         Some(gw::timing::Parameters::Delay(d)) => {
-            let context: [u8; 4] = tx
-                .context
-                .as_slice()
-                .try_into()
-                .map_err(|_| refuse(S::InternalError, format!("context of {} bytes (4 expected)", tx.context.len())))?;
-            let delay = d.delay.as_ref().ok_or_else(|| refuse(S::InternalError, "delay without a duration"))?;
+            let context: [u8; 4] = tx.context.as_slice().try_into().map_err(|_| {
+                refuse(
+                    S::InternalError,
+                    format!("context of {} bytes (4 expected)", tx.context.len()),
+                )
+            })?;
+            let delay = d
+                .delay
+                .as_ref()
+                .ok_or_else(|| refuse(S::InternalError, "delay without a duration"))?;
             if delay.seconds < 0 || delay.nanos < 0 || delay.seconds > 600 {
                 return Err(refuse(S::TooEarly, format!("delay {}s", delay.seconds)));
             }
             let delay_us = delay.seconds as u32 * 1_000_000 + delay.nanos as u32 / 1000;
-            Timing::Delay { context: u32::from_be_bytes(context), delay_us }
+            Timing::Delay {
+                context: u32::from_be_bytes(context),
+                delay_us,
+            }
         }
         Some(gw::timing::Parameters::GpsEpoch(_)) => {
-            return Err(refuse(S::GpsUnlocked, "no GPS time reference on this gateway"))
+            return Err(refuse(
+                S::GpsUnlocked,
+                "no GPS time reference on this gateway",
+            ))
         }
         None => return Err(refuse(S::InternalError, "no timing")),
     };
@@ -164,7 +222,10 @@ mod tests {
         assert_eq!(gain_for(&l, 14).unwrap().rf_power, 14);
         assert_eq!(gain_for(&l, 30).unwrap().rf_power, 27);
         assert_eq!(gain_for(&l, 12).unwrap().rf_power, 12);
-        assert!(gain_for(&l, 11).is_none(), "below the table: refused, never sent louder");
+        assert!(
+            gain_for(&l, 11).is_none(),
+            "below the table: refused, never sent louder"
+        );
         // A 3 dBi antenna: 16 dBm EIRP needs 13 dBm conducted.
         assert_eq!(gain_for(&limits(3.0), 16).unwrap().rf_power, 13);
         assert_eq!(gain_for(&limits(2.5), 16).unwrap().rf_power, 13);

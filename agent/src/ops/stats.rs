@@ -125,7 +125,10 @@ impl StatsReporter {
             "radio_failures_total",
             Counters::get(&c.radio_failures).to_string(),
         );
-        put("tx_received_total", Counters::get(&c.tx_received).to_string());
+        put(
+            "tx_received_total",
+            Counters::get(&c.tx_received).to_string(),
+        );
         put("tx_emitted_total", Counters::get(&c.tx_emitted).to_string());
         put("tx_dropped_total", Counters::get(&c.tx_dropped).to_string());
         if let Ok(usage) = c.duty_cycle_pct.lock() {
@@ -158,13 +161,25 @@ impl StatsReporter {
                 .enumerate()
                 .filter(|(_, n)| **n > 0)
                 .filter_map(|(i, n)| {
-                    let name = chirpstack_api::gw::TxAckStatus::try_from(i as i32).ok()?.as_str_name().to_string();
+                    let name = chirpstack_api::gw::TxAckStatus::try_from(i as i32)
+                        .ok()?
+                        .as_str_name()
+                        .to_string();
                     Some((name, (*n - prev.tx_status[i]) as u32))
                 })
                 .collect(),
             metadata: m,
             ..Default::default()
         };
-        (stats, Previous { received, crc_ok, tx_received, tx_emitted, tx_status })
+        (
+            stats,
+            Previous {
+                received,
+                crc_ok,
+                tx_received,
+                tx_emitted,
+                tx_status,
+            },
+        )
     }
 }

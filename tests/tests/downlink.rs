@@ -1,0 +1,546 @@
+//! Downlinks, end to end: `command/down` on Mosquitto → lora-edge → the simulated
+//! concentrator, which records every `lgw_send` with the counter at hand-off; acks come back on
+//! `event/ack` with the real outcome.
+
+use std::time::{Duration, Instant};
+
+use chirpstack_api::gw;
+use chirpstack_api::pbjson_types;
+use lora_edge_e2e::*;
+use prost::Message;
+
+const DOWN: &str = "eu868/gateway/0016c001ff10a235/command/down";
+
+struct Rig {
+    broker: Broker,
+    collector: Collector,
+    agent: Agent,
+    dir: tempfile::TempDir,
+}
+
+/// An agent with one uplink at 500 ms (counter = `counter_start + 500 000`).
+fn rig(counter_start: u32, extra_config: &str) -> (Rig, u32) {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let up = frames(1, 1, 500, 0.0);
+    let mut setup = AgentSetup::new(broker.port)
+        .scenario(&up)
+        .sim(&format!("counter_start_us = {counter_start}"));
+    if !extra_config.is_empty() {
+        setup = setup.config(extra_config);
+    }
+    let (agent, dir) = setup.start();
+    let ups = collector.wait_for("/event/up", Duration::from_secs(10), |m| !m.is_empty());
+    let f = decode_uplink(&ups[0].payload, false);
+    let ctx = u32::from_be_bytes(f.rx_info.unwrap().context.try_into().unwrap());
+    assert_eq!(ctx, counter_start.wrapping_add(500_000));
+    (
+        Rig {
+            broker,
+            collector,
+            agent,
+            dir,
+        },
+        ctx,
+    )
+}
+
+fn lora(
+    freq: u32,
+    power: i32,
+    sf: u32,
+    timing: gw::timing::Parameters,
+    ctx: u32,
+    payload: &[u8],
+) -> gw::DownlinkFrameItem {
+    gw::DownlinkFrameItem {
+        phy_payload: payload.to_vec(),
+        tx_info: Some(gw::DownlinkTxInfo {
+            frequency: freq,
+            power,
+            modulation: Some(gw::Modulation {
+                parameters: Some(gw::modulation::Parameters::Lora(gw::LoraModulationInfo {
+                    bandwidth: 125_000,
+                    spreading_factor: sf,
+                    code_rate: gw::CodeRate::Cr45 as i32,
+                    polarization_inversion: true,
+                    ..Default::default()
+                })),
+            }),
+            timing: Some(gw::Timing {
+                parameters: Some(timing),
+            }),
+            context: ctx.to_be_bytes().to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn delay(ms: u64) -> gw::timing::Parameters {
+    gw::timing::Parameters::Delay(gw::DelayTimingInfo {
+        delay: Some(pbjson_types::Duration {
+            seconds: (ms / 1000) as i64,
+            nanos: ((ms % 1000) * 1_000_000) as i32,
+        }),
+    })
+}
+
+fn immediately() -> gw::timing::Parameters {
+    gw::timing::Parameters::Immediately(gw::ImmediatelyTimingInfo {})
+}
+
+fn frame(id: u32, items: Vec<gw::DownlinkFrameItem>) -> Vec<u8> {
+    gw::DownlinkFrame {
+        gateway_id: GATEWAY_ID.into(),
+        downlink_id: id,
+        items,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// The ack statuses for `id`, waiting for it.
+fn ack(c: &Collector, id: u32, timeout: Duration) -> Vec<gw::TxAckStatus> {
+    let find = |m: &[Msg]| {
+        m.iter()
+            .map(|m| gw::DownlinkTxAck::decode(m.payload.as_slice()).unwrap())
+            .find(|a| a.downlink_id == id)
+    };
+    let msgs = c.wait_for("/event/ack", timeout, |m| find(m).is_some());
+    let a = find(&msgs).unwrap_or_else(|| panic!("no ack for downlink {id}"));
+    assert_eq!(a.gateway_id, GATEWAY_ID);
+    a.items.iter().map(|i| i.status()).collect()
+}
+
+fn assert_on_time(s: &Sent) {
+    let lead = s.lead_us();
+    assert!(
+        (3_000..=45_000).contains(&lead),
+        "handed off {lead} µs before its start (3-45 ms expected): {s:?}"
+    );
+}
+
+#[test]
+fn a_class_a_downlink_goes_out_at_the_uplink_counter_plus_its_delay() {
+    let (r, ctx) = rig(0, "");
+    publish(
+        r.broker.port,
+        DOWN,
+        frame(
+            1,
+            vec![lora(868_100_000, 14, 7, delay(2000), ctx, b"\x60rx1")],
+        ),
+    );
+    assert_eq!(
+        ack(&r.collector, 1, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::Ok]
+    );
+    let sent = tx_log(r.dir.path());
+    assert_eq!(sent.len(), 1);
+    let s = &sent[0];
+    assert_eq!((s.result, s.tx_mode), (0, 1), "timestamped and accepted");
+    assert_eq!(s.count_us, ctx + 2_000_000);
+    assert_eq!(
+        (s.freq_hz, s.rf_power, s.datarate, s.bandwidth),
+        (868_100_000, 14, 7, 0x04)
+    );
+    assert!(s.invert_pol);
+    assert_eq!(s.payload, b"\x60rx1");
+    assert_on_time(s);
+}
+
+#[test]
+fn when_rx1_is_refused_rx2_is_tried_and_the_ack_reports_both() {
+    let (r, ctx) = rig(0, "");
+    let items = vec![
+        lora(875_000_000, 14, 7, delay(2000), ctx, b"rx1"),
+        lora(869_525_000, 14, 9, delay(3000), ctx, b"rx2"),
+        lora(868_100_000, 14, 7, delay(4000), ctx, b"never"),
+    ];
+    publish(r.broker.port, DOWN, frame(2, items));
+    assert_eq!(
+        ack(&r.collector, 2, Duration::from_secs(10)),
+        vec![
+            gw::TxAckStatus::TxFreq,
+            gw::TxAckStatus::Ok,
+            gw::TxAckStatus::Ignored
+        ]
+    );
+    let sent = tx_log(r.dir.path());
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].freq_hz, sent[0].count_us, sent[0].datarate),
+        (869_525_000, ctx + 3_000_000, 9)
+    );
+    assert_on_time(&sent[0]);
+}
+
+#[test]
+fn a_class_c_downlink_goes_out_at_once() {
+    let (r, ctx) = rig(0, "");
+    let t = Instant::now();
+    publish(
+        r.broker.port,
+        DOWN,
+        frame(3, vec![lora(869_525_000, 14, 9, immediately(), ctx, b"c")]),
+    );
+    assert_eq!(
+        ack(&r.collector, 3, Duration::from_secs(5)),
+        vec![gw::TxAckStatus::Ok]
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let sent = tx_log(r.dir.path());
+    assert_eq!(sent.len(), 1);
+    assert_on_time(&sent[0]);
+}
+
+#[test]
+fn collisions_too_late_too_early_and_gps_timing_are_refused() {
+    let (r, ctx) = rig(0, "");
+    publish_many(
+        r.broker.port,
+        vec![
+            (
+                DOWN.into(),
+                frame(
+                    10,
+                    vec![lora(868_100_000, 14, 7, delay(3000), ctx, b"first")],
+                ),
+            ),
+            (
+                DOWN.into(),
+                frame(
+                    11,
+                    vec![lora(868_300_000, 14, 7, delay(3010), ctx, b"overlaps")],
+                ),
+            ),
+            // Its start is the uplink's own counter: long past.
+            (
+                DOWN.into(),
+                frame(12, vec![lora(868_100_000, 14, 7, delay(0), ctx, b"late")]),
+            ),
+            (
+                DOWN.into(),
+                frame(
+                    13,
+                    vec![lora(868_100_000, 14, 7, delay(520_000), ctx, b"early")],
+                ),
+            ),
+            (
+                DOWN.into(),
+                frame(
+                    14,
+                    vec![lora(
+                        868_100_000,
+                        14,
+                        7,
+                        gw::timing::Parameters::GpsEpoch(gw::GpsEpochTimingInfo {
+                            time_since_gps_epoch: Some(pbjson_types::Duration {
+                                seconds: 1,
+                                nanos: 0,
+                            }),
+                        }),
+                        ctx,
+                        b"gps",
+                    )],
+                ),
+            ),
+        ],
+    );
+    assert_eq!(
+        ack(&r.collector, 11, Duration::from_secs(5)),
+        vec![gw::TxAckStatus::CollisionPacket]
+    );
+    assert_eq!(
+        ack(&r.collector, 12, Duration::from_secs(5)),
+        vec![gw::TxAckStatus::TooLate]
+    );
+    assert_eq!(
+        ack(&r.collector, 13, Duration::from_secs(5)),
+        vec![gw::TxAckStatus::TooEarly]
+    );
+    assert_eq!(
+        ack(&r.collector, 14, Duration::from_secs(5)),
+        vec![gw::TxAckStatus::GpsUnlocked]
+    );
+    assert_eq!(
+        ack(&r.collector, 10, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::Ok]
+    );
+    let sent = tx_log(r.dir.path());
+    assert_eq!(sent.len(), 1, "only the first was sent");
+    assert_eq!(sent[0].payload, b"first");
+}
+
+#[test]
+fn the_33rd_queued_downlink_is_refused_with_queue_full() {
+    let (r, ctx) = rig(0, "");
+    let msgs = (0..33u32)
+        .map(|i| {
+            (
+                DOWN.to_string(),
+                frame(
+                    100 + i,
+                    vec![lora(
+                        868_100_000,
+                        14,
+                        7,
+                        delay(10_000 + i as u64 * 200),
+                        ctx,
+                        b"q",
+                    )],
+                ),
+            )
+        })
+        .collect();
+    publish_many(r.broker.port, msgs);
+    assert_eq!(
+        ack(&r.collector, 132, Duration::from_secs(5)),
+        vec![gw::TxAckStatus::QueueFull]
+    );
+    assert_eq!(
+        ack(&r.collector, 100, Duration::from_secs(15)),
+        vec![gw::TxAckStatus::Ok]
+    );
+}
+
+#[test]
+fn a_downlink_across_the_counter_wrap_goes_out_on_time() {
+    // The counter wraps 1.2 s after start; the uplink is at 0.5 s, the downlink 2 s later.
+    let start = u32::MAX - 1_200_000;
+    let (r, ctx) = rig(start, "");
+    publish(
+        r.broker.port,
+        DOWN,
+        frame(
+            20,
+            vec![lora(868_100_000, 14, 7, delay(2000), ctx, b"wrap")],
+        ),
+    );
+    assert_eq!(
+        ack(&r.collector, 20, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::Ok]
+    );
+    let sent = tx_log(r.dir.path());
+    assert_eq!(sent[0].count_us, ctx.wrapping_add(2_000_000));
+    assert!(sent[0].count_us < ctx, "the start is past the wrap");
+    assert_on_time(&sent[0]);
+}
+
+#[test]
+fn power_is_mapped_down_the_gain_table_and_never_sent_louder() {
+    // A 2 dBi antenna: 16 dBm EIRP is 14 dBm conducted; 40 dBm is capped at the table's 27;
+    // 13 dBm EIRP (11 conducted) is below the table's 12 dBm: refused.
+    let (r, ctx) = rig(0, "[radio]\nantenna_gain_dbi = 2.0");
+    publish_many(
+        r.broker.port,
+        vec![
+            (
+                DOWN.into(),
+                frame(30, vec![lora(868_100_000, 16, 7, delay(2000), ctx, b"p16")]),
+            ),
+            (
+                DOWN.into(),
+                frame(31, vec![lora(868_100_000, 40, 7, delay(2500), ctx, b"p40")]),
+            ),
+            (
+                DOWN.into(),
+                frame(32, vec![lora(868_100_000, 13, 7, delay(3000), ctx, b"p13")]),
+            ),
+        ],
+    );
+    assert_eq!(
+        ack(&r.collector, 32, Duration::from_secs(5)),
+        vec![gw::TxAckStatus::TxPower]
+    );
+    assert_eq!(
+        ack(&r.collector, 31, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::Ok]
+    );
+    let sent = tx_log(r.dir.path());
+    let power: Vec<(Vec<u8>, i64)> = sent
+        .iter()
+        .map(|s| (s.payload.clone(), s.rf_power))
+        .collect();
+    assert_eq!(power, vec![(b"p16".to_vec(), 14), (b"p40".to_vec(), 27)]);
+}
+
+#[test]
+fn the_duty_cycle_of_a_sub_band_is_enforced() {
+    // 863-865 MHz allows 0.1 % of an hour, 3.6 s: one 2.5 s SF12 transmission fits, a second not.
+    let (r, ctx) = rig(0, "");
+    let payload = vec![0x60; 51];
+    publish_many(
+        r.broker.port,
+        vec![
+            (
+                DOWN.into(),
+                frame(
+                    40,
+                    vec![lora(864_100_000, 14, 12, immediately(), ctx, &payload)],
+                ),
+            ),
+            (
+                DOWN.into(),
+                frame(
+                    41,
+                    vec![lora(864_300_000, 14, 12, immediately(), ctx, &payload)],
+                ),
+            ),
+            (
+                DOWN.into(),
+                frame(
+                    42,
+                    vec![lora(868_100_000, 14, 12, immediately(), ctx, &payload)],
+                ),
+            ),
+        ],
+    );
+    assert_eq!(
+        ack(&r.collector, 41, Duration::from_secs(5)),
+        vec![gw::TxAckStatus::DutyCycleOverflow]
+    );
+    assert_eq!(
+        ack(&r.collector, 40, Duration::from_secs(5)),
+        vec![gw::TxAckStatus::Ok]
+    );
+    assert_eq!(
+        ack(&r.collector, 42, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::Ok],
+        "another sub-band"
+    );
+}
+
+#[test]
+fn malformed_and_hostile_commands_are_answered_and_the_agent_stays_healthy() {
+    let (mut r, ctx) = rig(0, "");
+    let wrong_gw = gw::DownlinkFrame {
+        gateway_id: "ffffffffffffffff".into(),
+        downlink_id: 50,
+        items: vec![lora(868_100_000, 14, 7, immediately(), ctx, b"x")],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let oversize = frame(
+        51,
+        vec![lora(868_100_000, 14, 7, immediately(), ctx, &[0u8; 300])],
+    );
+    let no_items = frame(52, vec![]);
+    let mut msgs = vec![
+        (DOWN.to_string(), b"\xff\xfe not a protobuf \x00".to_vec()),
+        (DOWN.to_string(), wrong_gw),
+        (DOWN.to_string(), oversize),
+        (DOWN.to_string(), no_items),
+    ];
+    // A burst of 1000 Class C downlinks: 32 fit in the queue at a time, every one is answered.
+    for i in 0..1000u32 {
+        msgs.push((
+            DOWN.to_string(),
+            frame(
+                1000 + i,
+                vec![lora(869_525_000, 14, 7, immediately(), ctx, b"b")],
+            ),
+        ));
+    }
+    publish_many(r.broker.port, msgs);
+    assert_eq!(
+        ack(&r.collector, 50, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::InternalError]
+    );
+    assert_eq!(
+        ack(&r.collector, 51, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::InternalError]
+    );
+    assert_eq!(
+        ack(&r.collector, 52, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::InternalError]
+    );
+    let acks = r
+        .collector
+        .wait_for("/event/ack", Duration::from_secs(60), |m| m.len() >= 1004);
+    assert_eq!(acks.len(), 1004, "every command got exactly one answer");
+    let decoded: Vec<gw::DownlinkTxAck> = acks
+        .iter()
+        .map(|m| gw::DownlinkTxAck::decode(m.payload.as_slice()).unwrap())
+        .collect();
+    assert!(
+        decoded.iter().any(|a| a.downlink_id == 0),
+        "the undecodable one is answered with id 0"
+    );
+    let burst_ok = decoded
+        .iter()
+        .filter(|a| a.downlink_id >= 1000 && a.items[0].status() == gw::TxAckStatus::Ok)
+        .count();
+    assert!(burst_ok >= 32, "{burst_ok} of the burst were sent");
+    for s in tx_log(r.dir.path()) {
+        assert_on_time(&s);
+    }
+    // Still healthy: a normal downlink works and uplinks still flow.
+    assert!(r.agent.is_running());
+    publish(
+        r.broker.port,
+        DOWN,
+        frame(
+            60,
+            vec![lora(868_100_000, 14, 7, immediately(), ctx, b"ok")],
+        ),
+    );
+    assert_eq!(
+        ack(&r.collector, 60, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::Ok]
+    );
+}
+
+#[test]
+fn ten_thousand_downlinks_at_50_per_second_are_all_handed_off_on_time() {
+    let (r, ctx) = rig(0, "[radio]\nenforce_duty_cycle = false");
+    let port = r.broker.port;
+    // FSK at 50 kbit/s, 10 bytes: ~3.4 ms on air, so 50 a second fit on one radio.
+    let fsk = |id: u32| {
+        let mut item = lora(869_525_000, 14, 7, immediately(), ctx, &id.to_be_bytes());
+        item.tx_info.as_mut().unwrap().modulation = Some(gw::Modulation {
+            parameters: Some(gw::modulation::Parameters::Fsk(gw::FskModulationInfo {
+                frequency_deviation: 25_000,
+                datarate: 50_000,
+            })),
+        });
+        frame(id, vec![item])
+    };
+    let n = 10_000u32;
+    let t0 = Instant::now();
+    for chunk in 0..(n / 50) {
+        let msgs = (0..50)
+            .map(|i| (DOWN.to_string(), fsk(chunk * 50 + i)))
+            .collect();
+        publish_many(port, msgs);
+        let next = t0 + Duration::from_secs(chunk as u64 + 1);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let acks = r
+        .collector
+        .wait_for("/event/ack", Duration::from_secs(60), |m| {
+            m.len() >= n as usize
+        });
+    assert_eq!(acks.len(), n as usize);
+    let not_ok = acks
+        .iter()
+        .map(|m| gw::DownlinkTxAck::decode(m.payload.as_slice()).unwrap())
+        .filter(|a| a.items[0].status() != gw::TxAckStatus::Ok)
+        .count();
+    assert_eq!(not_ok, 0, "every downlink was sent");
+    let sent = tx_log(r.dir.path());
+    assert_eq!(sent.len(), n as usize);
+    let late: Vec<i64> = sent
+        .iter()
+        .map(Sent::lead_us)
+        .filter(|l| *l < 3_000)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} hand-offs with less than 3 ms lead: {:?}",
+        late.len(),
+        &late[..late.len().min(10)]
+    );
+    assert!(sent.iter().all(|s| s.result == 0));
+}
