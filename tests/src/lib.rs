@@ -269,6 +269,56 @@ pub fn publish_many(port: u16, msgs: Vec<(String, Vec<u8>)>) {
     }
 }
 
+/// A persistent QoS 1 publisher, for commands paced over time.
+pub struct Publisher {
+    client: rumqttc::Client,
+    acked: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Publisher {
+    pub fn connect(port: u16) -> Publisher {
+        let mut o =
+            rumqttc::MqttOptions::new(format!("publisher-{}", free_port()), "127.0.0.1", port);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_inflight(200);
+        let (client, mut conn) = rumqttc::Client::new(o, 1000);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        conn.eventloop.set_network_options(net);
+        let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let a = acked.clone();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        a.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Publisher { client, acked }
+    }
+
+    pub fn send(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .expect("publish");
+    }
+
+    pub fn wait_acked(&self, n: u64, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        while self.acked.load(std::sync::atomic::Ordering::Relaxed) < n {
+            if Instant::now() > until {
+                return false;
+            }
+            sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
 /// One line of the simulator's TX log: what `lgw_send` received.
 #[derive(Debug, Clone)]
 pub struct Sent {
@@ -544,7 +594,10 @@ impl Agent {
             .arg("-c")
             .arg(&self.config)
             .args(&self.extra)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("LORA_EDGE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

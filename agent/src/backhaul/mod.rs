@@ -53,8 +53,8 @@ pub struct Backhaul {
     pub appended: watch::Receiver<u64>,
     pub counters: Arc<Counters>,
     pub shutdown: watch::Receiver<bool>,
-    /// `command/down` payloads, to the downlink stage.
-    pub downlinks: SyncSender<Vec<u8>>,
+    /// `command/down` payloads and when they arrived, to the downlink stage.
+    pub downlinks: SyncSender<(Vec<u8>, Instant)>,
 }
 
 enum SessionEnd {
@@ -203,7 +203,8 @@ impl Backhaul {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if p.topic == down_topic {
-                            if let Err(TrySendError::Full(_)) = self.downlinks.try_send(p.payload.to_vec()) {
+                            tracing::debug!(bytes = p.payload.len(), "command/down received");
+                            if let Err(TrySendError::Full(_)) = self.downlinks.try_send((p.payload.to_vec(), Instant::now())) {
                                 Counters::add(&self.counters.tx_dropped, 1);
                                 tracing::warn!("command/down: the downlink stage is saturated; command dropped");
                             }

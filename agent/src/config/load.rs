@@ -271,14 +271,9 @@ mod tests {
         p
     }
 
-    fn tmp() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "lora-edge-cfg-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A directory removed when the test ends (kept in the returned guard).
+    fn tmp() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     fn errors(files: &[PathBuf], sets: &[&str]) -> Vec<String> {
@@ -291,9 +286,10 @@ mod tests {
 
     #[test]
     fn a_syntax_error_names_file_line_and_column() {
-        let d = tmp();
+        let dir = tmp();
+        let d = dir.path();
         let f = write(
-            &d,
+            d,
             "a.toml",
             "[mqtt]\nserver = \"tcp://x:1\"\nkeep_alive = \n",
         );
@@ -304,9 +300,10 @@ mod tests {
 
     #[test]
     fn an_unknown_key_is_named_with_its_line() {
-        let d = tmp();
+        let dir = tmp();
+        let d = dir.path();
         let f = write(
-            &d,
+            d,
             "a.toml",
             "[radio]\nbackend = \"sx1302\"\nboard = \"rak2287\"\nbaord = \"x\"\n",
         );
@@ -318,8 +315,9 @@ mod tests {
 
     #[test]
     fn a_value_of_the_wrong_type_is_located() {
-        let d = tmp();
-        let f = write(&d, "a.toml", "[mqtt]\ninflight = \"many\"\n");
+        let dir = tmp();
+        let d = dir.path();
+        let f = write(d, "a.toml", "[mqtt]\ninflight = \"many\"\n");
         let e = errors(std::slice::from_ref(&f), &[]);
         assert!(
             e[0].starts_with(&format!("{}:2:12: mqtt.inflight:", f.display())),
@@ -329,9 +327,10 @@ mod tests {
 
     #[test]
     fn an_unknown_board_is_a_clear_error_not_a_panic() {
-        let d = tmp();
+        let dir = tmp();
+        let d = dir.path();
         let f = write(
-            &d,
+            d,
             "a.toml",
             "[radio]\nbackend = \"sx1302\"\n\nboard = \"rak9999\"\n",
         );
@@ -349,9 +348,10 @@ mod tests {
 
     #[test]
     fn every_semantic_error_is_reported_at_once() {
-        let d = tmp();
+        let dir = tmp();
+        let d = dir.path();
         let f = write(
-            &d,
+            d,
             "a.toml",
             "[gateway]\nid = \"xyz\"\n[radio]\nbackend = \"sx1302\"\nboard = \"nope\"\n[mqtt]\nserver = \"mqtt.example:1883\"\n",
         );
@@ -367,14 +367,15 @@ mod tests {
 
     #[test]
     fn later_files_and_set_override_earlier_ones_and_errors_point_at_the_winner() {
-        let d = tmp();
-        let sim = write(&d, "sim.toml", "");
+        let dir = tmp();
+        let d = dir.path();
+        let sim = write(d, "sim.toml", "");
         let a = write(
-            &d,
+            d,
             "a.toml",
             "[radio]\nbackend = \"simulator\"\nsimulator = \"sim.toml\"\n[mqtt]\ninflight = 8\n",
         );
-        let b = write(&d, "b.toml", "[mqtt]\ninflight = 16\nkeep_alive = \"1s\"\n");
+        let b = write(d, "b.toml", "[mqtt]\ninflight = 16\nkeep_alive = \"1s\"\n");
         let e = errors(&[a.clone(), b.clone()], &[]);
         assert_eq!(
             e,

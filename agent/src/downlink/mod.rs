@@ -36,8 +36,44 @@ struct Pending {
     radio_start: u64,
 }
 
+/// Timing figures of this run, logged at shutdown (the downlink benchmark reads them).
+#[derive(Default)]
+struct Timings {
+    /// From MQTT delivery to the scheduling decision, µs.
+    to_decision_us: Vec<u32>,
+    /// Hand-off lead before the start, µs.
+    lead_us: Vec<i64>,
+    late: u64,
+}
+
+fn pct<T: Copy + Ord + Default>(sorted: &[T], p: usize) -> T {
+    if sorted.is_empty() {
+        return T::default();
+    }
+    sorted[(sorted.len() - 1) * p / 100]
+}
+
+impl Timings {
+    fn log(mut self) {
+        self.to_decision_us.sort_unstable();
+        self.lead_us.sort_unstable();
+        tracing::info!(
+            decided = self.to_decision_us.len(),
+            to_decision_us_p50 = pct(&self.to_decision_us, 50),
+            to_decision_us_p99 = pct(&self.to_decision_us, 99),
+            to_decision_us_max = self.to_decision_us.last().copied().unwrap_or(0),
+            handoffs = self.lead_us.len(),
+            lead_us_min = self.lead_us.first().copied().unwrap_or(0),
+            lead_us_p50 = pct(&self.lead_us, 50),
+            lead_us_max = self.lead_us.last().copied().unwrap_or(0),
+            late = self.late,
+            "downlink summary"
+        );
+    }
+}
+
 pub struct Downlinks {
-    pub input: Receiver<Vec<u8>>,
+    pub input: Receiver<(Vec<u8>, Instant)>,
     pub hal: Arc<Concentrator>,
     pub output: SyncSender<Event>,
     pub gateway_id: String,
@@ -67,6 +103,7 @@ impl Downlinks {
     fn run(self) {
         let mut sched: Scheduler<Pending> = Scheduler::new(self.enforce_duty_cycle);
         let mut last_usage = Instant::now();
+        let mut timings = Timings::default();
         loop {
             let now = self.hal.counter().ok();
             let wait = now
@@ -74,22 +111,29 @@ impl Downlinks {
                 .unwrap_or(Duration::from_millis(100))
                 .min(Duration::from_millis(100));
             match self.input.recv_timeout(wait) {
-                Ok(bytes) => {
+                Ok((bytes, at)) => {
                     self.command(&mut sched, &bytes);
+                    timings.to_decision_us.push(at.elapsed().as_micros() as u32);
                     // A burst is taken in one go, still handing off on time in between.
                     for _ in 0..64 {
                         match self.input.try_recv() {
-                            Ok(bytes) => self.command(&mut sched, &bytes),
+                            Ok((bytes, at)) => {
+                                self.command(&mut sched, &bytes);
+                                timings.to_decision_us.push(at.elapsed().as_micros() as u32);
+                            }
                             Err(_) => break,
                         }
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => {
+                    timings.log();
+                    return;
+                }
             }
             if let Ok(now) = self.hal.counter() {
                 for (start, p) in sched.due(now) {
-                    self.hand_off(start, p);
+                    self.hand_off(start, p, &mut timings);
                 }
             }
             if last_usage.elapsed() >= Duration::from_secs(1) {
@@ -217,8 +261,8 @@ impl Downlinks {
         self.ack(id, &statuses);
     }
 
-    fn hand_off(&self, start: u32, mut p: Pending) {
-        let status = self.transmit(start, &mut p.packet, p.radio_start);
+    fn hand_off(&self, start: u32, mut p: Pending, timings: &mut Timings) {
+        let status = self.transmit(start, &mut p.packet, p.radio_start, timings);
         if status == gw::TxAckStatus::Ok {
             Counters::add(&self.counters.tx_emitted, 1);
         }
@@ -226,7 +270,13 @@ impl Downlinks {
         self.ack(p.downlink_id, &p.statuses);
     }
 
-    fn transmit(&self, start: u32, packet: &mut TxPacket, radio_start: u64) -> gw::TxAckStatus {
+    fn transmit(
+        &self,
+        start: u32,
+        packet: &mut TxPacket,
+        radio_start: u64,
+        timings: &mut Timings,
+    ) -> gw::TxAckStatus {
         if Counters::get(&self.counters.radio_starts) != radio_start {
             tracing::warn!(
                 "downlink dropped: the radio restarted since it was scheduled (counter reset)"
@@ -246,11 +296,15 @@ impl Downlinks {
             let lead = lead_us(now, start);
             if lead < MIN_HANDOFF_LEAD_US {
                 tracing::warn!(lead_us = lead, "downlink hand-off too late");
+                timings.late += 1;
                 return gw::TxAckStatus::TooLate;
             }
             match self.hal.tx_status(packet.rf_chain) {
                 Ok(TxStatus::Emitting) => std::thread::sleep(Duration::from_micros(500)),
-                _ => break,
+                _ => {
+                    timings.lead_us.push(lead);
+                    break;
+                }
             }
         }
         match self.hal.send(packet) {

@@ -376,6 +376,23 @@ mod tests {
     }
 
     #[test]
+    fn a_steady_stream_of_class_c_downlinks_never_fills_the_queue() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(false);
+        let mut now = 4_000_000_000u32;
+        for i in 0..5_000u32 {
+            assert!(
+                s.schedule(now, t, When::Immediately, 3_000, 869_525_000, i)
+                    .is_ok(),
+                "command {i}"
+            );
+            now = now.wrapping_add(20_000);
+            s.due(now);
+            assert!(s.len() <= 5, "{} queued after command {i}", s.len());
+        }
+    }
+
+    #[test]
     fn the_queue_holds_32_packets() {
         let t = Instant::now();
         let mut s = Scheduler::new(false);

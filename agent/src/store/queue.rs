@@ -490,14 +490,9 @@ mod tests {
         }
     }
 
-    fn tmp() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "lora-edge-q-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A directory removed when the test ends (kept in the returned guard).
+    fn tmp() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     fn rec(i: u64, size: usize) -> NewRecord {
@@ -511,8 +506,9 @@ mod tests {
 
     #[test]
     fn appended_records_are_read_back_in_order_from_a_cursor() {
-        let d = tmp();
-        let (q, opened) = Queue::open(opts(&d)).unwrap();
+        let dir = tmp();
+        let d = dir.path();
+        let (q, opened) = Queue::open(opts(d)).unwrap();
         assert_eq!(opened, Opened::Clean);
         let (range, ev) = q
             .append(&(0..10).map(|i| rec(i, 20)).collect::<Vec<_>>())
@@ -527,9 +523,10 @@ mod tests {
 
     #[test]
     fn acknowledged_records_are_gone_and_sequence_numbers_survive_a_reopen() {
-        let d = tmp();
+        let dir = tmp();
+        let d = dir.path();
         {
-            let (q, _) = Queue::open(opts(&d)).unwrap();
+            let (q, _) = Queue::open(opts(d)).unwrap();
             q.append(&(0..10).map(|i| rec(i, 20)).collect::<Vec<_>>())
                 .unwrap();
             q.ack_upto(10).unwrap();
@@ -542,7 +539,7 @@ mod tests {
                 }
             );
         }
-        let (q, _) = Queue::open(opts(&d)).unwrap();
+        let (q, _) = Queue::open(opts(d)).unwrap();
         assert_eq!(q.acked(), 10);
         let (range, _) = q.append(&[rec(99, 5)]).unwrap();
         assert_eq!(range, 11..=11, "sequence numbers never restart");
@@ -550,14 +547,15 @@ mod tests {
 
     #[test]
     fn the_backlog_counts_survive_a_reopen_without_a_scan() {
-        let d = tmp();
+        let dir = tmp();
+        let d = dir.path();
         {
-            let (q, _) = Queue::open(opts(&d)).unwrap();
+            let (q, _) = Queue::open(opts(d)).unwrap();
             q.append(&(0..100).map(|i| rec(i, 50)).collect::<Vec<_>>())
                 .unwrap();
             q.ack_upto(40).unwrap();
         }
-        let (q, _) = Queue::open(opts(&d)).unwrap();
+        let (q, _) = Queue::open(opts(d)).unwrap();
         let b = q.backlog();
         assert_eq!(b.records, 60);
         assert_eq!(b.bytes, 60 * stored_size(50));
@@ -567,8 +565,9 @@ mod tests {
 
     #[test]
     fn over_budget_the_oldest_are_evicted_and_reported_exactly() {
-        let d = tmp();
-        let mut o = opts(&d);
+        let dir = tmp();
+        let d = dir.path();
+        let mut o = opts(d);
         // Room for exactly 10 records of 100 payload bytes.
         o.max_disk_bytes = ((10 * stored_size(100)) as f64 / RECORD_SHARE_OF_DISK).ceil() as u64;
         let (q, _) = Queue::open(o).unwrap();
@@ -594,8 +593,9 @@ mod tests {
 
     #[test]
     fn records_older_than_max_age_are_evicted() {
-        let d = tmp();
-        let (q, _) = Queue::open(opts(&d)).unwrap();
+        let dir = tmp();
+        let d = dir.path();
+        let (q, _) = Queue::open(opts(d)).unwrap();
         q.append(&(0..5).map(|i| rec(i, 10)).collect::<Vec<_>>())
             .unwrap();
         // max_age is 1 h: at 1_003 + 1 h, the records from 1_000..1_002 are too old.
@@ -605,8 +605,9 @@ mod tests {
 
     #[test]
     fn an_unreadable_store_is_moved_aside_and_a_fresh_one_opens() {
-        let d = tmp();
-        let o = opts(&d);
+        let dir = tmp();
+        let d = dir.path();
+        let o = opts(d);
         {
             let (q, _) = Queue::open(o.clone()).unwrap();
             q.append(&[rec(1, 10)]).unwrap();
