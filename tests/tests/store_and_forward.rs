@@ -282,3 +282,31 @@ fn a_corrupt_store_is_moved_aside_with_an_alarm_and_the_agent_runs_on_a_fresh_on
     );
     assert!(agent.is_running());
 }
+
+#[test]
+fn a_rate_limit_paces_the_replay_of_a_backlog() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port);
+    let collector = Collector::start(broker.port, "eu868");
+    proxy.set(Mode::Refuse);
+    let sent = frames(300, DEVICES, 0, 0.0);
+    let (agent, _dir) = AgentSetup::new(proxy.port)
+        .scenario(&sent)
+        .config("[mqtt]\nmax_rate_per_s = 50")
+        .start();
+    let until = Instant::now() + Duration::from_secs(20);
+    while agent.status_value("accepted").unwrap_or(0) < 300 {
+        assert!(Instant::now() < until, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = Instant::now();
+    proxy.set(Mode::Pass);
+    let got = collector.wait_for("/event/up", Duration::from_secs(30), |m| m.len() >= 300);
+    let took = t.elapsed();
+    assert!(delivery(&got, 300, DEVICES, false).missing.is_empty());
+    // 300 messages at 50/s with a one-second burst allowance: at least 5 s.
+    assert!(
+        took >= Duration::from_secs(5),
+        "the backlog drained in {took:?}, faster than 50/s allows"
+    );
+}

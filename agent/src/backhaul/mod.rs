@@ -175,7 +175,7 @@ impl Backhaul {
                             self.counters.last_outage_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
                             tracing::info!(outage_ms = ms, backlog = self.queue.backlog().records, "backhaul up");
                         }
-                        if let Err(e) = client.try_subscribe(topics.under("command/down"), QoS::AtLeastOnce) {
+                        if let Err(e) = client.try_subscribe(down_topic.clone(), QoS::AtLeastOnce) {
                             return SessionEnd::Lost(format!("subscribe: {e}"));
                         }
                         let online = conn_state(&self.gateway_id, true, self.cfg.encoding);
