@@ -497,6 +497,8 @@ pub struct AgentSetup {
     pub json: bool,
     pub sim: String,
     pub extra_config: String,
+    /// Leave `gateway.id` out: the agent must use the concentrator's EUI.
+    pub id_from_eui: bool,
 }
 
 impl AgentSetup {
@@ -507,6 +509,7 @@ impl AgentSetup {
             json: false,
             sim: String::new(),
             extra_config: String::new(),
+            id_from_eui: false,
         }
     }
 
@@ -537,21 +540,20 @@ impl AgentSetup {
     fn write(&self) -> PathBuf {
         let d = self.dir.path();
         let mut sim = std::fs::File::create(d.join("sim.toml")).expect("sim.toml");
-        write!(
-            sim,
-            "eui = \"{GATEWAY_ID}\"\ntx_log = \"tx.jsonl\"\n{}",
-            self.sim
-        )
-        .unwrap();
+        if !self.sim.contains("eui =") {
+            writeln!(sim, "eui = \"{GATEWAY_ID}\"").unwrap();
+        }
+        write!(sim, "tx_log = \"tx.jsonl\"\n{}", self.sim).unwrap();
         let cfg = d.join("agent.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[gateway]\nid = \"{GATEWAY_ID}\"\n[radio]\nbackend = \"simulator\"\nboard = \"rak2287\"\nsimulator = \"sim.toml\"\n\
+                "{}[radio]\nbackend = \"simulator\"\nboard = \"rak2287\"\nsimulator = \"sim.toml\"\n\
                  watchdog = \"3s\"\nrestart_backoff_max = \"2s\"\n\
                  [mqtt]\nserver = \"tcp://127.0.0.1:{}\"\nencoding = \"{}\"\nreconnect_min = \"200ms\"\nreconnect_max = \"2s\"\n\
                  keep_alive = \"5s\"\nack_timeout = \"3s\"\nconnect_timeout = \"3s\"\n\
                  [store]\npath = \"store\"\n[stats]\ninterval = \"1s\"\n",
+                if self.id_from_eui { String::new() } else { format!("[gateway]\nid = \"{GATEWAY_ID}\"\n") },
                 self.mqtt_port,
                 if self.json { "json" } else { "protobuf" }
             ),

@@ -559,3 +559,55 @@ fn ten_thousand_downlinks_at_50_per_second_are_all_handed_off_on_time() {
     );
     assert!(sent.iter().all(|s| s.result == 0));
 }
+
+#[test]
+fn a_failed_hand_off_is_reported_in_the_ack_not_hidden_behind_an_early_ok() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let (_agent, dir) = AgentSetup::new(broker.port)
+        .scenario(&frames(1, 1, 500, 0.0))
+        .sim("[faults]\nsend_failures = 1")
+        .start();
+    let ups = collector.wait_for("/event/up", Duration::from_secs(10), |m| !m.is_empty());
+    let ctx = u32::from_be_bytes(
+        decode_uplink(&ups[0].payload, false)
+            .rx_info
+            .unwrap()
+            .context
+            .try_into()
+            .unwrap(),
+    );
+    publish_many(
+        broker.port,
+        vec![
+            (
+                DOWN.into(),
+                frame(
+                    70,
+                    vec![lora(868_100_000, 14, 7, delay(2000), ctx, b"fails")],
+                ),
+            ),
+            (
+                DOWN.into(),
+                frame(
+                    71,
+                    vec![lora(868_100_000, 14, 7, delay(2500), ctx, b"works")],
+                ),
+            ),
+        ],
+    );
+    assert_eq!(
+        ack(&collector, 70, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::InternalError]
+    );
+    assert_eq!(
+        ack(&collector, 71, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::Ok]
+    );
+    let sent = tx_log(dir.path());
+    assert_eq!(
+        sent.iter().map(|s| s.result).collect::<Vec<_>>(),
+        vec![-1, 0],
+        "the HAL refused the first"
+    );
+}

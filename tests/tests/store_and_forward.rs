@@ -310,3 +310,43 @@ fn a_rate_limit_paces_the_replay_of_a_backlog() {
         "the backlog drained in {took:?}, faster than 50/s allows"
     );
 }
+
+#[test]
+fn a_join_request_replayed_too_late_to_be_answered_is_not_forwarded() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port);
+    let collector = Collector::start(broker.port, "eu868");
+    proxy.set(Mode::Refuse);
+    // A join-request (MType 000) between two data uplinks, all during the outage.
+    let mut sent = frames(3, 1, 0, 100.0);
+    sent[1].payload = vec![
+        0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 1, 9, 9, 9, 9, 0xaa, 0xbb, 0xcc, 0xdd, 0x12, 0x34,
+    ];
+    let (agent, _dir) = AgentSetup::new(proxy.port)
+        .scenario(&sent)
+        .config("[store]\njoin_request_max_age = \"2s\"")
+        .start();
+    let until = Instant::now() + Duration::from_secs(10);
+    while agent.status_value("accepted").unwrap_or(0) < 3 {
+        assert!(Instant::now() < until, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Older than join_request_max_age when the backhaul returns.
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.set(Mode::Pass);
+    collector.wait_for("/event/up", Duration::from_secs(10), |m| m.len() >= 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let got = collector.on("/event/up");
+    assert_eq!(got.len(), 2, "the join-request is not forwarded");
+    assert!(got
+        .iter()
+        .all(|m| decode_uplink(&m.payload, false).phy_payload[0] == 0x40));
+    let expired = |m: &[Msg]| {
+        m.iter().any(|s| {
+            let s = gw::GatewayStats::decode(s.payload.as_slice()).unwrap();
+            s.metadata.get("join_expired_total").map(String::as_str) == Some("1")
+        })
+    };
+    let stats = collector.wait_for("/event/stats", Duration::from_secs(5), expired);
+    assert!(expired(&stats), "join_expired_total reports it");
+}

@@ -331,3 +331,23 @@ fn the_shipped_configs_pass_check() {
         );
     }
 }
+
+#[test]
+fn without_a_configured_id_the_gateway_uses_the_concentrator_eui() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let mut setup = AgentSetup::new(broker.port)
+        .scenario(&frames(3, 1, 0, 10.0))
+        .sim("eui = \"00800000a0001234\"");
+    setup.id_from_eui = true;
+    let (_agent, _dir) = setup.start();
+    let ups = collector.wait_for("/event/up", Duration::from_secs(10), |m| m.len() >= 3);
+    assert_eq!(ups.len(), 3);
+    for m in &ups {
+        assert_eq!(m.topic, "eu868/gateway/00800000a0001234/event/up");
+        assert_eq!(
+            decode_uplink(&m.payload, false).rx_info.unwrap().gateway_id,
+            "00800000a0001234"
+        );
+    }
+}
