@@ -350,3 +350,98 @@ fn a_join_request_replayed_too_late_to_be_answered_is_not_forwarded() {
     let stats = collector.wait_for("/event/stats", Duration::from_secs(5), expired);
     assert!(expired(&stats), "join_expired_total reports it");
 }
+
+/// A store on a 12 MiB tmpfs with a 64 MiB budget: the disk fills first.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+            .arg(at)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then(|| SmallDisk(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_evicts_the_oldest_reports_them_and_the_agent_keeps_running() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port);
+    let collector = Collector::start(broker.port, "eu868");
+    proxy.set(Mode::Refuse);
+    let sent = frames(30_000, DEVICES, 0, 0.2);
+    let setup = AgentSetup::new(proxy.port)
+        .scenario(&sent)
+        .config("[store]\nmax_size_mib = 64\npath = \"disk/store\"");
+    let Some(_disk) = SmallDisk::mount(&setup.dir.path().join("disk")) else {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    };
+    let (mut agent, _dir) = setup.start();
+    let until = Instant::now() + Duration::from_secs(90);
+    while agent.status_value("rx").unwrap_or(0) < 30_000 {
+        assert!(
+            Instant::now() < until && agent.is_running(),
+            "{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        agent.is_running(),
+        "a full disk must not stop the agent:\n{}",
+        agent.log()
+    );
+    let log = agent.log();
+    let tail = &log[log.len().saturating_sub(3000)..];
+    assert!(
+        log.contains("reason=\"disk_full\""),
+        "evictions for the filling disk are logged:\n{tail}"
+    );
+    assert!(
+        !log.contains("No space left on device"),
+        "the store keeps headroom instead of hitting ENOSPC:\n{tail}"
+    );
+
+    proxy.set(Mode::Pass);
+    // Every frame is delivered, reported evicted, or counted as rejected: nothing vanishes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let delivered = uplinks_by_index(&collector.on("/event/up"), false).1.len() as u64;
+        let evicted: u64 = collector
+            .on("/event/buffer")
+            .iter()
+            .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
+            .filter(|v| v["event"] == "evicted")
+            .map(|v| v["records"].as_u64().unwrap())
+            .sum();
+        let rejected = agent.status_value("rejected").unwrap_or(0);
+        if agent.status_value("backlog") == Some(0) && delivered + evicted + rejected >= 30_000 {
+            assert!(evicted > 0, "evictions were reported");
+            assert!(delivered > 1_000, "{delivered} frames delivered");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "delivered {delivered} + evicted {evicted} + rejected {rejected}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // And it still forwards.
+    assert!(agent.is_running());
+}

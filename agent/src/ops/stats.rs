@@ -146,6 +146,7 @@ impl StatsReporter {
             backlog = backlog.records,
             evicted = self.queue.evicted_total(),
             dropped = Counters::get(&c.rx_dropped),
+            rejected = Counters::get(&c.store_rejected),
             backhaul = if up { "up" } else { "down" },
             "status"
         );

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -131,7 +131,15 @@ pub struct Queue {
     tree: sled::Tree,
     meta: Mutex<Meta>,
     opts: QueueOptions,
+    /// The disk the store may use now, and when that was measured.
+    disk_limit: Mutex<(u64, Option<Instant>)>,
 }
+
+/// Free space left on the store's filesystem: sled is log-structured and needs room to write
+/// even a deletion, so a store that fills its disk completely cannot evict anything.
+/// 4 MiB: sled writes ~7 bytes per record byte while filling (BENCHMARKS.md), so at 15,000
+/// frames/s this covers several measurement periods.
+pub const DISK_RESERVE_BYTES: u64 = 4 << 20;
 
 fn key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
@@ -269,6 +277,7 @@ impl Queue {
             tree,
             meta: Mutex::new(meta),
             opts: opts.clone(),
+            disk_limit: Mutex::new((opts.max_disk_bytes, None)),
         })
     }
 
@@ -294,8 +303,25 @@ impl Queue {
         self.meta().evicted
     }
 
-    fn record_budget(&self) -> u64 {
-        (self.opts.max_disk_bytes as f64 * RECORD_SHARE_OF_DISK) as u64
+    /// What the store may grow to on disk: its budget, or less when the filesystem is filling
+    /// (its current size plus the free space, less the reserve). Measured at most every 50 ms.
+    fn disk_limit(&self) -> u64 {
+        let mut cached = self.disk_limit.lock().unwrap_or_else(|p| p.into_inner());
+        if cached
+            .1
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(50))
+        {
+            return cached.0;
+        }
+        let free = nix::sys::statvfs::statvfs(&self.opts.path)
+            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .unwrap_or(u64::MAX);
+        let room = self
+            .disk_bytes()
+            .saturating_add(free)
+            .saturating_sub(DISK_RESERVE_BYTES);
+        *cached = (self.opts.max_disk_bytes.min(room), Some(Instant::now()));
+        cached.0
     }
 
     /// Appends durably (flushed to the kernel) and returns the sequence numbers given, after
@@ -306,10 +332,16 @@ impl Queue {
     ) -> Result<(std::ops::RangeInclusive<u64>, Vec<Eviction>), StoreError> {
         let incoming: u64 = records.iter().map(|r| stored_size(r.payload.len())).sum();
         let mut evictions = Vec::new();
-        let budget = self.record_budget();
+        let limit = self.disk_limit();
+        let reason = if limit < self.opts.max_disk_bytes {
+            "disk_full"
+        } else {
+            "size_budget"
+        };
+        let budget = (limit as f64 * RECORD_SHARE_OF_DISK) as u64;
         let over = (self.meta().bytes + incoming).saturating_sub(budget);
         if over > 0 {
-            evictions.extend(self.evict_oldest(over, "size_budget")?);
+            evictions.extend(self.evict_oldest(over, reason)?);
         }
         match self.insert(records) {
             Ok(range) => Ok((range, evictions)),
