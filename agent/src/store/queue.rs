@@ -313,6 +313,8 @@ impl Queue {
         {
             return cached.0;
         }
+        // The casts are needed on armhf, where both counts are 32-bit.
+        #[allow(clippy::unnecessary_cast)]
         let free = nix::sys::statvfs::statvfs(&self.opts.path)
             .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
             .unwrap_or(u64::MAX);
