@@ -551,7 +551,7 @@ impl AgentSetup {
                 "{}[radio]\nbackend = \"simulator\"\nboard = \"rak2287\"\nsimulator = \"sim.toml\"\n\
                  watchdog = \"3s\"\nrestart_backoff_max = \"2s\"\n\
                  [mqtt]\nserver = \"tcp://127.0.0.1:{}\"\nencoding = \"{}\"\nreconnect_min = \"200ms\"\nreconnect_max = \"2s\"\n\
-                 keep_alive = \"5s\"\nack_timeout = \"3s\"\nconnect_timeout = \"3s\"\n\
+                 keep_alive = \"5s\"\nack_timeout = \"10s\"\nconnect_timeout = \"10s\"\n\
                  [store]\npath = \"store\"\n[stats]\ninterval = \"1s\"\n",
                 if self.id_from_eui { String::new() } else { format!("[gateway]\nid = \"{GATEWAY_ID}\"\n") },
                 self.mqtt_port,
@@ -646,6 +646,20 @@ impl Agent {
             .next()?
             .parse()
             .ok()
+    }
+
+    /// Waits until the status line reports `key` at `at_least` or more; panics with the log if
+    /// it does not within `timeout` (or the agent dies).
+    pub fn wait_status(&mut self, key: &str, at_least: u64, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        while self.status_value(key).unwrap_or(0) < at_least {
+            assert!(
+                Instant::now() < until && self.is_running(),
+                "status {key} did not reach {at_least}:\n{}",
+                self.log()
+            );
+            sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn sigterm(&mut self) -> ExitStatus {

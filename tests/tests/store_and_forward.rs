@@ -114,15 +114,7 @@ fn every_accepted_frame_survives_a_sigkill_during_an_outage() {
     // 1000 frames at 100/s: the agent is killed while they are still coming in.
     let sent = frames(1000, DEVICES, 0, 10.0);
     let (mut agent, dir) = AgentSetup::new(proxy.port).scenario(&sent).start();
-    let until = Instant::now() + Duration::from_secs(30);
-    while agent.status_value("accepted").unwrap_or(0) < 400 {
-        assert!(
-            Instant::now() < until,
-            "frames were not accepted:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    agent.wait_status("accepted", 400, Duration::from_secs(30));
     let accepted_before_kill = agent.status_value("accepted").unwrap();
     agent.sigkill();
 
@@ -290,15 +282,11 @@ fn a_rate_limit_paces_the_replay_of_a_backlog() {
     let collector = Collector::start(broker.port, "eu868");
     proxy.set(Mode::Refuse);
     let sent = frames(300, DEVICES, 0, 0.0);
-    let (agent, _dir) = AgentSetup::new(proxy.port)
+    let (mut agent, _dir) = AgentSetup::new(proxy.port)
         .scenario(&sent)
         .config("[mqtt]\nmax_rate_per_s = 50")
         .start();
-    let until = Instant::now() + Duration::from_secs(20);
-    while agent.status_value("accepted").unwrap_or(0) < 300 {
-        assert!(Instant::now() < until, "{}", agent.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_status("accepted", 300, Duration::from_secs(20));
     let t = Instant::now();
     proxy.set(Mode::Pass);
     let got = collector.wait_for("/event/up", Duration::from_secs(30), |m| m.len() >= 300);
@@ -322,15 +310,11 @@ fn a_join_request_replayed_too_late_to_be_answered_is_not_forwarded() {
     sent[1].payload = vec![
         0x00, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 1, 9, 9, 9, 9, 0xaa, 0xbb, 0xcc, 0xdd, 0x12, 0x34,
     ];
-    let (agent, _dir) = AgentSetup::new(proxy.port)
+    let (mut agent, _dir) = AgentSetup::new(proxy.port)
         .scenario(&sent)
         .config("[store]\njoin_request_max_age = \"2s\"")
         .start();
-    let until = Instant::now() + Duration::from_secs(10);
-    while agent.status_value("accepted").unwrap_or(0) < 3 {
-        assert!(Instant::now() < until, "{}", agent.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_status("accepted", 3, Duration::from_secs(10));
     // Older than join_request_max_age when the backhaul returns.
     std::thread::sleep(Duration::from_secs(3));
     proxy.set(Mode::Pass);
@@ -391,15 +375,7 @@ fn a_full_disk_evicts_the_oldest_reports_them_and_the_agent_keeps_running() {
         return;
     };
     let (mut agent, _dir) = setup.start();
-    let until = Instant::now() + Duration::from_secs(90);
-    while agent.status_value("rx").unwrap_or(0) < 30_000 {
-        assert!(
-            Instant::now() < until && agent.is_running(),
-            "{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    agent.wait_status("rx", 30_000, Duration::from_secs(90));
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         agent.is_running(),
