@@ -9,6 +9,7 @@
 pub mod scheduler;
 pub mod validate;
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
@@ -36,14 +37,25 @@ struct Pending {
     radio_start: u64,
 }
 
-/// Timing figures of this run, logged at shutdown (the downlink benchmark reads them).
+/// Timing figures over the most recent `TIMING_SAMPLES` downlinks (bounded: the daemon runs for
+/// months), logged at shutdown; the downlink benchmark reads them.
 #[derive(Default)]
 struct Timings {
     /// From MQTT delivery to the scheduling decision, µs.
-    to_decision_us: Vec<u32>,
+    to_decision_us: VecDeque<u32>,
     /// Hand-off lead before the start, µs.
-    lead_us: Vec<i64>,
+    lead_us: VecDeque<i64>,
+    /// Hand-offs too late, since start.
     late: u64,
+}
+
+const TIMING_SAMPLES: usize = 65_536;
+
+fn sample<T>(v: &mut VecDeque<T>, x: T) {
+    if v.len() == TIMING_SAMPLES {
+        v.pop_front();
+    }
+    v.push_back(x);
 }
 
 fn pct<T: Copy + Ord + Default>(sorted: &[T], p: usize) -> T {
@@ -54,18 +66,20 @@ fn pct<T: Copy + Ord + Default>(sorted: &[T], p: usize) -> T {
 }
 
 impl Timings {
-    fn log(mut self) {
-        self.to_decision_us.sort_unstable();
-        self.lead_us.sort_unstable();
+    fn log(self) {
+        let mut to_decision_us = Vec::from(self.to_decision_us);
+        let mut lead_us = Vec::from(self.lead_us);
+        to_decision_us.sort_unstable();
+        lead_us.sort_unstable();
         tracing::info!(
-            decided = self.to_decision_us.len(),
-            to_decision_us_p50 = pct(&self.to_decision_us, 50),
-            to_decision_us_p99 = pct(&self.to_decision_us, 99),
-            to_decision_us_max = self.to_decision_us.last().copied().unwrap_or(0),
-            handoffs = self.lead_us.len(),
-            lead_us_min = self.lead_us.first().copied().unwrap_or(0),
-            lead_us_p50 = pct(&self.lead_us, 50),
-            lead_us_max = self.lead_us.last().copied().unwrap_or(0),
+            decided = to_decision_us.len(),
+            to_decision_us_p50 = pct(&to_decision_us, 50),
+            to_decision_us_p99 = pct(&to_decision_us, 99),
+            to_decision_us_max = to_decision_us.last().copied().unwrap_or(0),
+            handoffs = lead_us.len(),
+            lead_us_min = lead_us.first().copied().unwrap_or(0),
+            lead_us_p50 = pct(&lead_us, 50),
+            lead_us_max = lead_us.last().copied().unwrap_or(0),
             late = self.late,
             "downlink summary"
         );
@@ -113,13 +127,16 @@ impl Downlinks {
             match self.input.recv_timeout(wait) {
                 Ok((bytes, at)) => {
                     self.command(&mut sched, &bytes);
-                    timings.to_decision_us.push(at.elapsed().as_micros() as u32);
+                    sample(&mut timings.to_decision_us, at.elapsed().as_micros() as u32);
                     // A burst is taken in one go, still handing off on time in between.
                     for _ in 0..64 {
                         match self.input.try_recv() {
                             Ok((bytes, at)) => {
                                 self.command(&mut sched, &bytes);
-                                timings.to_decision_us.push(at.elapsed().as_micros() as u32);
+                                sample(
+                                    &mut timings.to_decision_us,
+                                    at.elapsed().as_micros() as u32,
+                                );
                             }
                             Err(_) => break,
                         }
@@ -302,7 +319,7 @@ impl Downlinks {
             match self.hal.tx_status(packet.rf_chain) {
                 Ok(TxStatus::Emitting) => std::thread::sleep(Duration::from_micros(500)),
                 _ => {
-                    timings.lead_us.push(lead);
+                    sample(&mut timings.lead_us, lead);
                     break;
                 }
             }

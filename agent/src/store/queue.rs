@@ -9,7 +9,7 @@
 //! `sync_file_range`), so a killed process loses nothing appended; sled's background thread
 //! fsyncs every `commit_interval`, which bounds what a power cut can lose.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -27,8 +27,6 @@ const FORMAT: u8 = 1;
 pub enum StoreError {
     #[error("store I/O: {0}")]
     Sled(#[from] sled::Error),
-    #[error("disk full: {0}")]
-    DiskFull(sled::Error),
     #[error("the store at {0} is in use by another process")]
     Locked(PathBuf),
     #[error("unreadable record {seq}: {why}")]
@@ -151,10 +149,6 @@ fn seq_of(k: &[u8]) -> u64 {
 
 fn stored_size(payload_len: usize) -> u64 {
     (8 + HEADER + payload_len) as u64
-}
-
-fn is_disk_full(e: &sled::Error) -> bool {
-    matches!(e, sled::Error::Io(io) if io.raw_os_error() == Some(28))
 }
 
 impl Record {
@@ -285,10 +279,6 @@ impl Queue {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn path(&self) -> &Path {
-        &self.opts.path
-    }
-
     /// The sequence number the next appended record gets.
     pub fn next_seq(&self) -> u64 {
         self.meta().next_seq
@@ -345,18 +335,10 @@ impl Queue {
         if over > 0 {
             evictions.extend(self.evict_oldest(over, reason)?);
         }
-        match self.insert(records) {
-            Ok(range) => Ok((range, evictions)),
-            Err(StoreError::DiskFull(e)) => {
-                // Make room by dropping the oldest tenth (reported), then try once more.
-                let tenth = (self.meta().bytes / 10).max(incoming);
-                tracing::error!(error = %e, "disk full: evicting the oldest records to make room");
-                evictions.extend(self.evict_oldest(tenth, "disk_full")?);
-                let range = self.insert(records)?;
-                Ok((range, evictions))
-            }
-            Err(e) => Err(e),
-        }
+        // No retry on ENOSPC: sled cannot even log a deletion on a full disk, which is why the
+        // limit above keeps headroom. What still fails is the caller's to count.
+        let range = self.insert(records)?;
+        Ok((range, evictions))
     }
 
     fn insert(&self, records: &[NewRecord]) -> Result<std::ops::RangeInclusive<u64>, StoreError> {
@@ -375,14 +357,9 @@ impl Queue {
             .tree
             .apply_batch(batch)
             .and_then(|_| self.db.flush().map(|_| ()));
-        match result {
-            Ok(()) => {
-                *meta = next;
-                Ok(first..=next.next_seq - 1)
-            }
-            Err(e) if is_disk_full(&e) => Err(StoreError::DiskFull(e)),
-            Err(e) => Err(e.into()),
-        }
+        result?;
+        *meta = next;
+        Ok(first..=next.next_seq - 1)
     }
 
     /// Up to `max` records with a sequence number of `from` or more, oldest first.
@@ -514,6 +491,7 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn opts(dir: &Path) -> QueueOptions {
         QueueOptions {
