@@ -46,6 +46,14 @@ impl Kind {
 /// The record is a LoRaWAN join-request (answerable only within seconds).
 pub const FLAG_JOIN_REQUEST: u8 = 0b1;
 
+/// A ChirpStack message in the configured encoding (the proto3 JSON mapping for JSON).
+pub fn wire<M: Message + serde::Serialize>(m: &M, e: Encoding) -> Vec<u8> {
+    match e {
+        Encoding::Protobuf => m.encode_to_vec(),
+        Encoding::Json => serde_json::to_vec(m).unwrap_or_default(),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Body {
     Uplink(Box<gw::UplinkFrame>),
@@ -88,12 +96,6 @@ impl Event {
 
     /// The bytes to publish, stamped with `seq`.
     pub fn encode(self, seq: u64, encoding: Encoding) -> Vec<u8> {
-        fn wire<M: Message + serde::Serialize>(m: &M, e: Encoding) -> Vec<u8> {
-            match e {
-                Encoding::Protobuf => m.encode_to_vec(),
-                Encoding::Json => serde_json::to_vec(m).unwrap_or_default(),
-            }
-        }
         match self.body {
             Body::Uplink(mut f) => {
                 if let Some(rx) = f.rx_info.as_mut() {

@@ -153,8 +153,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let (radio_tx, radio_rx) = sync_channel(RADIO_QUEUE);
     let (event_tx, event_rx) = sync_channel::<Event>(EVENT_QUEUE);
     let (eui_tx, mut eui_rx) = watch::channel(None);
+    let radio_settings = RadioSettings::from_config(&cfg);
     let radio = Radio {
-        settings: RadioSettings::from_config(&cfg),
+        settings: radio_settings.clone(),
         hal: hal.clone(),
         out: radio_tx,
         counters: counters.clone(),
@@ -209,8 +210,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     .spawn()?;
 
-    let board = lora_edge::radio::boards::profile(&cfg.radio.board).expect("validated");
-    let plan = lora_edge::radio::region::plan(&cfg.region.plan).expect("validated");
     let (down_tx, down_rx) = sync_channel(DOWNLINK_QUEUE);
     let downlinks = Downlinks {
         input: down_rx,
@@ -218,13 +217,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         output: event_tx.clone(),
         gateway_id: gateway_id.clone(),
         encoding: cfg.mqtt.encoding,
-        limits: TxLimits {
-            freq_min_hz: plan.tx_freq_min_hz.max(board.tx_freq_min_hz),
-            freq_max_hz: plan.tx_freq_max_hz.min(board.tx_freq_max_hz),
-            gains: board.tx_gains.to_vec(),
-            antenna_gain_dbi: cfg.radio.antenna_gain_dbi,
-            rf_chain: plan.tx_radio,
-        },
+        limits: TxLimits::for_radio(&radio_settings, cfg.radio.antenna_gain_dbi),
         enforce_duty_cycle: cfg.radio.enforce_duty_cycle,
         counters: counters.clone(),
     }

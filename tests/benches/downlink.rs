@@ -39,11 +39,7 @@ fn item(timing: gw::timing::Parameters, ctx: u32, id: u32) -> gw::DownlinkFrameI
 }
 
 fn field(line: &str, key: &str) -> i64 {
-    line.split(&format!("{key}="))
-        .nth(1)
-        .and_then(|r| r.split(|c: char| c != '-' && !c.is_ascii_digit()).next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(-1)
+    log_field(line, "downlink summary", key).unwrap_or(-1)
 }
 
 fn main() {

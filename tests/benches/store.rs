@@ -16,16 +16,6 @@ use lora_edge_e2e::*;
 
 const PHY: usize = 200;
 
-fn log_value(log: &str, line_has: &str, key: &str) -> Option<u64> {
-    let line = log.lines().rev().find(|l| l.contains(line_has))?;
-    line.split(&format!("{key}="))
-        .nth(1)?
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
-
 fn run(n: u64) {
     let broker = Broker::start();
     let proxy = Proxy::start(broker.port);
@@ -81,8 +71,8 @@ fn run(n: u64) {
                 .unwrap_or("")
         );
     }
-    let open_ms = log_value(&log, "store opened", "open_ms").unwrap_or(0);
-    let record_bytes = log_value(&log, "store opened", "backlog_bytes").unwrap_or(0);
+    let open_ms = log_field(&log, "store opened", "open_ms").unwrap_or(0) as u64;
+    let record_bytes = log_field(&log, "store opened", "backlog_bytes").unwrap_or(0) as u64;
     let pid = agent.pid().unwrap();
     let sampler = RssSampler::start(pid);
     std::thread::sleep(Duration::from_secs(2));

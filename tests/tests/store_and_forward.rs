@@ -43,7 +43,7 @@ fn outage_loses_nothing(
     let got = collector.wait_for("/event/up", Duration::from_secs(90), |m| {
         uplinks_by_index(m, false).1.len() >= sent.len()
     });
-    let d = delivery(&got, sent.len() as u32, DEVICES, false);
+    let d = delivery(&got, sent.len() as u32, false);
     assert!(
         d.missing.is_empty(),
         "{} frames lost: {:?}\n{}",
@@ -291,7 +291,7 @@ fn a_rate_limit_paces_the_replay_of_a_backlog() {
     proxy.set(Mode::Pass);
     let got = collector.wait_for("/event/up", Duration::from_secs(30), |m| m.len() >= 300);
     let took = t.elapsed();
-    assert!(delivery(&got, 300, DEVICES, false).missing.is_empty());
+    assert!(delivery(&got, 300, false).missing.is_empty());
     // 300 messages at 50/s with a one-second burst allowance: at least 5 s.
     assert!(
         took >= Duration::from_secs(5),

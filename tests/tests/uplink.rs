@@ -138,7 +138,7 @@ fn a_radio_that_fails_to_start_or_to_receive_is_restarted_and_frames_keep_coming
     let got = collector.wait_for("/event/up", Duration::from_secs(60), |m| {
         m.len() >= sent.len()
     });
-    let d = delivery(&got, sent.len() as u32, 3, false);
+    let d = delivery(&got, sent.len() as u32, false);
     assert!(
         d.missing.is_empty(),
         "missing after restarts: {:?}",

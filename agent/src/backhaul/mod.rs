@@ -72,10 +72,7 @@ fn conn_state(gateway_id: &str, online: bool, encoding: Encoding) -> Vec<u8> {
         } as i32,
         ..Default::default()
     };
-    match encoding {
-        Encoding::Protobuf => prost::Message::encode_to_vec(&state),
-        Encoding::Json => serde_json::to_vec(&state).unwrap_or_default(),
-    }
+    crate::events::wire(&state, encoding)
 }
 
 impl Backhaul {

@@ -9,6 +9,7 @@ use chirpstack_api::gw;
 
 use super::scheduler::When;
 use crate::radio::hal::{CodeRate, Modulation, TxGain, TxMode, TxPacket};
+use crate::radio::RadioSettings;
 
 /// What the board and region allow.
 #[derive(Debug, Clone)]
@@ -19,6 +20,20 @@ pub struct TxLimits {
     pub gains: Vec<TxGain>,
     pub antenna_gain_dbi: f32,
     pub rf_chain: u8,
+}
+
+impl TxLimits {
+    /// The board's and the region's TX limits together.
+    pub fn for_radio(radio: &RadioSettings, antenna_gain_dbi: f32) -> TxLimits {
+        let (board, plan) = (radio.board, &radio.plan);
+        TxLimits {
+            freq_min_hz: plan.tx_freq_min_hz.max(board.tx_freq_min_hz),
+            freq_max_hz: plan.tx_freq_max_hz.min(board.tx_freq_max_hz),
+            gains: board.tx_gains.to_vec(),
+            antenna_gain_dbi,
+            rf_chain: plan.tx_radio,
+        }
+    }
 }
 
 /// A valid item: the packet (its timing filled in at scheduling) and when it asks to go.

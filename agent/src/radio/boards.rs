@@ -59,6 +59,21 @@ const SX1250_EU868: &[TxGain] = &[
 
 const TCOMP: [f32; 5] = [0.0, 0.0, 20.41, 2162.56, 0.0];
 
+/// What the boards below share: an SX1250 front end for EU868 (Semtech reference figures).
+const SX1250_EU868_BOARD: BoardProfile = BoardProfile {
+    name: "",
+    description: "",
+    sx1302_reset: 17,
+    power_enable: None,
+    sx1261_reset: None,
+    has_temperature_sensor: false,
+    rssi_offset: -215.4,
+    rssi_tcomp: TCOMP,
+    tx_freq_min_hz: 863_000_000,
+    tx_freq_max_hz: 870_000_000,
+    tx_gains: SX1250_EU868,
+};
+
 static BOARDS: &[BoardProfile] = &[
     BoardProfile {
         name: "semtech_corecell",
@@ -67,50 +82,25 @@ static BOARDS: &[BoardProfile] = &[
         power_enable: Some(18),
         sx1261_reset: Some(22),
         has_temperature_sensor: true,
-        rssi_offset: -215.4,
-        rssi_tcomp: TCOMP,
-        tx_freq_min_hz: 863_000_000,
-        tx_freq_max_hz: 870_000_000,
-        tx_gains: SX1250_EU868,
+        ..SX1250_EU868_BOARD
     },
     BoardProfile {
         name: "seeed_wm1302",
         description: "Seeed WM1302 (SPI)",
-        sx1302_reset: 17,
         power_enable: Some(18),
         sx1261_reset: Some(5),
         has_temperature_sensor: true,
-        rssi_offset: -215.4,
-        rssi_tcomp: TCOMP,
-        tx_freq_min_hz: 863_000_000,
-        tx_freq_max_hz: 870_000_000,
-        tx_gains: SX1250_EU868,
+        ..SX1250_EU868_BOARD
     },
     BoardProfile {
         name: "rak2287",
         description: "RAKwireless RAK2287 (SPI)",
-        sx1302_reset: 17,
-        power_enable: None,
-        sx1261_reset: None,
-        has_temperature_sensor: false,
-        rssi_offset: -215.4,
-        rssi_tcomp: TCOMP,
-        tx_freq_min_hz: 863_000_000,
-        tx_freq_max_hz: 870_000_000,
-        tx_gains: SX1250_EU868,
+        ..SX1250_EU868_BOARD
     },
     BoardProfile {
         name: "rak5146",
         description: "RAKwireless RAK5146 (SX1303, SPI)",
-        sx1302_reset: 17,
-        power_enable: None,
-        sx1261_reset: None,
-        has_temperature_sensor: false,
-        rssi_offset: -215.4,
-        rssi_tcomp: TCOMP,
-        tx_freq_min_hz: 863_000_000,
-        tx_freq_max_hz: 870_000_000,
-        tx_gains: SX1250_EU868,
+        ..SX1250_EU868_BOARD
     },
 ];
 
@@ -125,6 +115,31 @@ pub fn known() -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpio_lines_are_those_of_the_board_documentation() {
+        // (board, SX1302 reset, power enable, SX1261 reset, temperature sensor): docs/sx1302.md
+        let table = [
+            ("semtech_corecell", 23, Some(18), Some(22), true),
+            ("seeed_wm1302", 17, Some(18), Some(5), true),
+            ("rak2287", 17, None, None, false),
+            ("rak5146", 17, None, None, false),
+        ];
+        for (name, reset, power, sx1261, sensor) in table {
+            let b = profile(name).unwrap();
+            assert_eq!(
+                (
+                    b.sx1302_reset,
+                    b.power_enable,
+                    b.sx1261_reset,
+                    b.has_temperature_sensor
+                ),
+                (reset, power, sx1261, sensor),
+                "{name}"
+            );
+        }
+        assert_eq!(known().len(), table.len());
+    }
 
     #[test]
     fn every_gain_table_is_sorted_by_power_and_fits_the_hal() {

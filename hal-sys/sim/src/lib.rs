@@ -109,10 +109,7 @@ impl SimConfig {
 #[derive(Default)]
 struct Setup {
     com_path: Option<PathBuf>,
-    rf_enabled: [bool; 2],
     rf_tx_enabled: [bool; 2],
-    if_enabled: u32,
-    txgain_size: [u8; 2],
 }
 
 struct Running {
@@ -203,7 +200,6 @@ pub unsafe extern "C" fn lgw_rxrf_setconf(rf_chain: u8, conf: *mut sys::lgw_conf
         if s.running.is_some() {
             return ERR;
         }
-        s.setup.rf_enabled[rf_chain as usize] = conf.enable;
         s.setup.rf_tx_enabled[rf_chain as usize] = conf.tx_enable;
         OK
     })
@@ -227,13 +223,10 @@ pub unsafe extern "C" fn lgw_rxif_setconf(if_chain: u8, conf: *mut sys::lgw_conf
             if conf.rf_chain as u32 >= sys::LGW_RF_CHAIN_NB {
                 return ERR;
             }
-            s.setup.if_enabled |= 1 << if_chain;
             // The real HAL writes defaults back into the caller's struct.
             if if_chain == 8 && conf.sync_word_size == 0 {
                 conf.sync_word_size = 1;
             }
-        } else {
-            s.setup.if_enabled &= !(1 << if_chain);
         }
         OK
     })
@@ -265,10 +258,7 @@ pub unsafe extern "C" fn lgw_txgain_setconf(
     {
         return ERR;
     }
-    with_sim(|s| {
-        s.setup.txgain_size[rf_chain as usize] = conf.size;
-        OK
-    })
+    OK
 }
 
 /// # Safety
