@@ -7,6 +7,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chirpstack_api::gw;
+use chirpstack_api::pbjson_types::Timestamp;
 use prost::Message;
 
 use crate::config::Encoding;
@@ -94,26 +95,310 @@ impl Event {
         }
     }
 
-    /// The bytes to publish, stamped with `seq`.
-    pub fn encode(self, seq: u64, encoding: Encoding) -> Vec<u8> {
+    /// The form the store keeps: compact, and without the sequence number, which the store
+    /// gives and `publishable` stamps.
+    pub fn stored(self) -> Vec<u8> {
         match self.body {
-            Body::Uplink(mut f) => {
-                if let Some(rx) = f.rx_info.as_mut() {
-                    rx.metadata.insert("seq".into(), seq.to_string());
-                }
-                wire(f.as_ref(), encoding)
+            Body::Uplink(f) => StoredUplink::from_frame(&f).encode_to_vec(),
+            Body::Stats(s) => s.encode_to_vec(),
+            Body::Ack(a) => a.encode_to_vec(),
+            Body::Notice(v) => serde_json::to_vec(&v).unwrap_or_default(),
+        }
+    }
+}
+
+/// A stored body that cannot be turned back into a message.
+#[derive(Debug, thiserror::Error)]
+#[error("stored {kind:?} event unreadable: {why}")]
+pub struct Unreadable {
+    pub kind: Kind,
+    pub why: String,
+}
+
+/// The bytes published for a stored event: the message rebuilt in the configured encoding and
+/// stamped with `seq` (`metadata["seq"]`, or `"seq"` in notices).
+pub fn publishable(
+    kind: Kind,
+    stored: &[u8],
+    at_ms: u64,
+    seq: u64,
+    gateway_id: &str,
+    encoding: Encoding,
+) -> Result<Vec<u8>, Unreadable> {
+    let bad = |why: String| Unreadable { kind, why };
+    Ok(match kind {
+        Kind::Up => {
+            let s = StoredUplink::decode(stored).map_err(|e| bad(e.to_string()))?;
+            let mut f = s.into_frame(gateway_id, at_ms);
+            if let Some(rx) = f.rx_info.as_mut() {
+                rx.metadata.insert("seq".into(), seq.to_string());
             }
-            Body::Stats(mut s) => {
-                s.metadata.insert("seq".into(), seq.to_string());
-                wire(s.as_ref(), encoding)
+            wire(&f, encoding)
+        }
+        Kind::Stats => {
+            let mut s = gw::GatewayStats::decode(stored).map_err(|e| bad(e.to_string()))?;
+            s.metadata.insert("seq".into(), seq.to_string());
+            wire(&s, encoding)
+        }
+        Kind::Ack => {
+            let a = gw::DownlinkTxAck::decode(stored).map_err(|e| bad(e.to_string()))?;
+            wire(&a, encoding)
+        }
+        Kind::Buffer => {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(stored).map_err(|e| bad(e.to_string()))?;
+            let o = v
+                .as_object_mut()
+                .ok_or_else(|| bad("not a JSON object".into()))?;
+            o.insert("seq".into(), seq.into());
+            serde_json::to_vec(&v).unwrap_or_default()
+        }
+    })
+}
+
+/// An uplink as the store keeps it: the fields `uplink::uplink_frame` fills in, without the
+/// gateway id (the same in every record) and with the reception time relative to the record's
+/// millisecond timestamp. About 50 bytes of metadata instead of the ~120 of an `UplinkFrame`
+/// with its gateway id and seq, which is what keeps the store within 2.5 disk bytes per
+/// PHYPayload byte (BENCHMARKS.md). Protobuf so that a field added later stays readable.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredUplink {
+    #[prost(bytes = "vec", tag = "1")]
+    phy_payload: Vec<u8>,
+    #[prost(fixed32, tag = "2")]
+    frequency: u32,
+    #[prost(uint32, tag = "3")]
+    lora_bandwidth: u32,
+    #[prost(uint32, tag = "4")]
+    lora_spreading_factor: u32,
+    #[prost(int32, tag = "5")]
+    lora_code_rate: i32,
+    #[prost(uint32, tag = "6")]
+    fsk_datarate: u32,
+    #[prost(sint32, tag = "7")]
+    rssi: i32,
+    #[prost(float, tag = "8")]
+    snr: f32,
+    #[prost(uint32, tag = "9")]
+    channel: u32,
+    #[prost(uint32, tag = "10")]
+    rf_chain: u32,
+    #[prost(bytes = "vec", tag = "11")]
+    context: Vec<u8>,
+    #[prost(int32, tag = "12")]
+    crc_status: i32,
+    #[prost(uint32, tag = "13")]
+    uplink_id: u32,
+    /// `gw_time` less the record's millisecond timestamp, in ns; absent when there was none.
+    #[prost(uint32, optional, tag = "14")]
+    gw_time_ns_past_ms: Option<u32>,
+    #[prost(uint32, tag = "15")]
+    board: u32,
+    #[prost(uint32, tag = "16")]
+    antenna: u32,
+}
+
+impl StoredUplink {
+    fn from_frame(f: &gw::UplinkFrame) -> StoredUplink {
+        let tx = f.tx_info.clone().unwrap_or_default();
+        let rx = f.rx_info.clone().unwrap_or_default();
+        let mut s = StoredUplink {
+            phy_payload: f.phy_payload.clone(),
+            frequency: tx.frequency,
+            rssi: rx.rssi,
+            snr: rx.snr,
+            channel: rx.channel,
+            rf_chain: rx.rf_chain,
+            context: rx.context,
+            crc_status: rx.crc_status,
+            uplink_id: rx.uplink_id,
+            gw_time_ns_past_ms: rx.gw_time.map(|t| (t.nanos.max(0) as u32) % 1_000_000),
+            board: rx.board,
+            antenna: rx.antenna,
+            ..Default::default()
+        };
+        match tx.modulation.and_then(|m| m.parameters) {
+            Some(gw::modulation::Parameters::Lora(l)) => {
+                s.lora_bandwidth = l.bandwidth;
+                s.lora_spreading_factor = l.spreading_factor;
+                s.lora_code_rate = l.code_rate;
             }
-            Body::Ack(a) => wire(&a, encoding),
-            Body::Notice(mut v) => {
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("seq".into(), seq.into());
-                }
-                serde_json::to_vec(&v).unwrap_or_default()
-            }
+            Some(gw::modulation::Parameters::Fsk(m)) => s.fsk_datarate = m.datarate,
+            _ => {}
+        }
+        s
+    }
+
+    fn into_frame(self, gateway_id: &str, at_ms: u64) -> gw::UplinkFrame {
+        let parameters = if self.fsk_datarate != 0 {
+            Some(gw::modulation::Parameters::Fsk(gw::FskModulationInfo {
+                datarate: self.fsk_datarate,
+                ..Default::default()
+            }))
+        } else if self.lora_bandwidth != 0 {
+            Some(gw::modulation::Parameters::Lora(gw::LoraModulationInfo {
+                bandwidth: self.lora_bandwidth,
+                spreading_factor: self.lora_spreading_factor,
+                code_rate: self.lora_code_rate,
+                ..Default::default()
+            }))
+        } else {
+            None
+        };
+        let gw_time = self.gw_time_ns_past_ms.map(|ns| Timestamp {
+            seconds: (at_ms / 1000) as i64,
+            nanos: ((at_ms % 1000) * 1_000_000) as i32 + ns.min(999_999) as i32,
+        });
+        gw::UplinkFrame {
+            phy_payload: self.phy_payload,
+            tx_info: Some(gw::UplinkTxInfo {
+                frequency: self.frequency,
+                modulation: parameters.map(|p| gw::Modulation {
+                    parameters: Some(p),
+                }),
+            }),
+            rx_info: Some(gw::UplinkRxInfo {
+                gateway_id: gateway_id.to_string(),
+                uplink_id: self.uplink_id,
+                gw_time,
+                rssi: self.rssi,
+                snr: self.snr,
+                channel: self.channel,
+                rf_chain: self.rf_chain,
+                board: self.board,
+                antenna: self.antenna,
+                context: self.context,
+                crc_status: self.crc_status,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::radio::hal::{CodeRate, CrcStatus, Modulation, RxPacket};
+    use crate::radio::Received;
+    use std::time::Duration;
+
+    fn received(modulation: Modulation) -> Received {
+        Received {
+            packet: RxPacket {
+                freq_hz: 868_300_000,
+                freq_offset_hz: -120,
+                if_chain: 7,
+                rf_chain: 1,
+                modem_id: 7,
+                crc: CrcStatus::Bad,
+                count_us: 0xFFFF_FF00,
+                modulation,
+                rssi: -117.4,
+                rssi_signal: -118.0,
+                snr: -12.25,
+                payload: (0..=255u8).collect(),
+            },
+            at: UNIX_EPOCH + Duration::new(1_795_000_123, 456_789_123),
+        }
+    }
+
+    fn round_trip(frame: gw::UplinkFrame, at: SystemTime, seq: u64) -> gw::UplinkFrame {
+        let event = Event {
+            at,
+            body: Body::Uplink(Box::new(frame)),
+        };
+        let stored = event.stored();
+        let bytes = publishable(
+            Kind::Up,
+            &stored,
+            unix_ms(at),
+            seq,
+            "0016c001ff10a235",
+            Encoding::Protobuf,
+        )
+        .unwrap();
+        gw::UplinkFrame::decode(bytes.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn a_stored_uplink_is_published_exactly_as_built_plus_its_seq() {
+        for modulation in [
+            Modulation::Lora {
+                spreading_factor: 12,
+                bandwidth_hz: 125_000,
+                code_rate: CodeRate::Cr47,
+            },
+            Modulation::Fsk { datarate: 50_000 },
+        ] {
+            let r = received(modulation);
+            let built = crate::uplink::uplink_frame("0016c001ff10a235", &r);
+            let mut expected = built.clone();
+            expected
+                .rx_info
+                .as_mut()
+                .unwrap()
+                .metadata
+                .insert("seq".into(), "4242".into());
+            assert_eq!(round_trip(built, r.at, 4242), expected);
+        }
+    }
+
+    #[test]
+    fn the_stored_uplink_carries_about_fifty_bytes_besides_the_phy_payload() {
+        let r = received(Modulation::Lora {
+            spreading_factor: 7,
+            bandwidth_hz: 125_000,
+            code_rate: CodeRate::Cr45,
+        });
+        let phy = r.packet.payload.len();
+        let frame = crate::uplink::uplink_frame("0016c001ff10a235", &r);
+        let full = Event {
+            at: r.at,
+            body: Body::Uplink(Box::new(frame.clone())),
+        }
+        .stored()
+        .len();
+        let wire_len = wire(&frame, Encoding::Protobuf).len();
+        assert!(full - phy <= 50, "{} bytes of metadata", full - phy);
+        assert!(full < wire_len, "stored {full} B, published {wire_len} B");
+    }
+
+    #[test]
+    fn stats_acks_and_notices_are_stamped_at_publication() {
+        let stats = gw::GatewayStats {
+            gateway_id: "0016c001ff10a235".into(),
+            rx_packets_received: 9,
+            ..Default::default()
+        };
+        let stored = Event {
+            at: SystemTime::now(),
+            body: Body::Stats(Box::new(stats)),
+        }
+        .stored();
+        let json = publishable(Kind::Stats, &stored, 0, 17, "x", Encoding::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(v["metadata"]["seq"], "17");
+        assert_eq!(v["rxPacketsReceived"], 9);
+
+        let stored = Event {
+            at: SystemTime::now(),
+            body: Body::Notice(serde_json::json!({"event": "evicted", "records": 3})),
+        }
+        .stored();
+        let out = publishable(Kind::Buffer, &stored, 0, 18, "x", Encoding::Protobuf).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["seq"].as_u64(), v["records"].as_u64()),
+            (Some(18), Some(3))
+        );
+    }
+
+    #[test]
+    fn an_unreadable_stored_body_is_an_error_not_a_panic() {
+        for kind in [Kind::Up, Kind::Stats, Kind::Ack, Kind::Buffer] {
+            let err = publishable(kind, &[0xff, 0xff, 0xff], 0, 1, "x", Encoding::Protobuf);
+            assert!(err.is_err(), "{kind:?}");
         }
     }
 }

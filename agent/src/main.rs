@@ -184,7 +184,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let writer = Writer {
         queue: queue.clone(),
         input: event_rx,
-        encoding: cfg.mqtt.encoding,
         appended: appended_tx,
         counters: counters.clone(),
     }

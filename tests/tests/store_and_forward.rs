@@ -150,14 +150,15 @@ fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported() {
     let proxy = Proxy::start(broker.port);
     let collector = Collector::start(broker.port, "eu868");
     proxy.set(Mode::Refuse);
-    // A 1 MiB budget holds ~400 KiB of records: ~4,000 of these uplinks. Send 8,000.
-    let sent = frames(8000, DEVICES, 0, 0.5);
+    // A 16 MiB budget (the smallest allowed) holds 3.2 MiB of records, ~40,000 of these short
+    // uplinks. Send 60,000.
+    let sent = frames(60_000, DEVICES, 0, 0.2);
     let (agent, _dir) = AgentSetup::new(proxy.port)
         .scenario(&sent)
-        .config("[store]\nmax_size_mib = 1")
+        .config("[store]\nmax_size_mib = 16")
         .start();
     let until = Instant::now() + Duration::from_secs(60);
-    while agent.status_value("rx").unwrap_or(0) < 8000
+    while agent.status_value("rx").unwrap_or(0) < 60_000
         || !agent.log().contains("oldest events evicted")
     {
         assert!(Instant::now() < until, "{}", agent.log());
@@ -232,7 +233,7 @@ fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported() {
     assert!(evicted.iter().all(|&(_, b)| b < oldest_delivered_up));
     let delivered_frames = uplinks_by_index(&collector.on("/event/up"), false).1.len();
     assert!(
-        delivered_frames > 2000 && delivered_frames < 8000,
+        delivered_frames > 10_000 && delivered_frames < 60_000,
         "{delivered_frames} frames survived"
     );
 }
@@ -335,14 +336,14 @@ fn a_join_request_replayed_too_late_to_be_answered_is_not_forwarded() {
     assert!(expired(&stats), "join_expired_total reports it");
 }
 
-/// A store on a 12 MiB tmpfs with a 64 MiB budget: the disk fills first.
+/// A store on a 16 MiB tmpfs with a 64 MiB budget: the disk fills first.
 struct SmallDisk(std::path::PathBuf);
 
 impl SmallDisk {
     fn mount(at: &std::path::Path) -> Option<SmallDisk> {
         std::fs::create_dir_all(at).ok()?;
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
             .arg(at)
             .status()
             .map(|s| s.success())
@@ -366,7 +367,8 @@ fn a_full_disk_evicts_the_oldest_reports_them_and_the_agent_keeps_running() {
     let proxy = Proxy::start(broker.port);
     let collector = Collector::start(broker.port, "eu868");
     proxy.set(Mode::Refuse);
-    let sent = frames(30_000, DEVICES, 0, 0.2);
+    // The disk leaves 16 − 4 (reserve) − 8 (sled's own) MiB: room for ~20,000 of these.
+    let sent = frames(40_000, DEVICES, 0, 0.2);
     let setup = AgentSetup::new(proxy.port)
         .scenario(&sent)
         .config("[store]\nmax_size_mib = 64\npath = \"disk/store\"");
@@ -375,7 +377,7 @@ fn a_full_disk_evicts_the_oldest_reports_them_and_the_agent_keeps_running() {
         return;
     };
     let (mut agent, _dir) = setup.start();
-    agent.wait_status("rx", 30_000, Duration::from_secs(90));
+    agent.wait_status("rx", 40_000, Duration::from_secs(90));
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         agent.is_running(),
@@ -406,7 +408,7 @@ fn a_full_disk_evicts_the_oldest_reports_them_and_the_agent_keeps_running() {
             .map(|v| v["records"].as_u64().unwrap())
             .sum();
         let rejected = agent.status_value("rejected").unwrap_or(0);
-        if agent.status_value("backlog") == Some(0) && delivered + evicted + rejected >= 30_000 {
+        if agent.status_value("backlog") == Some(0) && delivered + evicted + rejected >= 40_000 {
             assert!(evicted > 0, "evictions were reported");
             assert!(delivered > 1_000, "{delivered} frames delivered");
             break;

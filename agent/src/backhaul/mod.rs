@@ -22,7 +22,7 @@ use rumqttc::{
 use tokio::sync::watch;
 
 use crate::config::{Encoding, MqttConfig};
-use crate::events::{unix_ms, Kind, FLAG_JOIN_REQUEST};
+use crate::events::{publishable, unix_ms, Kind, FLAG_JOIN_REQUEST};
 use crate::ops::counters::Counters;
 use crate::store::Queue;
 use inflight::Inflight;
@@ -307,13 +307,23 @@ impl Backhaul {
                     inflight.skipped(r.seq, now);
                     continue;
                 }
+                let payload = match publishable(
+                    kind,
+                    &r.payload,
+                    r.at_ms,
+                    r.seq,
+                    &self.gateway_id,
+                    self.cfg.encoding,
+                ) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(seq = r.seq, error = %e, "store: record skipped");
+                        inflight.skipped(r.seq, now);
+                        continue;
+                    }
+                };
                 client
-                    .try_publish(
-                        topics.under(kind.topic()),
-                        QoS::AtLeastOnce,
-                        false,
-                        r.payload,
-                    )
+                    .try_publish(topics.under(kind.topic()), QoS::AtLeastOnce, false, payload)
                     .map_err(|e| format!("submit: {e}"))?;
                 inflight.submitted(Some(r.seq), kind == Kind::Up, now);
                 if limited {

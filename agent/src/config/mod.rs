@@ -402,8 +402,11 @@ impl Config {
             ));
         }
         let s = &self.store;
-        if s.max_size_mib < 1 {
-            out.push(invalid("store.max_size_mib", "must be at least 1"));
+        if s.max_size_mib < 16 {
+            out.push(invalid(
+                "store.max_size_mib",
+                "must be at least 16: sled keeps about 8 MiB of log segments for itself",
+            ));
         }
         if s.commit_interval.is_zero() || s.commit_interval > Duration::from_secs(10) {
             out.push(invalid(

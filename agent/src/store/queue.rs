@@ -21,7 +21,8 @@ const META_KEY: &[u8] = b"\xffmeta";
 /// loss is noticed instead of silently starting over.
 const MARKER: &str = "lora-edge-queue";
 const HEADER: usize = 1 + 1 + 1 + 8;
-const FORMAT: u8 = 1;
+/// 2: the body is the event's stored form (`events::Event::stored`); 1 was the published bytes.
+const FORMAT: u8 = 2;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -42,9 +43,13 @@ pub struct QueueOptions {
     pub commit_interval: Duration,
 }
 
-/// Record bytes kept at most, as a share of the disk budget: sled needs about twice the
-/// payload on disk (measured: BENCHMARKS.md), plus room for its log to turn over.
-pub const RECORD_SHARE_OF_DISK: f64 = 0.4;
+/// sled's size on disk, measured under steady FIFO churn (a store evicting at its budget, the
+/// worst case): at most 2.2 × the record bytes + 6.5 MiB of segments being cleaned
+/// (BENCHMARKS.md). The record cap is derived with a margin over both: (limit − fixed) / factor.
+pub const SLED_FIXED_BYTES: u64 = 8 << 20;
+pub const INITIAL_AMPLIFICATION: f64 = 2.5;
+/// However sled behaves, the records keep at least this share of what the formula gives.
+const MAX_AMPLIFICATION: f64 = 8.0;
 
 /// What the caller appends.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,8 +134,46 @@ pub struct Queue {
     tree: sled::Tree,
     meta: Mutex<Meta>,
     opts: QueueOptions,
-    /// The disk the store may use now, and when that was measured.
-    disk_limit: Mutex<(u64, Option<Instant>)>,
+    disk: Mutex<DiskGuard>,
+}
+
+/// Keeps the store's real size on disk within its limit. sled's size is not a function of the
+/// records it holds (its log keeps freed space to reuse it, and seldom gives it back), so the
+/// record bytes are capped by the measured amplification. If the real size still goes over the
+/// limit, the amplification is raised to what was seen: the records are cut until sled has
+/// room to reuse. Raised again only if the real size grows further or the limit drops, never
+/// merely because the file did not shrink.
+#[derive(Debug, Clone, Copy)]
+struct DiskGuard {
+    /// What the store may use now: its budget, or less when the filesystem is filling.
+    limit: u64,
+    /// Disk bytes per record byte, beyond sled's fixed part.
+    amplification: f64,
+    /// Real size and limit when the amplification was last raised.
+    raised_at: (u64, u64),
+    measured: Option<Instant>,
+}
+
+impl DiskGuard {
+    /// Takes a measurement of the real size (against the current `limit`); returns the new
+    /// amplification if it had to be raised.
+    fn observe(&mut self, real: u64, held: u64) -> Option<f64> {
+        let (real_then, limit_then) = self.raised_at;
+        if real <= self.limit || held == 0 || (real <= real_then && self.limit >= limit_then) {
+            return None;
+        }
+        self.raised_at = (real, self.limit);
+        let seen = real.saturating_sub(SLED_FIXED_BYTES) as f64 / held as f64 * 1.1;
+        let amplification = seen.min(MAX_AMPLIFICATION);
+        (amplification > self.amplification).then(|| {
+            self.amplification = amplification;
+            amplification
+        })
+    }
+
+    fn record_cap(&self) -> u64 {
+        (self.limit.saturating_sub(SLED_FIXED_BYTES) as f64 / self.amplification) as u64
+    }
 }
 
 /// Free space left on the store's filesystem: sled is log-structured and needs room to write
@@ -251,7 +294,7 @@ impl Queue {
                 };
                 tree.insert(META_KEY, fresh.encode().to_vec())?;
                 db.flush()?;
-                std::fs::write(&marker, b"lora-edge durable queue, format 1\n")
+                std::fs::write(&marker, b"lora-edge durable queue, format 2\n")
                     .map_err(sled::Error::Io)?;
                 fresh
             }
@@ -271,7 +314,12 @@ impl Queue {
             tree,
             meta: Mutex::new(meta),
             opts: opts.clone(),
-            disk_limit: Mutex::new((opts.max_disk_bytes, None)),
+            disk: Mutex::new(DiskGuard {
+                limit: opts.max_disk_bytes,
+                amplification: INITIAL_AMPLIFICATION,
+                raised_at: (0, u64::MAX),
+                measured: None,
+            }),
         })
     }
 
@@ -293,27 +341,41 @@ impl Queue {
         self.meta().evicted
     }
 
-    /// What the store may grow to on disk: its budget, or less when the filesystem is filling
-    /// (its current size plus the free space, less the reserve). Measured at most every 50 ms.
-    fn disk_limit(&self) -> u64 {
-        let mut cached = self.disk_limit.lock().unwrap_or_else(|p| p.into_inner());
-        if cached
-            .1
-            .is_some_and(|t| t.elapsed() < Duration::from_millis(50))
-        {
-            return cached.0;
+    /// The record bytes the store may hold now, and why that is less than asked, measured at
+    /// most every 50 ms: the limit is the budget, or the store's current size plus the free
+    /// space less the reserve when the filesystem is filling.
+    fn record_cap(&self) -> (u64, &'static str) {
+        let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = d
+            .measured
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(50));
+        if !fresh {
+            // The casts are needed on armhf, where both counts are 32-bit.
+            #[allow(clippy::unnecessary_cast)]
+            let free = nix::sys::statvfs::statvfs(&self.opts.path)
+                .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+                .unwrap_or(u64::MAX);
+            let real = self.disk_bytes();
+            let room = real.saturating_add(free).saturating_sub(DISK_RESERVE_BYTES);
+            d.limit = self.opts.max_disk_bytes.min(room);
+            d.measured = Some(Instant::now());
+            let held = self.meta().bytes;
+            if let Some(amplification) = d.observe(real, held) {
+                tracing::warn!(
+                    real_bytes = real,
+                    limit_bytes = d.limit,
+                    record_bytes = held,
+                    amplification = format!("{amplification:.2}"),
+                    "store over its disk limit: fewer records kept"
+                );
+            }
         }
-        // The casts are needed on armhf, where both counts are 32-bit.
-        #[allow(clippy::unnecessary_cast)]
-        let free = nix::sys::statvfs::statvfs(&self.opts.path)
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
-            .unwrap_or(u64::MAX);
-        let room = self
-            .disk_bytes()
-            .saturating_add(free)
-            .saturating_sub(DISK_RESERVE_BYTES);
-        *cached = (self.opts.max_disk_bytes.min(room), Some(Instant::now()));
-        cached.0
+        let reason = if d.limit < self.opts.max_disk_bytes {
+            "disk_full"
+        } else {
+            "size_budget"
+        };
+        (d.record_cap(), reason)
     }
 
     /// Appends durably (flushed to the kernel) and returns the sequence numbers given, after
@@ -324,14 +386,8 @@ impl Queue {
     ) -> Result<(std::ops::RangeInclusive<u64>, Vec<Eviction>), StoreError> {
         let incoming: u64 = records.iter().map(|r| stored_size(r.payload.len())).sum();
         let mut evictions = Vec::new();
-        let limit = self.disk_limit();
-        let reason = if limit < self.opts.max_disk_bytes {
-            "disk_full"
-        } else {
-            "size_budget"
-        };
-        let budget = (limit as f64 * RECORD_SHARE_OF_DISK) as u64;
-        let over = (self.meta().bytes + incoming).saturating_sub(budget);
+        let (cap, reason) = self.record_cap();
+        let over = (self.meta().bytes + incoming).saturating_sub(cap);
         if over > 0 {
             evictions.extend(self.evict_oldest(over, reason)?);
         }
@@ -576,31 +632,75 @@ mod tests {
     }
 
     #[test]
-    fn over_budget_the_oldest_are_evicted_and_reported_exactly() {
+    fn over_budget_the_oldest_are_evicted_reported_exactly_and_the_real_size_stays_within_it() {
         let dir = tmp();
         let d = dir.path();
         let mut o = opts(d);
-        // Room for exactly 10 records of 100 payload bytes.
-        o.max_disk_bytes = ((10 * stored_size(100)) as f64 / RECORD_SHARE_OF_DISK).ceil() as u64;
+        o.max_disk_bytes = 24 << 20;
         let (q, _) = Queue::open(o).unwrap();
-        q.append(&(0..10).map(|i| rec(i, 100)).collect::<Vec<_>>())
-            .unwrap();
-        let (_, ev) = q
-            .append(&(10..13).map(|i| rec(i, 100)).collect::<Vec<_>>())
-            .unwrap();
-        assert_eq!(
-            ev,
-            vec![Eviction {
-                first_seq: 1,
-                last_seq: 3,
-                records: 3,
-                bytes: 3 * stored_size(100),
-                reason: "size_budget"
-            }]
+        let mut appended = 0u64;
+        let mut evicted: Vec<Eviction> = Vec::new();
+        let mut max_real = 0;
+        // Four times what the budget holds in record bytes, in batches, as the writer appends.
+        for batch in 0..640u64 {
+            let records: Vec<NewRecord> = (0..40).map(|i| rec(batch * 40 + i, 1000)).collect();
+            let (range, ev) = q.append(&records).unwrap();
+            assert_eq!(*range.start(), appended + 1);
+            appended += 40;
+            evicted.extend(ev);
+            max_real = max_real.max(q.disk_bytes());
+            // The guard measures every 50 ms; the writer's batches come at least that far apart
+            // under this load.
+            if batch % 20 == 0 {
+                std::thread::sleep(Duration::from_millis(60));
+            }
+        }
+        assert!(evicted.len() > 1, "{evicted:?}");
+        // Contiguous from the oldest, each reported once, and the counts agree.
+        let mut next = 1;
+        for e in &evicted {
+            assert_eq!(e.first_seq, next, "{evicted:?}");
+            assert_eq!(e.records, e.last_seq - e.first_seq + 1);
+            assert_eq!(e.bytes, e.records * stored_size(1000));
+            next = e.last_seq + 1;
+        }
+        let gone: u64 = evicted.iter().map(|e| e.records).sum();
+        assert_eq!(q.evicted_total(), gone);
+        assert_eq!(q.backlog().records + gone, appended);
+        assert_eq!(q.read_from(0, 1).unwrap()[0].seq, next);
+        // sled grows by 512 KiB segments and is measured every 50 ms: allow two segments over.
+        assert!(
+            max_real <= (24 << 20) + (1 << 20),
+            "real size reached {max_real} B for a budget of {} B",
+            24 << 20
         );
-        assert_eq!(q.read_from(0, 100).unwrap().first().map(|r| r.seq), Some(4));
-        assert_eq!(q.evicted_total(), 3);
-        assert_eq!(q.backlog().records, 10);
+    }
+
+    #[test]
+    fn a_real_size_over_the_limit_raises_the_amplification_once_per_growth() {
+        let mib = 1u64 << 20;
+        let mut g = DiskGuard {
+            limit: 64 * mib,
+            amplification: INITIAL_AMPLIFICATION,
+            raised_at: (0, u64::MAX),
+            measured: None,
+        };
+        assert_eq!(g.record_cap(), (56.0 * mib as f64 / 2.5) as u64);
+        assert_eq!(g.observe(60 * mib, 20 * mib), None, "within the limit");
+        // 72 MiB for 16 MiB of records: (72 − 8) / 16 × 1.1 = 4.4.
+        let raised = g.observe(72 * mib, 16 * mib).unwrap();
+        assert!((raised - 4.4).abs() < 1e-9, "{raised}");
+        // The file did not shrink after the cut: that alone changes nothing.
+        assert_eq!(g.observe(72 * mib, 12 * mib), None);
+        // It grew again: the records were still too many for sled.
+        assert!(g.observe(80 * mib, 10 * mib).unwrap() > raised);
+        // A filling filesystem lowers the limit: measured again at the same size.
+        g.limit = 40 * mib;
+        assert_eq!(g.observe(80 * mib, mib), Some(MAX_AMPLIFICATION));
+        assert_eq!(
+            g.record_cap(),
+            (32.0 * mib as f64 / MAX_AMPLIFICATION) as u64
+        );
     }
 
     #[test]

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 use super::queue::{Eviction, NewRecord, Queue};
-use crate::config::Encoding;
 use crate::events::{unix_ms, Body, Event};
 use crate::ops::counters::Counters;
 
@@ -20,7 +19,6 @@ const MAX_BATCH: usize = 512;
 pub struct Writer {
     pub queue: Arc<Queue>,
     pub input: Receiver<Event>,
-    pub encoding: Encoding,
     /// The last sequence number appended.
     pub appended: watch::Sender<u64>,
     pub counters: Arc<Counters>,
@@ -196,12 +194,11 @@ impl Writer {
             .count() as u64;
         let records: Vec<NewRecord> = events
             .into_iter()
-            .enumerate()
-            .map(|(i, e)| NewRecord {
+            .map(|e| NewRecord {
                 kind: e.kind() as u8,
                 flags: e.flags(),
                 at_ms: unix_ms(e.at),
-                payload: e.encode(first + i as u64, self.encoding),
+                payload: e.stored(),
             })
             .collect();
         match self.queue.append(&records) {
