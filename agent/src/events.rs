@@ -131,6 +131,7 @@ pub fn publishable(
             let s = StoredUplink::decode(stored).map_err(|e| bad(e.to_string()))?;
             let mut f = s.into_frame(gateway_id, at_ms);
             if let Some(rx) = f.rx_info.as_mut() {
+                rx.uplink_id = uplink_id(seq);
                 rx.metadata.insert("seq".into(), seq.to_string());
             }
             wire(&f, encoding)
@@ -156,11 +157,18 @@ pub fn publishable(
     })
 }
 
+/// The `uplink_id` of the uplink stored as `seq`: the same for every copy of a replayed frame,
+/// never 0 (ChirpStack reads 0 as "not set").
+pub fn uplink_id(seq: u64) -> u32 {
+    (seq as u32).max(1)
+}
+
 /// An uplink as the store keeps it: the fields `uplink::uplink_frame` fills in, without the
-/// gateway id (the same in every record) and with the reception time relative to the record's
-/// millisecond timestamp. About 50 bytes of metadata instead of the ~120 of an `UplinkFrame`
-/// with its gateway id and seq, which is what keeps the store within 2.5 disk bytes per
-/// PHYPayload byte (BENCHMARKS.md). Protobuf so that a field added later stays readable.
+/// gateway id (the same in every record) or the uplink id (from the seq), with the reception
+/// time relative to the record's millisecond timestamp, and the bandwidth in kHz when it is
+/// whole. About 40 bytes of metadata instead of the ~120 of a published `UplinkFrame`, which is
+/// what keeps the store within 2.5 disk bytes per PHYPayload byte (BENCHMARKS.md). Protobuf, so
+/// that a field added later stays readable.
 #[derive(Clone, PartialEq, prost::Message)]
 struct StoredUplink {
     #[prost(bytes = "vec", tag = "1")]
@@ -187,8 +195,6 @@ struct StoredUplink {
     context: Vec<u8>,
     #[prost(int32, tag = "12")]
     crc_status: i32,
-    #[prost(uint32, tag = "13")]
-    uplink_id: u32,
     /// `gw_time` less the record's millisecond timestamp, in ns; absent when there was none.
     #[prost(uint32, optional, tag = "14")]
     gw_time_ns_past_ms: Option<u32>,
@@ -196,6 +202,9 @@ struct StoredUplink {
     board: u32,
     #[prost(uint32, tag = "16")]
     antenna: u32,
+    /// Instead of `lora_bandwidth` when the bandwidth is whole kHz (always, on an SX1302).
+    #[prost(uint32, tag = "17")]
+    lora_bandwidth_khz: u32,
 }
 
 impl StoredUplink {
@@ -211,7 +220,6 @@ impl StoredUplink {
             rf_chain: rx.rf_chain,
             context: rx.context,
             crc_status: rx.crc_status,
-            uplink_id: rx.uplink_id,
             gw_time_ns_past_ms: rx.gw_time.map(|t| (t.nanos.max(0) as u32) % 1_000_000),
             board: rx.board,
             antenna: rx.antenna,
@@ -219,7 +227,11 @@ impl StoredUplink {
         };
         match tx.modulation.and_then(|m| m.parameters) {
             Some(gw::modulation::Parameters::Lora(l)) => {
-                s.lora_bandwidth = l.bandwidth;
+                if l.bandwidth % 1000 == 0 {
+                    s.lora_bandwidth_khz = l.bandwidth / 1000;
+                } else {
+                    s.lora_bandwidth = l.bandwidth;
+                }
                 s.lora_spreading_factor = l.spreading_factor;
                 s.lora_code_rate = l.code_rate;
             }
@@ -235,9 +247,9 @@ impl StoredUplink {
                 datarate: self.fsk_datarate,
                 ..Default::default()
             }))
-        } else if self.lora_bandwidth != 0 {
+        } else if self.lora_bandwidth != 0 || self.lora_bandwidth_khz != 0 {
             Some(gw::modulation::Parameters::Lora(gw::LoraModulationInfo {
-                bandwidth: self.lora_bandwidth,
+                bandwidth: self.lora_bandwidth.max(self.lora_bandwidth_khz * 1000),
                 spreading_factor: self.lora_spreading_factor,
                 code_rate: self.lora_code_rate,
                 ..Default::default()
@@ -259,7 +271,6 @@ impl StoredUplink {
             }),
             rx_info: Some(gw::UplinkRxInfo {
                 gateway_id: gateway_id.to_string(),
-                uplink_id: self.uplink_id,
                 gw_time,
                 rssi: self.rssi,
                 snr: self.snr,
@@ -334,18 +345,15 @@ mod tests {
             let r = received(modulation);
             let built = crate::uplink::uplink_frame("0016c001ff10a235", &r);
             let mut expected = built.clone();
-            expected
-                .rx_info
-                .as_mut()
-                .unwrap()
-                .metadata
-                .insert("seq".into(), "4242".into());
+            let rx = expected.rx_info.as_mut().unwrap();
+            rx.metadata.insert("seq".into(), "4242".into());
+            rx.uplink_id = 4242;
             assert_eq!(round_trip(built, r.at, 4242), expected);
         }
     }
 
     #[test]
-    fn the_stored_uplink_carries_about_fifty_bytes_besides_the_phy_payload() {
+    fn the_stored_uplink_carries_at_most_forty_bytes_besides_the_phy_payload() {
         let r = received(Modulation::Lora {
             spreading_factor: 7,
             bandwidth_hz: 125_000,
@@ -360,7 +368,7 @@ mod tests {
         .stored()
         .len();
         let wire_len = wire(&frame, Encoding::Protobuf).len();
-        assert!(full - phy <= 50, "{} bytes of metadata", full - phy);
+        assert!(full - phy <= 40, "{} bytes of metadata", full - phy);
         assert!(full < wire_len, "stored {full} B, published {wire_len} B");
     }
 

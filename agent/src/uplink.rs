@@ -111,8 +111,9 @@ pub fn uplink_frame(gateway_id: &str, r: &Received) -> gw::UplinkFrame {
         }),
         rx_info: Some(gw::UplinkRxInfo {
             gateway_id: gateway_id.to_string(),
-            // Never 0: ChirpStack treats 0 as "not set".
-            uplink_id: fastrand::u32(1..),
+            // Given from the sequence number when published (`events::publishable`), so that a
+            // replayed duplicate carries the same id.
+            uplink_id: 0,
             gw_time: Some(timestamp(r.at)),
             rssi: p.rssi.round() as i32,
             snr: p.snr,
