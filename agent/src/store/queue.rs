@@ -44,8 +44,8 @@ pub struct QueueOptions {
 }
 
 /// sled's size on disk, measured under steady FIFO churn (a store evicting at its budget, the
-/// worst case): at most 2.2 × the record bytes + 6.5 MiB of segments being cleaned
-/// (BENCHMARKS.md). The record cap is derived with a margin over both: (limit − fixed) / factor.
+/// worst case): about 2.2 × the record bytes plus 3–8 MiB of segments being cleaned; peak 69–90 %
+/// of the budget with the cap (limit − fixed) / factor below (`store_churn`, BENCHMARKS.md).
 pub const SLED_FIXED_BYTES: u64 = 8 << 20;
 pub const INITIAL_AMPLIFICATION: f64 = 2.5;
 /// However sled behaves, the records keep at least this share of what the formula gives.
