@@ -366,6 +366,17 @@ mod tests {
     }
 
     #[test]
+    fn a_store_budget_too_small_for_sled_is_refused_with_the_reason() {
+        let dir = tmp();
+        let d = dir.path();
+        let f = write(d, "a.toml", "[store]\nmax_size_mib = 8\n");
+        let e = errors(std::slice::from_ref(&f), &[]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains(":2:16: store.max_size_mib: must be at least 16"), "{e:?}");
+        assert!(errors(&[f], &["store.max_size_mib=16"]).is_empty());
+    }
+
+    #[test]
     fn later_files_and_set_override_earlier_ones_and_errors_point_at_the_winner() {
         let dir = tmp();
         let d = dir.path();
