@@ -145,7 +145,7 @@ fn every_accepted_frame_survives_a_sigkill_during_an_outage() {
 }
 
 #[test]
-fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported() {
+fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported_across_a_kill() {
     let broker = Broker::start();
     let proxy = Proxy::start(broker.port);
     let collector = Collector::start(broker.port, "eu868");
@@ -153,7 +153,7 @@ fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported() {
     // A 16 MiB budget (the smallest allowed) holds 3.2 MiB of records, ~40,000 of these short
     // uplinks. Send 60,000.
     let sent = frames(60_000, DEVICES, 0, 0.2);
-    let (agent, _dir) = AgentSetup::new(proxy.port)
+    let (mut agent, dir) = AgentSetup::new(proxy.port)
         .scenario(&sent)
         .config("[store]\nmax_size_mib = 16")
         .start();
@@ -165,6 +165,14 @@ fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(2));
+    // Killed before it could report a single eviction: the summary must survive in the store.
+    agent.sigkill();
+    std::fs::write(
+        dir.path().join("sim.toml"),
+        format!("eui = \"{GATEWAY_ID}\"\n"),
+    )
+    .unwrap();
+    agent.start_again();
     proxy.set(Mode::Pass);
 
     // Everything still stored arrives; with the eviction notices it accounts for every sequence

@@ -372,7 +372,10 @@ mod tests {
         let f = write(d, "a.toml", "[store]\nmax_size_mib = 8\n");
         let e = errors(std::slice::from_ref(&f), &[]);
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].contains(":2:16: store.max_size_mib: must be at least 16"), "{e:?}");
+        assert!(
+            e[0].contains(":2:16: store.max_size_mib: must be at least 16"),
+            "{e:?}"
+        );
         assert!(errors(&[f], &["store.max_size_mib=16"]).is_empty());
     }
 

@@ -6,5 +6,7 @@
 pub mod queue;
 mod writer;
 
-pub use queue::{Backlog, Eviction, NewRecord, Opened, Queue, QueueOptions, Record, StoreError};
+pub use queue::{
+    Backlog, Eviction, NewRecord, Opened, Queue, QueueOptions, Record, StoreError, Unreported,
+};
 pub use writer::Writer;

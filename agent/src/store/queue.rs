@@ -9,6 +9,7 @@
 //! `sync_file_range`), so a killed process loses nothing appended; sled's background thread
 //! fsyncs every `commit_interval`, which bounds what a power cut can lose.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,6 +17,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 const META_KEY: &[u8] = b"\xffmeta";
+/// Evictions not yet reported to the centre (JSON of `Unreported`), changed in the same batch as
+/// the records it describes.
+const UNREPORTED_KEY: &[u8] = b"\xffunreported";
 /// Written beside sled's files once the store holds metadata. sled recovers an unreadable log
 /// as an empty database without an error; metadata missing while this file exists is how that
 /// loss is noticed instead of silently starting over.
@@ -80,6 +84,62 @@ pub struct Eviction {
     pub reason: &'static str,
 }
 
+/// Evicted sequence numbers not yet reported to the centre, as sorted, merged ranges.
+///
+/// Kept in the store beside the records, and changed in the same atomic batch as the evictions
+/// and the notices that report them, so a kill or a power cut neither loses nor repeats a
+/// range. During an outage evictions are continuous and merge into one growing range. A notice
+/// that is itself evicted before the broker has it gives its ranges back.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Unreported {
+    pub ranges: Vec<(u64, u64)>,
+    pub records: u64,
+    pub bytes: u64,
+    pub reasons: Vec<String>,
+    /// Notices appended but not yet acknowledged: their seq and the ranges they carry.
+    in_flight: BTreeMap<u64, Vec<(u64, u64)>>,
+}
+
+impl Unreported {
+    fn add_range(&mut self, first: u64, last: u64) {
+        self.ranges.push((first, last));
+        self.ranges.sort();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.ranges.len());
+        for (a, b) in self.ranges.drain(..) {
+            match merged.last_mut() {
+                Some(m) if a <= m.1 + 1 => m.1 = m.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        self.ranges = merged;
+    }
+
+    fn add(&mut self, e: &Eviction) {
+        self.add_range(e.first_seq, e.last_seq);
+        self.records += e.records;
+        self.bytes += e.bytes;
+        if !self.reasons.iter().any(|r| r == e.reason) {
+            self.reasons.push(e.reason.to_string());
+        }
+        let lost: Vec<u64> = self
+            .in_flight
+            .range(e.first_seq..=e.last_seq)
+            .map(|(k, _)| *k)
+            .collect();
+        for seq in lost {
+            for (a, b) in self.in_flight.remove(&seq).unwrap_or_default() {
+                self.add_range(a, b);
+            }
+        }
+    }
+
+    /// Serialized for the store, without the notices the broker already has.
+    fn encode(&mut self, acked: u64) -> Vec<u8> {
+        self.in_flight.retain(|seq, _| *seq > acked);
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Backlog {
     pub records: u64,
@@ -133,6 +193,8 @@ pub struct Queue {
     db: sled::Db,
     tree: sled::Tree,
     meta: Mutex<Meta>,
+    /// Changed only while `meta` is held.
+    unreported: Mutex<Unreported>,
     opts: QueueOptions,
     disk: Mutex<DiskGuard>,
 }
@@ -311,10 +373,18 @@ impl Queue {
                 });
             }
         }
+        let unreported = match tree.get(UNREPORTED_KEY)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::BadRecord {
+                seq: 0,
+                why: format!("unreported evictions: {e}"),
+            })?,
+            None => Unreported::default(),
+        };
         Ok(Queue {
             db,
             tree,
             meta: Mutex::new(meta),
+            unreported: Mutex::new(unreported),
             opts: opts.clone(),
             disk: Mutex::new(DiskGuard {
                 limit: opts.max_disk_bytes,
@@ -513,9 +583,59 @@ impl Queue {
         // Evicted records count as done: a later ack below them changes nothing.
         next.acked = next.acked.max(ev.last_seq);
         batch.insert(META_KEY, next.encode().to_vec());
+        let mut unreported = self.unreported();
+        let mut after = unreported.clone();
+        after.add(&ev);
+        batch.insert(UNREPORTED_KEY, after.encode(next.acked));
         self.tree.apply_batch(batch)?;
         *meta = next;
+        *unreported = after;
         Ok(Some(ev))
+    }
+
+    fn unreported(&self) -> std::sync::MutexGuard<'_, Unreported> {
+        self.unreported.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The evictions the centre has not been told about yet.
+    pub fn unreported_evictions(&self) -> Unreported {
+        self.unreported().clone()
+    }
+
+    /// Appends the notice `make` builds for the unreported evictions, if there are any, and
+    /// counts them as reported, in one atomic batch. Returns the notice's sequence number.
+    pub fn report_evictions(
+        &self,
+        make: impl FnOnce(&Unreported) -> NewRecord,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut meta = self.meta();
+        let mut unreported = self.unreported();
+        if unreported.ranges.is_empty() {
+            return Ok(None);
+        }
+        let notice = make(&unreported);
+        let mut next = *meta;
+        let seq = next.next_seq;
+        next.next_seq += 1;
+        next.records += 1;
+        next.bytes += stored_size(notice.payload.len());
+        let mut after = Unreported {
+            in_flight: {
+                let mut f = unreported.in_flight.clone();
+                f.insert(seq, unreported.ranges.clone());
+                f
+            },
+            ..Unreported::default()
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(&key(seq), encode(&notice));
+        batch.insert(META_KEY, next.encode().to_vec());
+        batch.insert(UNREPORTED_KEY, after.encode(next.acked));
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        *meta = next;
+        *unreported = after;
+        Ok(Some(seq))
     }
 
     pub fn backlog(&self) -> Backlog {
@@ -703,6 +823,71 @@ mod tests {
             g.record_cap(),
             (32.0 * mib as f64 / MAX_AMPLIFICATION) as u64
         );
+    }
+
+    fn notice(at_ms: u64) -> impl FnOnce(&Unreported) -> NewRecord {
+        move |u| NewRecord {
+            kind: 5,
+            flags: 0,
+            at_ms,
+            payload: format!("{:?}", u.ranges).into_bytes(),
+        }
+    }
+
+    #[test]
+    fn unreported_evictions_survive_a_reopen_and_are_reported_exactly_once() {
+        let dir = tmp();
+        let d = dir.path();
+        {
+            let (q, _) = Queue::open(opts(d)).unwrap();
+            q.append(&(0..5).map(|i| rec(i, 10)).collect::<Vec<_>>())
+                .unwrap();
+            q.evict_expired(1_003 + 3_600_000).unwrap();
+        }
+        let (q, _) = Queue::open(opts(d)).unwrap();
+        let u = q.unreported_evictions();
+        assert_eq!((u.ranges, u.records), (vec![(1, 3)], 3));
+        assert_eq!(u.reasons, vec!["max_age".to_string()]);
+        let seq = q.report_evictions(notice(5_000)).unwrap();
+        assert_eq!(seq, Some(6));
+        assert_eq!(q.report_evictions(notice(5_000)).unwrap(), None);
+        drop(q);
+        let (q, _) = Queue::open(opts(d)).unwrap();
+        assert!(q.unreported_evictions().ranges.is_empty());
+        let read = q.read_from(6, 1).unwrap();
+        assert_eq!(
+            (read[0].kind, read[0].payload.as_slice()),
+            (5, &b"[(1, 3)]"[..])
+        );
+    }
+
+    #[test]
+    fn a_notice_evicted_before_the_broker_has_it_gives_its_ranges_back() {
+        let dir = tmp();
+        let d = dir.path();
+        let (q, _) = Queue::open(opts(d)).unwrap();
+        q.append(&(0..5).map(|i| rec(i, 10)).collect::<Vec<_>>())
+            .unwrap();
+        q.evict_expired(1_002 + 3_600_000).unwrap(); // seqs 1, 2
+        assert_eq!(q.report_evictions(notice(1_002)).unwrap(), Some(6));
+        // Everything up to the notice is now too old, the notice too.
+        q.evict_expired(1_005 + 3_600_000).unwrap(); // 3, 4, 5 and the notice, 6
+        drop(q);
+        let (q, _) = Queue::open(opts(d)).unwrap();
+        let u = q.unreported_evictions();
+        assert_eq!(u.ranges, vec![(1, 6)], "{u:?}");
+        assert_eq!(
+            u.records, 4,
+            "the second eviction's records; the first were reported"
+        );
+        // Acknowledged notices are forgotten.
+        assert_eq!(q.report_evictions(notice(9_999)).unwrap(), Some(7));
+        q.ack_upto(7).unwrap();
+        q.append(&[rec(1, 10)]).unwrap();
+        q.evict_expired(1_002 + 3_600_000).unwrap();
+        let u = q.unreported_evictions();
+        assert_eq!(u.ranges, vec![(8, 8)], "{u:?}");
+        assert!(u.in_flight.is_empty(), "{u:?}");
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! The accept stage: numbers, encodes and appends events in batches (group commit), evicts
 //! what the bounds require, and wakes the backhaul.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -9,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use super::queue::{Eviction, NewRecord, Queue};
+use super::queue::{Eviction, NewRecord, Queue, Unreported};
 use crate::events::{unix_ms, Body, Event};
 use crate::ops::counters::Counters;
 
@@ -24,80 +23,6 @@ pub struct Writer {
     pub counters: Arc<Counters>,
 }
 
-/// Evicted sequence numbers not yet reported to the centre, as sorted, merged ranges.
-///
-/// During an outage evictions are continuous and merge into one growing range; a notice is
-/// published only while the backhaul is up, so notices never crowd the queue. A notice that is
-/// itself evicted before the broker has it gives its ranges back here, so every evicted
-/// sequence number is reported (exact while the process lives; a kill loses the unsent summary,
-/// not the total in `store_evicted_total`).
-#[derive(Debug, Default)]
-struct Unreported {
-    ranges: Vec<(u64, u64)>,
-    records: u64,
-    bytes: u64,
-    reasons: Vec<&'static str>,
-    /// Notices appended but not yet acknowledged: their seq and the ranges they carry.
-    in_flight: BTreeMap<u64, Vec<(u64, u64)>>,
-    last_notice: Option<Instant>,
-}
-
-impl Unreported {
-    fn add_range(&mut self, first: u64, last: u64) {
-        self.ranges.push((first, last));
-        self.ranges.sort();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.ranges.len());
-        for (a, b) in self.ranges.drain(..) {
-            match merged.last_mut() {
-                Some(m) if a <= m.1 + 1 => m.1 = m.1.max(b),
-                _ => merged.push((a, b)),
-            }
-        }
-        self.ranges = merged;
-    }
-
-    fn add(&mut self, e: &Eviction) {
-        self.add_range(e.first_seq, e.last_seq);
-        self.records += e.records;
-        self.bytes += e.bytes;
-        if !self.reasons.contains(&e.reason) {
-            self.reasons.push(e.reason);
-        }
-        let lost: Vec<u64> = self
-            .in_flight
-            .range(e.first_seq..=e.last_seq)
-            .map(|(k, _)| *k)
-            .collect();
-        for seq in lost {
-            for (a, b) in self.in_flight.remove(&seq).unwrap_or_default() {
-                self.add_range(a, b);
-            }
-        }
-    }
-
-    fn take_notice(&mut self) -> Option<(Event, Vec<(u64, u64)>)> {
-        if self.ranges.is_empty() {
-            return None;
-        }
-        let ranges = std::mem::take(&mut self.ranges);
-        let notice = serde_json::json!({
-            "event": "evicted",
-            "reasons": std::mem::take(&mut self.reasons),
-            "ranges": ranges.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
-            "records": std::mem::take(&mut self.records),
-            "bytes": std::mem::take(&mut self.bytes),
-        });
-        self.last_notice = Some(Instant::now());
-        Some((
-            Event {
-                at: SystemTime::now(),
-                body: Body::Notice(notice),
-            },
-            ranges,
-        ))
-    }
-}
-
 impl Writer {
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
@@ -109,7 +34,7 @@ impl Writer {
         let mut batch: Vec<Event> = Vec::with_capacity(MAX_BATCH);
         let mut next_age_check = Instant::now();
         let mut open = true;
-        let mut unreported = Unreported::default();
+        let mut last_notice: Option<Instant> = None;
         while open || !batch.is_empty() {
             if batch.is_empty() {
                 match self.input.recv_timeout(Duration::from_secs(1)) {
@@ -126,17 +51,17 @@ impl Writer {
             }
             if !batch.is_empty() {
                 for e in self.append(std::mem::take(&mut batch)) {
-                    self.evicted(&e, &mut unreported);
+                    self.evicted(&e);
                 }
             }
             if Instant::now() >= next_age_check {
                 next_age_check = Instant::now() + Duration::from_secs(1);
                 match self.queue.evict_expired(unix_ms(SystemTime::now())) {
-                    Ok(Some(e)) => self.evicted(&e, &mut unreported),
+                    Ok(Some(e)) => self.evicted(&e),
                     Ok(None) => {}
                     Err(e) => tracing::error!(error = %e, "store: expiring old events"),
                 }
-                self.report(&mut unreported);
+                self.report(&mut last_notice);
             }
         }
         if let Err(e) = self.queue.sync() {
@@ -144,7 +69,7 @@ impl Writer {
         }
     }
 
-    fn evicted(&self, e: &Eviction, unreported: &mut Unreported) {
+    fn evicted(&self, e: &Eviction) {
         Counters::add(&self.counters.evicted_events, e.records);
         tracing::warn!(
             first_seq = e.first_seq,
@@ -154,34 +79,43 @@ impl Writer {
             reason = e.reason,
             "store bound reached: oldest events evicted unsent"
         );
-        unreported.add(e);
     }
 
-    /// Publishes the eviction summary while the backhaul is up, at most once a second.
-    fn report(&self, unreported: &mut Unreported) {
-        let acked = self.queue.acked();
-        unreported.in_flight.retain(|seq, _| *seq > acked);
+    /// Queues the summary of the evictions not reported yet, while the backhaul is up and at
+    /// most once a second, so that during an outage notices never crowd the queue: the ranges
+    /// merge in the store until then.
+    fn report(&self, last_notice: &mut Option<Instant>) {
         if !self.counters.backhaul_up.load(Ordering::Relaxed)
-            || unreported
-                .last_notice
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+            || last_notice.is_some_and(|t| t.elapsed() < Duration::from_secs(1))
         {
             return;
         }
-        let Some((notice, ranges)) = unreported.take_notice() else {
-            return;
-        };
-        let first = self.queue.next_seq();
-        let evictions = self.append(vec![notice]);
-        if self.queue.next_seq() > first {
-            unreported.in_flight.insert(first, ranges);
-        } else {
-            for (a, b) in ranges {
-                unreported.add_range(a, b);
+        let notice = |u: &Unreported| {
+            let v = serde_json::json!({
+                "event": "evicted",
+                "reasons": u.reasons,
+                "ranges": u.ranges.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
+                "records": u.records,
+                "bytes": u.bytes,
+            });
+            let event = Event {
+                at: SystemTime::now(),
+                body: Body::Notice(v),
+            };
+            NewRecord {
+                kind: event.kind() as u8,
+                flags: event.flags(),
+                at_ms: unix_ms(event.at),
+                payload: event.stored(),
             }
-        }
-        for e in evictions {
-            self.evicted(&e, unreported);
+        };
+        match self.queue.report_evictions(notice) {
+            Ok(Some(seq)) => {
+                *last_notice = Some(Instant::now());
+                self.appended.send_replace(seq);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "store: eviction notice not queued; retried"),
         }
     }
 
