@@ -2,7 +2,8 @@
 //! the oldest evicted by the store's own budget, nothing drained. This is the worst case for
 //! sled's size on disk (its log fills with freed space faster than it cleans it).
 //!
-//! `cargo bench -p lora-edge --bench store_churn`
+//! `cargo bench -p lora-edge --bench store_churn [-- BUDGET_MIB ...]`; `CHURN_PASSES` (default 4)
+//! sets how many budgets' worth of records go through.
 //!
 //! Prints, per budget: record bytes held, sled's real size (final and peak), and the ratios.
 
@@ -73,8 +74,12 @@ fn main() {
     } else {
         budgets
     };
-    println!("lora-edge store at its budget under churn: {RECORD}-byte records, {BATCH} per append, 4 budgets through");
+    let passes: u64 = std::env::var("CHURN_PASSES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    println!("lora-edge store at its budget under churn: {RECORD}-byte records, {BATCH} per append, {passes} budgets through");
     for b in budgets {
-        run(b, 4);
+        run(b, passes);
     }
 }

@@ -150,7 +150,7 @@ fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported_acr
     let proxy = Proxy::start(broker.port);
     let collector = Collector::start(broker.port, "eu868");
     proxy.set(Mode::Refuse);
-    // A 16 MiB budget (the smallest allowed) holds 3.2 MiB of records, ~40,000 of these short
+    // A 16 MiB budget (the smallest allowed) holds 2.9 MiB of records, ~36,000 of these short
     // uplinks. Send 60,000.
     let sent = frames(60_000, DEVICES, 0, 0.2);
     let (mut agent, dir) = AgentSetup::new(proxy.port)
@@ -375,7 +375,7 @@ fn a_full_disk_evicts_the_oldest_reports_them_and_the_agent_keeps_running() {
     let proxy = Proxy::start(broker.port);
     let collector = Collector::start(broker.port, "eu868");
     proxy.set(Mode::Refuse);
-    // The disk leaves 16 − 4 (reserve) − 8 (sled's own) MiB: room for ~20,000 of these.
+    // The disk leaves (16 − 4 (reserve) − 8 (sled's own) MiB) / 2.75: room for ~18,000 of these.
     let sent = frames(40_000, DEVICES, 0, 0.2);
     let setup = AgentSetup::new(proxy.port)
         .scenario(&sent)

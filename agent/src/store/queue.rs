@@ -48,12 +48,14 @@ pub struct QueueOptions {
 }
 
 /// sled's size on disk, measured under steady FIFO churn (a store evicting at its budget, the
-/// worst case): about 2.2 × the record bytes plus 3–8 MiB of segments being cleaned; peak 69–90 %
-/// of the budget with the cap (limit − fixed) / factor below (`store_churn`, BENCHMARKS.md).
+/// worst case): 2.2–2.9 × the record bytes plus a few MiB, creeping with the volume written
+/// through; peak 62–95 % of the budget with the cap (limit − fixed) / factor below
+/// (`store_churn`, BENCHMARKS.md).
 pub const SLED_FIXED_BYTES: u64 = 8 << 20;
-pub const INITIAL_AMPLIFICATION: f64 = 2.5;
+pub const INITIAL_AMPLIFICATION: f64 = 2.75;
 /// However sled behaves, the records keep at least this share of what the formula gives.
 const MAX_AMPLIFICATION: f64 = 8.0;
+const RAISE_STEP: f64 = 1.15;
 
 /// What the caller appends.
 #[derive(Debug, Clone, PartialEq)]
@@ -202,35 +204,53 @@ pub struct Queue {
 /// Keeps the store's real size on disk within its limit. sled's size is not a function of the
 /// records it holds (its log keeps freed space to reuse it, and seldom gives it back), so the
 /// record bytes are capped by the measured amplification. If the real size still goes over the
-/// limit, the amplification is raised to what was seen: the records are cut until sled has
-/// room to reuse. Raised again only if the real size grows further or the limit drops, never
-/// merely because the file did not shrink.
+/// limit, the amplification is raised by a step, and raised again only after a whole cap of
+/// records has gone through since (or at once if the limit dropped: the disk is filling).
+/// Cutting the records is itself a burst of writes to sled's log, which grows it for a while:
+/// reacting to that growth again at once measured as a runaway (the cap fell to its floor while
+/// the file kept growing), waiting for one turnover did not.
 #[derive(Debug, Clone, Copy)]
 struct DiskGuard {
     /// What the store may use now: its budget, or less when the filesystem is filling.
     limit: u64,
     /// Disk bytes per record byte, beyond sled's fixed part.
     amplification: f64,
-    /// Real size and limit when the amplification was last raised.
-    raised_at: (u64, u64),
+    /// The limit when the amplification was last raised.
+    limit_at_raise: u64,
+    /// Record bytes appended since then.
+    appended_since_raise: u64,
     measured: Option<Instant>,
 }
 
 impl DiskGuard {
+    fn new(limit: u64) -> DiskGuard {
+        DiskGuard {
+            limit,
+            amplification: INITIAL_AMPLIFICATION,
+            limit_at_raise: u64::MAX,
+            appended_since_raise: u64::MAX,
+            measured: None,
+        }
+    }
+
     /// Takes a measurement of the real size (against the current `limit`); returns the new
     /// amplification if it had to be raised.
-    fn observe(&mut self, real: u64, held: u64) -> Option<f64> {
-        let (real_then, limit_then) = self.raised_at;
-        if real <= self.limit || held == 0 || (real <= real_then && self.limit >= limit_then) {
+    fn observe(&mut self, real: u64) -> Option<f64> {
+        let turned_over = self.appended_since_raise >= self.record_cap();
+        if real <= self.limit || !(turned_over || self.limit < self.limit_at_raise) {
             return None;
         }
-        self.raised_at = (real, self.limit);
-        let seen = real.saturating_sub(SLED_FIXED_BYTES) as f64 / held as f64 * 1.1;
-        let amplification = seen.min(MAX_AMPLIFICATION);
+        self.limit_at_raise = self.limit;
+        self.appended_since_raise = 0;
+        let amplification = (self.amplification * RAISE_STEP).min(MAX_AMPLIFICATION);
         (amplification > self.amplification).then(|| {
             self.amplification = amplification;
             amplification
         })
+    }
+
+    fn appended(&mut self, bytes: u64) {
+        self.appended_since_raise = self.appended_since_raise.saturating_add(bytes);
     }
 
     fn record_cap(&self) -> u64 {
@@ -386,12 +406,7 @@ impl Queue {
             meta: Mutex::new(meta),
             unreported: Mutex::new(unreported),
             opts: opts.clone(),
-            disk: Mutex::new(DiskGuard {
-                limit: opts.max_disk_bytes,
-                amplification: INITIAL_AMPLIFICATION,
-                raised_at: (0, u64::MAX),
-                measured: None,
-            }),
+            disk: Mutex::new(DiskGuard::new(opts.max_disk_bytes)),
         })
     }
 
@@ -416,8 +431,9 @@ impl Queue {
     /// The record bytes the store may hold now, and why that is less than asked, measured at
     /// most every 50 ms: the limit is the budget, or the store's current size plus the free
     /// space less the reserve when the filesystem is filling.
-    fn record_cap(&self) -> (u64, &'static str) {
+    fn record_cap(&self, incoming: u64) -> (u64, &'static str) {
         let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        d.appended(incoming);
         let fresh = d
             .measured
             .is_some_and(|t| t.elapsed() < Duration::from_millis(50));
@@ -431,12 +447,11 @@ impl Queue {
             let room = real.saturating_add(free).saturating_sub(DISK_RESERVE_BYTES);
             d.limit = self.opts.max_disk_bytes.min(room);
             d.measured = Some(Instant::now());
-            let held = self.meta().bytes;
-            if let Some(amplification) = d.observe(real, held) {
+            if let Some(amplification) = d.observe(real) {
                 tracing::warn!(
                     real_bytes = real,
                     limit_bytes = d.limit,
-                    record_bytes = held,
+                    record_bytes = self.meta().bytes,
                     amplification = format!("{amplification:.2}"),
                     "store over its disk limit: fewer records kept"
                 );
@@ -458,7 +473,7 @@ impl Queue {
     ) -> Result<(std::ops::RangeInclusive<u64>, Vec<Eviction>), StoreError> {
         let incoming: u64 = records.iter().map(|r| stored_size(r.payload.len())).sum();
         let mut evictions = Vec::new();
-        let (cap, reason) = self.record_cap();
+        let (cap, reason) = self.record_cap(incoming);
         let over = (self.meta().bytes + incoming).saturating_sub(cap);
         if over > 0 {
             evictions.extend(self.evict_oldest(over, reason)?);
@@ -799,30 +814,32 @@ mod tests {
     }
 
     #[test]
-    fn a_real_size_over_the_limit_raises_the_amplification_once_per_growth() {
+    fn a_real_size_over_the_limit_raises_the_amplification_once_per_turnover() {
         let mib = 1u64 << 20;
-        let mut g = DiskGuard {
-            limit: 64 * mib,
-            amplification: INITIAL_AMPLIFICATION,
-            raised_at: (0, u64::MAX),
-            measured: None,
-        };
-        assert_eq!(g.record_cap(), (56.0 * mib as f64 / 2.5) as u64);
-        assert_eq!(g.observe(60 * mib, 20 * mib), None, "within the limit");
-        // 72 MiB for 16 MiB of records: (72 − 8) / 16 × 1.1 = 4.4.
-        let raised = g.observe(72 * mib, 16 * mib).unwrap();
-        assert!((raised - 4.4).abs() < 1e-9, "{raised}");
-        // The file did not shrink after the cut: that alone changes nothing.
-        assert_eq!(g.observe(72 * mib, 12 * mib), None);
-        // It grew again: the records were still too many for sled.
-        assert!(g.observe(80 * mib, 10 * mib).unwrap() > raised);
-        // A filling filesystem lowers the limit: measured again at the same size.
-        g.limit = 40 * mib;
-        assert_eq!(g.observe(80 * mib, mib), Some(MAX_AMPLIFICATION));
-        assert_eq!(
-            g.record_cap(),
-            (32.0 * mib as f64 / MAX_AMPLIFICATION) as u64
+        let mut g = DiskGuard::new(64 * mib);
+        let cap = |a: f64| (56.0 * mib as f64 / a) as u64;
+        assert_eq!(g.record_cap(), cap(INITIAL_AMPLIFICATION));
+        assert_eq!(g.observe(60 * mib), None, "within the limit");
+        let raised = g.observe(72 * mib).unwrap();
+        assert!(
+            (raised - INITIAL_AMPLIFICATION * RAISE_STEP).abs() < 1e-9,
+            "{raised}"
         );
+        // Still over, and growing from the cut itself: no new step until a whole cap of
+        // records has gone through.
+        assert_eq!(g.observe(80 * mib), None);
+        g.appended(g.record_cap() - 1);
+        assert_eq!(g.observe(80 * mib), None);
+        g.appended(1);
+        assert!(g.observe(80 * mib).unwrap() > raised);
+        // A filling filesystem lowers the limit: at once.
+        g.limit = 40 * mib;
+        assert!(g.observe(80 * mib).is_some());
+        for _ in 0..40 {
+            g.limit -= mib / 4;
+            g.observe(80 * mib);
+        }
+        assert_eq!(g.amplification, MAX_AMPLIFICATION);
     }
 
     fn notice(at_ms: u64) -> impl FnOnce(&Unreported) -> NewRecord {
