@@ -295,6 +295,7 @@ impl Backhaul {
                         kind = r.kind,
                         "store: record of unknown kind skipped"
                     );
+                    Counters::add(&self.counters.store_unreadable, 1);
                     inflight.skipped(r.seq, now);
                     continue;
                 };
@@ -318,6 +319,7 @@ impl Backhaul {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::error!(seq = r.seq, error = %e, "store: record skipped");
+                        Counters::add(&self.counters.store_unreadable, 1);
                         inflight.skipped(r.seq, now);
                         continue;
                     }

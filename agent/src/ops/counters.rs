@@ -23,6 +23,8 @@ pub struct Counters {
     pub join_expired: AtomicU64,
     /// Events the store could not take at all (disk full after eviction).
     pub store_rejected: AtomicU64,
+    /// Stored records that could not be turned back into a message, skipped unsent.
+    pub store_unreadable: AtomicU64,
     pub evicted_events: AtomicU64,
     pub radio_starts: AtomicU64,
     pub radio_failures: AtomicU64,

@@ -108,6 +108,10 @@ impl StatsReporter {
             "store_rejected_total",
             Counters::get(&c.store_rejected).to_string(),
         );
+        put(
+            "store_unreadable_total",
+            Counters::get(&c.store_unreadable).to_string(),
+        );
         put("backhaul", if up { "up" } else { "down" }.to_string());
         put(
             "backhaul_outages_total",
