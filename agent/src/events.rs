@@ -99,7 +99,7 @@ impl Event {
     /// gives and `publishable` stamps.
     pub fn stored(self) -> Vec<u8> {
         match self.body {
-            Body::Uplink(f) => StoredUplink::from_frame(&f).encode_to_vec(),
+            Body::Uplink(f) => StoredUplink::from_frame(*f).encode_to_vec(),
             Body::Stats(s) => s.encode_to_vec(),
             Body::Ack(a) => a.encode_to_vec(),
             Body::Notice(v) => serde_json::to_vec(&v).unwrap_or_default(),
@@ -129,8 +129,9 @@ pub fn publishable(
     Ok(match kind {
         Kind::Up => {
             let s = StoredUplink::decode(stored).map_err(|e| bad(e.to_string()))?;
-            let mut f = s.into_frame(gateway_id, at_ms);
+            let mut f = s.into_frame(at_ms);
             if let Some(rx) = f.rx_info.as_mut() {
+                rx.gateway_id = gateway_id.to_string();
                 rx.uplink_id = uplink_id(seq);
                 rx.metadata.insert("seq".into(), seq.to_string());
             }
@@ -159,7 +160,7 @@ pub fn publishable(
 
 /// The `uplink_id` of the uplink stored as `seq`: the same for every copy of a replayed frame,
 /// never 0 (ChirpStack reads 0 as "not set").
-pub fn uplink_id(seq: u64) -> u32 {
+fn uplink_id(seq: u64) -> u32 {
     (seq as u32).max(1)
 }
 
@@ -208,11 +209,11 @@ struct StoredUplink {
 }
 
 impl StoredUplink {
-    fn from_frame(f: &gw::UplinkFrame) -> StoredUplink {
-        let tx = f.tx_info.clone().unwrap_or_default();
-        let rx = f.rx_info.clone().unwrap_or_default();
+    fn from_frame(f: gw::UplinkFrame) -> StoredUplink {
+        let tx = f.tx_info.unwrap_or_default();
+        let rx = f.rx_info.unwrap_or_default();
         let mut s = StoredUplink {
-            phy_payload: f.phy_payload.clone(),
+            phy_payload: f.phy_payload,
             frequency: tx.frequency,
             rssi: rx.rssi,
             snr: rx.snr,
@@ -241,7 +242,7 @@ impl StoredUplink {
         s
     }
 
-    fn into_frame(self, gateway_id: &str, at_ms: u64) -> gw::UplinkFrame {
+    fn into_frame(self, at_ms: u64) -> gw::UplinkFrame {
         let parameters = if self.fsk_datarate != 0 {
             Some(gw::modulation::Parameters::Fsk(gw::FskModulationInfo {
                 datarate: self.fsk_datarate,
@@ -270,7 +271,6 @@ impl StoredUplink {
                 }),
             }),
             rx_info: Some(gw::UplinkRxInfo {
-                gateway_id: gateway_id.to_string(),
                 gw_time,
                 rssi: self.rssi,
                 snr: self.snr,
@@ -343,9 +343,10 @@ mod tests {
             Modulation::Fsk { datarate: 50_000 },
         ] {
             let r = received(modulation);
-            let built = crate::uplink::uplink_frame("0016c001ff10a235", &r);
+            let built = crate::uplink::uplink_frame(&r);
             let mut expected = built.clone();
             let rx = expected.rx_info.as_mut().unwrap();
+            rx.gateway_id = "0016c001ff10a235".into();
             rx.metadata.insert("seq".into(), "4242".into());
             rx.uplink_id = 4242;
             assert_eq!(round_trip(built, r.at, 4242), expected);
@@ -360,7 +361,12 @@ mod tests {
             code_rate: CodeRate::Cr45,
         });
         let phy = r.packet.payload.len();
-        let frame = crate::uplink::uplink_frame("0016c001ff10a235", &r);
+        let mut frame = crate::uplink::uplink_frame(&r);
+        // What is published carries the gateway id, uplink id and seq as well.
+        let rx = frame.rx_info.as_mut().unwrap();
+        rx.gateway_id = "0016c001ff10a235".into();
+        rx.uplink_id = 4242;
+        rx.metadata.insert("seq".into(), "4242".into());
         let full = Event {
             at: r.at,
             body: Body::Uplink(Box::new(frame.clone())),

@@ -201,7 +201,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let uplinks = Uplinks {
         input: radio_rx,
         output: event_tx.clone(),
-        gateway_id: gateway_id.clone(),
         filter: CrcFilter {
             forward_ok: cfg.radio.forward_crc_ok,
             forward_invalid: cfg.radio.forward_crc_invalid,

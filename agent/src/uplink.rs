@@ -35,7 +35,6 @@ impl CrcFilter {
 pub struct Uplinks {
     pub input: Receiver<Received>,
     pub output: SyncSender<Event>,
-    pub gateway_id: String,
     pub filter: CrcFilter,
     pub counters: Arc<Counters>,
 }
@@ -58,7 +57,7 @@ impl Uplinks {
             }
             let event = Event {
                 at: r.at,
-                body: Body::Uplink(Box::new(uplink_frame(&self.gateway_id, &r))),
+                body: Body::Uplink(Box::new(uplink_frame(&r))),
             };
             // Blocking here is right: the radio never waits on us (it counts what it cannot hand
             // over), and waiting keeps frames in order while the store catches up.
@@ -77,7 +76,9 @@ pub fn timestamp(t: SystemTime) -> Timestamp {
     }
 }
 
-pub fn uplink_frame(gateway_id: &str, r: &Received) -> gw::UplinkFrame {
+/// The frame as received. The gateway id, `uplink_id` and seq are the publisher's to fill in
+/// (`events::publishable`): the store does not keep what is the same for every record.
+pub fn uplink_frame(r: &Received) -> gw::UplinkFrame {
     let p = &r.packet;
     let parameters = match p.modulation {
         Modulation::Lora {
@@ -110,10 +111,6 @@ pub fn uplink_frame(gateway_id: &str, r: &Received) -> gw::UplinkFrame {
             }),
         }),
         rx_info: Some(gw::UplinkRxInfo {
-            gateway_id: gateway_id.to_string(),
-            // Given from the sequence number when published (`events::publishable`), so that a
-            // replayed duplicate carries the same id.
-            uplink_id: 0,
             gw_time: Some(timestamp(r.at)),
             rssi: p.rssi.round() as i32,
             snr: p.snr,
