@@ -51,8 +51,8 @@ pub struct QueueOptions {
 /// worst case): 2.2–2.9 × the record bytes plus a few MiB, creeping with the volume written
 /// through; peak 62–95 % of the budget with the cap (limit − fixed) / factor below
 /// (`store_churn`, BENCHMARKS.md).
-pub const SLED_FIXED_BYTES: u64 = 8 << 20;
-pub const INITIAL_AMPLIFICATION: f64 = 2.75;
+const SLED_FIXED_BYTES: u64 = 8 << 20;
+const INITIAL_AMPLIFICATION: f64 = 2.75;
 /// However sled behaves, the records keep at least this share of what the formula gives.
 const MAX_AMPLIFICATION: f64 = 8.0;
 const RAISE_STEP: f64 = 1.15;
@@ -262,7 +262,7 @@ impl DiskGuard {
 /// even a deletion, so a store that fills its disk completely cannot evict anything.
 /// 4 MiB: sled writes ~7 bytes per record byte while filling (BENCHMARKS.md), so at 15,000
 /// frames/s this covers several measurement periods.
-pub const DISK_RESERVE_BYTES: u64 = 4 << 20;
+const DISK_RESERVE_BYTES: u64 = 4 << 20;
 
 fn key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
@@ -276,19 +276,23 @@ fn stored_size(payload_len: usize) -> u64 {
     (8 + HEADER + payload_len) as u64
 }
 
+/// A stored value's timestamp, read without copying its payload; `None` if unreadable.
+fn at_ms_of(v: &[u8]) -> Option<u64> {
+    (v.len() >= HEADER && v[0] == FORMAT)
+        .then(|| u64::from_be_bytes(v[3..11].try_into().expect("8 bytes")))
+}
+
 impl Record {
     fn decode(seq: u64, v: &[u8]) -> Result<Record, StoreError> {
-        if v.len() < HEADER || v[0] != FORMAT {
-            return Err(StoreError::BadRecord {
-                seq,
-                why: format!("{} bytes, format {:?}", v.len(), v.first()),
-            });
-        }
+        let at_ms = at_ms_of(v).ok_or_else(|| StoreError::BadRecord {
+            seq,
+            why: format!("{} bytes, format {:?}", v.len(), v.first()),
+        })?;
         Ok(Record {
             seq,
             kind: v[1],
             flags: v[2],
-            at_ms: u64::from_be_bytes(v[3..11].try_into().expect("8 bytes")),
+            at_ms,
             payload: v[HEADER..].to_vec(),
         })
     }
@@ -302,6 +306,20 @@ fn encode(r: &NewRecord) -> Vec<u8> {
     v.extend_from_slice(&r.at_ms.to_be_bytes());
     v.extend_from_slice(&r.payload);
     v
+}
+
+/// Adds `records` and the metadata that counts them to `batch`; returns the first sequence
+/// number given.
+fn stage(next: &mut Meta, batch: &mut sled::Batch, records: &[NewRecord]) -> u64 {
+    let first = next.next_seq;
+    for r in records {
+        batch.insert(&key(next.next_seq), encode(r));
+        next.next_seq += 1;
+        next.records += 1;
+        next.bytes += stored_size(r.payload.len());
+    }
+    batch.insert(META_KEY, next.encode().to_vec());
+    first
 }
 
 /// How the store was found at start.
@@ -488,19 +506,9 @@ impl Queue {
         let mut meta = self.meta();
         let mut next = *meta;
         let mut batch = sled::Batch::default();
-        let first = next.next_seq;
-        for r in records {
-            batch.insert(&key(next.next_seq), encode(r));
-            next.next_seq += 1;
-            next.records += 1;
-            next.bytes += stored_size(r.payload.len());
-        }
-        batch.insert(META_KEY, next.encode().to_vec());
-        let result = self
-            .tree
-            .apply_batch(batch)
-            .and_then(|_| self.db.flush().map(|_| ()));
-        result?;
+        let first = stage(&mut next, &mut batch, records);
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
         *meta = next;
         Ok(first..=next.next_seq - 1)
     }
@@ -552,13 +560,13 @@ impl Queue {
     /// Drops records accepted before `now_ms - max_age`.
     pub fn evict_expired(&self, now_ms: u64) -> Result<Option<Eviction>, StoreError> {
         let cutoff = now_ms.saturating_sub(self.opts.max_age.as_millis() as u64);
-        self.evict_while("max_age", |_, r| r.at_ms < cutoff)
+        self.evict_while("max_age", |_, at_ms| at_ms < cutoff)
     }
 
     fn evict_while(
         &self,
         reason: &'static str,
-        mut more: impl FnMut(u64, &Record) -> bool,
+        mut more: impl FnMut(u64, u64) -> bool,
     ) -> Result<Option<Eviction>, StoreError> {
         let mut meta = self.meta();
         let mut next = *meta;
@@ -574,10 +582,7 @@ impl Queue {
             let (k, v) = item?;
             let seq = seq_of(&k);
             // An unreadable record is evicted too: it could never be sent.
-            let keep_going = match Record::decode(seq, &v) {
-                Ok(r) => more(ev.bytes, &r),
-                Err(_) => true,
-            };
+            let keep_going = at_ms_of(&v).is_none_or(|at_ms| more(ev.bytes, at_ms));
             if !keep_going {
                 break;
             }
@@ -613,7 +618,8 @@ impl Queue {
     }
 
     /// The evictions the centre has not been told about yet.
-    pub fn unreported_evictions(&self) -> Unreported {
+    #[cfg(test)]
+    fn unreported_evictions(&self) -> Unreported {
         self.unreported().clone()
     }
 
@@ -628,12 +634,9 @@ impl Queue {
         if unreported.ranges.is_empty() {
             return Ok(None);
         }
-        let notice = make(&unreported);
         let mut next = *meta;
-        let seq = next.next_seq;
-        next.next_seq += 1;
-        next.records += 1;
-        next.bytes += stored_size(notice.payload.len());
+        let mut batch = sled::Batch::default();
+        let seq = stage(&mut next, &mut batch, &[make(&unreported)]);
         let mut after = Unreported {
             in_flight: {
                 let mut f = unreported.in_flight.clone();
@@ -642,9 +645,6 @@ impl Queue {
             },
             ..Unreported::default()
         };
-        let mut batch = sled::Batch::default();
-        batch.insert(&key(seq), encode(&notice));
-        batch.insert(META_KEY, next.encode().to_vec());
         batch.insert(UNREPORTED_KEY, after.encode(next.acked));
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
@@ -660,8 +660,7 @@ impl Queue {
             .range(..META_KEY.to_vec())
             .next()
             .and_then(|r| r.ok())
-            .and_then(|(k, v)| Record::decode(seq_of(&k), &v).ok())
-            .map(|r| r.at_ms);
+            .and_then(|(_, v)| at_ms_of(&v));
         Backlog {
             records: meta.records,
             bytes: meta.bytes,
