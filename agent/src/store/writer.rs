@@ -15,6 +15,47 @@ use crate::ops::counters::Counters;
 /// Events appended in one batch at most; a batch is one flush.
 const MAX_BATCH: usize = 512;
 
+/// Evictions not logged yet. At the budget during an outage every batch evicts; one line a
+/// second says the same without filling the log (and the SD card) with a line per batch. The
+/// count is exact; the exact ranges are in the `evicted` notices.
+#[derive(Debug, Default)]
+struct EvictionLog {
+    first_seq: u64,
+    last_seq: u64,
+    records: u64,
+    bytes: u64,
+    reasons: Vec<&'static str>,
+}
+
+impl EvictionLog {
+    fn add(&mut self, e: &Eviction) {
+        if self.records == 0 {
+            self.first_seq = e.first_seq;
+        }
+        self.last_seq = e.last_seq;
+        self.records += e.records;
+        self.bytes += e.bytes;
+        if !self.reasons.contains(&e.reason) {
+            self.reasons.push(e.reason);
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.records == 0 {
+            return;
+        }
+        tracing::warn!(
+            first_seq = self.first_seq,
+            last_seq = self.last_seq,
+            records = self.records,
+            bytes = self.bytes,
+            reason = self.reasons.join(","),
+            "store bound reached: oldest events evicted unsent"
+        );
+        *self = EvictionLog::default();
+    }
+}
+
 pub struct Writer {
     pub queue: Arc<Queue>,
     pub input: Receiver<Event>,
@@ -35,6 +76,7 @@ impl Writer {
         let mut next_age_check = Instant::now();
         let mut open = true;
         let mut last_notice: Option<Instant> = None;
+        let mut unlogged = EvictionLog::default();
         while open || !batch.is_empty() {
             if batch.is_empty() {
                 match self.input.recv_timeout(Duration::from_secs(1)) {
@@ -51,34 +93,29 @@ impl Writer {
             }
             if !batch.is_empty() {
                 for e in self.append(std::mem::take(&mut batch)) {
-                    self.evicted(&e);
+                    self.evicted(&e, &mut unlogged);
                 }
             }
             if Instant::now() >= next_age_check {
                 next_age_check = Instant::now() + Duration::from_secs(1);
                 match self.queue.evict_expired(unix_ms(SystemTime::now())) {
-                    Ok(Some(e)) => self.evicted(&e),
+                    Ok(Some(e)) => self.evicted(&e, &mut unlogged),
                     Ok(None) => {}
                     Err(e) => tracing::error!(error = %e, "store: expiring old events"),
                 }
                 self.report(&mut last_notice);
+                unlogged.flush();
             }
         }
+        unlogged.flush();
         if let Err(e) = self.queue.sync() {
             tracing::error!(error = %e, "store: final sync");
         }
     }
 
-    fn evicted(&self, e: &Eviction) {
+    fn evicted(&self, e: &Eviction, unlogged: &mut EvictionLog) {
         Counters::add(&self.counters.evicted_events, e.records);
-        tracing::warn!(
-            first_seq = e.first_seq,
-            last_seq = e.last_seq,
-            records = e.records,
-            bytes = e.bytes,
-            reason = e.reason,
-            "store bound reached: oldest events evicted unsent"
-        );
+        unlogged.add(e);
     }
 
     /// Queues the summary of the evictions not reported yet, while the backhaul is up and at
