@@ -49,13 +49,9 @@ fn run(n: u64) {
     assert!(agent.sigterm().success());
 
     // Restart with the full backlog and live traffic at 10 frames/s; the broker is still away.
-    std::fs::write(
-        dir.path().join("sim.toml"),
-        format!(
-            "eui = \"{GATEWAY_ID}\"\nsynthetic_rate_hz = 10.0\nsynthetic_payload_size = {PHY}\n"
-        ),
-    )
-    .unwrap();
+    agent.set_simulator(&format!(
+        "synthetic_rate_hz = 10.0\nsynthetic_payload_size = {PHY}\n"
+    ));
     agent.start_again();
     assert_eq!(
         agent.wait_log_count("store opened", 2, Duration::from_secs(60)),

@@ -581,6 +581,15 @@ impl AgentSetup {
 }
 
 impl Agent {
+    /// Replaces the simulator's settings (same gateway EUI) for the next `start_again`.
+    pub fn set_simulator(&self, settings: &str) {
+        std::fs::write(
+            self.dir.join("sim.toml"),
+            format!("eui = \"{GATEWAY_ID}\"\n{settings}"),
+        )
+        .expect("sim.toml");
+    }
+
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "agent already running");
         let log = std::fs::OpenOptions::new()

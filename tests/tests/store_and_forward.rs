@@ -113,17 +113,13 @@ fn every_accepted_frame_survives_a_sigkill_during_an_outage() {
     proxy.set(Mode::Refuse);
     // 1000 frames at 100/s: the agent is killed while they are still coming in.
     let sent = frames(1000, DEVICES, 0, 10.0);
-    let (mut agent, dir) = AgentSetup::new(proxy.port).scenario(&sent).start();
+    let (mut agent, _dir) = AgentSetup::new(proxy.port).scenario(&sent).start();
     agent.wait_status("accepted", 400, Duration::from_secs(30));
     let accepted_before_kill = agent.status_value("accepted").unwrap();
     agent.sigkill();
 
     // Restart on a quiet radio and let the backhaul come back.
-    std::fs::write(
-        dir.path().join("sim.toml"),
-        format!("eui = \"{GATEWAY_ID}\"\n"),
-    )
-    .unwrap();
+    agent.set_simulator("");
     agent.start_again();
     proxy.set(Mode::Pass);
     let got = collector.wait_for("/event/up", Duration::from_secs(30), |m| {
@@ -153,7 +149,7 @@ fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported_acr
     // A 16 MiB budget (the smallest allowed) holds 2.9 MiB of records, ~36,000 of these short
     // uplinks. Send 60,000.
     let sent = frames(60_000, DEVICES, 0, 0.2);
-    let (mut agent, dir) = AgentSetup::new(proxy.port)
+    let (mut agent, _dir) = AgentSetup::new(proxy.port)
         .scenario(&sent)
         .config("[store]\nmax_size_mib = 16")
         .start();
@@ -167,11 +163,7 @@ fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported_acr
     std::thread::sleep(Duration::from_secs(2));
     // Killed before it could report a single eviction: the summary must survive in the store.
     agent.sigkill();
-    std::fs::write(
-        dir.path().join("sim.toml"),
-        format!("eui = \"{GATEWAY_ID}\"\n"),
-    )
-    .unwrap();
+    agent.set_simulator("");
     agent.start_again();
     proxy.set(Mode::Pass);
 
