@@ -3,6 +3,7 @@
 //! that subscribes to everything the gateway publishes.
 
 pub mod bench;
+pub mod commands;
 pub mod proxy;
 
 use std::collections::HashMap;
@@ -17,7 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 use chirpstack_api::gw;
 use prost::Message;
 
-pub use proxy::{Mode, Proxy};
+pub use commands::*;
+pub use proxy::{Dir, Link, Mode, Proxy};
 
 pub const GATEWAY_ID: &str = "0016c001ff10a235";
 
@@ -157,7 +159,8 @@ impl Collector {
             rumqttc::MqttOptions::new(format!("collector-{}", free_port()), "127.0.0.1", port);
         o.set_clean_session(false);
         o.set_keep_alive(Duration::from_secs(5));
-        o.set_max_packet_size(1 << 20, 1 << 20);
+        // It also sees the commands, oversized ones included.
+        o.set_max_packet_size(16 << 20, 1 << 20);
         let (client, mut conn) = rumqttc::Client::new(o, 1000);
         let topic = format!("{prefix}/gateway/#");
         {
@@ -276,7 +279,8 @@ impl Publisher {
     pub fn connect(port: u16) -> Publisher {
         let mut o =
             rumqttc::MqttOptions::new(format!("publisher-{}", free_port()), "127.0.0.1", port);
-        o.set_max_packet_size(1 << 20, 1 << 20);
+        // Large enough for the oversized commands a hostile publisher sends.
+        o.set_max_packet_size(1 << 20, 8 << 20);
         o.set_inflight(200);
         let (client, mut conn) = rumqttc::Client::new(o, 1000);
         let mut net = rumqttc::NetworkOptions::new();

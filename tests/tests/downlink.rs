@@ -9,8 +9,6 @@ use chirpstack_api::pbjson_types;
 use lora_edge_e2e::*;
 use prost::Message;
 
-const DOWN: &str = "eu868/gateway/0016c001ff10a235/command/down";
-
 struct Rig {
     broker: Broker,
     collector: Collector,
@@ -43,74 +41,6 @@ fn rig(counter_start: u32, extra_config: &str) -> (Rig, u32) {
         },
         ctx,
     )
-}
-
-fn lora(
-    freq: u32,
-    power: i32,
-    sf: u32,
-    timing: gw::timing::Parameters,
-    ctx: u32,
-    payload: &[u8],
-) -> gw::DownlinkFrameItem {
-    gw::DownlinkFrameItem {
-        phy_payload: payload.to_vec(),
-        tx_info: Some(gw::DownlinkTxInfo {
-            frequency: freq,
-            power,
-            modulation: Some(gw::Modulation {
-                parameters: Some(gw::modulation::Parameters::Lora(gw::LoraModulationInfo {
-                    bandwidth: 125_000,
-                    spreading_factor: sf,
-                    code_rate: gw::CodeRate::Cr45 as i32,
-                    polarization_inversion: true,
-                    ..Default::default()
-                })),
-            }),
-            timing: Some(gw::Timing {
-                parameters: Some(timing),
-            }),
-            context: ctx.to_be_bytes().to_vec(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn delay(ms: u64) -> gw::timing::Parameters {
-    gw::timing::Parameters::Delay(gw::DelayTimingInfo {
-        delay: Some(pbjson_types::Duration {
-            seconds: (ms / 1000) as i64,
-            nanos: ((ms % 1000) * 1_000_000) as i32,
-        }),
-    })
-}
-
-fn immediately() -> gw::timing::Parameters {
-    gw::timing::Parameters::Immediately(gw::ImmediatelyTimingInfo {})
-}
-
-fn frame(id: u32, items: Vec<gw::DownlinkFrameItem>) -> Vec<u8> {
-    gw::DownlinkFrame {
-        gateway_id: GATEWAY_ID.into(),
-        downlink_id: id,
-        items,
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
-
-/// The ack statuses for `id`, waiting for it.
-fn ack(c: &Collector, id: u32, timeout: Duration) -> Vec<gw::TxAckStatus> {
-    let find = |m: &[Msg]| {
-        m.iter()
-            .map(|m| gw::DownlinkTxAck::decode(m.payload.as_slice()).unwrap())
-            .find(|a| a.downlink_id == id)
-    };
-    let msgs = c.wait_for("/event/ack", timeout, |m| find(m).is_some());
-    let a = find(&msgs).unwrap_or_else(|| panic!("no ack for downlink {id}"));
-    assert_eq!(a.gateway_id, GATEWAY_ID);
-    a.items.iter().map(|i| i.status()).collect()
 }
 
 fn assert_on_time(s: &Sent) {

@@ -5,6 +5,10 @@
 //! order. So the n-th `Outgoing::Publish` belongs to the n-th publish submitted, and its packet
 //! id then leads to the record. Everything is forgotten at reconnect (a new session), and the
 //! queue resends from its watermark.
+//!
+//! It also tells whether the link still makes progress (`stalled_for`): the time since the later
+//! of the last PUBACK and the oldest outstanding write. On a thin link what is queued ahead
+//! of a publish delays its PUBACK, but PUBACKs keep coming; on a silent cut none does.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -22,6 +26,7 @@ struct Entry {
     seq: Option<u64>,
     uplink: bool,
     state: State,
+    /// When it was submitted, then when it was written.
     since: Instant,
 }
 
@@ -37,6 +42,7 @@ pub struct Settled {
 #[derive(Debug, Default)]
 pub struct Inflight {
     entries: VecDeque<Entry>,
+    last_ack: Option<Instant>,
 }
 
 impl Inflight {
@@ -61,7 +67,7 @@ impl Inflight {
     }
 
     /// `Outgoing::Publish(pkid)`: the oldest submitted publish went out with this id.
-    pub fn written(&mut self, pkid: u16) -> bool {
+    pub fn written(&mut self, pkid: u16, now: Instant) -> bool {
         match self
             .entries
             .iter_mut()
@@ -69,6 +75,7 @@ impl Inflight {
         {
             Some(e) => {
                 e.state = State::Written(pkid);
+                e.since = now;
                 true
             }
             None => false,
@@ -76,7 +83,8 @@ impl Inflight {
     }
 
     /// `Incoming::PubAck(pkid)`.
-    pub fn acked(&mut self, pkid: u16) -> bool {
+    pub fn acked(&mut self, pkid: u16, now: Instant) -> bool {
+        self.last_ack = Some(now);
         match self
             .entries
             .iter_mut()
@@ -112,12 +120,17 @@ impl Inflight {
             .count()
     }
 
-    /// How long the oldest unacknowledged publish has waited.
-    pub fn oldest_wait(&self, now: Instant) -> Option<Duration> {
-        self.entries
+    /// How long the link has made no progress while publishes written to it await their PUBACK:
+    /// since the later of the last PUBACK and the oldest outstanding write. None when nothing
+    /// written is outstanding.
+    pub fn stalled_for(&self, now: Instant) -> Option<Duration> {
+        let oldest = self
+            .entries
             .iter()
-            .find(|e| e.state != State::Done)
-            .map(|e| now.duration_since(e.since))
+            .find(|e| matches!(e.state, State::Written(_)))?
+            .since;
+        let from = self.last_ack.map_or(oldest, |a| a.max(oldest));
+        Some(now.saturating_duration_since(from))
     }
 }
 
@@ -134,18 +147,18 @@ mod tests {
         f.submitted(Some(11), true, now);
         f.skipped(12, now);
         f.submitted(Some(13), true, now);
-        assert!(f.written(1) && f.written(2) && f.written(3) && f.written(4));
+        assert!(f.written(1, now) && f.written(2, now) && f.written(3, now) && f.written(4, now));
         assert_eq!(f.outstanding(), 4);
         // Out of order: 11 acknowledged first waits for 10.
-        assert!(f.acked(3));
+        assert!(f.acked(3, now));
         assert_eq!(f.settle(), Settled::default());
-        assert!(f.acked(1));
+        assert!(f.acked(1, now));
         assert_eq!(
             f.settle(),
             Settled::default(),
             "ONLINE carries no sequence number; 10 is still out"
         );
-        assert!(f.acked(2));
+        assert!(f.acked(2, now));
         assert_eq!(
             f.settle(),
             Settled {
@@ -154,8 +167,8 @@ mod tests {
             },
             "10, 11 and the skipped 12"
         );
-        assert!(!f.acked(2), "an id is credited once");
-        assert!(f.acked(4));
+        assert!(!f.acked(2, now), "an id is credited once");
+        assert!(f.acked(4, now));
         assert_eq!(
             f.settle(),
             Settled {
@@ -171,11 +184,42 @@ mod tests {
         let now = Instant::now();
         let mut f = Inflight::default();
         f.submitted(Some(1), true, now);
-        f.written(7);
-        assert!(f.acked(7));
+        f.written(7, now);
+        assert!(f.acked(7, now));
         f.submitted(Some(2), true, now);
-        f.written(7);
-        assert!(f.acked(7));
+        f.written(7, now);
+        assert!(f.acked(7, now));
         assert_eq!(f.settle().top, Some(2));
+    }
+
+    #[test]
+    fn a_link_that_keeps_acknowledging_is_not_stalled_however_long_the_oldest_waits() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let mut f = Inflight::default();
+        assert_eq!(f.stalled_for(s(100)), None, "nothing outstanding");
+        for seq in 1..=3 {
+            f.submitted(Some(seq), true, t0);
+        }
+        assert_eq!(
+            f.stalled_for(s(50)),
+            None,
+            "submitted but not written: held by the client, not the link"
+        );
+        f.written(1, s(1));
+        f.written(2, s(1));
+        f.written(3, s(1));
+        assert_eq!(f.stalled_for(s(11)), Some(Duration::from_secs(10)));
+        // A thin link: one PUBACK every 8 s. The last write is 20 s old, yet the link moves.
+        f.acked(1, s(9));
+        f.settle();
+        f.acked(2, s(17));
+        f.settle();
+        assert_eq!(f.stalled_for(s(21)), Some(Duration::from_secs(4)));
+        // Then nothing more comes: a silent cut.
+        assert_eq!(f.stalled_for(s(40)), Some(Duration::from_secs(23)));
+        f.acked(3, s(41));
+        f.settle();
+        assert_eq!(f.stalled_for(s(60)), None);
     }
 }

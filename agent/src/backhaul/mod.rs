@@ -1,24 +1,35 @@
 //! The MQTT backhaul: one session at a time to the broker, fed from the durable queue.
 //!
-//! Each connection is a fresh rumqttc client and event loop (clean session): nothing is trusted
-//! to rumqttc across a disconnect. After the CONNACK it publishes the retained ONLINE state and
-//! then everything above the queue's acknowledged watermark, in sequence order, keeping at most
-//! `mqtt.inflight` publishes unacknowledged. A PUBACK removes its record from the store (via
-//! `Inflight`). A connection error, a CONNACK that does not come, or a publish not acknowledged
-//! within `mqtt.ack_timeout` (a silent cut) ends the session; the next one starts again from the
-//! watermark after a back-off with jitter. Delivery is therefore at-least-once; duplicates are
-//! bounded by the inflight window and carry the same sequence number.
+//! Each connection is a fresh rumqttc client and event loop (MQTT 5, clean start): nothing is
+//! trusted to rumqttc across a disconnect. The event loop runs in a task of its own (`link`) and
+//! is never cancelled, so a session is exactly one TCP connection, and a new one is opened only
+//! after a real failure and the back-off. After the CONNACK the session publishes the retained
+//! ONLINE state and then everything above the queue's acknowledged watermark, in sequence order,
+//! keeping at most `mqtt.inflight` publishes (or the broker's Receive Maximum, if lower)
+//! unacknowledged. A PUBACK removes its record from the store (via `Inflight`). A connection
+//! error, a CONNACK that does not come within `mqtt.connect_timeout`, a PUBACK refused by the
+//! broker, or no PUBACK at all for `mqtt.ack_timeout` while publishes are outstanding (a silent
+//! cut) ends the session; the next one starts again from the watermark after a back-off with
+//! jitter. Delivery is therefore at-least-once; duplicates are bounded by the inflight window and
+//! carry the same sequence number.
+//!
+//! MQTT 5 is used for its Maximum Packet Size: the broker must not send this client a packet
+//! larger than `MAX_INCOMING_PACKET`, so an oversized `command/down` is dropped by the broker
+//! for this client instead of breaking the session (MQTT 3.1.1 has no way to say it).
 
 mod inflight;
+mod link;
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use chirpstack_api::gw;
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
-};
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use rumqttc::Outgoing;
 use tokio::sync::watch;
 
 use crate::config::{Encoding, MqttConfig};
@@ -26,6 +37,11 @@ use crate::events::{publishable, unix_ms, Kind, FLAG_JOIN_REQUEST};
 use crate::ops::counters::Counters;
 use crate::store::Queue;
 use inflight::Inflight;
+use link::Link;
+
+/// The largest packet the broker may send us (announced in CONNECT). A `DownlinkFrame` is at
+/// most a few KiB; anything larger on `command/down` is dropped by the broker for this client.
+pub const MAX_INCOMING_PACKET: u32 = 256 * 1024;
 
 /// Topics of one gateway.
 #[derive(Debug, Clone)]
@@ -75,17 +91,28 @@ fn conn_state(gateway_id: &str, online: bool, encoding: Encoding) -> Vec<u8> {
     crate::events::wire(&state, encoding)
 }
 
+/// A connection error in words an operator can act on.
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => {
+            format!("the broker refused the connection: {code:?}")
+        }
+        ConnectionError::Io(io) => format!("network: {io}"),
+        ConnectionError::Timeout(_) => "no CONNACK within the connection timeout".into(),
+        other => other.to_string(),
+    }
+}
+
 impl Backhaul {
     pub async fn run(mut self) {
         let topics = Topics::new(&self.cfg.topic_prefix, &self.gateway_id);
         let mut backoff = self.cfg.reconnect_min;
         let mut outage_since: Option<Instant> = Some(Instant::now());
+        tracing::info!(server = %self.cfg.server, "backhaul: connecting");
         loop {
             let connected_at = Instant::now();
             let end = self.session(&topics, &mut outage_since).await;
-            self.counters
-                .backhaul_up
-                .store(false, std::sync::atomic::Ordering::Relaxed);
+            self.counters.backhaul_up.store(false, Relaxed);
             match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost(why) => {
@@ -118,14 +145,18 @@ impl Backhaul {
             .unwrap_or_else(|| format!("lora-edge-{}", self.gateway_id));
         let mut o = MqttOptions::new(client_id, host, port);
         o.set_keep_alive(self.cfg.keep_alive);
-        o.set_clean_session(true);
-        o.set_inflight(self.cfg.inflight.saturating_add(8));
-        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_clean_start(true);
+        o.set_outgoing_inflight_upper_limit(self.cfg.inflight.saturating_add(8));
+        o.set_max_packet_size(Some(MAX_INCOMING_PACKET));
+        // The session's own CONNACK deadline (`mqtt.connect_timeout`) fires first and says so;
+        // rumqttc's is only a backstop.
+        o.set_connection_timeout(self.cfg.connect_timeout.as_secs() + 5);
         o.set_last_will(LastWill::new(
             topics.under("state/conn"),
             conn_state(&self.gateway_id, false, self.cfg.encoding),
             QoS::AtLeastOnce,
             true,
+            None,
         ));
         if let Some(user) = &self.cfg.username {
             o.set_credentials(user.clone(), self.cfg.password.clone().unwrap_or_default());
@@ -134,20 +165,19 @@ impl Backhaul {
     }
 
     async fn session(&mut self, topics: &Topics, outage_since: &mut Option<Instant>) -> SessionEnd {
-        let window = self.cfg.inflight as usize;
-        let (client, mut events) = AsyncClient::new(self.options(topics), window + 16);
-        events
-            .network_options
-            .set_connection_timeout(self.cfg.connect_timeout.as_secs().max(1));
+        let mut window = self.cfg.inflight as usize;
+        let (client, events) = AsyncClient::new(self.options(topics), window + 16);
+        tracing::debug!(server = %self.cfg.server, "backhaul: connect attempt");
+        let mut link = Link::open(events, window + 16);
         let mut inflight = Inflight::default();
         let mut cursor = self.queue.acked() + 1;
         let mut connected = false;
         let mut tokens = self.cfg.max_rate_per_s as f64;
         let mut last_refill = Instant::now();
         let started = Instant::now();
-        let batch = (window / 4).max(1);
         let down_topic = topics.under("command/down");
         let mut to_ack: Option<u64> = None;
+        let mut store_wakes = true;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -156,21 +186,31 @@ impl Backhaul {
             tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => {
-                    self.goodbye(&client, &mut events, topics).await;
+                    if connected {
+                        self.goodbye(&client, &mut link, topics).await;
+                    }
                     return SessionEnd::Shutdown;
                 }
-                ev = events.poll() => match ev {
+                ev = link.next() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        if ack.code != ConnectReturnCode::Success {
-                            return SessionEnd::Lost(format!("broker refused the connection: {:?}", ack.code));
-                        }
+                        // rumqttc turns a refusing CONNACK into an error: this one accepted us.
                         connected = true;
-                        self.counters.backhaul_up.store(true, std::sync::atomic::Ordering::Relaxed);
-                        if let Some(since) = outage_since.take() {
-                            let ms = since.elapsed().as_millis() as u64;
-                            Counters::add(&self.counters.outages, 1);
-                            self.counters.last_outage_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
-                            tracing::info!(outage_ms = ms, backlog = self.queue.backlog().records, "backhaul up");
+                        if let Some(max) = ack.properties.as_ref().and_then(|p| p.receive_max) {
+                            if (max as usize) < window {
+                                tracing::info!(receive_maximum = max, "backhaul: the broker allows fewer publishes in flight than mqtt.inflight");
+                                window = max.max(1) as usize;
+                            }
+                        }
+                        self.counters.backhaul_up.store(true, Relaxed);
+                        let backlog = self.queue.backlog().records;
+                        match outage_since.take() {
+                            Some(since) => {
+                                let ms = since.elapsed().as_millis() as u64;
+                                Counters::add(&self.counters.outages, 1);
+                                self.counters.last_outage_ms.store(ms, Relaxed);
+                                tracing::info!(outage_ms = ms, connect_ms = started.elapsed().as_millis() as u64, backlog, "backhaul up");
+                            }
+                            None => tracing::debug!(backlog, "backhaul: session started"),
                         }
                         if let Err(e) = client.try_subscribe(down_topic.clone(), QoS::AtLeastOnce) {
                             return SessionEnd::Lost(format!("subscribe: {e}"));
@@ -181,7 +221,7 @@ impl Backhaul {
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if !inflight.written(pkid) {
+                        if !inflight.written(pkid, Instant::now()) {
                             return SessionEnd::Lost(format!("publish {pkid} written but none submitted"));
                         }
                     }
@@ -189,7 +229,12 @@ impl Backhaul {
                         return SessionEnd::Lost(format!("packet id {pkid} still in use; resynchronising"));
                     }
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if !inflight.acked(ack.pkid) {
+                        if !matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
+                            // The record stays in the store: dropping it would lose a frame the
+                            // broker never took. Likely an ACL or quota problem on the broker.
+                            return SessionEnd::Lost(format!("the broker refused a publish: {:?}", ack.reason));
+                        }
+                        if !inflight.acked(ack.pkid, Instant::now()) {
                             tracing::debug!(pkid = ack.pkid, "PUBACK for no publish of this session");
                         }
                         let settled = inflight.settle();
@@ -198,30 +243,43 @@ impl Backhaul {
                             to_ack = Some(seq);
                         }
                     }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        for code in &ack.return_codes {
+                            if !matches!(code, SubscribeReasonCode::Success(_)) {
+                                tracing::error!(topic = %down_topic, reason = ?code, "the broker refused the subscription: downlinks will not arrive");
+                            }
+                        }
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if p.topic == down_topic {
+                        if p.topic == down_topic.as_bytes() {
                             tracing::debug!(bytes = p.payload.len(), "command/down received");
                             if let Err(TrySendError::Full(_)) = self.downlinks.try_send((p.payload.to_vec(), Instant::now())) {
                                 Counters::add(&self.counters.tx_dropped, 1);
                                 tracing::warn!("command/down: the downlink stage is saturated; command dropped");
                             }
                         } else {
-                            tracing::debug!(topic = %p.topic, "message on a topic lora-edge does not handle");
+                            tracing::debug!(topic = %String::from_utf8_lossy(&p.topic), "message on a topic lora-edge does not handle");
                         }
                     }
+                    Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                        return SessionEnd::Lost(format!("the broker closed the session: {:?}", d.reason_code));
+                    }
                     Ok(_) => {}
-                    Err(e) => return SessionEnd::Lost(e.to_string()),
+                    Err(e) => return SessionEnd::Lost(describe(&e)),
                 },
-                _ = self.appended.changed() => {}
+                changed = self.appended.changed(), if store_wakes => {
+                    // The writer is gone (shutting down): stop listening, the tick still runs.
+                    store_wakes = changed.is_ok();
+                }
                 _ = tick.tick() => {
                     ticked = true;
                     let now = Instant::now();
                     if !connected && started.elapsed() > self.cfg.connect_timeout {
-                        return SessionEnd::Lost("no CONNACK within mqtt.connect_timeout".into());
+                        return SessionEnd::Lost(format!("no CONNACK within mqtt.connect_timeout ({:?})", self.cfg.connect_timeout));
                     }
-                    if let Some(wait) = inflight.oldest_wait(now) {
-                        if wait > self.cfg.ack_timeout {
-                            return SessionEnd::Lost(format!("no PUBACK for {wait:?}: link presumed dead"));
+                    if let Some(stalled) = inflight.stalled_for(now) {
+                        if stalled > self.cfg.ack_timeout {
+                            return SessionEnd::Lost(format!("no PUBACK for {stalled:?} with publishes outstanding: link presumed dead"));
                         }
                     }
                     if self.cfg.max_rate_per_s > 0 {
@@ -233,6 +291,7 @@ impl Backhaul {
             }
             // Removing acknowledged records and reading new ones are store operations: do them in
             // batches (a quarter of the window), or when the pipeline runs dry.
+            let batch = (window / 4).max(1);
             let idle = inflight.outstanding() == 0;
             if let Some(seq) = to_ack {
                 if idle || ticked || seq >= self.queue.acked() + batch as u64 {
@@ -242,7 +301,7 @@ impl Backhaul {
                     to_ack = None;
                 }
             }
-            if connected && (idle || window - inflight.outstanding() >= batch) {
+            if connected && (idle || window.saturating_sub(inflight.outstanding()) >= batch) {
                 if let Err(why) = self.fill(
                     &client,
                     topics,
@@ -336,7 +395,7 @@ impl Backhaul {
     }
 
     /// Retained OFFLINE, then DISCONNECT, waiting briefly for the broker.
-    async fn goodbye(&self, client: &AsyncClient, events: &mut EventLoop, topics: &Topics) {
+    async fn goodbye(&self, client: &AsyncClient, link: &mut Link, topics: &Topics) {
         let offline = conn_state(&self.gateway_id, false, self.cfg.encoding);
         if client
             .try_publish(topics.under("state/conn"), QoS::AtLeastOnce, true, offline)
@@ -346,7 +405,7 @@ impl Backhaul {
         }
         let _ = client.try_disconnect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while let Ok(ev) = tokio::time::timeout_at(deadline, events.poll()).await {
+        while let Ok(ev) = tokio::time::timeout_at(deadline, link.next()).await {
             match ev {
                 Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
                 Ok(_) => {}
