@@ -17,6 +17,7 @@ pub mod downlink;
 pub mod events;
 pub mod ops;
 pub mod radio;
+pub mod realtime;
 pub mod store;
 pub mod uplink;
 

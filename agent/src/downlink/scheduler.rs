@@ -42,69 +42,7 @@ pub enum When {
     Immediately,
 }
 
-/// One ETSI EN 300 220 sub-band: `[min, max)` Hz and its duty cycle in per mille.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SubBand {
-    pub name: &'static str,
-    pub min_hz: u32,
-    pub max_hz: u32,
-    pub permille: u32,
-}
-
-pub const EU868_SUB_BANDS: &[SubBand] = &[
-    SubBand {
-        name: "863.0-865.0",
-        min_hz: 863_000_000,
-        max_hz: 865_000_000,
-        permille: 1,
-    },
-    SubBand {
-        name: "865.0-868.0",
-        min_hz: 865_000_000,
-        max_hz: 868_000_000,
-        permille: 10,
-    },
-    SubBand {
-        name: "868.0-868.6",
-        min_hz: 868_000_000,
-        max_hz: 868_600_000,
-        permille: 10,
-    },
-    SubBand {
-        name: "868.7-869.2",
-        min_hz: 868_700_000,
-        max_hz: 869_200_000,
-        permille: 1,
-    },
-    SubBand {
-        name: "869.4-869.65",
-        min_hz: 869_400_000,
-        max_hz: 869_650_000,
-        permille: 100,
-    },
-    SubBand {
-        name: "869.7-870.0",
-        min_hz: 869_700_000,
-        max_hz: 870_000_000,
-        permille: 10,
-    },
-];
-
-/// Frequencies between the listed sub-bands fall back to the strictest rule.
-const OTHER: SubBand = SubBand {
-    name: "other",
-    min_hz: 0,
-    max_hz: 0,
-    permille: 1,
-};
-
-pub fn sub_band(freq_hz: u32) -> SubBand {
-    EU868_SUB_BANDS
-        .iter()
-        .copied()
-        .find(|b| freq_hz >= b.min_hz && freq_hz < b.max_hz)
-        .unwrap_or(OTHER)
-}
+use crate::radio::region::sub_band;
 
 #[derive(Debug, Clone)]
 struct Reservation<T> {
@@ -280,7 +218,7 @@ impl<T> Scheduler<T> {
     /// Share of each sub-band's hourly allowance used, in per cent.
     pub fn duty_cycle_usage(&mut self, mono_now: Instant) -> Vec<(&'static str, f64)> {
         self.duty.expire(mono_now);
-        EU868_SUB_BANDS
+        crate::radio::region::EU868_SUB_BANDS
             .iter()
             .map(|b| {
                 let allowed = (HOUR * b.permille / 1000).as_secs_f64();

@@ -44,6 +44,7 @@ pub struct RadioSettings {
     pub poll_interval: Duration,
     pub watchdog: Duration,
     pub restart_backoff_max: Duration,
+    pub realtime_priority: u8,
 }
 
 impl RadioSettings {
@@ -68,6 +69,7 @@ impl RadioSettings {
             poll_interval: r.poll_interval,
             watchdog: r.watchdog,
             restart_backoff_max: r.restart_backoff_max,
+            realtime_priority: r.realtime_priority,
         }
     }
 
@@ -153,7 +155,10 @@ impl Radio {
     pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name("radio".into())
-            .spawn(move || self.run())
+            .spawn(move || {
+                crate::realtime::raise_current_thread("radio", self.settings.realtime_priority);
+                self.run()
+            })
     }
 
     fn run(self) {

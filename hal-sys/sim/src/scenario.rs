@@ -134,7 +134,12 @@ fn parse_line(line: &str) -> Result<ScenarioFrame, String> {
         .collect::<Result<Vec<u8>, _>>()
         .map_err(|_| "payload_hex: not hexadecimal".to_string())?;
     let offset_ms: f64 = num(c[0], "offset_ms")?;
-    Ok(ScenarioFrame {
+    if !(offset_ms >= 0.0 && offset_ms.is_finite()) {
+        return Err(format!(
+            "offset_ms: {offset_ms} is not a time from the start"
+        ));
+    }
+    let frame = ScenarioFrame {
         offset_us: (offset_ms * 1000.0).round() as u64,
         freq_hz: num(c[1], "freq_hz")?,
         modulation,
@@ -148,7 +153,51 @@ fn parse_line(line: &str) -> Result<ScenarioFrame, String> {
         status,
         payload,
         count_us: 0,
-    })
+    };
+    physically_possible(&frame)?;
+    Ok(frame)
+}
+
+/// What an SX1302 with SX1250 radios on an EU868 board (every board lora-edge knows) could
+/// have received: a scenario is a recording, and the agent must never be tested on frames the
+/// real radio cannot produce.
+fn physically_possible(f: &ScenarioFrame) -> Result<(), String> {
+    if !(863_000_000..=870_000_000).contains(&f.freq_hz) {
+        return Err(format!(
+            "freq_hz: {} is outside 863-870 MHz, the band of the 868 MHz boards",
+            f.freq_hz
+        ));
+    }
+    if f.if_chain as u32 >= sys::LGW_IF_CHAIN_NB {
+        return Err(format!(
+            "if_chain: {} (the SX1302 has IF chains 0 to {})",
+            f.if_chain,
+            sys::LGW_IF_CHAIN_NB - 1
+        ));
+    }
+    if f.rf_chain as u32 >= sys::LGW_RF_CHAIN_NB {
+        return Err(format!("rf_chain: {} (0 or 1)", f.rf_chain));
+    }
+    if f.modulation as u32 == sys::MOD_LORA {
+        if !(5..=12).contains(&f.datarate) {
+            return Err(format!("datarate: SF{} (LoRa is SF5 to SF12)", f.datarate));
+        }
+        if f.bandwidth as u32 == sys::BW_UNDEFINED || f.coderate as u32 == sys::CR_UNDEFINED {
+            return Err("a LoRa frame needs a bandwidth and a code rate".into());
+        }
+    } else if !(500..=250_000).contains(&f.datarate) {
+        return Err(format!(
+            "datarate: {} bit/s (FSK is 500 to 250000)",
+            f.datarate
+        ));
+    }
+    if !(-150.0..=0.0).contains(&f.rssi) || !(-30.0..=30.0).contains(&f.snr) {
+        return Err(format!(
+            "rssi {} dBm / snr {} dB: outside what the radio reports (-150..0, -30..30)",
+            f.rssi, f.snr
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -178,5 +227,46 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.starts_with("line 2: modulation"), "{err}");
+    }
+
+    #[test]
+    fn frames_the_real_radio_could_never_receive_are_refused_with_their_line() {
+        let ok = "0,868100000,LORA,7,125000,4/5,-57,9.5,0,1,ok,40\n";
+        assert!(parse_scenario(ok).is_ok());
+        for (bad, why) in [
+            (
+                "0,433175000,LORA,7,125000,4/5,-57,9.5,0,1,ok,40",
+                "freq_hz: 433175000",
+            ),
+            ("0,868100000,LORA,99,125000,4/5,-57,9.5,0,1,ok,40", "SF99"),
+            ("0,868100000,LORA,4,125000,4/5,-57,9.5,0,1,ok,40", "SF4"),
+            (
+                "0,868100000,LORA,7,125000,4/5,-57,9.5,99,1,ok,40",
+                "if_chain: 99",
+            ),
+            (
+                "0,868100000,LORA,7,125000,4/5,-57,9.5,0,2,ok,40",
+                "rf_chain: 2",
+            ),
+            (
+                "0,868100000,LORA,7,0,-,-57,9.5,0,1,ok,40",
+                "needs a bandwidth",
+            ),
+            (
+                "0,868800000,FSK,5000000,0,-,-57,9.5,9,1,ok,40",
+                "FSK is 500",
+            ),
+            ("0,868100000,LORA,7,125000,4/5,20,9.5,0,1,ok,40", "rssi 20"),
+            (
+                "-5,868100000,LORA,7,125000,4/5,-57,9.5,0,1,ok,40",
+                "offset_ms",
+            ),
+        ] {
+            let err = parse_scenario(&format!("{ok}{bad}\n")).unwrap_err();
+            assert!(
+                err.starts_with("line 2: ") && err.contains(why),
+                "{bad}: {err}"
+            );
+        }
     }
 }
