@@ -20,7 +20,7 @@ use lora_edge::ops::counters::Counters;
 use lora_edge::ops::stats::StatsReporter;
 use lora_edge::radio::hal::Concentrator;
 use lora_edge::radio::{Radio, RadioSettings};
-use lora_edge::store::{Opened, Queue, QueueOptions, Writer};
+use lora_edge::store::{Opened, Queue, QueueOptions, StoreError, Writer};
 use lora_edge::uplink::{CrcFilter, Uplinks};
 
 #[derive(Parser)]
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Check(args) => match config::load(&args.config, &args.set) {
+        Command::Check(args) => match config::load(&args.config, &args.set, Some(linked())) {
             Ok(cfg) => {
                 println!(
                     "ok: gateway {}, board {}, backend {:?}, plan {}, mqtt {}, store {}",
@@ -88,7 +88,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            let cfg = match config::load(&args.config, &args.set) {
+            let cfg = match config::load(&args.config, &args.set, Some(linked())) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -112,10 +112,22 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
-                    ExitCode::FAILURE
+                    // A setup mistake is refused like a bad configuration.
+                    match e.downcast_ref::<StoreError>() {
+                        Some(s) if s.is_setup() => ExitCode::from(2),
+                        _ => ExitCode::FAILURE,
+                    }
                 }
             }
         }
+    }
+}
+
+/// The radio backend this binary links.
+fn linked() -> config::Linked {
+    match Concentrator::linked() {
+        "simulator" => config::Linked::Simulator,
+        _ => config::Linked::Libloragw,
     }
 }
 
@@ -131,7 +143,24 @@ async fn stop_signal() {
     }
 }
 
+/// SIGHUP would end the process (its default action). Until configuration reload exists, it is
+/// logged and ignored, so that a `systemctl reload` or a closed terminal does not stop a gateway.
+fn ignore_hangups() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::warn!("SIGHUP ignored: configuration reload is not supported yet (restart to apply a new configuration)");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP"),
+    }
+}
+
 async fn run(cfg: Config) -> anyhow::Result<()> {
+    ignore_hangups();
     let counters = Arc::new(Counters::new());
     let opening = std::time::Instant::now();
     let (queue, opened) = Queue::open(QueueOptions {
@@ -148,6 +177,20 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         backlog_bytes = backlog.bytes,
         "store opened"
     );
+    for l in queue.lost_at_open() {
+        Counters::add(&counters.store_lost, l.last_seq - l.first_seq + 1);
+        tracing::error!(
+            first_seq = l.first_seq,
+            last_seq = l.last_seq,
+            reason = l.reason,
+            "ALARM: the store no longer holds these accepted events; they are reported lost to the centre"
+        );
+    }
+    if queue.numbering_damaged() {
+        tracing::error!(
+            "ALARM: the sequence numbering file beside the store was unreadable; numbering continues from the store, which may repeat numbers if the store was also damaged"
+        );
+    }
     let queue = Arc::new(queue);
     let hal = Concentrator::claim()?;
 
@@ -220,6 +263,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         limits: TxLimits::for_radio(&radio_settings, cfg.radio.antenna_gain_dbi),
         enforce_duty_cycle: cfg.radio.enforce_duty_cycle,
         counters: counters.clone(),
+        realtime_priority: cfg.radio.realtime_priority,
     }
     .spawn()?;
 

@@ -25,6 +25,8 @@ pub struct Counters {
     pub store_rejected: AtomicU64,
     /// Stored records that could not be turned back into a message, skipped unsent.
     pub store_unreadable: AtomicU64,
+    /// Accepted sequence numbers a damaged, replaced or deleted store no longer held.
+    pub store_lost: AtomicU64,
     pub evicted_events: AtomicU64,
     pub radio_starts: AtomicU64,
     pub radio_failures: AtomicU64,

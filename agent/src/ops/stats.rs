@@ -112,6 +112,7 @@ impl StatsReporter {
             "store_unreadable_total",
             Counters::get(&c.store_unreadable).to_string(),
         );
+        put("store_lost_total", Counters::get(&c.store_lost).to_string());
         put("backhaul", if up { "up" } else { "down" }.to_string());
         put(
             "backhaul_outages_total",

@@ -3,10 +3,11 @@
 //! An event counts as accepted once the writer has appended it; it leaves the store only when
 //! the backhaul has seen the broker's PUBACK for it (`Queue::ack_upto`).
 
+mod numbering;
 pub mod queue;
 mod writer;
 
 pub use queue::{
-    Backlog, Eviction, NewRecord, Opened, Queue, QueueOptions, Record, StoreError, Unreported,
+    Backlog, Eviction, Loss, NewRecord, Opened, Queue, QueueOptions, Record, StoreError, Unreported,
 };
 pub use writer::Writer;
