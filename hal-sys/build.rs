@@ -13,6 +13,7 @@ fn main() {
     println!("cargo:rerun-if-changed=include/loragw_hal.h");
     let Some(dir) = std::env::var_os("LORAGW_DIR") else {
         println!("cargo:rustc-env=LORAGW_LINKED=simulator");
+        println!("cargo:rustc-env=LORAGW_SOURCE=simulated concentrator");
         return;
     };
     let dir = PathBuf::from(dir);
@@ -35,6 +36,7 @@ fn main() {
             missing.join(", ")
         );
     }
+    check_architecture(&dir.join("libloragw/libloragw.a"));
     println!(
         "cargo:rustc-link-search=native={}",
         dir.join("libloragw").display()
@@ -49,4 +51,54 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=rt");
     println!("cargo:rustc-link-lib=dylib=pthread");
     println!("cargo:rustc-env=LORAGW_LINKED=libloragw");
+    println!("cargo:rustc-env=LORAGW_SOURCE={}", dir.display());
+}
+
+/// Fails the build, clearly, when the archive was built for another machine than the target
+/// (otherwise the linker says only "file in wrong format").
+fn check_architecture(archive: &std::path::Path) {
+    let target = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let bytes = std::fs::read(archive).unwrap_or_default();
+    let Some(machine) = first_elf_machine(&bytes) else {
+        println!(
+            "cargo:warning={} holds no ELF object that could be checked against {target}",
+            archive.display()
+        );
+        return;
+    };
+    let name = match machine {
+        62 => "x86_64",
+        183 => "aarch64",
+        40 => "arm",
+        3 => "x86",
+        _ => "another architecture",
+    };
+    if name != target {
+        panic!(
+            "{} was built for {name} (ELF machine {machine}) but this build targets {target}: \
+             build sx1302_hal with the {target} cross compiler (e.g. `make ARCH=arm64 \
+             CROSS_COMPILE=aarch64-linux-gnu-` for aarch64) or point LORAGW_DIR at that build",
+            archive.display()
+        );
+    }
+}
+
+/// The ELF `e_machine` of the first object in a `!<arch>` archive.
+fn first_elf_machine(ar: &[u8]) -> Option<u16> {
+    let mut at = ar.strip_prefix(b"!<arch>\n").map(|_| 8)?;
+    while at + 60 <= ar.len() {
+        let header = &ar[at..at + 60];
+        let size: usize = std::str::from_utf8(&header[48..58])
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let data = ar.get(at + 60..at + 60 + size)?;
+        if data.starts_with(b"\x7fELF") && data.len() > 20 {
+            // EI_DATA 1: little-endian (every target lora-edge builds for).
+            return Some(u16::from_le_bytes([data[18], data[19]]));
+        }
+        at += 60 + size + (size % 2);
+    }
+    None
 }

@@ -59,7 +59,18 @@ const EVENT_QUEUE: usize = 8192;
 const DOWNLINK_QUEUE: usize = 4096;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    // `--version` names the HAL inside: a gateway build and a simulator build must not be
+    // mistaken for each other.
+    let hal = Concentrator::describe_linked();
+    let version = format!("{} (HAL: {hal})", env!("CARGO_PKG_VERSION"));
+    let matches = Cli::command()
+        .version(&*Box::leak(version.into_boxed_str()))
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -160,7 +171,16 @@ fn ignore_hangups() {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        hal = %Concentrator::describe_linked(),
+        "lora-edge"
+    );
     ignore_hangups();
+    // Before the first call into the library: its printf output goes to our log.
+    if let Err(e) = lora_edge::radio::library_output::capture() {
+        tracing::warn!(error = %e, "libloragw's stdout is not captured (no pseudo-terminal)");
+    }
     let counters = Arc::new(Counters::new());
     let opening = std::time::Instant::now();
     let (queue, opened) = Queue::open(QueueOptions {

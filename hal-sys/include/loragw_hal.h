@@ -1,7 +1,7 @@
 /*
  * The subset of the Semtech sx1302_hal (libloragw) V2.1.0 HAL API that lora-edge uses.
  *
- * Declarations follow the V2.1.0 ABI as recorded in ../shared/docs/libloragw-layout.txt
+ * Declarations follow the V2.1.0 ABI as recorded in hal-sys/tests/libloragw-v2.1.0-layout.txt
  * (identical on x86_64, aarch64 and armhf). This header is lora-edge's own: it is what the
  * committed Rust bindings are generated from, and what the simulated concentrator implements.
  * A gateway build links the real libloragw, whose structs must have these exact layouts; the

@@ -14,3 +14,7 @@ include!("bindings.rs");
 
 /// What the `lgw_*` symbols of this build link against: `"libloragw"` or `"simulator"`.
 pub const LINKED: &str = env!("LORAGW_LINKED");
+
+/// Where the linked library came from: the `LORAGW_DIR` it was built from, or
+/// `"simulated concentrator"`.
+pub const SOURCE: &str = env!("LORAGW_SOURCE");

@@ -189,6 +189,30 @@ fn a_dead_link_that_returns_nothing_trips_the_watchdog_and_the_radio_restarts() 
 }
 
 #[test]
+fn sighup_does_not_stop_the_agent() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let (mut agent, _dir) = AgentSetup::new(broker.port)
+        .sim("synthetic_rate_hz = 20.0")
+        .start();
+    collector.wait_for("/event/up", Duration::from_secs(15), |m| !m.is_empty());
+    let pid = nix::unistd::Pid::from_raw(agent.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(
+        agent.wait_log("SIGHUP ignored", Duration::from_secs(5)),
+        "{}",
+        agent.log()
+    );
+    let before = collector.on("/event/up").len();
+    let after = collector.wait_for("/event/up", Duration::from_secs(10), |m| {
+        m.len() > before + 20
+    });
+    assert!(after.len() > before + 20, "still forwarding after SIGHUP");
+    assert!(agent.is_running());
+    assert!(agent.sigterm().success());
+}
+
+#[test]
 fn sigterm_publishes_offline_and_exits_zero() {
     let broker = Broker::start();
     let collector = Collector::start(broker.port, "eu868");

@@ -33,7 +33,7 @@ struct Pending {
     statuses: Vec<gw::TxAckStatus>,
     item: usize,
     packet: TxPacket,
-    /// The radio start this was scheduled against: a restart resets the counter.
+    /// The concentrator start this was scheduled against: a restart resets the counter.
     radio_start: u64,
 }
 
@@ -124,9 +124,15 @@ impl Downlinks {
         let mut last_usage = Instant::now();
         let mut timings = Timings::default();
         loop {
-            let now = self.hal.counter().ok();
-            let wait = now
-                .and_then(|n| sched.next_handoff_in(n))
+            // The wrapper answers without calling the library while the radio is stopped.
+            let clock = self.hal.clock().ok();
+            if clock.is_none() && !sched.is_empty() {
+                for p in sched.cancel_all() {
+                    self.cancelled(p, "the radio stopped before its hand-off");
+                }
+            }
+            let wait = clock
+                .and_then(|c| sched.next_handoff_in(c.counter))
                 .unwrap_or(Duration::from_millis(100))
                 .min(Duration::from_millis(100));
             match self.input.recv_timeout(wait) {
@@ -149,13 +155,21 @@ impl Downlinks {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
+                    // Every accepted downlink gets exactly one answer, these too.
+                    for p in sched.cancel_all() {
+                        self.cancelled(p, "the agent is shutting down");
+                    }
                     timings.log();
                     return;
                 }
             }
-            if let Ok(now) = self.hal.counter() {
-                for (start, p) in sched.due(now) {
-                    self.hand_off(start, p, &mut timings);
+            if let Ok(clock) = self.hal.clock() {
+                for (start, p, charge) in sched.due(clock.counter) {
+                    if !self.hand_off(start, p, &mut timings) {
+                        if let Some(c) = charge {
+                            sched.refund(c);
+                        }
+                    }
                 }
             }
             if last_usage.elapsed() >= Duration::from_secs(1) {
@@ -239,12 +253,15 @@ impl Downlinks {
             return;
         }
         let mut statuses = vec![gw::TxAckStatus::Ignored; frame.items.len()];
-        let Ok(now) = self.hal.counter() else {
-            tracing::warn!(downlink_id = id, "command/down: the radio is not running");
+        let Ok(clock) = self.hal.clock() else {
+            tracing::warn!(
+                downlink_id = id,
+                "command/down: the radio is not running; refused at once"
+            );
             self.ack(id, &vec![gw::TxAckStatus::InternalError; frame.items.len()]);
             return;
         };
-        let radio_start = Counters::get(&self.counters.radio_starts);
+        let (now, radio_start) = (clock.counter, clock.start);
         for (i, item) in frame.items.iter().enumerate() {
             let c = match validate(item, &self.limits) {
                 Ok(c) => c,
@@ -307,12 +324,26 @@ impl Downlinks {
         self.ack(id, &statuses);
     }
 
-    fn hand_off(&self, start: u32, mut p: Pending, timings: &mut Timings) {
+    /// Hands a due packet to the radio and acks it with the outcome; true if it went out.
+    fn hand_off(&self, start: u32, mut p: Pending, timings: &mut Timings) -> bool {
         let status = self.transmit(start, &mut p.packet, p.radio_start, timings);
-        if status == gw::TxAckStatus::Ok {
+        let sent = status == gw::TxAckStatus::Ok;
+        if sent {
             Counters::add(&self.counters.tx_emitted, 1);
         }
         p.statuses[p.item] = status;
+        self.ack(p.downlink_id, &p.statuses);
+        sent
+    }
+
+    /// A scheduled packet that will not go out.
+    fn cancelled(&self, mut p: Pending, why: &str) {
+        tracing::warn!(
+            downlink_id = p.downlink_id,
+            why,
+            "scheduled downlink not sent"
+        );
+        p.statuses[p.item] = gw::TxAckStatus::InternalError;
         self.ack(p.downlink_id, &p.statuses);
     }
 
@@ -323,17 +354,17 @@ impl Downlinks {
         radio_start: u64,
         timings: &mut Timings,
     ) -> gw::TxAckStatus {
-        if Counters::get(&self.counters.radio_starts) != radio_start {
-            tracing::warn!(
-                "downlink dropped: the radio restarted since it was scheduled (counter reset)"
-            );
-            return gw::TxAckStatus::InternalError;
-        }
         packet.mode = TxMode::Timestamped(start);
         // The previous packet may still be on air: wait for it while there is time.
         loop {
-            let now = match self.hal.counter() {
-                Ok(n) => n,
+            let now = match self.hal.clock() {
+                Ok(c) if c.start == radio_start => c.counter,
+                Ok(_) => {
+                    tracing::warn!(
+                        "downlink dropped: the radio restarted since it was scheduled (counter reset)"
+                    );
+                    return gw::TxAckStatus::InternalError;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "downlink hand-off: no counter");
                     return gw::TxAckStatus::InternalError;
@@ -353,7 +384,7 @@ impl Downlinks {
                 }
             }
         }
-        match self.hal.send(packet) {
+        match self.hal.send(packet, radio_start) {
             Ok(SendOutcome::Accepted) => gw::TxAckStatus::Ok,
             Ok(SendOutcome::LbtNotAllowed) => {
                 tracing::info!("downlink not sent: listen-before-talk found the channel busy");

@@ -49,6 +49,16 @@ struct Reservation<T> {
     start: u32,
     airtime_us: u32,
     payload: T,
+    /// What it was charged to the duty cycle, to give back if it never goes out.
+    charge: Option<Charge>,
+}
+
+/// Airtime charged to a sub-band at a time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Charge {
+    band: &'static str,
+    at: Instant,
+    airtime: Duration,
 }
 
 /// Airtime used per sub-band over the last hour.
@@ -167,6 +177,7 @@ impl<T> Scheduler<T> {
                 at
             }
         };
+        let mut charge = None;
         if self.enforce_duty_cycle {
             self.duty.expire(mono_now);
             let band = sub_band(freq_hz);
@@ -177,6 +188,11 @@ impl<T> Scheduler<T> {
             }
             let at = mono_now + Duration::from_micros(lead_us(now, start).max(0) as u64);
             self.duty.used.push_back((band.name, at, airtime));
+            charge = Some(Charge {
+                band: band.name,
+                at,
+                airtime,
+            });
         }
         let pos = self
             .queue
@@ -189,13 +205,15 @@ impl<T> Scheduler<T> {
                 start,
                 airtime_us,
                 payload,
+                charge,
             },
         );
         Ok(start)
     }
 
-    /// Packets whose hand-off time has come, in start order, with their start counter.
-    pub fn due(&mut self, now: u32) -> Vec<(u32, T)> {
+    /// Packets whose hand-off time has come, in start order, with their start counter and
+    /// their duty-cycle charge (give it back with `refund` if the packet does not go out).
+    pub fn due(&mut self, now: u32) -> Vec<(u32, T, Option<Charge>)> {
         let mut out = Vec::new();
         while self
             .queue
@@ -203,9 +221,36 @@ impl<T> Scheduler<T> {
             .is_some_and(|r| lead_us(now, r.start) <= HANDOFF_LEAD_US as i64)
         {
             let r = self.queue.remove(0);
-            out.push((r.start, r.payload));
+            out.push((r.start, r.payload, r.charge));
         }
         out
+    }
+
+    /// Everything still queued (the radio stopped, or the agent is shutting down), with the
+    /// airtime it was charged given back: none of it will go out.
+    pub fn cancel_all(&mut self) -> Vec<T> {
+        let queue = std::mem::take(&mut self.queue);
+        queue
+            .into_iter()
+            .map(|r| {
+                if let Some(c) = r.charge {
+                    self.refund(c);
+                }
+                r.payload
+            })
+            .collect()
+    }
+
+    /// Gives back the airtime of a packet that was not emitted: only what goes on air counts.
+    pub fn refund(&mut self, charge: Charge) {
+        if let Some(i) = self
+            .duty
+            .used
+            .iter()
+            .position(|(b, t, d)| *b == charge.band && *t == charge.at && *d == charge.airtime)
+        {
+            self.duty.used.remove(i);
+        }
     }
 
     /// How long until the next hand-off, if any.
@@ -247,7 +292,11 @@ mod tests {
             Ok(at)
         );
         assert!(s.due(at - HANDOFF_LEAD_US - 1).is_empty());
-        assert_eq!(s.due(at - HANDOFF_LEAD_US), vec![(at, "rx1")]);
+        let due = s.due(at - HANDOFF_LEAD_US);
+        assert_eq!(
+            due.iter().map(|(a, p, _)| (*a, *p)).collect::<Vec<_>>(),
+            vec![(at, "rx1")]
+        );
     }
 
     #[test]
@@ -383,5 +432,26 @@ mod tests {
         assert!(s
             .schedule(0, later, When::At(200_000_000), 6_000_000, F, 11)
             .is_ok());
+    }
+
+    #[test]
+    fn airtime_of_a_packet_that_never_goes_out_is_given_back() {
+        let t = Instant::now();
+        let mut s = Scheduler::new(true);
+        // 0.1 % of an hour on 868.7-869.2 MHz: 3.6 s; two packets of 2 s do not both fit.
+        let f = 868_900_000;
+        let (a, b) = (1_000_000, 5_000_000);
+        assert!(s.schedule(0, t, When::At(a), 2_000_000, f, 1).is_ok());
+        assert_eq!(
+            s.schedule(0, t, When::At(b), 2_000_000, f, 2),
+            Err(Refusal::DutyCycle)
+        );
+        // The first is due but is not emitted (the hand-off failed): its airtime comes back.
+        let (_, _, charge) = s.due(a - HANDOFF_LEAD_US).pop().unwrap();
+        s.refund(charge.unwrap());
+        assert!(s.schedule(0, t, When::At(b), 2_000_000, f, 3).is_ok());
+        // Cancelled ones too.
+        assert_eq!(s.cancel_all(), vec![3]);
+        assert!(s.schedule(0, t, When::At(b), 2_000_000, f, 4).is_ok());
     }
 }

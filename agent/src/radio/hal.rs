@@ -19,6 +19,23 @@ pub enum HalError {
     Invalid { what: &'static str, why: String },
     #[error("the concentrator is already claimed by this process")]
     AlreadyClaimed,
+    /// Refused by the wrapper without calling the library: V2.1.0 "succeeds" on some calls
+    /// while the concentrator is stopped (`lgw_get_instcnt` returns garbage) and prints an error
+    /// line on each.
+    #[error("the concentrator is not started")]
+    NotStarted,
+    /// The concentrator was restarted since the caller's reference (its counter was reset).
+    #[error("the concentrator was restarted")]
+    Restarted,
+}
+
+/// The concentrator's counter, tied to the start it belongs to: counter values of different
+/// starts are unrelated (a restart resets the counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    pub counter: u32,
+    /// Which start of the concentrator (1, 2, …).
+    pub start: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +193,18 @@ pub const RX_BATCH: usize = 32;
 struct Inner {
     rx: Vec<sys::lgw_pkt_rx_s>,
     started: bool,
+    /// Successful starts so far: the identity of the current one while `started`.
+    starts: u64,
+}
+
+impl Inner {
+    fn running(&self) -> Result<(), HalError> {
+        if self.started {
+            Ok(())
+        } else {
+            Err(HalError::NotStarted)
+        }
+    }
 }
 
 pub struct Concentrator {
@@ -357,6 +386,7 @@ impl Concentrator {
             inner: Mutex::new(Inner {
                 rx: vec![sys::lgw_pkt_rx_s::default(); RX_BATCH],
                 started: false,
+                starts: 0,
             }),
         }))
     }
@@ -370,6 +400,24 @@ impl Concentrator {
     /// What the `lgw_*` symbols are linked against: "libloragw" or "simulator".
     pub fn linked() -> &'static str {
         sys::LINKED
+    }
+
+    /// Which HAL this binary contains, for `--version` and the first log line:
+    /// `libloragw <version> (<LORAGW_DIR>)` or `simulated concentrator (…)`.
+    pub fn describe_linked() -> String {
+        // SAFETY: lgw_version_info only returns a pointer to a static string; it reads no
+        // state and needs no started radio.
+        let p = unsafe { sys::lgw_version_info() };
+        let version = if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: non-null, NUL-terminated, static (checked above).
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        };
+        match sys::LINKED {
+            "simulator" => format!("{} ({version})", sys::SOURCE),
+            _ => format!("libloragw {version} ({})", sys::SOURCE),
+        }
     }
 
     pub fn version(&self) -> String {
@@ -522,7 +570,14 @@ impl Concentrator {
         // SAFETY: no arguments; configuration done above.
         check("lgw_start", unsafe { sys::lgw_start() })?;
         g.started = true;
+        g.starts += 1;
         Ok(())
+    }
+
+    /// The current start's identity, or None while the concentrator is stopped.
+    pub fn running(&self) -> Option<u64> {
+        let g = self.lock();
+        g.started.then_some(g.starts)
     }
 
     pub fn stop(&self) -> Result<(), HalError> {
@@ -536,6 +591,7 @@ impl Concentrator {
     /// how many were malformed (and dropped). A full batch means more may be waiting.
     pub fn receive(&self, out: &mut Vec<RxPacket>) -> Result<(usize, usize), HalError> {
         let mut g = self.lock();
+        g.running()?;
         let n = g.rx.len().min(255) as u8;
         // SAFETY: `rx` holds `n` initialised, writable lgw_pkt_rx_s.
         let got = unsafe { sys::lgw_receive(n, g.rx.as_mut_ptr()) };
@@ -558,9 +614,14 @@ impl Concentrator {
         Ok((got as usize, malformed))
     }
 
-    pub fn send(&self, pkt: &TxPacket) -> Result<SendOutcome, HalError> {
+    /// Hands a packet over, only to the start its timing was computed against.
+    pub fn send(&self, pkt: &TxPacket, start: u64) -> Result<SendOutcome, HalError> {
         let mut c = pkt.to_c()?;
-        let _g = self.lock();
+        let g = self.lock();
+        g.running()?;
+        if g.starts != start {
+            return Err(HalError::Restarted);
+        }
         // SAFETY: `c` is a valid struct the HAL may rewrite (preamble), hence &mut.
         match unsafe { sys::lgw_send(&mut c) } {
             0 => Ok(SendOutcome::Accepted),
@@ -574,7 +635,8 @@ impl Concentrator {
 
     pub fn tx_status(&self, rf_chain: u8) -> Result<TxStatus, HalError> {
         let mut code = 0u8;
-        let _g = self.lock();
+        let g = self.lock();
+        g.running()?;
         // SAFETY: `code` is a writable byte.
         check("lgw_status", unsafe {
             sys::lgw_status(rf_chain, sys::TX_STATUS as u8, &mut code)
@@ -590,16 +652,26 @@ impl Concentrator {
 
     /// The 1 MHz counter now.
     pub fn counter(&self) -> Result<u32, HalError> {
+        self.clock().map(|c| c.counter)
+    }
+
+    /// The 1 MHz counter now, with the start it belongs to.
+    pub fn clock(&self) -> Result<Clock, HalError> {
         let mut v = 0u32;
-        let _g = self.lock();
+        let g = self.lock();
+        g.running()?;
         // SAFETY: `v` is a writable u32.
         check("lgw_get_instcnt", unsafe { sys::lgw_get_instcnt(&mut v) })?;
-        Ok(v)
+        Ok(Clock {
+            counter: v,
+            start: g.starts,
+        })
     }
 
     pub fn eui(&self) -> Result<u64, HalError> {
         let mut v = 0u64;
-        let _g = self.lock();
+        let g = self.lock();
+        g.running()?;
         // SAFETY: `v` is a writable u64.
         check("lgw_get_eui", unsafe { sys::lgw_get_eui(&mut v) })?;
         Ok(v)
@@ -607,7 +679,8 @@ impl Concentrator {
 
     pub fn temperature(&self) -> Result<f32, HalError> {
         let mut v = 0f32;
-        let _g = self.lock();
+        let g = self.lock();
+        g.running()?;
         // SAFETY: `v` is a writable f32.
         check("lgw_get_temperature", unsafe {
             sys::lgw_get_temperature(&mut v)

@@ -7,6 +7,7 @@
 
 pub mod boards;
 pub mod hal;
+pub mod library_output;
 pub mod region;
 mod reset;
 
@@ -227,7 +228,24 @@ impl Radio {
         };
         self.hal
             .configure_and_start(&self.settings.setup())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                let board = self.settings.board;
+                match e {
+                    hal::HalError::Call {
+                        call: "lgw_start", ..
+                    } if !board.has_temperature_sensor => {
+                        format!(
+                            "{e}; the {} has no STTS751 temperature sensor, and Semtech's \
+                             upstream libloragw V2.1.0 refuses to start without one (the library's own \
+                             reason is in its `libloragw` log line): build against ChirpStack's \
+                             sx1302_hal V2.1.0r9, where the sensor is optional (README: building \
+                             against the real libloragw)",
+                            board.description
+                        )
+                    }
+                    e => e.to_string(),
+                }
+            })?;
         match self.hal.eui() {
             Ok(eui) => {
                 self.eui.send_replace(Some(eui));

@@ -309,6 +309,7 @@ struct DiskGuard {
     /// Record bytes appended since then.
     appended_since_raise: u64,
     measured: Option<Instant>,
+    nearly_full_alarmed: bool,
 }
 
 impl DiskGuard {
@@ -319,6 +320,7 @@ impl DiskGuard {
             limit_at_raise: u64::MAX,
             appended_since_raise: u64::MAX,
             measured: None,
+            nearly_full_alarmed: false,
         }
     }
 
@@ -352,6 +354,8 @@ impl DiskGuard {
 /// 4 MiB: sled writes ~7 bytes per record byte while filling (BENCHMARKS.md), so at 15,000
 /// frames/s this covers several measurement periods.
 const DISK_RESERVE_BYTES: u64 = 4 << 20;
+/// Below this much room for records (a few thousand frames), the disk is nearly full: alarm.
+const NEARLY_FULL_RECORD_BYTES: u64 = 1 << 20;
 
 fn key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
@@ -680,6 +684,21 @@ impl Queue {
             let room = real.saturating_add(free).saturating_sub(DISK_RESERVE_BYTES);
             d.limit = self.opts.max_disk_bytes.min(room);
             d.measured = Some(Instant::now());
+            // Once per episode: a store that can hold almost nothing is an operator's problem
+            // to hear of before the eviction count tells it.
+            let cap = d.record_cap();
+            if cap < NEARLY_FULL_RECORD_BYTES && !d.nearly_full_alarmed {
+                d.nearly_full_alarmed = true;
+                tracing::error!(
+                    free_bytes = free,
+                    store_bytes = real,
+                    record_budget_bytes = cap,
+                    "ALARM: the store's filesystem is nearly full: the backlog can hold almost nothing and older events will be evicted (disk_full) during an outage; free space on it"
+                );
+            } else if cap >= 2 * NEARLY_FULL_RECORD_BYTES && d.nearly_full_alarmed {
+                d.nearly_full_alarmed = false;
+                tracing::info!(record_budget_bytes = cap, "store: disk space is back");
+            }
             if let Some(amplification) = d.observe(real) {
                 tracing::warn!(
                     real_bytes = real,
@@ -736,6 +755,40 @@ impl Queue {
         self.db.flush()?;
         numbering.issued(top).map_err(io)?;
         Ok(())
+    }
+
+    /// Events that could not be stored (the disk refused them): they get the next `count`
+    /// numbers all the same, reported lost (`rejected`) like evictions, so that the centre
+    /// learns exactly what is missing. The numbers and the range are written with the next
+    /// batch that succeeds (and the numbering file has them meanwhile).
+    pub fn reject(&self, count: u64) -> Option<Eviction> {
+        if count == 0 {
+            return None;
+        }
+        let mut meta = self.meta();
+        let first = meta.next_seq;
+        let last = first + count - 1;
+        {
+            let mut numbering = self.numbering();
+            // Page cache and in-place writes: these work on a full disk.
+            if numbering
+                .reserve(last)
+                .and_then(|_| numbering.issued(last))
+                .is_err()
+            {
+                return None;
+            }
+        }
+        meta.next_seq = last + 1;
+        let e = Eviction {
+            first_seq: first,
+            last_seq: last,
+            records: count,
+            bytes: 0,
+            reason: "rejected",
+        };
+        self.unreported().add(&e);
+        Some(e)
     }
 
     /// Up to `max` records with a sequence number of `from` or more, oldest first.

@@ -40,18 +40,29 @@ impl EvictionLog {
         }
     }
 
-    fn flush(&mut self) {
+    fn flush(&mut self, last_error: Option<String>) {
         if self.records == 0 {
             return;
         }
-        tracing::warn!(
-            first_seq = self.first_seq,
-            last_seq = self.last_seq,
-            records = self.records,
-            bytes = self.bytes,
-            reason = self.reasons.join(","),
-            "store bound reached: oldest events evicted unsent"
-        );
+        if self.reasons.contains(&"rejected") {
+            tracing::error!(
+                first_seq = self.first_seq,
+                last_seq = self.last_seq,
+                records = self.records,
+                reason = self.reasons.join(","),
+                error = last_error.unwrap_or_default(),
+                "store: events could not be stored (reported lost to the centre)"
+            );
+        } else {
+            tracing::warn!(
+                first_seq = self.first_seq,
+                last_seq = self.last_seq,
+                records = self.records,
+                bytes = self.bytes,
+                reason = self.reasons.join(","),
+                "store bound reached: oldest events evicted unsent"
+            );
+        }
         *self = EvictionLog::default();
     }
 }
@@ -77,6 +88,8 @@ impl Writer {
         let mut open = true;
         let mut last_notice: Option<Instant> = None;
         let mut unlogged = EvictionLog::default();
+        // The store error behind the rejections of the last second, for its log line.
+        let mut last_error = None;
         while open || !batch.is_empty() {
             if batch.is_empty() {
                 match self.input.recv_timeout(Duration::from_secs(1)) {
@@ -92,7 +105,7 @@ impl Writer {
                 }
             }
             if !batch.is_empty() {
-                for e in self.append(std::mem::take(&mut batch)) {
+                for e in self.append(std::mem::take(&mut batch), &mut last_error) {
                     self.evicted(&e, &mut unlogged);
                 }
             }
@@ -104,17 +117,19 @@ impl Writer {
                     Err(e) => tracing::error!(error = %e, "store: expiring old events"),
                 }
                 self.report(&mut last_notice);
-                unlogged.flush();
+                unlogged.flush(last_error.take());
             }
         }
-        unlogged.flush();
+        unlogged.flush(last_error.take());
         if let Err(e) = self.queue.sync() {
             tracing::error!(error = %e, "store: final sync");
         }
     }
 
     fn evicted(&self, e: &Eviction, unlogged: &mut EvictionLog) {
-        Counters::add(&self.counters.evicted_events, e.records);
+        if e.reason != "rejected" {
+            Counters::add(&self.counters.evicted_events, e.records);
+        }
         unlogged.add(e);
     }
 
@@ -156,8 +171,9 @@ impl Writer {
         }
     }
 
-    /// Appends a batch; returns the evictions it caused.
-    fn append(&self, events: Vec<Event>) -> Vec<Eviction> {
+    /// Appends a batch; returns the evictions it caused (or, if the store refused it, the
+    /// numbers it was given, reported lost, with the error in `last_error`).
+    fn append(&self, events: Vec<Event>, last_error: &mut Option<String>) -> Vec<Eviction> {
         let first = self.queue.next_seq();
         let uplinks = events
             .iter()
@@ -181,8 +197,19 @@ impl Writer {
             }
             Err(e) => {
                 Counters::add(&self.counters.store_rejected, records.len() as u64);
-                tracing::error!(error = %e, events = records.len(), "store: events could not be accepted");
-                Vec::new()
+                // Numbered and reported lost like an eviction; logged with the evictions, at
+                // most once a second, with the error.
+                tracing::debug!(error = %e, events = records.len(), "store: events could not be accepted");
+                match self.queue.reject(records.len() as u64) {
+                    Some(ev) => {
+                        *last_error = Some(e.to_string());
+                        vec![ev]
+                    }
+                    None => {
+                        tracing::error!(error = %e, events = records.len(), "store: events could not be accepted nor numbered");
+                        Vec::new()
+                    }
+                }
             }
         }
     }

@@ -10,6 +10,14 @@
 //! a scenario of received frames to replay, steady synthetic traffic, the start value of the
 //! 1 MHz counter (to test its wrap), injected faults, and a log of every `lgw_send`.
 //!
+//! It behaves like the real library where the agent can tell, failure modes included, and each
+//! such behaviour is pinned by a test naming the V2.1.0 behaviour it reproduces: it reports on
+//! stdout as libloragw's `printf`s do (same lines for the same events); `lgw_get_instcnt`
+//! "succeeds" while the concentrator is stopped, leaving the value untouched; `lgw_start` fails
+//! on a board without the STTS751 temperature sensor unless `library = "v2.1.0r9"` (ChirpStack's
+//! fork, where the sensor is optional); `lgw_send` refuses while the radio is emitting. Its own
+//! diagnostics (injected faults) go to stderr, prefixed `[sx1302-sim]`.
+//!
 //! The `unsafe` here is the C side of the ABI: pointers handed in by the caller are trusted as
 //! the real library trusts them.
 
@@ -60,6 +68,27 @@ pub struct SimConfig {
     pub tx_log: Option<PathBuf>,
     #[serde(default)]
     pub faults: Faults,
+    /// Which build of sx1302_hal to imitate where they differ.
+    #[serde(default)]
+    pub library: Library,
+    /// Whether the board has the STTS751 temperature sensor (RAK2287 and RAK5146 have none).
+    #[serde(default = "yes")]
+    pub temperature_sensor: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Library {
+    /// Semtech's V2.1.0: `lgw_start` requires the temperature sensor.
+    #[default]
+    #[serde(rename = "v2.1.0")]
+    Upstream,
+    /// ChirpStack's V2.1.0r9: the sensor is optional (no temperature without it).
+    #[serde(rename = "v2.1.0r9")]
+    ChirpstackR9,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -147,6 +176,11 @@ fn with_sim<R>(f: impl FnOnce(&mut Sim) -> R) -> R {
 
 fn log(msg: &str) {
     eprintln!("[sx1302-sim] {msg}");
+}
+
+/// What the real library prints (its `printf`s, on stdout) for the same event.
+fn print(msg: &str) {
+    println!("{msg}");
 }
 
 impl Running {
@@ -302,6 +336,11 @@ pub extern "C" fn lgw_start() -> c_int {
                 return ERR;
             }
         };
+        if !cfg.temperature_sensor && cfg.library == Library::Upstream {
+            // V2.1.0 probes the STTS751 at its two addresses and gives up.
+            print("ERROR: failed to configure the temperature sensor");
+            return ERR;
+        }
         if s.start_calls <= cfg.faults.start_failures {
             log(&format!(
                 "lgw_start: injected failure {}/{}",
@@ -440,6 +479,9 @@ impl Sim {
             self.delivered += 1;
             n += 1;
         }
+        if n > 0 {
+            print(&format!("INFO: nb pkt found:{n} left:0"));
+        }
         n as c_int
     }
 }
@@ -501,7 +543,7 @@ pub unsafe extern "C" fn lgw_send(pkt_data: *mut sys::lgw_pkt_tx_s) -> c_int {
     with_sim(|s| {
         s.send_calls += 1;
         let Some(run) = s.running.as_mut() else {
-            log("lgw_send: concentrator not started");
+            print("ERROR: CONCENTRATOR IS NOT RUNNING, START IT BEFORE SENDING");
             return ERR;
         };
         let now = run.counter();
@@ -613,7 +655,12 @@ pub unsafe extern "C" fn lgw_get_instcnt(inst_cnt_us: *mut u32) -> c_int {
             *out = run.counter();
             OK
         }
-        None => ERR,
+        None => {
+            // V2.1.0: the SPI read fails, the error is printed, the call "succeeds" and the
+            // caller's variable keeps whatever it held.
+            print("ERROR: Failed to get timestamp counter value");
+            OK
+        }
     })
 }
 
@@ -642,11 +689,12 @@ pub unsafe extern "C" fn lgw_get_temperature(temperature: *mut f32) -> c_int {
         return ERR;
     };
     with_sim(|s| match s.running.as_ref() {
-        Some(run) => {
+        // The r9 fork starts without a sensor, and then has no temperature.
+        Some(run) if run.cfg.temperature_sensor => {
             *out = run.cfg.temperature_c;
             OK
         }
-        None => ERR,
+        _ => ERR,
     })
 }
 
@@ -662,7 +710,102 @@ pub extern "C" fn lgw_version_info() -> *const c_char {
 #[no_mangle]
 pub unsafe extern "C" fn lgw_time_on_air(packet: *const sys::lgw_pkt_tx_s) -> u32 {
     match packet.as_ref() {
-        Some(p) => time_on_air_ms(p),
-        None => 0,
+        Some(p) => {
+            let ms = time_on_air_ms(p);
+            if p.modulation as u32 == sys::MOD_LORA {
+                print(&format!("INFO: LoRa packet ToA: {ms} ms"));
+            }
+            ms
+        }
+        None => {
+            print("ERROR: Failed to compute time on air, wrong parameter");
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod library_behaviour {
+    //! Each test names the V2.1.0 behaviour it reproduces. They share the one global
+    //! concentrator, so they run under one lock.
+    use super::*;
+
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    fn configure(dir: &Path, sim: &str) {
+        let file = dir.join("sim.toml");
+        std::fs::write(&file, sim).unwrap();
+        let mut board = sys::lgw_conf_board_s::default();
+        let path = file.to_str().unwrap().as_bytes();
+        for (d, s) in board.com_path.iter_mut().zip(path) {
+            *d = *s as c_char;
+        }
+        lgw_stop();
+        // SAFETY: a valid struct.
+        assert_eq!(unsafe { lgw_board_setconf(&mut board) }, OK);
+    }
+
+    #[test]
+    fn v2_1_0_lgw_get_instcnt_succeeds_while_stopped_and_leaves_the_value_untouched() {
+        let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        lgw_stop();
+        let mut v = 0xDEAD_BEEFu32;
+        // SAFETY: a writable u32.
+        assert_eq!(unsafe { lgw_get_instcnt(&mut v) }, OK, "success, as V2.1.0");
+        assert_eq!(v, 0xDEAD_BEEF, "garbage: whatever the caller had");
+    }
+
+    #[test]
+    fn v2_1_0_lgw_start_fails_on_a_board_without_the_temperature_sensor_and_r9_does_not() {
+        let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = std::env::temp_dir().join(format!("sx1302-sim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        configure(&dir, "temperature_sensor = false\n");
+        assert_eq!(lgw_start(), ERR, "upstream V2.1.0 needs the STTS751");
+        configure(&dir, "temperature_sensor = false\nlibrary = \"v2.1.0r9\"\n");
+        assert_eq!(lgw_start(), OK, "ChirpStack's fork starts without it");
+        let mut t = 0f32;
+        // SAFETY: a writable f32.
+        assert_eq!(
+            unsafe { lgw_get_temperature(&mut t) },
+            ERR,
+            "and has no temperature"
+        );
+        lgw_stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn v2_1_0_lgw_send_refuses_while_stopped_and_while_emitting() {
+        let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = std::env::temp_dir().join(format!("sx1302-sim-tx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        configure(&dir, "");
+        let mut rf = sys::lgw_conf_rxrf_s {
+            enable: true,
+            tx_enable: true,
+            ..Default::default()
+        };
+        // SAFETY: valid structs.
+        assert_eq!(unsafe { lgw_rxrf_setconf(0, &mut rf) }, OK);
+        let mut pkt = sys::lgw_pkt_tx_s {
+            freq_hz: 869_525_000,
+            tx_mode: sys::IMMEDIATE as u8,
+            modulation: sys::MOD_LORA as u8,
+            bandwidth: sys::BW_125KHZ as u8,
+            datarate: 12,
+            coderate: sys::CR_LORA_4_5 as u8,
+            size: 50,
+            ..Default::default()
+        };
+        // SAFETY: a valid packet.
+        assert_eq!(unsafe { lgw_send(&mut pkt) }, ERR, "not started");
+        assert_eq!(lgw_start(), OK);
+        // SAFETY: a valid packet.
+        assert_eq!(unsafe { lgw_send(&mut pkt) }, OK);
+        // SAFETY: a valid packet; SF12 takes seconds on air.
+        assert_eq!(unsafe { lgw_send(&mut pkt) }, ERR, "still emitting");
+        lgw_stop();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
