@@ -11,9 +11,12 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-env-changed=LORAGW_DIR");
     println!("cargo:rerun-if-changed=include/loragw_hal.h");
+    println!("cargo:rustc-check-cfg=cfg(loragw_i2c_setters)");
     let Some(dir) = std::env::var_os("LORAGW_DIR") else {
         println!("cargo:rustc-env=LORAGW_LINKED=simulator");
         println!("cargo:rustc-env=LORAGW_SOURCE=simulated concentrator");
+        // The simulator exports the fork's I2C calls (it imitates either library).
+        println!("cargo:rustc-cfg=loragw_i2c_setters");
         return;
     };
     let dir = PathBuf::from(dir);
@@ -36,7 +39,13 @@ fn main() {
             missing.join(", ")
         );
     }
-    check_architecture(&dir.join("libloragw/libloragw.a"));
+    let archive = dir.join("libloragw/libloragw.a");
+    check_architecture(&archive);
+    // ChirpStack's fork (V2.1.0r9) has these; upstream V2.1.0 does not.
+    let lib = std::fs::read(&archive).unwrap_or_default();
+    if lib.windows(16).any(|w| w == b"lgw_i2c_set_path") {
+        println!("cargo:rustc-cfg=loragw_i2c_setters");
+    }
     println!(
         "cargo:rustc-link-search=native={}",
         dir.join("libloragw").display()

@@ -15,6 +15,29 @@ include!("bindings.rs");
 /// What the `lgw_*` symbols of this build link against: `"libloragw"` or `"simulator"`.
 pub const LINKED: &str = env!("LORAGW_LINKED");
 
+#[cfg(loragw_i2c_setters)]
+extern "C" {
+    fn lgw_i2c_set_path(path: *const core::ffi::c_char) -> core::ffi::c_int;
+    fn lgw_i2c_set_temp_sensor_addr(addr: u8) -> core::ffi::c_int;
+}
+
+/// ChirpStack's sx1302_hal fork (V2.1.0r9) opens the temperature sensor only if told where it
+/// is before `lgw_start`; upstream V2.1.0 has no such calls and probes by itself. `build.rs` looks
+/// for them in the library: the return codes where they exist, None where they do not.
+///
+/// # Safety
+/// `path` must be NUL-terminated.
+#[allow(unused_variables)]
+pub unsafe fn i2c_set_temperature_sensor(
+    path: *const core::ffi::c_char,
+    addr: u8,
+) -> Option<(core::ffi::c_int, core::ffi::c_int)> {
+    #[cfg(loragw_i2c_setters)]
+    return Some((lgw_i2c_set_path(path), lgw_i2c_set_temp_sensor_addr(addr)));
+    #[cfg(not(loragw_i2c_setters))]
+    return None;
+}
+
 /// Where the linked library came from: the `LORAGW_DIR` it was built from, or
 /// `"simulated concentrator"`.
 pub const SOURCE: &str = env!("LORAGW_SOURCE");

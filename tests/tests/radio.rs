@@ -76,6 +76,34 @@ fn chirpstacks_r9_starts_on_the_same_board_and_forwards_frames() {
 }
 
 #[test]
+fn with_chirpstacks_r9_the_boards_temperature_sensor_is_located_before_lgw_start() {
+    use prost::Message;
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    // The fork opens the STTS751 only if told where it is; the CoreCell profile knows.
+    let (agent, _dir) = AgentSetup::new(broker.port)
+        .sim("library = \"v2.1.0r9\"\ntemperature_c = 41.5")
+        .config("[radio]\nboard = \"semtech_corecell\"")
+        .start();
+    let temperature = |m: &Msg| {
+        gw::GatewayStats::decode(m.payload.as_slice())
+            .unwrap()
+            .metadata
+            .get("concentrator_temperature_c")
+            .cloned()
+    };
+    let stats = collector.wait_for("/event/stats", Duration::from_secs(15), |m| {
+        m.iter().any(|m| temperature(m).is_some())
+    });
+    assert_eq!(
+        stats.iter().find_map(temperature).as_deref(),
+        Some("41.5"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
 fn downlinks_queued_when_the_radio_goes_down_are_answered_and_never_sent() {
     let broker = Broker::start();
     let collector = Collector::start(broker.port, "eu868");

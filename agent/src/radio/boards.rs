@@ -13,9 +13,10 @@ pub struct BoardProfile {
     pub sx1302_reset: u32,
     pub power_enable: Option<u32>,
     pub sx1261_reset: Option<u32>,
-    /// Upstream V2.1.0 `lgw_start` needs an STTS751 on I2C; boards without one need a HAL
-    /// that makes it optional (ChirpStack's V2.1.0r9 fork does).
-    pub has_temperature_sensor: bool,
+    /// The STTS751 on I2C, if the board has one. Upstream V2.1.0 `lgw_start` needs it (boards
+    /// without one need ChirpStack's V2.1.0r9 fork, where it is optional); the fork opens it only
+    /// if told where it is, before `lgw_start`.
+    pub temperature_sensor: Option<TemperatureSensor>,
     pub rssi_offset: f32,
     pub rssi_tcomp: [f32; 5],
     /// TX frequency range of the RF front end (Hz).
@@ -23,6 +24,18 @@ pub struct BoardProfile {
     pub tx_freq_max_hz: u32,
     pub tx_gains: &'static [TxGain],
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemperatureSensor {
+    pub i2c_path: &'static str,
+    pub i2c_addr: u8,
+}
+
+/// Where the reference designs put their STTS751 (the first address upstream V2.1.0 probes).
+const STTS751_ON_I2C1: Option<TemperatureSensor> = Some(TemperatureSensor {
+    i2c_path: "/dev/i2c-1",
+    i2c_addr: 0x39,
+});
 
 const fn gain(rf_power: i8, pa_gain: u8, pwr_idx: u8) -> TxGain {
     TxGain {
@@ -66,7 +79,7 @@ const SX1250_EU868_BOARD: BoardProfile = BoardProfile {
     sx1302_reset: 17,
     power_enable: None,
     sx1261_reset: None,
-    has_temperature_sensor: false,
+    temperature_sensor: None,
     rssi_offset: -215.4,
     rssi_tcomp: TCOMP,
     tx_freq_min_hz: 863_000_000,
@@ -81,7 +94,7 @@ static BOARDS: &[BoardProfile] = &[
         sx1302_reset: 23,
         power_enable: Some(18),
         sx1261_reset: Some(22),
-        has_temperature_sensor: true,
+        temperature_sensor: STTS751_ON_I2C1,
         ..SX1250_EU868_BOARD
     },
     BoardProfile {
@@ -89,7 +102,7 @@ static BOARDS: &[BoardProfile] = &[
         description: "Seeed WM1302 (SPI)",
         power_enable: Some(18),
         sx1261_reset: Some(5),
-        has_temperature_sensor: true,
+        temperature_sensor: STTS751_ON_I2C1,
         ..SX1250_EU868_BOARD
     },
     BoardProfile {
@@ -132,7 +145,7 @@ mod tests {
                     b.sx1302_reset,
                     b.power_enable,
                     b.sx1261_reset,
-                    b.has_temperature_sensor
+                    b.temperature_sensor.is_some()
                 ),
                 (reset, power, sx1261, sensor),
                 "{name}"

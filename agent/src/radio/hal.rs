@@ -4,7 +4,7 @@
 //! `Concentrator` per process (`claim`) and every call goes through its mutex. C structs are built
 //! and read here and nowhere else; callers see Rust types and `Result`s.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -185,6 +185,8 @@ pub struct Setup {
     /// Gain table of the TX RF chain, ascending power.
     pub tx_rf_chain: u8,
     pub tx_gains: Vec<TxGain>,
+    /// Told to a HAL that asks for it (ChirpStack's fork) before `lgw_start`.
+    pub temperature_sensor: Option<super::boards::TemperatureSensor>,
 }
 
 /// Packets read from the HAL per `lgw_receive` call (ChirpStack reads 8, Semtech up to 255).
@@ -567,6 +569,25 @@ impl Concentrator {
             sys::lgw_txgain_setconf(setup.tx_rf_chain, &mut lut)
         })?;
 
+        if let Some(ts) = setup.temperature_sensor {
+            let path = CString::new(ts.i2c_path).map_err(|_| HalError::Invalid {
+                what: "i2c path",
+                why: "contains a NUL byte".into(),
+            })?;
+            // SAFETY: `path` is NUL-terminated and outlives the call (the HAL copies it).
+            match unsafe { sys::i2c_set_temperature_sensor(path.as_ptr(), ts.i2c_addr) } {
+                Some((0, 0)) => tracing::debug!(
+                    i2c = ts.i2c_path,
+                    addr = ts.i2c_addr,
+                    "temperature sensor location given to the HAL"
+                ),
+                Some(codes) => {
+                    tracing::warn!(?codes, "the HAL refused the temperature sensor location")
+                }
+                // Upstream V2.1.0 finds the sensor by itself.
+                None => {}
+            }
+        }
         // SAFETY: no arguments; configuration done above.
         check("lgw_start", unsafe { sys::lgw_start() })?;
         g.started = true;

@@ -128,6 +128,7 @@ impl RadioSettings {
             if_chains,
             tx_rf_chain: plan.tx_radio,
             tx_gains: self.board.tx_gains.to_vec(),
+            temperature_sensor: self.board.temperature_sensor,
         }
     }
 }
@@ -233,7 +234,7 @@ impl Radio {
                 match e {
                     hal::HalError::Call {
                         call: "lgw_start", ..
-                    } if !board.has_temperature_sensor => {
+                    } if board.temperature_sensor.is_none() => {
                         format!(
                             "{e}; the {} has no STTS751 temperature sensor, and Semtech's \
                              upstream libloragw V2.1.0 refuses to start without one (the library's own \

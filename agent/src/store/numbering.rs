@@ -179,9 +179,7 @@ impl Numbering {
         if !existed {
             me.write(true)?;
             // The file's name must survive a power cut too.
-            if let Some(dir) = path.parent() {
-                File::open(dir)?.sync_all()?;
-            }
+            File::open(directory_of(path))?.sync_all()?;
         }
         Ok((me, found))
     }
@@ -243,6 +241,13 @@ impl Numbering {
         }
         Ok(())
     }
+}
+
+/// The directory holding `path`: a bare file name's parent is "", which is the working directory.
+fn directory_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 fn read_up_to(file: &File, buf: &mut [u8]) -> io::Result<usize> {
@@ -333,5 +338,12 @@ mod tests {
         }
         assert!(n.block > MIN_BLOCK * 100, "block {}", n.block);
         assert!(n.block <= MAX_BLOCK);
+    }
+
+    #[test]
+    fn a_store_named_relative_to_the_working_directory_has_a_directory() {
+        assert_eq!(directory_of(Path::new("store.seq")), Path::new("."));
+        assert_eq!(directory_of(Path::new("a/store.seq")), Path::new("a"));
+        assert_eq!(directory_of(Path::new("/store.seq")), Path::new("/"));
     }
 }

@@ -139,10 +139,14 @@ impl SimConfig {
 struct Setup {
     com_path: Option<PathBuf>,
     rf_tx_enabled: [bool; 2],
+    /// ChirpStack's fork: where the temperature sensor is, if the caller said.
+    i2c_path: Option<String>,
+    i2c_temp_sensor_addr: Option<u8>,
 }
 
 struct Running {
     cfg: SimConfig,
+    sensor_open: bool,
     started: Instant,
     frames: Vec<ScenarioFrame>,
     tx_log: Option<File>,
@@ -341,6 +345,10 @@ pub extern "C" fn lgw_start() -> c_int {
             print("ERROR: failed to configure the temperature sensor");
             return ERR;
         }
+        // Upstream probes for the sensor itself; the fork opens it only where it was told to.
+        let sensor_open = cfg.temperature_sensor
+            && (cfg.library == Library::Upstream
+                || (s.setup.i2c_path.is_some() && s.setup.i2c_temp_sensor_addr.is_some()));
         if s.start_calls <= cfg.faults.start_failures {
             log(&format!(
                 "lgw_start: injected failure {}/{}",
@@ -378,6 +386,7 @@ pub extern "C" fn lgw_start() -> c_int {
         s.timeline_start.get_or_insert(now);
         s.running = Some(Running {
             cfg,
+            sensor_open,
             started: now,
             frames,
             tx_log,
@@ -689,12 +698,37 @@ pub unsafe extern "C" fn lgw_get_temperature(temperature: *mut f32) -> c_int {
         return ERR;
     };
     with_sim(|s| match s.running.as_ref() {
-        // The r9 fork starts without a sensor, and then has no temperature.
-        Some(run) if run.cfg.temperature_sensor => {
+        // No sensor, or the fork not told where it is: no temperature.
+        Some(run) if run.sensor_open => {
             *out = run.cfg.temperature_c;
             OK
         }
         _ => ERR,
+    })
+}
+
+/// ChirpStack's fork (V2.1.0r9): the I2C device of the temperature sensor.
+///
+/// # Safety
+/// `path` must be NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn lgw_i2c_set_path(path: *const c_char) -> c_int {
+    if path.is_null() {
+        return ERR;
+    }
+    let p = CStr::from_ptr(path).to_string_lossy().into_owned();
+    with_sim(|s| {
+        s.setup.i2c_path = Some(p);
+        OK
+    })
+}
+
+/// ChirpStack's fork (V2.1.0r9): the I2C address of the temperature sensor.
+#[no_mangle]
+pub extern "C" fn lgw_i2c_set_temp_sensor_addr(addr: u8) -> c_int {
+    with_sim(|s| {
+        s.setup.i2c_temp_sensor_addr = Some(addr);
+        OK
     })
 }
 
