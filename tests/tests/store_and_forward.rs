@@ -535,3 +535,85 @@ fn a_damaged_store_never_reuses_a_sequence_number_and_reports_every_loss() {
         );
     }
 }
+
+/// Another process takes the last byte of the filesystem (past the store's reserve): sled's
+/// writes fail (ENOSPC) and it refuses everything until reopened. The frames refused are
+/// numbered and reported (`rejected`), the log says so at most once a second, and as soon as
+/// the space is back the store reopens and accepts again.
+#[test]
+fn after_enospc_the_store_reports_what_it_refused_and_recovers_when_space_is_back() {
+    use std::io::Write;
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port);
+    let collector = Collector::start(broker.port, "eu868");
+    proxy.set(Mode::Refuse);
+    let sent = frames(20_000, DEVICES, 0, 1.0);
+    let setup = AgentSetup::new(proxy.port)
+        .scenario(&sent)
+        .config("[store]\nmax_size_mib = 64\npath = \"disk/store\"");
+    let disk_dir = setup.dir.path().join("disk");
+    let Some(_disk) = SmallDisk::mount(&disk_dir) else {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    };
+    let (mut agent, _dir) = setup.start();
+    agent.wait_status("accepted", 2_000, Duration::from_secs(30));
+    // Fill the filesystem to its last byte.
+    let filler_path = disk_dir.join("filler");
+    let mut filler = std::fs::File::create(&filler_path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while filler.write_all(&chunk).is_ok() {}
+    let _ = filler.flush();
+    assert!(
+        agent.wait_log("could not be stored", Duration::from_secs(20)),
+        "{}",
+        agent.log()
+    );
+    let full_at = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let lines = agent.log().matches("could not be stored").count() as u64;
+    assert!(
+        lines <= full_at.elapsed().as_secs() + 3,
+        "{lines} rejection lines: at most one a second"
+    );
+    drop(filler);
+    std::fs::remove_file(&filler_path).unwrap();
+    assert!(
+        agent.wait_log("reopened after a write failure", Duration::from_secs(10)),
+        "{}",
+        agent.log()
+    );
+    let accepted = agent.status_value("accepted").unwrap_or(0);
+    agent.wait_status("accepted", accepted + 1_000, Duration::from_secs(30));
+
+    proxy.set(Mode::Pass);
+    agent.wait_status("rx", 20_000, Duration::from_secs(60));
+    // Every number handed out is delivered or reported lost, and the refused ones are reported
+    // as such.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (seen, reported) = seqs_and_reports(&collector);
+        let seen: std::collections::BTreeSet<u64> = seen.iter().map(|(s, _)| *s).collect();
+        let top = seen.iter().max().copied().unwrap_or(0);
+        let silent = (1..=top)
+            .filter(|s| !seen.contains(s))
+            .filter(|s| !reported.iter().any(|(a, b, _)| a <= s && s <= b))
+            .count();
+        let delivered = uplinks_by_index(&collector.on("/event/up"), false).1.len();
+        let rejected_reported = reported.iter().any(|r| r.2.contains("rejected"));
+        if silent == 0
+            && rejected_reported
+            && agent.status_value("backlog") == Some(0)
+            && delivered > 10_000
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{silent} numbers unaccounted for, rejected reported: {rejected_reported}, {delivered} delivered\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(agent.is_running());
+}

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -43,6 +43,8 @@ pub enum StoreError {
     NotAStore(PathBuf, String),
     #[error("cannot create the store directory {0}: {1}")]
     CannotCreate(PathBuf, String),
+    #[error("the store is being reopened after a write failure")]
+    Unavailable,
 }
 
 impl StoreError {
@@ -54,6 +56,58 @@ impl StoreError {
             StoreError::NotAStore(..) | StoreError::CannotCreate(..)
         )
     }
+}
+
+/// Opens sled with the queue's settings.
+fn open_sled(opts: &QueueOptions) -> Result<(sled::Db, sled::Tree), StoreError> {
+    let config = sled::Config::new()
+        .path(&opts.path)
+        // Every record is read once, right behind which it is deleted: a larger cache
+        // measured no faster and only larger (BENCHMARKS.md).
+        .cache_capacity(2 * 1024 * 1024)
+        .flush_every_ms(Some(opts.commit_interval.as_millis().max(1) as u64));
+    // A handle of this process just dropped (a reopen) releases sled's file lock a moment
+    // later, from sled's own threads: wait for it briefly. Another process's lock stays.
+    let until = Instant::now() + Duration::from_secs(2);
+    let db = loop {
+        // sled panics on some corruptions instead of returning an error.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())) {
+            Ok(Ok(db)) => break db,
+            Ok(Err(sled::Error::Io(e))) if e.to_string().contains("lock") => {
+                if Instant::now() >= until {
+                    return Err(StoreError::Locked(opts.path.clone()));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(sled::Error::Unsupported(
+                    "sled panicked while opening the store".into(),
+                )
+                .into())
+            }
+        }
+    };
+    let tree = db.open_tree("queue")?;
+    Ok((db, tree))
+}
+
+/// Adds to `batch` the removal of every record up to `meta.acked` and counts them out of
+/// `meta` (acknowledgements the agent knows of that sled's disk state may lack).
+fn remove_acked(
+    tree: &sled::Tree,
+    meta: &mut Meta,
+    batch: &mut sled::Batch,
+) -> Result<(), StoreError> {
+    let mut gone = 0;
+    for item in tree.range(..key(meta.acked.saturating_add(1)).to_vec()) {
+        let (k, v) = item?;
+        batch.remove(k);
+        gone += 1;
+        meta.bytes = meta.bytes.saturating_sub(8 + v.len() as u64);
+    }
+    meta.records = meta.records.saturating_sub(gone);
+    Ok(())
 }
 
 fn io(e: std::io::Error) -> StoreError {
@@ -274,9 +328,26 @@ pub struct Loss {
     pub reason: &'static str,
 }
 
-pub struct Queue {
+/// The sled database and its tree; replaced when sled has to be reopened after a write failure.
+struct Engine {
     db: sled::Db,
     tree: sled::Tree,
+}
+
+struct EngineGuard<'a>(RwLockReadGuard<'a, Option<Engine>>);
+
+impl std::ops::Deref for EngineGuard<'_> {
+    type Target = Engine;
+
+    fn deref(&self) -> &Engine {
+        self.0.as_ref().expect("checked when the guard was made")
+    }
+}
+
+pub struct Queue {
+    /// Locked after `meta`, `unreported` and `numbering`, never before them. None while a
+    /// reopen after a write failure has not succeeded yet.
+    engine: RwLock<Option<Engine>>,
     meta: Mutex<Meta>,
     /// Locked after `meta`, never before.
     numbering: Mutex<Numbering>,
@@ -517,18 +588,9 @@ impl Queue {
         if marks.acked > next.acked && marks.acked < next_seq {
             next.acked = marks.acked;
         }
+        let e = self.engine()?;
         let mut batch = sled::Batch::default();
-        let mut gone = 0;
-        for item in self
-            .tree
-            .range(..key(next.acked.saturating_add(1)).to_vec())
-        {
-            let (k, v) = item?;
-            batch.remove(k);
-            gone += 1;
-            next.bytes = next.bytes.saturating_sub(8 + v.len() as u64);
-        }
-        next.records = next.records.saturating_sub(gone);
+        remove_acked(&e.tree, &mut next, &mut batch)?;
         batch.insert(META_KEY, next.encode().to_vec());
         let mut unreported = self.unreported().clone();
         for l in &self.lost_at_open {
@@ -541,12 +603,57 @@ impl Queue {
             });
         }
         batch.insert(UNREPORTED_KEY, unreported.encode(next.acked));
-        self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        e.tree.apply_batch(batch)?;
+        e.db.flush()?;
+        drop(e);
         *self.meta() = next;
         *self.unreported() = unreported;
         self.numbering().reserve(next_seq - 1).map_err(io)?;
         Ok(())
+    }
+
+    fn engine(&self) -> Result<EngineGuard<'_>, StoreError> {
+        let g = self.engine.read().unwrap_or_else(|p| p.into_inner());
+        match *g {
+            Some(_) => Ok(EngineGuard(g)),
+            None => Err(StoreError::Unavailable),
+        }
+    }
+
+    /// sled keeps a write failure (a full disk, ENOSPC) as a global error and refuses every
+    /// later operation until the database is opened again. When that is the case this reopens
+    /// it, keeping what the agent knows that sled's disk state may not (numbers given to
+    /// rejected events, acknowledgements, unreported ranges). Ok(true) if it reopened.
+    pub fn recover(&self) -> Result<bool, StoreError> {
+        let mut meta = self.meta();
+        let mut unreported = self.unreported();
+        let mut slot = self.engine.write().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|e| e.db.flush().is_ok()) {
+            return Ok(false);
+        }
+        // The old handles, and sled's lock on its files, must be gone before it opens again.
+        *slot = None;
+        let (db, tree) = open_sled(&self.opts)?;
+        let disk =
+            tree.get(META_KEY)?
+                .and_then(|v| Meta::decode(&v))
+                .ok_or(StoreError::BadRecord {
+                    seq: 0,
+                    why: "metadata missing after a reopen".into(),
+                })?;
+        let mut next = disk;
+        next.next_seq = disk.next_seq.max(meta.next_seq);
+        next.acked = disk.acked.max(meta.acked).min(next.next_seq - 1);
+        next.evicted = disk.evicted.max(meta.evicted);
+        let mut batch = sled::Batch::default();
+        remove_acked(&tree, &mut next, &mut batch)?;
+        batch.insert(META_KEY, next.encode().to_vec());
+        batch.insert(UNREPORTED_KEY, unreported.encode(next.acked));
+        tree.apply_batch(batch)?;
+        db.flush()?;
+        *meta = next;
+        *slot = Some(Engine { db, tree });
+        Ok(true)
     }
 
     /// Accepted sequence numbers that the store had lost when it was opened (reported through
@@ -569,27 +676,7 @@ impl Queue {
         opts: &QueueOptions,
         numbering: &mut dyn FnMut() -> Numbering,
     ) -> Result<Queue, StoreError> {
-        let config = sled::Config::new()
-            .path(&opts.path)
-            // Every record is read once, right behind which it is deleted: a larger cache
-            // measured no faster and only larger (BENCHMARKS.md).
-            .cache_capacity(2 * 1024 * 1024)
-            .flush_every_ms(Some(opts.commit_interval.as_millis().max(1) as u64));
-        // sled panics on some corruptions instead of returning an error.
-        let db = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())) {
-            Ok(Ok(db)) => db,
-            Ok(Err(sled::Error::Io(e))) if e.to_string().contains("lock") => {
-                return Err(StoreError::Locked(opts.path.clone()))
-            }
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                return Err(sled::Error::Unsupported(
-                    "sled panicked while opening the store".into(),
-                )
-                .into())
-            }
-        };
-        let tree = db.open_tree("queue")?;
+        let (db, tree) = open_sled(opts)?;
         let marker = opts.path.join(MARKER);
         let mut created = false;
         let meta = match tree.get(META_KEY)? {
@@ -634,8 +721,7 @@ impl Queue {
             None => Unreported::default(),
         };
         Ok(Queue {
-            db,
-            tree,
+            engine: RwLock::new(Some(Engine { db, tree })),
             meta: Mutex::new(meta),
             numbering: Mutex::new(numbering()),
             created,
@@ -751,8 +837,9 @@ impl Queue {
     fn commit(&self, batch: sled::Batch, top: u64) -> Result<(), StoreError> {
         let mut numbering = self.numbering();
         numbering.reserve(top).map_err(io)?;
-        self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        let e = self.engine()?;
+        e.tree.apply_batch(batch)?;
+        e.db.flush()?;
         numbering.issued(top).map_err(io)?;
         Ok(())
     }
@@ -794,7 +881,8 @@ impl Queue {
     /// Up to `max` records with a sequence number of `from` or more, oldest first.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Record>, StoreError> {
         let mut out = Vec::with_capacity(max.min(1024));
-        for item in self
+        let e = self.engine()?;
+        for item in e
             .tree
             .range(key(from).to_vec()..META_KEY.to_vec())
             .take(max)
@@ -813,7 +901,8 @@ impl Queue {
         }
         let mut next = *meta;
         let mut batch = sled::Batch::default();
-        for item in self.tree.range(..key(seq.saturating_add(1)).to_vec()) {
+        let e = self.engine()?;
+        for item in e.tree.range(..key(seq.saturating_add(1)).to_vec()) {
             let (k, v) = item?;
             batch.remove(k);
             next.records = next.records.saturating_sub(1);
@@ -821,7 +910,8 @@ impl Queue {
         }
         next.acked = seq.min(next.next_seq - 1);
         batch.insert(META_KEY, next.encode().to_vec());
-        self.tree.apply_batch(batch)?;
+        e.tree.apply_batch(batch)?;
+        drop(e);
         self.numbering().acked(next.acked).map_err(io)?;
         *meta = next;
         Ok(())
@@ -857,7 +947,8 @@ impl Queue {
             bytes: 0,
             reason,
         };
-        for item in self.tree.range(..META_KEY.to_vec()) {
+        let e = self.engine()?;
+        for item in e.tree.range(..META_KEY.to_vec()) {
             let (k, v) = item?;
             let seq = seq_of(&k);
             // An unreadable record is evicted too: it could never be sent.
@@ -886,7 +977,7 @@ impl Queue {
         let mut after = unreported.clone();
         after.add(&ev);
         batch.insert(UNREPORTED_KEY, after.encode(next.acked));
-        self.tree.apply_batch(batch)?;
+        e.tree.apply_batch(batch)?;
         *meta = next;
         *unreported = after;
         Ok(Some(ev))
@@ -933,12 +1024,13 @@ impl Queue {
 
     pub fn backlog(&self) -> Backlog {
         let meta = *self.meta();
-        let oldest_at_ms = self
-            .tree
-            .range(..META_KEY.to_vec())
-            .next()
-            .and_then(|r| r.ok())
-            .and_then(|(_, v)| at_ms_of(&v));
+        let oldest_at_ms = self.engine().ok().and_then(|e| {
+            e.tree
+                .range(..META_KEY.to_vec())
+                .next()
+                .and_then(|r| r.ok())
+                .and_then(|(_, v)| at_ms_of(&v))
+        });
         Backlog {
             records: meta.records,
             bytes: meta.bytes,
@@ -948,12 +1040,14 @@ impl Queue {
 
     /// The store directory's real size on disk.
     pub fn disk_bytes(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.engine()
+            .map(|e| e.db.size_on_disk().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// Forces everything to stable storage (used at shutdown).
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.engine()?.db.flush()?;
         // Every number handed out is in the store now: the next start continues right after
         // the last one instead of after the reservation.
         let issued = self.meta().next_seq - 1;

@@ -67,6 +67,25 @@ impl EvictionLog {
     }
 }
 
+/// Reopen attempts after a write failure: at most one a second.
+#[derive(Default)]
+struct Recovery {
+    last: Option<Instant>,
+}
+
+impl Recovery {
+    fn due(&mut self) -> bool {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return false;
+        }
+        self.last = Some(Instant::now());
+        true
+    }
+}
+
 pub struct Writer {
     pub queue: Arc<Queue>,
     pub input: Receiver<Event>,
@@ -90,6 +109,7 @@ impl Writer {
         let mut unlogged = EvictionLog::default();
         // The store error behind the rejections of the last second, for its log line.
         let mut last_error = None;
+        let mut recovery = Recovery::default();
         while open || !batch.is_empty() {
             if batch.is_empty() {
                 match self.input.recv_timeout(Duration::from_secs(1)) {
@@ -105,7 +125,7 @@ impl Writer {
                 }
             }
             if !batch.is_empty() {
-                for e in self.append(std::mem::take(&mut batch), &mut last_error) {
+                for e in self.append(std::mem::take(&mut batch), &mut last_error, &mut recovery) {
                     self.evicted(&e, &mut unlogged);
                 }
             }
@@ -173,7 +193,12 @@ impl Writer {
 
     /// Appends a batch; returns the evictions it caused (or, if the store refused it, the
     /// numbers it was given, reported lost, with the error in `last_error`).
-    fn append(&self, events: Vec<Event>, last_error: &mut Option<String>) -> Vec<Eviction> {
+    fn append(
+        &self,
+        events: Vec<Event>,
+        last_error: &mut Option<String>,
+        recovery: &mut Recovery,
+    ) -> Vec<Eviction> {
         let first = self.queue.next_seq();
         let uplinks = events
             .iter()
@@ -188,7 +213,20 @@ impl Writer {
                 payload: e.stored(),
             })
             .collect();
-        match self.queue.append(&records) {
+        let mut result = self.queue.append(&records);
+        if result.is_err() && recovery.due() {
+            // After a write failure sled refuses everything until it is reopened: once space
+            // is back, that is what makes appends work again.
+            match self.queue.recover() {
+                Ok(true) => {
+                    tracing::warn!("store: reopened after a write failure; appends resume");
+                    result = self.queue.append(&records);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "store: reopen failed; retried in a second"),
+            }
+        }
+        match result {
             Ok((range, evictions)) => {
                 debug_assert_eq!(*range.start(), first);
                 Counters::add(&self.counters.up_accepted, uplinks);
