@@ -80,9 +80,7 @@ fn rx1_at(rtt_ms: u64) -> gw::TxAckStatus {
     let collector = Collector::start(broker.port, "eu868");
     let up = frames(1, 1, 1000, 0.0);
     let (mut agent, _dir) = AgentSetup::new(proxy.port).scenario(&up).start();
-    let ups = collector.wait_for("/event/up", Duration::from_secs(30), |m| !m.is_empty());
-    let f = decode_uplink(&ups[0].payload, false);
-    let ctx = u32::from_be_bytes(f.rx_info.unwrap().context.try_into().unwrap());
+    let ctx = first_uplink_context(&collector, Duration::from_secs(30));
     publish(
         broker.port,
         DOWN,

@@ -79,3 +79,18 @@ pub fn ack(c: &Collector, id: u32, timeout: Duration) -> Vec<gw::TxAckStatus> {
     assert_eq!(a.gateway_id, GATEWAY_ID);
     a.items.iter().map(|i| i.status()).collect()
 }
+
+/// The concentrator counter (`context`) of the first uplink the collector receives, as a network
+/// server reads it to answer in RX1/RX2.
+pub fn first_uplink_context(c: &Collector, timeout: Duration) -> u32 {
+    let ups = c.wait_for("/event/up", timeout, |m| !m.is_empty());
+    let first = ups.first().expect("an uplink arrived");
+    let f = crate::decode_uplink(&first.payload, false);
+    u32::from_be_bytes(
+        f.rx_info
+            .expect("rx_info")
+            .context
+            .try_into()
+            .expect("a 4-byte context"),
+    )
+}

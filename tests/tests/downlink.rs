@@ -28,9 +28,7 @@ fn rig(counter_start: u32, extra_config: &str) -> (Rig, u32) {
         setup = setup.config(extra_config);
     }
     let (agent, dir) = setup.start();
-    let ups = collector.wait_for("/event/up", Duration::from_secs(10), |m| !m.is_empty());
-    let f = decode_uplink(&ups[0].payload, false);
-    let ctx = u32::from_be_bytes(f.rx_info.unwrap().context.try_into().unwrap());
+    let ctx = first_uplink_context(&collector, Duration::from_secs(10));
     assert_eq!(ctx, counter_start.wrapping_add(500_000));
     (
         Rig {

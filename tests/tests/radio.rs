@@ -113,9 +113,7 @@ fn downlinks_queued_when_the_radio_goes_down_are_answered_and_never_sent() {
         .scenario(&frames(1, 1, 500, 0.0))
         .sim("[faults]\nlink_dead_after_frames = 1")
         .start();
-    let ups = collector.wait_for("/event/up", Duration::from_secs(10), |m| !m.is_empty());
-    let f = decode_uplink(&ups[0].payload, false);
-    let ctx = u32::from_be_bytes(f.rx_info.unwrap().context.try_into().unwrap());
+    let ctx = first_uplink_context(&collector, Duration::from_secs(10));
     publish(
         broker.port,
         DOWN,
@@ -144,9 +142,7 @@ fn downlinks_queued_at_shutdown_are_answered() {
     let (mut agent, dir) = AgentSetup::new(broker.port)
         .scenario(&frames(1, 1, 500, 0.0))
         .start();
-    let ups = collector.wait_for("/event/up", Duration::from_secs(10), |m| !m.is_empty());
-    let f = decode_uplink(&ups[0].payload, false);
-    let ctx = u32::from_be_bytes(f.rx_info.unwrap().context.try_into().unwrap());
+    let ctx = first_uplink_context(&collector, Duration::from_secs(10));
     publish(
         broker.port,
         DOWN,

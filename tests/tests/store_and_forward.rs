@@ -585,6 +585,15 @@ fn after_enospc_the_store_reports_what_it_refused_and_recovers_when_space_is_bac
     );
     let accepted = agent.status_value("accepted").unwrap_or(0);
     agent.wait_status("accepted", accepted + 1_000, Duration::from_secs(30));
+    assert_eq!(
+        agent
+            .log()
+            .matches("ALARM: the store's filesystem is nearly full")
+            .count(),
+        1,
+        "the nearly full disk is an alarm, once:\n{}",
+        agent.log()
+    );
 
     proxy.set(Mode::Pass);
     agent.wait_status("rx", 20_000, Duration::from_secs(60));

@@ -155,10 +155,7 @@ fn a_downlink_answering_an_uplink_over_a_300_ms_round_trip_goes_out_in_rx1() {
     let up = frames(1, 1, 2000, 0.0);
     let (agent, dir) = AgentSetup::new(proxy.port).scenario(&up).start();
     // The network server side: answer the uplink as soon as it arrives, in RX1 (1 s).
-    let ups = collector.wait_for("/event/up", Duration::from_secs(30), |m| !m.is_empty());
-    assert!(!ups.is_empty(), "no uplink\n{}", agent.log());
-    let f = decode_uplink(&ups[0].payload, false);
-    let ctx = u32::from_be_bytes(f.rx_info.unwrap().context.try_into().unwrap());
+    let ctx = first_uplink_context(&collector, Duration::from_secs(30));
     publish(
         broker.port,
         DOWN,
