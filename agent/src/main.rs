@@ -76,7 +76,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        // The original stderr even after `run` captures fd 2 (radio/library_output.rs).
+        .with_writer(lora_edge::radio::library_output::LogWriter::default)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
@@ -177,9 +178,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         "lora-edge"
     );
     ignore_hangups();
-    // Before the first call into the library: its printf output goes to our log.
+    // Before the first call into the library: its output goes to our log.
     if let Err(e) = lora_edge::radio::library_output::capture() {
-        tracing::warn!(error = %e, "libloragw's stdout is not captured (no pseudo-terminal)");
+        tracing::warn!(error = %e, "libloragw's output is not captured (no pseudo-terminal)");
     }
     let counters = Arc::new(Counters::new());
     let opening = std::time::Instant::now();

@@ -63,6 +63,24 @@ fn upstream_libloragw_on_a_board_without_the_sensor_is_explained_and_downlinks_a
 }
 
 #[test]
+fn what_the_library_writes_on_stderr_reaches_the_log_too() {
+    let broker = Broker::start();
+    // The simulator reports its injected faults on stderr, as libloragw's debug output goes.
+    let (agent, _dir) = AgentSetup::new(broker.port)
+        .sim("[faults]\nstart_failures = 1")
+        .start();
+    assert!(
+        agent.wait_log(
+            "stderr: [sx1302-sim] lgw_start: injected failure 1/1",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.wait_log("concentrator started", Duration::from_secs(10)));
+}
+
+#[test]
 fn chirpstacks_r9_starts_on_the_same_board_and_forwards_frames() {
     let broker = Broker::start();
     let collector = Collector::start(broker.port, "eu868");
