@@ -6,9 +6,10 @@
 //! Prints: time from MQTT delivery to the scheduling decision (measured inside the agent, from
 //! its "downlink summary" line), the hand-off lead distribution and late hand-offs (from the
 //! simulator's record of every lgw_send: counter at hand-off vs. the packet's start), and the
-//! ack statuses. Then the same under full CPU load (a busy thread per core in the bench
-//! process), once with the radio and downlink threads at their default real-time priority and
-//! once with `radio.realtime_priority = 0` (normal scheduling), to show what the priority buys.
+//! ack statuses. Then the same under full CPU load (one, then four busy threads per core in the
+//! bench process), each time once with the radio and downlink threads at their default real-time
+//! priority and once with `radio.realtime_priority = 0` (normal scheduling), to show what the
+//! priority buys.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,13 +47,14 @@ fn field(line: &str, key: &str) -> i64 {
     log_field(line, "downlink summary", key).unwrap_or(-1)
 }
 
-/// A busy thread per core until dropped.
+/// `per_core` busy threads per core until dropped.
 struct CpuHogs(Arc<AtomicBool>);
 
 impl CpuHogs {
-    fn start() -> CpuHogs {
+    fn start(per_core: usize) -> CpuHogs {
         let stop = Arc::new(AtomicBool::new(false));
-        for _ in 0..std::thread::available_parallelism().map_or(2, |n| n.get()) {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        for _ in 0..cores * per_core {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut x = 0u64;
@@ -75,22 +77,26 @@ fn main() {
     println!(
         "lora-edge downlink benchmark (release binary, Mosquitto on loopback, 2-core machine)"
     );
-    run("idle machine, default priority", "", false, 60);
-    run(
-        "full CPU load on every core, default real-time priority (20)",
-        "",
-        true,
-        30,
-    );
-    run(
-        "full CPU load on every core, normal scheduling",
-        "realtime_priority = 0",
-        true,
-        30,
-    );
+    run("idle machine, default priority", "", 0, 60);
+    for per_core in [1, 4] {
+        let load = format!("{per_core} busy thread(s) per core");
+        run(
+            &format!("{load}, default real-time priority (20)"),
+            "",
+            per_core,
+            30,
+        );
+        run(
+            &format!("{load}, normal scheduling"),
+            "realtime_priority = 0",
+            per_core,
+            30,
+        );
+    }
 }
 
-fn run(label: &str, radio_config: &str, loaded: bool, seconds: u32) {
+/// `hogs_per_core` busy threads per core (0: an idle machine).
+fn run(label: &str, radio_config: &str, hogs_per_core: usize, seconds: u32) {
     let broker = Broker::start();
     let collector = Collector::start(broker.port, "eu868");
     let (mut agent, dir) = AgentSetup::new(broker.port)
@@ -100,7 +106,7 @@ fn run(label: &str, radio_config: &str, loaded: bool, seconds: u32) {
         ))
         .start();
     collector.wait_for("/event/up", Duration::from_secs(10), |m| !m.is_empty());
-    let hogs = loaded.then(CpuHogs::start);
+    let hogs = (hogs_per_core > 0).then(|| CpuHogs::start(hogs_per_core));
     let topic = format!("eu868/gateway/{GATEWAY_ID}/command/down");
     let t0 = Instant::now();
     let mut id = 0u32;
