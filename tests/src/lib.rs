@@ -333,6 +333,9 @@ pub struct Sent {
     pub bandwidth: u64,
     pub invert_pol: bool,
     pub payload: Vec<u8>,
+    /// The start counter of a packet this one replaced while it was still scheduled or on air
+    /// (V2.1.0 has one TX buffer per RF chain and checks nothing): that one never went out.
+    pub replaced: Option<u32>,
 }
 
 impl Sent {
@@ -360,6 +363,7 @@ pub fn tx_log(dir: &Path) -> Vec<Sent> {
                 bandwidth: n("bandwidth") as u64,
                 invert_pol: v["invert_pol"].as_bool().unwrap(),
                 payload: hex::decode(v["payload"].as_str().unwrap()).unwrap(),
+                replaced: v["replaced"].as_u64().map(|c| c as u32),
             }
         })
         .collect()

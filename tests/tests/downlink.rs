@@ -511,6 +511,10 @@ fn ten_thousand_downlinks_at_50_per_second_are_each_answered_with_what_the_radio
             )
         })
         .collect();
+    assert!(
+        tx_log(r.dir.path()).iter().all(|s| s.replaced.is_none()),
+        "a downlink was handed over while another was still programmed, replacing it"
+    );
     // Each answer is what the radio did, as its own record (the simulator's TX log) shows; under
     // load a hand-off can come too late (never handed over) or meet the previous packet still on
     // air (lgw_send refuses it): those are real outcomes, reported as such.
@@ -532,6 +536,51 @@ fn ten_thousand_downlinks_at_50_per_second_are_each_answered_with_what_the_radio
             ),
             other => panic!("downlink {id}: {other:?}, {statuses:?}"),
         }
+    }
+}
+
+#[test]
+fn a_downlink_is_not_handed_over_while_the_previous_one_is_still_programmed() {
+    // V2.1.0 has one TX buffer per RF chain and lgw_send checks nothing: a packet handed over
+    // while the previous one is still scheduled replaces it, and that one never goes out.
+    // Two SF5 packets 20 ms apart: the second's hand-off time (40 ms ahead) comes before the
+    // first has started.
+    let (r, ctx) = rig(0, "");
+    publish_many(
+        r.broker.port,
+        vec![
+            (
+                DOWN.into(),
+                frame(
+                    61,
+                    vec![lora(869_525_000, 14, 5, delay(2000), ctx, b"first")],
+                ),
+            ),
+            (
+                DOWN.into(),
+                frame(
+                    62,
+                    vec![lora(869_525_000, 14, 5, delay(2020), ctx, b"second")],
+                ),
+            ),
+        ],
+    );
+    assert_eq!(
+        ack(&r.collector, 61, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::Ok]
+    );
+    assert_eq!(
+        ack(&r.collector, 62, Duration::from_secs(10)),
+        vec![gw::TxAckStatus::Ok]
+    );
+    let sent = tx_log(r.dir.path());
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(
+        sent.iter().all(|s| s.replaced.is_none()),
+        "the first was replaced before it went out: {sent:?}"
+    );
+    for s in &sent {
+        assert_on_time(s);
     }
 }
 

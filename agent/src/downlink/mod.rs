@@ -355,7 +355,7 @@ impl Downlinks {
         timings: &mut Timings,
     ) -> gw::TxAckStatus {
         packet.mode = TxMode::Timestamped(start);
-        // The previous packet may still be on air: wait for it while there is time.
+        // The previous packet may still be scheduled or on air: wait for it while there is time.
         loop {
             let now = match self.hal.clock() {
                 Ok(c) if c.start == radio_start => c.counter,
@@ -376,8 +376,12 @@ impl Downlinks {
                 timings.late += 1;
                 return gw::TxAckStatus::TooLate;
             }
+            // V2.1.0's lgw_send checks nothing: a packet still scheduled or on air would be
+            // replaced, silently. Hand over only when the TX buffer is free.
             match self.hal.tx_status(packet.rf_chain) {
-                Ok(TxStatus::Emitting) => std::thread::sleep(Duration::from_micros(500)),
+                Ok(TxStatus::Emitting | TxStatus::Scheduled) => {
+                    std::thread::sleep(Duration::from_micros(500))
+                }
                 _ => {
                     sample(&mut timings.lead_us, lead);
                     break;

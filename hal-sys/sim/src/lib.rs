@@ -15,7 +15,9 @@
 //! stdout as libloragw's `printf`s do (same lines for the same events); `lgw_get_instcnt`
 //! "succeeds" while the concentrator is stopped, leaving the value untouched; `lgw_start` fails
 //! on a board without the STTS751 temperature sensor unless `library = "v2.1.0r9"` (ChirpStack's
-//! fork, where the sensor is optional); `lgw_send` refuses while the radio is emitting. Its own
+//! fork, where the sensor is optional); `lgw_send` checks nothing about a packet already
+//! programmed: one still scheduled or on air is replaced (the TX log's `replaced` field says
+//! which). Its own
 //! diagnostics (injected faults) go to stderr, prefixed `[sx1302-sim]`.
 //!
 //! The `unsafe` here is the C side of the ABI: pointers handed in by the caller are trusted as
@@ -567,9 +569,18 @@ pub unsafe extern "C" fn lgw_send(pkt_data: *mut sys::lgw_pkt_tx_s) -> c_int {
             result = ERR;
         } else if pkt.size as usize > 255 {
             result = ERR;
-        } else if matches!(run.tx_window, Some((start, end)) if in_window(now, start, end)) {
-            log("lgw_send: concentrator is currently emitting");
-            result = ERR;
+        }
+        // V2.1.0 checks nothing about a packet already programmed: the SX1302 has one TX
+        // buffer per RF chain, so a packet still scheduled (or on air) is replaced, silently.
+        let mut replaced = None;
+        if result == OK {
+            if let Some((start, end)) = run.tx_window {
+                if now.wrapping_sub(start) < end.wrapping_sub(start)
+                    || start.wrapping_sub(now) < 512_000_000 && start != now
+                {
+                    replaced = Some(start);
+                }
+            }
         }
         // The real HAL raises a too-short LoRa preamble to its minimum and writes it back.
         if pkt.modulation as u32 == sys::MOD_LORA && pkt.preamble < 8 {
@@ -590,7 +601,8 @@ pub unsafe extern "C" fn lgw_send(pkt_data: *mut sys::lgw_pkt_tx_s) -> c_int {
                 .map(|b| format!("{b:02x}"))
                 .collect();
             let line = format!(
-                "{{\"counter_at_handoff\":{now},\"result\":{result},\"tx_mode\":{},\"count_us\":{},\"freq_hz\":{},\"rf_chain\":{},\"rf_power\":{},\"modulation\":{},\"bandwidth\":{},\"datarate\":{},\"coderate\":{},\"invert_pol\":{},\"preamble\":{},\"no_crc\":{},\"size\":{},\"payload\":\"{payload}\"}}\n",
+                "{{\"counter_at_handoff\":{now},\"result\":{result},\"replaced\":{},\"tx_mode\":{},\"count_us\":{},\"freq_hz\":{},\"rf_chain\":{},\"rf_power\":{},\"modulation\":{},\"bandwidth\":{},\"datarate\":{},\"coderate\":{},\"invert_pol\":{},\"preamble\":{},\"no_crc\":{},\"size\":{},\"payload\":\"{payload}\"}}\n",
+                replaced.map_or("null".to_string(), |r| r.to_string()),
                 pkt.tx_mode, pkt.count_us, pkt.freq_hz, pkt.rf_chain, pkt.rf_power, pkt.modulation,
                 pkt.bandwidth, pkt.datarate, pkt.coderate, pkt.invert_pol, pkt.preamble, pkt.no_crc, pkt.size
             );
@@ -810,7 +822,7 @@ mod library_behaviour {
     }
 
     #[test]
-    fn v2_1_0_lgw_send_refuses_while_stopped_and_while_emitting() {
+    fn v2_1_0_lgw_send_refuses_while_stopped_and_replaces_a_packet_still_programmed() {
         let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let dir = std::env::temp_dir().join(format!("sx1302-sim-tx-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -838,7 +850,11 @@ mod library_behaviour {
         // SAFETY: a valid packet.
         assert_eq!(unsafe { lgw_send(&mut pkt) }, OK);
         // SAFETY: a valid packet; SF12 takes seconds on air.
-        assert_eq!(unsafe { lgw_send(&mut pkt) }, ERR, "still emitting");
+        assert_eq!(
+            unsafe { lgw_send(&mut pkt) },
+            OK,
+            "V2.1.0 checks nothing: the packet on air is replaced (the TX log says so)"
+        );
         lgw_stop();
         let _ = std::fs::remove_dir_all(&dir);
     }
