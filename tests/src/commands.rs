@@ -94,3 +94,14 @@ pub fn first_uplink_context(c: &Collector, timeout: Duration) -> u32 {
             .expect("a 4-byte context"),
     )
 }
+
+/// Publishes downlinks of one item each to the test gateway, in order, and waits for the broker.
+pub fn publish_downlinks(port: u16, downlinks: Vec<(u32, gw::DownlinkFrameItem)>) {
+    crate::publish_many(
+        port,
+        downlinks
+            .into_iter()
+            .map(|(id, item)| (DOWN.to_string(), frame(id, vec![item])))
+            .collect(),
+    );
+}

@@ -262,28 +262,13 @@ fn power_is_capped_at_the_legal_eirp_mapped_down_the_gain_table_and_never_sent_l
     // that sub-band's 29 dBm EIRP (27 conducted, the table's top); on 868.1 MHz at its 16 dBm
     // EIRP (14 conducted). 13 dBm EIRP (11 conducted) is below the table's 12 dBm: refused.
     let (r, ctx) = rig(0, "[radio]\nantenna_gain_dbi = 2.0");
-    publish_many(
+    publish_downlinks(
         r.broker.port,
         vec![
-            (
-                DOWN.into(),
-                frame(30, vec![lora(868_100_000, 16, 7, delay(2000), ctx, b"p16")]),
-            ),
-            (
-                DOWN.into(),
-                frame(31, vec![lora(869_525_000, 40, 7, delay(2500), ctx, b"p40")]),
-            ),
-            (
-                DOWN.into(),
-                frame(32, vec![lora(868_100_000, 13, 7, delay(3000), ctx, b"p13")]),
-            ),
-            (
-                DOWN.into(),
-                frame(
-                    33,
-                    vec![lora(868_100_000, 40, 7, delay(3500), ctx, b"p40eu")],
-                ),
-            ),
+            (30, lora(868_100_000, 16, 7, delay(2000), ctx, b"p16")),
+            (31, lora(869_525_000, 40, 7, delay(2500), ctx, b"p40")),
+            (32, lora(868_100_000, 13, 7, delay(3000), ctx, b"p13")),
+            (33, lora(868_100_000, 40, 7, delay(3500), ctx, b"p40eu")),
         ],
     );
     assert_eq!(
@@ -315,30 +300,12 @@ fn the_duty_cycle_of_a_sub_band_is_enforced() {
     // 863-865 MHz allows 0.1 % of an hour, 3.6 s: one 2.5 s SF12 transmission fits, a second not.
     let (r, ctx) = rig(0, "");
     let payload = vec![0x60; 51];
-    publish_many(
+    publish_downlinks(
         r.broker.port,
         vec![
-            (
-                DOWN.into(),
-                frame(
-                    40,
-                    vec![lora(864_100_000, 14, 12, immediately(), ctx, &payload)],
-                ),
-            ),
-            (
-                DOWN.into(),
-                frame(
-                    41,
-                    vec![lora(864_300_000, 14, 12, immediately(), ctx, &payload)],
-                ),
-            ),
-            (
-                DOWN.into(),
-                frame(
-                    42,
-                    vec![lora(868_100_000, 14, 12, immediately(), ctx, &payload)],
-                ),
-            ),
+            (40, lora(864_100_000, 14, 12, immediately(), ctx, &payload)),
+            (41, lora(864_300_000, 14, 12, immediately(), ctx, &payload)),
+            (42, lora(868_100_000, 14, 12, immediately(), ctx, &payload)),
         ],
     );
     assert_eq!(
@@ -546,23 +513,11 @@ fn a_downlink_is_not_handed_over_while_the_previous_one_is_still_programmed() {
     // Two SF5 packets 20 ms apart: the second's hand-off time (40 ms ahead) comes before the
     // first has started.
     let (r, ctx) = rig(0, "");
-    publish_many(
+    publish_downlinks(
         r.broker.port,
         vec![
-            (
-                DOWN.into(),
-                frame(
-                    61,
-                    vec![lora(869_525_000, 14, 5, delay(2000), ctx, b"first")],
-                ),
-            ),
-            (
-                DOWN.into(),
-                frame(
-                    62,
-                    vec![lora(869_525_000, 14, 5, delay(2020), ctx, b"second")],
-                ),
-            ),
+            (61, lora(869_525_000, 14, 5, delay(2000), ctx, b"first")),
+            (62, lora(869_525_000, 14, 5, delay(2020), ctx, b"second")),
         ],
     );
     assert_eq!(
@@ -601,23 +556,11 @@ fn a_failed_hand_off_is_reported_in_the_ack_not_hidden_behind_an_early_ok() {
             .try_into()
             .unwrap(),
     );
-    publish_many(
+    publish_downlinks(
         broker.port,
         vec![
-            (
-                DOWN.into(),
-                frame(
-                    70,
-                    vec![lora(868_100_000, 14, 7, delay(2000), ctx, b"fails")],
-                ),
-            ),
-            (
-                DOWN.into(),
-                frame(
-                    71,
-                    vec![lora(868_100_000, 14, 7, delay(2500), ctx, b"works")],
-                ),
-            ),
+            (70, lora(868_100_000, 14, 7, delay(2000), ctx, b"fails")),
+            (71, lora(868_100_000, 14, 7, delay(2500), ctx, b"works")),
         ],
     );
     assert_eq!(
