@@ -81,8 +81,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Check(args) => match config::load(&args.config, &args.set, Some(linked())) {
-            Ok(cfg) => {
+        Command::Check(args) => match config::check(&args.config, &args.set, Some(linked())) {
+            Ok((cfg, notes)) => {
+                for note in notes {
+                    println!("{note}");
+                }
+                if cfg.mqtt.password.is_some() {
+                    println!(
+                        "note: mqtt.password is in the configuration; mqtt.password_file (mode \
+                         0600) keeps it out of copies of this file"
+                    );
+                }
                 println!(
                     "ok: gateway {}, board {}, backend {:?}, plan {}, mqtt {}, store {}",
                     cfg.gateway.id.as_deref().unwrap_or("(concentrator EUI)"),

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod commands;
+pub mod pki;
 pub mod proxy;
 
 use std::collections::HashMap;
@@ -46,7 +47,7 @@ pub fn agent_binary() -> PathBuf {
     bin
 }
 
-fn wait_port(port: u16, timeout: Duration) -> bool {
+pub fn wait_port(port: u16, timeout: Duration) -> bool {
     let until = Instant::now() + timeout;
     while Instant::now() < until {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -61,20 +62,35 @@ fn wait_port(port: u16, timeout: Duration) -> bool {
 /// messages survive a broker restart.
 pub struct Broker {
     pub port: u16,
-    dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Configuration lines after the plain listener's (more listeners, an ACL, ...).
+    extra: String,
 }
 
 impl Broker {
     pub fn start() -> Broker {
+        Broker::start_with(|_| String::new())
+    }
+
+    /// A broker whose configuration also has the lines `extra` returns, given the broker's
+    /// directory (for files the lines name).
+    pub fn start_with(extra: impl FnOnce(&Path) -> String) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
+        let extra = extra(dir.path());
         let mut b = Broker {
             port: free_port(),
             dir,
             child: None,
+            extra,
         };
         b.start_again();
         b
+    }
+
+    /// The broker's log so far (everything: `log_type all`).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
     pub fn start_again(&mut self) {
@@ -83,10 +99,12 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {dir}/\n\
-                 max_queued_messages 0\nmax_inflight_messages 0\nautosave_interval 1\nlog_dest file {dir}/mosquitto.log\n",
+                "allow_anonymous true\npersistence true\npersistence_location {dir}/\n\
+                 max_queued_messages 0\nmax_inflight_messages 0\nautosave_interval 1\nlog_dest file {dir}/mosquitto.log\n\
+                 listener {port} 127.0.0.1\n{extra}\n",
                 port = self.port,
-                dir = self.dir.path().display()
+                dir = self.dir.path().display(),
+                extra = self.extra,
             ),
         )
         .expect("write mosquitto.conf");

@@ -25,8 +25,18 @@ impl Link {
         let driver = tokio::spawn(async move {
             loop {
                 let ev = events.poll().await;
-                let failed = ev.is_err();
-                if tx.send(ev).await.is_err() || failed {
+                if ev.is_err() {
+                    // Packets read in the same batch as the failure (a PUBACK refusing a publish,
+                    // then the broker closing) are still queued: they explain the failure.
+                    while let Some(queued) = events.state.events.pop_front() {
+                        if tx.send(Ok(queued)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tx.send(ev).await;
+                    return;
+                }
+                if tx.send(ev).await.is_err() {
                     return;
                 }
             }

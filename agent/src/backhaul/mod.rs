@@ -18,7 +18,9 @@
 //! for this client instead of breaking the session (MQTT 3.1.1 has no way to say it).
 
 mod inflight;
+mod intake;
 mod link;
+pub mod tls;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{SyncSender, TrySendError};
@@ -29,14 +31,15 @@ use chirpstack_api::gw;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
-use rumqttc::Outgoing;
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tokio::sync::watch;
 
-use crate::config::{Encoding, MqttConfig};
+use crate::config::{secret, Encoding, MqttConfig};
 use crate::events::{publishable, unix_ms, Kind, FLAG_JOIN_REQUEST};
 use crate::ops::counters::Counters;
 use crate::store::Queue;
 use inflight::Inflight;
+use intake::{Admit, Intake};
 use link::Link;
 
 /// The largest packet the broker may send us (announced in CONNECT). A `DownlinkFrame` is at
@@ -92,7 +95,11 @@ fn conn_state(gateway_id: &str, online: bool, encoding: Encoding) -> Vec<u8> {
 }
 
 /// A connection error in words an operator can act on.
-fn describe(e: &ConnectionError) -> String {
+fn describe(e: &ConnectionError, cfg: &MqttConfig, before_connack: bool) -> String {
+    let server = crate::config::parse_server(&cfg.server).expect("validated");
+    if let Some(why) = tls::explain(e, &server, cfg.tls.as_ref(), before_connack) {
+        return why;
+    }
     match e {
         ConnectionError::ConnectionRefused(code) => {
             format!("the broker refused the connection: {code:?}")
@@ -107,11 +114,13 @@ impl Backhaul {
     pub async fn run(mut self) {
         let topics = Topics::new(&self.cfg.topic_prefix, &self.gateway_id);
         let mut backoff = self.cfg.reconnect_min;
+        // Outlives sessions: a reconnect does not refill it.
+        let mut intake = Intake::new(self.cfg.command_rate_per_s);
         let mut outage_since: Option<Instant> = Some(Instant::now());
         tracing::info!(server = %self.cfg.server, "backhaul: connecting");
         loop {
             let connected_at = Instant::now();
-            let end = self.session(&topics, &mut outage_since).await;
+            let end = self.session(&topics, &mut outage_since, &mut intake).await;
             self.counters.backhaul_up.store(false, Relaxed);
             match end {
                 SessionEnd::Shutdown => return,
@@ -136,8 +145,10 @@ impl Backhaul {
         }
     }
 
-    fn options(&self, topics: &Topics) -> MqttOptions {
-        let (host, port) = crate::config::parse_server(&self.cfg.server).expect("validated");
+    /// The options of one connection, with the secret and TLS files as they are on disk now.
+    fn options(&self, topics: &Topics) -> Result<MqttOptions, String> {
+        let server = crate::config::parse_server(&self.cfg.server).expect("validated");
+        let (host, port) = (server.host.clone(), server.port);
         let client_id = self
             .cfg
             .client_id
@@ -158,15 +169,41 @@ impl Backhaul {
             true,
             None,
         ));
-        if let Some(user) = &self.cfg.username {
-            o.set_credentials(user.clone(), self.cfg.password.clone().unwrap_or_default());
+        if server.tls {
+            let files = self.cfg.tls.clone().unwrap_or_default();
+            let config = tls::client_config(&files).map_err(|p| p.to_string())?;
+            if let Some(warning) = tls::expiry_warning(&files) {
+                tracing::warn!("{warning}");
+            }
+            o.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
         }
-        o
+        if let Some(user) = &self.cfg.username {
+            let password = match &self.cfg.password_file {
+                Some(path) => {
+                    secret::read_password(path).map_err(|e| format!("mqtt.password_file: {e}"))?
+                }
+                None => self.cfg.password.clone().unwrap_or_default(),
+            };
+            if !server.tls && !server.is_loopback() && !password.is_empty() {
+                tracing::warn!(host = %server.host, "the MQTT password crosses the network in plain text: use mqtts://");
+            }
+            o.set_credentials(user.clone(), password);
+        }
+        Ok(o)
     }
 
-    async fn session(&mut self, topics: &Topics, outage_since: &mut Option<Instant>) -> SessionEnd {
+    async fn session(
+        &mut self,
+        topics: &Topics,
+        outage_since: &mut Option<Instant>,
+        intake: &mut Intake,
+    ) -> SessionEnd {
         let mut window = self.cfg.inflight as usize;
-        let (client, events) = AsyncClient::new(self.options(topics), window + 16);
+        let options = match self.options(topics) {
+            Ok(o) => o,
+            Err(why) => return SessionEnd::Lost(why),
+        };
+        let (client, events) = AsyncClient::new(options, window + 16);
         tracing::debug!(server = %self.cfg.server, "backhaul: connect attempt");
         let mut link = Link::open(events, window + 16);
         let mut inflight = Inflight::default();
@@ -251,21 +288,13 @@ impl Backhaul {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if p.topic == down_topic.as_bytes() {
-                            tracing::debug!(bytes = p.payload.len(), "command/down received");
-                            if let Err(TrySendError::Full(_)) = self.downlinks.try_send((p.payload.to_vec(), Instant::now())) {
-                                Counters::add(&self.counters.tx_dropped, 1);
-                                tracing::warn!("command/down: the downlink stage is saturated; command dropped");
-                            }
-                        } else {
-                            tracing::debug!(topic = %String::from_utf8_lossy(&p.topic), "message on a topic lora-edge does not handle");
-                        }
+                        self.command(intake, &p.topic, &p.payload, &down_topic);
                     }
                     Ok(Event::Incoming(Packet::Disconnect(d))) => {
                         return SessionEnd::Lost(format!("the broker closed the session: {:?}", d.reason_code));
                     }
                     Ok(_) => {}
-                    Err(e) => return SessionEnd::Lost(describe(&e)),
+                    Err(e) => return SessionEnd::Lost(describe(&e, &self.cfg, !connected)),
                 },
                 changed = self.appended.changed(), if store_wakes => {
                     // The writer is gone (shutting down): stop listening, the tick still runs.
@@ -313,6 +342,29 @@ impl Backhaul {
                     return SessionEnd::Lost(why);
                 }
             }
+        }
+    }
+
+    /// One incoming command: admitted by the per-topic rate limit, then handed to its stage.
+    fn command(&self, intake: &mut Intake, topic: &[u8], payload: &[u8], down_topic: &str) {
+        let topic = String::from_utf8_lossy(topic);
+        if let Admit::No(report) = intake.admit(&topic, Instant::now()) {
+            Counters::add(&self.counters.commands_refused, 1);
+            if let Some(n) = report {
+                tracing::warn!(%topic, refused = n, rate_per_s = self.cfg.command_rate_per_s, "commands above mqtt.command_rate_per_s refused");
+            }
+            return;
+        }
+        if topic == down_topic {
+            tracing::debug!(bytes = payload.len(), "command/down received");
+            if let Err(TrySendError::Full(_)) =
+                self.downlinks.try_send((payload.to_vec(), Instant::now()))
+            {
+                Counters::add(&self.counters.tx_dropped, 1);
+                tracing::warn!("command/down: the downlink stage is saturated; command dropped");
+            }
+        } else {
+            tracing::debug!(%topic, "message on a topic lora-edge does not handle");
         }
     }
 

@@ -61,12 +61,52 @@ pub enum Linked {
 /// and parsing a huge one costs seconds and gigabytes.
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
 
+/// Fields whose value is never printed, whatever is wrong with it.
+pub const SECRET_FIELDS: [&str; 1] = ["mqtt.password"];
+
+fn is_secret(field: &str) -> bool {
+    SECRET_FIELDS.contains(&field)
+}
+
+/// A `--set` as it may be shown: the value of a secret field is hidden.
+fn shown_set(set: &str) -> String {
+    let field = set.split_once('=').map(|(f, _)| f).unwrap_or(set).trim();
+    if SECRET_FIELDS.iter().any(|s| field.starts_with(s)) {
+        format!("--set {field}=(hidden)")
+    } else {
+        format!("--set {set}")
+    }
+}
+
 /// `linked`: the build the configuration must run on (`None`: any, for tests of the rest).
+/// Files the configuration names (secrets, TLS material) are not opened: `run` reads them at
+/// every connect and reports their problems there, so that a certificate expiring on a running
+/// gateway stops the backhaul, never the radio and the store.
 pub fn load(
     files: &[PathBuf],
     sets: &[String],
     linked: Option<Linked>,
 ) -> Result<Config, ConfigErrors> {
+    load_with(files, sets, linked, false).map(|(c, _)| c)
+}
+
+/// `load`, and also every file the configuration names, as `run` will read them: TLS material
+/// (parsed, key matching certificate, validity), secret files (mode). Returns notes for the
+/// operator (certificate subjects and expiry dates) with the configuration.
+pub fn check(
+    files: &[PathBuf],
+    sets: &[String],
+    linked: Option<Linked>,
+) -> Result<(Config, Vec<String>), ConfigErrors> {
+    load_with(files, sets, linked, true)
+}
+
+fn load_with(
+    files: &[PathBuf],
+    sets: &[String],
+    linked: Option<Linked>,
+    named_files: bool,
+) -> Result<(Config, Vec<String>), ConfigErrors> {
     let mut errors = Vec::new();
     let mut sources = Vec::new();
     let mut merged = toml::Table::new();
@@ -116,11 +156,11 @@ pub fn load(
                 insert(&mut merged, &field, value);
                 overrides.push(Override {
                     field,
-                    raw: set.clone(),
+                    raw: shown_set(set),
                 });
             }
             Err(message) => errors.push(ConfigError {
-                origin: format!("--set {set}"),
+                origin: shown_set(set),
                 field: None,
                 message,
             }),
@@ -136,7 +176,7 @@ pub fn load(
                 || field.starts_with(&format!("{}.", o.field))
                 || o.field.starts_with(&format!("{field}."))
         }) {
-            return format!("--set {}", o.raw);
+            return o.raw.clone();
         }
         for s in sources.iter().rev() {
             if let Some(offset) = find_field(&s.text, field) {
@@ -175,10 +215,15 @@ pub fn load(
                         };
                     }
                 }
+                let message = if is_secret(&field) {
+                    hide_values(&type_message(&inner))
+                } else {
+                    type_message(&inner)
+                };
                 typed.push(ConfigError {
                     origin: locate(&field),
                     field: Some(field.clone()),
-                    message: type_message(&inner),
+                    message,
                 });
                 if !remove(&mut remaining, &field) || typed.len() >= 100 {
                     return Err(ConfigErrors(typed));
@@ -211,9 +256,34 @@ pub fn load(
         config.store.path = base_of("store.path").join(&config.store.path);
     }
 
+    if let Some(p) = &config.mqtt.password_file {
+        if p.is_relative() {
+            config.mqtt.password_file = Some(base_of("mqtt.password_file").join(p));
+        }
+    }
+    if let Some(tls) = &mut config.mqtt.tls {
+        for (field, path) in [
+            ("mqtt.tls.ca_file", &mut tls.ca_file),
+            ("mqtt.tls.cert_file", &mut tls.cert_file),
+            ("mqtt.tls.key_file", &mut tls.key_file),
+        ] {
+            if let Some(p) = path {
+                if p.is_relative() {
+                    *p = base_of(field).join(&*p);
+                }
+            }
+        }
+    }
+
     let mut invalid = config.validate();
     if let Some(linked) = linked {
         invalid.extend(config.validate_for(linked));
+    }
+    let mut notes = Vec::new();
+    if named_files && invalid.is_empty() {
+        let (problems, seen) = crate::backhaul::tls::inspect(&config.mqtt);
+        invalid.extend(problems);
+        notes = seen;
     }
     // A field whose value was refused above is checked as its default here: not twice.
     typed.extend(
@@ -241,7 +311,23 @@ pub fn load(
         });
         return Err(ConfigErrors(typed));
     }
-    Ok(config)
+    Ok((config, notes))
+}
+
+/// serde's message without the values it quotes (`integer \`5\``): for secret fields.
+fn hide_values(message: &str) -> String {
+    let mut out = String::new();
+    let mut parts = message.split('`');
+    if let Some(first) = parts.next() {
+        out.push_str(first.trim_end());
+    }
+    // Odd parts are quoted values: dropped.
+    for (i, part) in parts.enumerate() {
+        if i % 2 == 1 {
+            out.push_str(part);
+        }
+    }
+    out
 }
 
 /// Removes a dotted key; false if it is not there (nothing more can be learnt by retrying).

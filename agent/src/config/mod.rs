@@ -6,13 +6,14 @@
 //! shipped file.
 
 mod load;
+pub mod secret;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use load::{load, ConfigError, ConfigErrors, Linked, MAX_FILE_BYTES};
+pub use load::{check, load, ConfigError, ConfigErrors, Linked, MAX_FILE_BYTES, SECRET_FIELDS};
 
 use crate::radio::boards;
 use crate::radio::region;
@@ -152,11 +153,21 @@ pub enum Encoding {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
-    /// `tcp://host:port`.
+    /// `tcp://host:port` (plain) or `mqtts://host:port` (TLS, also `ssl://`).
     #[serde(default = "default_server")]
     pub server: String,
     pub username: Option<String>,
+    /// Prefer `password_file`: a password in the configuration travels with every copy of it.
     pub password: Option<String>,
+    /// First line of this file is the password; read at every connect, refused if others can
+    /// read it (`secret::check_mode`). Relative to the configuration file.
+    pub password_file: Option<PathBuf>,
+    /// TLS settings; only with an `mqtts://` server.
+    pub tls: Option<TlsConfig>,
+    /// Commands accepted per topic and second (a burst of twice as many); the rest are refused
+    /// and counted (`commands_refused`).
+    #[serde(default = "default_command_rate")]
+    pub command_rate_per_s: u32,
     /// Defaults to `lora-edge-<gateway id>`.
     pub client_id: Option<String>,
     #[serde(default = "default_plan")]
@@ -188,6 +199,22 @@ impl Default for MqttConfig {
     }
 }
 
+/// Files of the TLS session, read at every connect (a certificate renewed on disk is used at the
+/// next connect). Relative paths are relative to the configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM bundle of the CA(s) the broker's certificate must chain to; absent: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain of this gateway (mutual TLS), leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key_file: Option<PathBuf>,
+}
+
+fn default_command_rate() -> u32 {
+    20
+}
 fn default_server() -> String {
     "tcp://127.0.0.1:1883".into()
 }
@@ -403,8 +430,45 @@ impl Config {
             ));
         }
         let m = &self.mqtt;
-        if let Err(e) = parse_server(&m.server) {
-            out.push(invalid("mqtt.server", e));
+        match parse_server(&m.server) {
+            Err(e) => out.push(invalid("mqtt.server", e)),
+            Ok(server) if !server.tls && m.tls.is_some() => out.push(invalid(
+                "mqtt.tls",
+                format!(
+                    "TLS settings with a plain-text server: write mqtts://{}:{} to use them",
+                    server.host_for_url(),
+                    server.port
+                ),
+            )),
+            Ok(_) => {}
+        }
+        if let Some(tls) = &m.tls {
+            match (&tls.cert_file, &tls.key_file) {
+                (Some(_), None) => out.push(invalid(
+                    "mqtt.tls.cert_file",
+                    "a client certificate needs its key: set mqtt.tls.key_file",
+                )),
+                (None, Some(_)) => out.push(invalid(
+                    "mqtt.tls.key_file",
+                    "a key without its certificate: set mqtt.tls.cert_file",
+                )),
+                _ => {}
+            }
+        }
+        if m.password.is_some() && m.password_file.is_some() {
+            out.push(invalid(
+                "mqtt.password_file",
+                "mqtt.password is also set: keep one (the file is better)",
+            ));
+        }
+        if m.username.is_none() && m.password_file.is_some() {
+            out.push(invalid("mqtt.password_file", "a password needs a username"));
+        }
+        if !(1..=10_000).contains(&m.command_rate_per_s) {
+            out.push(invalid(
+                "mqtt.command_rate_per_s",
+                "must be between 1 and 10000",
+            ));
         }
         if m.topic_prefix.is_empty()
             || m.topic_prefix.contains(['#', '+'])
@@ -491,14 +555,59 @@ impl Config {
 /// but no gateway has such a disk.
 const MAX_STORE_MIB: u64 = 1 << 20;
 
-/// `tcp://host:port` → (host, port).
-pub fn parse_server(s: &str) -> Result<(String, u16), String> {
-    let rest = s
-        .strip_prefix("tcp://")
-        .ok_or_else(|| format!("{s:?} must start with tcp:// (TLS is not supported yet)"))?;
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} has no port (tcp://host:1883)"))?;
+/// A broker address: `tcp://` or `mqtt://` for plain text, `mqtts://` or `ssl://` for TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub tls: bool,
+    /// Without brackets for IPv6.
+    pub host: String,
+    pub port: u16,
+}
+
+impl Server {
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| a.is_loopback())
+    }
+
+    fn host_for_url(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        }
+    }
+}
+
+pub fn parse_server(s: &str) -> Result<Server, String> {
+    const SCHEMES: [(&str, bool); 4] = [
+        ("tcp://", false),
+        ("mqtt://", false),
+        ("mqtts://", true),
+        ("ssl://", true),
+    ];
+    if s.contains('@') {
+        // Not echoed: it may well hold a password.
+        return Err(
+            "credentials do not go in mqtt.server (the value is not shown): use \
+                    mqtt.username and mqtt.password_file"
+                .into(),
+        );
+    }
+    let (rest, tls) = SCHEMES
+        .iter()
+        .find_map(|(scheme, tls)| s.strip_prefix(scheme).map(|r| (r, *tls)))
+        .ok_or_else(|| format!("{s:?} must start with tcp:// (plain text) or mqtts:// (TLS)"))?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
+        format!(
+            "{s:?} has no port ({}host:{})",
+            if tls { "mqtts://" } else { "tcp://" },
+            if tls { 8883 } else { 1883 }
+        )
+    })?;
     let port: u16 = port
         .parse()
         .map_err(|_| format!("{s:?}: port {port:?} is not a number"))?;
@@ -530,5 +639,9 @@ pub fn parse_server(s: &str) -> Result<(String, u16), String> {
             "{s:?}: {host:?} is not a host name (an IPv6 address goes in brackets: tcp://[::1]:1883)"
         ));
     }
-    Ok((host.to_string(), port))
+    Ok(Server {
+        tls,
+        host: host.to_string(),
+        port,
+    })
 }

@@ -40,6 +40,8 @@ pub struct Counters {
     pub tx_received: AtomicU64,
     /// Commands not taken because the downlink stage was saturated.
     pub tx_dropped: AtomicU64,
+    /// Commands refused by the per-topic rate limit (`mqtt.command_rate_per_s`).
+    pub commands_refused: AtomicU64,
     /// Packets the HAL accepted at hand-off.
     pub tx_emitted: AtomicU64,
     /// Ack statuses sent, indexed by `gw::TxAckStatus` value.

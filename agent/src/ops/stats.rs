@@ -136,6 +136,10 @@ impl StatsReporter {
         );
         put("tx_emitted_total", Counters::get(&c.tx_emitted).to_string());
         put("tx_dropped_total", Counters::get(&c.tx_dropped).to_string());
+        put(
+            "commands_refused_total",
+            Counters::get(&c.commands_refused).to_string(),
+        );
         if let Ok(usage) = c.duty_cycle_pct.lock() {
             for (band, pct) in usage.iter() {
                 put(&format!("duty_cycle_pct_{band}"), format!("{pct:.3}"));
@@ -152,6 +156,7 @@ impl StatsReporter {
             evicted = self.queue.evicted_total(),
             dropped = Counters::get(&c.rx_dropped),
             rejected = Counters::get(&c.store_rejected),
+            commands_refused = Counters::get(&c.commands_refused),
             backhaul = if up { "up" } else { "down" },
             "status"
         );
