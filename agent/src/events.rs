@@ -20,6 +20,8 @@ pub enum Kind {
     Ack = 3,
     /// lora-edge's own notices (evictions, store alarms), JSON on `event/buffer`.
     Buffer = 5,
+    /// Pump-safety decisions (audit records), JSON on `event/rules`.
+    Rules = 6,
 }
 
 impl Kind {
@@ -29,6 +31,7 @@ impl Kind {
             2 => Kind::Stats,
             3 => Kind::Ack,
             5 => Kind::Buffer,
+            6 => Kind::Rules,
             _ => return None,
         })
     }
@@ -40,6 +43,7 @@ impl Kind {
             Kind::Stats => "event/stats",
             Kind::Ack => "event/ack",
             Kind::Buffer => "event/buffer",
+            Kind::Rules => "event/rules",
         }
     }
 }
@@ -61,6 +65,8 @@ pub enum Body {
     Stats(Box<gw::GatewayStats>),
     Ack(gw::DownlinkTxAck),
     Notice(serde_json::Value),
+    /// A pump-safety audit record.
+    Rules(serde_json::Value),
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +88,7 @@ impl Event {
             Body::Stats(_) => Kind::Stats,
             Body::Ack(_) => Kind::Ack,
             Body::Notice(_) => Kind::Buffer,
+            Body::Rules(_) => Kind::Rules,
         }
     }
 
@@ -102,7 +109,7 @@ impl Event {
             Body::Uplink(f) => StoredUplink::from_frame(*f).encode_to_vec(),
             Body::Stats(s) => s.encode_to_vec(),
             Body::Ack(a) => a.encode_to_vec(),
-            Body::Notice(v) => serde_json::to_vec(&v).unwrap_or_default(),
+            Body::Notice(v) | Body::Rules(v) => serde_json::to_vec(&v).unwrap_or_default(),
         }
     }
 }
@@ -146,7 +153,7 @@ pub fn publishable(
             let a = gw::DownlinkTxAck::decode(stored).map_err(|e| bad(e.to_string()))?;
             wire(&a, encoding)
         }
-        Kind::Buffer => {
+        Kind::Buffer | Kind::Rules => {
             let mut v: serde_json::Value =
                 serde_json::from_slice(stored).map_err(|e| bad(e.to_string()))?;
             let o = v
@@ -296,6 +303,7 @@ mod tests {
 
     fn received(modulation: Modulation) -> Received {
         Received {
+            handed_over: std::time::Instant::now(),
             packet: RxPacket {
                 freq_hz: 868_300_000,
                 freq_offset_hz: -120,

@@ -18,6 +18,7 @@ pub mod events;
 pub mod ops;
 pub mod radio;
 pub mod realtime;
+pub mod rules;
 pub mod store;
 pub mod uplink;
 

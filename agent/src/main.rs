@@ -57,6 +57,8 @@ const RADIO_QUEUE: usize = 8192;
 const EVENT_QUEUE: usize = 8192;
 /// Downlink commands waiting for validation (a burst of 1000 must all be answered).
 const DOWNLINK_QUEUE: usize = 4096;
+/// Frames for the rules stage: sensors report every few minutes; a burst beyond this is counted.
+const RULES_QUEUE: usize = 256;
 
 fn main() -> ExitCode {
     use clap::{CommandFactory, FromArgMatches};
@@ -142,6 +144,61 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+type RulesInput = Option<(
+    std::sync::mpsc::SyncSender<lora_edge::rules::Frame>,
+    lora_edge::rules::Watch,
+)>;
+
+/// The pump-safety rules, if configured: actuators opened (every pump off), the stage and its
+/// watchdog running, and a panic anywhere drives the pumps off. A rule or keys file that does
+/// not load leaves the pumps unpowered and the gateway forwarding (ALARM in the log).
+fn start_rules(
+    cfg: &Config,
+    events: &std::sync::mpsc::SyncSender<Event>,
+    queue: &Arc<Queue>,
+    counters: &Arc<Counters>,
+    stopping: &Arc<AtomicBool>,
+) -> anyhow::Result<(RulesInput, Option<std::thread::JoinHandle<()>>)> {
+    use lora_edge::rules;
+    let Some(rc) = &cfg.rules else {
+        return Ok((None, None));
+    };
+    let loaded = match rules::load(rc) {
+        Ok(l) => l,
+        Err(errors) => {
+            for e in errors {
+                tracing::error!("ALARM: rules not running, pumps not driven: {e}");
+            }
+            if let Ok(mut s) = counters.rules_state.lock() {
+                s.insert("rules".into(), "invalid rule or keys file".into());
+            }
+            return Ok((None, None));
+        }
+    };
+    let (tx, rx) = sync_channel(RULES_QUEUE);
+    let (stage, watch, actuators) = match rules::Stage::new(
+        loaded,
+        rx,
+        events.clone(),
+        queue.clone(),
+        counters.clone(),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "ALARM: rules not running: the actuators could not be opened");
+            return Ok((None, None));
+        }
+    };
+    let previous = std::panic::take_hook();
+    let on_panic = actuators.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        rules::actuator::all_off(&on_panic, &format!("panic: {info}"));
+        previous(info);
+    }));
+    let handle = stage.spawn(stopping.clone())?;
+    Ok((Some((tx, watch)), Some(handle)))
 }
 
 /// The radio backend this binary links.
@@ -271,8 +328,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             body: Body::Notice(notice),
         });
     }
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (rules_input, rules_stage) = start_rules(&cfg, &event_tx, &queue, &counters, &stopping)?;
     let uplinks = Uplinks {
         input: radio_rx,
+        rules: rules_input,
         output: event_tx.clone(),
         filter: CrcFilter {
             forward_ok: cfg.radio.forward_crc_ok,
@@ -333,6 +393,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || {
         let _ = radio.join();
         let _ = uplinks.join();
+        // The uplink stage held its sender: the rules stage drives the pumps off and ends.
+        if let Some(r) = rules_stage {
+            let _ = r.join();
+        }
+        stopping.store(true, Ordering::Relaxed);
     })
     .await?;
     let _ = stats.await;

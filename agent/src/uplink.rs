@@ -14,6 +14,7 @@ use crate::events::{Body, Event};
 use crate::ops::counters::Counters;
 use crate::radio::hal::{CodeRate, CrcStatus, Modulation};
 use crate::radio::Received;
+use crate::rules;
 
 #[derive(Debug, Clone, Copy)]
 pub struct CrcFilter {
@@ -37,6 +38,8 @@ pub struct Uplinks {
     pub output: SyncSender<Event>,
     pub filter: CrcFilter,
     pub counters: Arc<Counters>,
+    /// The rules stage, and the DevAddrs it reads.
+    pub rules: Option<(SyncSender<rules::Frame>, rules::Watch)>,
 }
 
 impl Uplinks {
@@ -50,6 +53,18 @@ impl Uplinks {
         for r in self.input.iter() {
             if r.packet.crc == CrcStatus::Ok {
                 Counters::add(&self.counters.rx_crc_ok, 1);
+                if let Some((tx, watch)) = &self.rules {
+                    if watch.wants(&r.packet.payload) {
+                        let copy = rules::Frame {
+                            phy: r.packet.payload.clone(),
+                            received: r.handed_over,
+                        };
+                        // Never waits: the uplink path must not depend on the rules stage.
+                        if tx.try_send(copy).is_err() {
+                            Counters::add(&self.counters.rules_input_dropped, 1);
+                        }
+                    }
+                }
             }
             if !self.filter.forwards(r.packet.crc) {
                 Counters::add(&self.counters.rx_filtered, 1);

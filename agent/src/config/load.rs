@@ -275,15 +275,38 @@ fn load_with(
         }
     }
 
+    if let Some(r) = &mut config.rules {
+        if r.file.is_relative() {
+            r.file = base_of("rules.file").join(&r.file);
+        }
+        if r.keys_file.is_relative() {
+            r.keys_file = base_of("rules.keys_file").join(&r.keys_file);
+        }
+    }
+
     let mut invalid = config.validate();
     if let Some(linked) = linked {
         invalid.extend(config.validate_for(linked));
     }
     let mut notes = Vec::new();
+    let mut rule_errors: Vec<String> = Vec::new();
     if named_files && invalid.is_empty() {
         let (problems, seen) = crate::backhaul::tls::inspect(&config.mqtt);
         invalid.extend(problems);
         notes = seen;
+        if let Some(r) = &config.rules {
+            match crate::rules::load(r) {
+                Ok(loaded) => notes.push(format!(
+                    "rules: {} pump(s), {} sensor(s), {} device(s) with keys; rule file sha256 {}",
+                    loaded.rules.pumps.len(),
+                    loaded.rules.sensors.len(),
+                    loaded.sessions.len(),
+                    loaded.rules.hash
+                )),
+                // Already located in the rule and keys files: said as they are.
+                Err(lines) => rule_errors = lines,
+            }
+        }
     }
     // A field whose value was refused above is checked as its default here: not twice.
     typed.extend(
@@ -296,6 +319,15 @@ fn load_with(
                 message: i.message,
             }),
     );
+    // Already `file:line:col: field: message`.
+    typed.extend(rule_errors.into_iter().map(|line| {
+        let (origin, message) = line.split_once(": ").unwrap_or(("rules", line.as_str()));
+        ConfigError {
+            origin: origin.to_string(),
+            field: None,
+            message: message.to_string(),
+        }
+    }));
     if !typed.is_empty() {
         // In file order (files as given, then --set), line by line.
         typed.sort_by_key(|e| {
@@ -330,20 +362,92 @@ fn hide_values(message: &str) -> String {
     out
 }
 
-/// Removes a dotted key; false if it is not there (nothing more can be learnt by retrying).
+/// Removes a dotted key (numeric parts index arrays); false if it is not there (nothing more
+/// can be learnt by retrying).
 fn remove(table: &mut toml::Table, field: &str) -> bool {
     let mut parts: Vec<&str> = field.split('.').collect();
     let Some(last) = parts.pop() else {
         return false;
     };
     let mut t = table;
+    let mut pending_array: Option<&str> = None;
     for p in parts {
+        if let Some(key) = pending_array.take() {
+            let Ok(i) = p.parse::<usize>() else {
+                return false;
+            };
+            match t
+                .get_mut(key)
+                .and_then(toml::Value::as_array_mut)
+                .and_then(|a| a.get_mut(i))
+                .and_then(toml::Value::as_table_mut)
+            {
+                Some(inner) => t = inner,
+                None => return false,
+            }
+            continue;
+        }
+        if t.get(p).is_some_and(toml::Value::is_array) {
+            pending_array = Some(p);
+            continue;
+        }
         match t.get_mut(p).and_then(toml::Value::as_table_mut) {
             Some(inner) => t = inner,
             None => return false,
         }
     }
+    if let Some(key) = pending_array {
+        // The whole element of an array: remove it from its array.
+        return match (
+            t.get_mut(key).and_then(toml::Value::as_array_mut),
+            last.parse::<usize>(),
+        ) {
+            (Some(a), Ok(i)) if i < a.len() => {
+                a.remove(i);
+                true
+            }
+            _ => false,
+        };
+    }
     t.remove(last).is_some()
+}
+
+/// Deserialises `table` reporting every unknown key and wrong type at once: serde stops at the
+/// first, so the offending key is taken out (its default applies) and the rest tried again.
+/// Fields are dotted (`pump.0.max_run`); values of fields `secret` names are not quoted.
+pub(crate) fn deserialize_all<T: serde::de::DeserializeOwned>(
+    table: toml::Table,
+    secret: impl Fn(&str) -> bool,
+) -> (Option<T>, Vec<(String, String)>) {
+    let mut remaining = table;
+    let mut problems = Vec::new();
+    loop {
+        match serde_path_to_error::deserialize(toml::Value::Table(remaining.clone())) {
+            Ok(v) => return (Some(v), problems),
+            Err(e) => {
+                let inner = e.inner().to_string();
+                let mut field = dotted(&e.path().to_string());
+                if let Some(key) = unknown_field(&inner) {
+                    if !field.ends_with(&format!(".{key}")) && field != key {
+                        field = if field == "." || field.is_empty() {
+                            key.to_string()
+                        } else {
+                            format!("{field}.{key}")
+                        };
+                    }
+                }
+                let message = if secret(&field) {
+                    hide_values(&type_message(&inner))
+                } else {
+                    type_message(&inner)
+                };
+                problems.push((field.clone(), message));
+                if !remove(&mut remaining, &field) || problems.len() >= 100 {
+                    return (None, problems);
+                }
+            }
+        }
+    }
 }
 
 /// The key named by serde's "unknown field `x`, expected …".
@@ -468,27 +572,51 @@ fn insert(table: &mut toml::Table, field: &str, value: toml::Value) {
     t.insert(last.to_string(), value);
 }
 
-/// Byte offset of a dotted field's value (or table) in a TOML text.
-fn find_field(text: &str, field: &str) -> Option<usize> {
+/// Byte offset of a dotted field's value (or table) in a TOML text. A numeric part indexes an
+/// array (`pump.0.interlock.1.trip_below`; serde's `pump[0]` is written so by `dotted`).
+pub(crate) fn find_field(text: &str, field: &str) -> Option<usize> {
     if field.is_empty() {
         return None;
     }
     let doc = toml_edit::Document::parse(text).ok()?;
-    let mut item: &toml_edit::Item = doc.as_item();
+    let mut item: toml_edit::Item = doc.as_item().clone();
     let mut span = None;
     for part in field.split('.') {
+        if let Ok(i) = part.parse::<usize>() {
+            let next = match &item {
+                toml_edit::Item::ArrayOfTables(a) => {
+                    let t = a.get(i)?;
+                    span = t.span().or(span);
+                    toml_edit::Item::Table(t.clone())
+                }
+                toml_edit::Item::Value(toml_edit::Value::Array(a)) => {
+                    let v = a.get(i)?;
+                    span = v.span().or(span);
+                    toml_edit::Item::Value(v.clone())
+                }
+                _ => return None,
+            };
+            item = next;
+            continue;
+        }
         let (key, value) = item.as_table_like()?.get_key_value(part)?;
         span = value.span().or_else(|| key.span());
         if let Some(t) = value.as_table() {
             // A [table] header has no value span: point at its header.
             span = span.or_else(|| t.span()).or_else(|| key.span());
         }
+        let value = value.clone();
         item = value;
     }
     span.map(|s| s.start)
 }
 
-fn at(path: &Path, text: &str, offset: Option<usize>) -> String {
+/// serde_path_to_error's `pump[0].interlock[1].id` as `pump.0.interlock.1.id`.
+pub(crate) fn dotted(path: &str) -> String {
+    path.replace('[', ".").replace(']', "")
+}
+
+pub(crate) fn at(path: &Path, text: &str, offset: Option<usize>) -> String {
     match offset {
         Some(o) => {
             let before = &text[..o.min(text.len())];

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub(crate) use load::{at, deserialize_all, find_field};
 pub use load::{check, load, ConfigError, ConfigErrors, Linked, MAX_FILE_BYTES, SECRET_FIELDS};
 
 use crate::radio::boards;
@@ -33,6 +34,17 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub stats: StatsConfig,
+    /// Local pump-safety rules; absent: none.
+    pub rules: Option<RulesConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// The rule file (README § Pump-safety rules). Relative to the configuration file.
+    pub file: PathBuf,
+    /// Session keys of the devices the rules read; refused if others can read it.
+    pub keys_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -213,7 +225,7 @@ pub struct TlsConfig {
 }
 
 fn default_command_rate() -> u32 {
-    20
+    100
 }
 fn default_server() -> String {
     "tcp://127.0.0.1:1883".into()
@@ -301,7 +313,7 @@ fn default_stats_interval() -> Duration {
 }
 
 /// Durations written as `"10ms"`, `"30s"`, `"2h"`.
-mod duration {
+pub(crate) mod duration {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 

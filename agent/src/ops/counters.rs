@@ -46,6 +46,14 @@ pub struct Counters {
     pub tx_emitted: AtomicU64,
     /// Ack statuses sent, indexed by `gw::TxAckStatus` value.
     pub tx_status: [AtomicU64; 12],
+    /// Frames for the rules stage it could not take (its queue full).
+    pub rules_input_dropped: AtomicU64,
+    /// Frames of rule devices dropped by the session check (replay, MIC, malformed).
+    pub rules_frames_dropped: AtomicU64,
+    /// Sensor frame handed over by the radio → actuator command, last one, µs.
+    pub rules_last_reaction_us: AtomicU64,
+    /// Pump and sensor states for the stats (`pump_<id>`, `sensor_<id>`).
+    pub rules_state: Mutex<std::collections::BTreeMap<String, String>>,
     /// Share of each EU868 sub-band's hourly allowance used, in per cent.
     pub duty_cycle_pct: Mutex<Vec<(&'static str, f64)>>,
 }

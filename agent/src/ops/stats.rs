@@ -140,6 +140,19 @@ impl StatsReporter {
             "commands_refused_total",
             Counters::get(&c.commands_refused).to_string(),
         );
+        put(
+            "rules_input_dropped_total",
+            Counters::get(&c.rules_input_dropped).to_string(),
+        );
+        put(
+            "rules_frames_dropped_total",
+            Counters::get(&c.rules_frames_dropped).to_string(),
+        );
+        if let Ok(state) = c.rules_state.lock() {
+            for (k, v) in state.iter() {
+                put(k, v.clone());
+            }
+        }
         if let Ok(usage) = c.duty_cycle_pct.lock() {
             for (band, pct) in usage.iter() {
                 put(&format!("duty_cycle_pct_{band}"), format!("{pct:.3}"));

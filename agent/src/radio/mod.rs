@@ -32,6 +32,8 @@ use region::{ChannelPlan, IfChannel};
 pub struct Received {
     pub packet: RxPacket,
     pub at: SystemTime,
+    /// When `lgw_receive` returned it: the start of the rules' reaction time.
+    pub handed_over: std::time::Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -272,10 +274,15 @@ impl Radio {
                 Err(e) => return Down::Failed(e.to_string()),
             };
             let at = SystemTime::now();
+            let handed_over = std::time::Instant::now();
             Counters::add(&self.counters.rx_received, read as u64);
             Counters::add(&self.counters.rx_malformed, malformed as u64);
             for packet in batch.drain(..) {
-                if let Err(TrySendError::Full(_)) = self.out.try_send(Received { packet, at }) {
+                if let Err(TrySendError::Full(_)) = self.out.try_send(Received {
+                    packet,
+                    at,
+                    handed_over,
+                }) {
                     // Never wait on the stages behind: a stalled store must not stall the radio.
                     Counters::add(&self.counters.rx_dropped, 1);
                 }

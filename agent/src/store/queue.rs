@@ -844,6 +844,22 @@ impl Queue {
         Ok(())
     }
 
+    /// A small durable value of another stage (the rules' frame counters, latches, lockouts and
+    /// start history): in the store's database, a tree of its own, flushed before returning.
+    pub fn state_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let e = self.engine()?;
+        let t = e.db.open_tree("state")?;
+        t.insert(key.as_bytes(), value)?;
+        t.flush()?;
+        Ok(())
+    }
+
+    pub fn state_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let e = self.engine()?;
+        let t = e.db.open_tree("state")?;
+        Ok(t.get(key.as_bytes())?.map(|v| v.to_vec()))
+    }
+
     /// Events that could not be stored (the disk refused them): they get the next `count`
     /// numbers all the same, reported lost (`rejected`) like evictions, so that the centre
     /// learns exactly what is missing. The numbers and the range are written with the next

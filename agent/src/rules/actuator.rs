@@ -1,0 +1,135 @@
+//! What drives a pump: a GPIO relay (gpiocdev), or a simulated relay that records every
+//! transition with its time (tests, demonstrations). Behind one trait, so the stage does not
+//! know which.
+//!
+//! The GPIO line is requested at start, de-energised, and held for the life of the process;
+//! `all_off` drives every actuator to its safe state from any thread (panic hook, watchdog,
+//! shutdown), without waiting on the rules stage.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use gpiocdev::line::Value;
+
+use super::file::Actuator as Spec;
+
+pub trait Actuator: Send {
+    /// Energise (`true`) or de-energise the pump's drive.
+    fn set(&mut self, on: bool) -> Result<(), String>;
+}
+
+/// A relay on one GPIO line; active = run.
+pub struct GpioRelay {
+    request: gpiocdev::Request,
+    line: u32,
+}
+
+impl GpioRelay {
+    pub fn open(chip: &Path, line: u32, active_low: bool, pump: &str) -> Result<GpioRelay, String> {
+        let mut b = gpiocdev::Request::builder();
+        b.on_chip(chip)
+            .with_consumer(format!("lora-edge pump {pump}"))
+            .with_line(line)
+            .as_output(Value::Inactive);
+        if active_low {
+            b.as_active_low();
+        }
+        let request = b
+            .request()
+            .map_err(|e| format!("{} line {line}: {e}", chip.display()))?;
+        Ok(GpioRelay { request, line })
+    }
+}
+
+impl Actuator for GpioRelay {
+    fn set(&mut self, on: bool) -> Result<(), String> {
+        let v = if on { Value::Active } else { Value::Inactive };
+        self.request
+            .set_value(self.line, v)
+            .map_err(|e| format!("line {}: {e}", self.line))
+    }
+}
+
+/// Appends `{"at_ms":…,"pump":…,"on":…}` lines to a file.
+pub struct Simulated {
+    path: PathBuf,
+    pump: String,
+}
+
+impl Simulated {
+    pub fn open(path: &Path, pump: &str) -> Result<Simulated, String> {
+        let s = Simulated {
+            path: path.to_path_buf(),
+            pump: pump.into(),
+        };
+        Ok(s)
+    }
+}
+
+impl Actuator for Simulated {
+    fn set(&mut self, on: bool) -> Result<(), String> {
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let line = serde_json::json!({"at_ms": at_ms, "pump": self.pump, "on": on});
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| writeln!(f, "{line}"))
+            .map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+}
+
+/// The actuators of every pump, shared with the emergency paths.
+pub type Shared = Arc<Vec<(String, Mutex<Box<dyn Actuator>>)>>;
+
+/// Opens every pump's actuator, each driven to its safe state (off) at once.
+pub fn open_all(pumps: &[(String, Spec)]) -> Result<Shared, String> {
+    let mut out: Vec<(String, Mutex<Box<dyn Actuator>>)> = Vec::new();
+    for (id, spec) in pumps {
+        let mut a: Box<dyn Actuator> = match spec {
+            Spec::Gpio {
+                chip,
+                line,
+                active_low,
+            } => Box::new(GpioRelay::open(chip, *line, *active_low, id)?),
+            Spec::Simulated { file } => Box::new(Simulated::open(file, id)?),
+            Spec::LorawanClassC { .. } => {
+                return Err(format!("pump {id}: lorawan_class_c is not supported yet"))
+            }
+        };
+        a.set(false).map_err(|e| format!("pump {id}: {e}"))?;
+        out.push((id.clone(), Mutex::new(a)));
+    }
+    Ok(Arc::new(out))
+}
+
+/// Every pump to its safe state, from any thread. A lock held by a thread that is stuck or
+/// panicking is not waited for: its guard is taken over (`into_inner`) when poisoned, and
+/// skipped (and said) when merely held.
+pub fn all_off(actuators: &Shared, why: &str) {
+    for (id, a) in actuators.iter() {
+        let guard = match a.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        match guard {
+            Some(mut g) => match g.set(false) {
+                Ok(()) => {
+                    tracing::error!(pump = %id, %why, "ALARM: pump driven to its safe state (off)")
+                }
+                Err(e) => {
+                    tracing::error!(pump = %id, %why, error = %e, "ALARM: could not drive the pump off")
+                }
+            },
+            None => {
+                tracing::error!(pump = %id, %why, "ALARM: the pump's actuator is busy; it could not be driven off from here")
+            }
+        }
+    }
+}

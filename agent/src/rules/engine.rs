@@ -1,0 +1,662 @@
+//! The pump-safety engine: a deterministic scan, PLC style, on every reading and on a 1 s tick,
+//! with time injected (`now`, Unix milliseconds) so that tests run hours in milliseconds.
+//!
+//! Decision order for each pump, highest first:
+//! lockout > interlock trip > latched trip > max run > stop / no demand (min run applies here
+//! only) > start inhibits (min off, starts per hour) > start.
+//! Demand: operator > central lease (absolute expiry, capped; an expired one is refused) >
+//! local automatic level control.
+//! Boot: every pump off (its safe state), every sensor unknown, min off running from boot.
+//! Data-quality trips (unknown, stale, out of range, implausible step, stuck) clear themselves;
+//! value trips latch only where the rule file says so.
+//!
+//! The engine does no I/O: it returns the actuator commands and the audit records of a scan,
+//! and says when its durable part (latches, lockouts, start history) changed.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::file::{AutoMode, RuleSet, Trip};
+
+const HOUR_MS: u64 = 3_600_000;
+
+/// Safety checks a test can switch off, one at a time, to prove that the property test catches
+/// each of them (`engine_tests::every_disabled_safety_check_is_caught`). Never set outside tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) enum Fault {
+    IgnoreInterlocks,
+    IgnoreLockout,
+    IgnoreLatches,
+    NoMaxRun,
+    NoMinOff,
+    NoStartsPerHour,
+}
+
+#[cfg(test)]
+thread_local! {
+    pub(crate) static FAULT: std::cell::Cell<Option<Fault>> = const { std::cell::Cell::new(None) };
+}
+
+fn disabled(f: Fault) -> bool {
+    #[cfg(test)]
+    {
+        FAULT.with(|c| c.get() == Some(f))
+    }
+    #[cfg(not(test))]
+    {
+        let _ = f;
+        false
+    }
+}
+
+/// Quality of a sensor's last reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quality {
+    /// Nothing received since the agent started.
+    Unknown,
+    Good,
+    Stale,
+    OutOfRange,
+    /// The step from the previous reading is larger than `max_step`.
+    Implausible,
+    /// `stuck_samples` identical readings in a row.
+    Stuck,
+}
+
+#[derive(Debug, Clone)]
+struct SensorState {
+    value: Option<f64>,
+    quality: Quality,
+    at: u64,
+    same_count: u32,
+}
+
+/// What an operator or the central server asks of a pump.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Local operator: run (until told otherwise), stop, or back to automatic.
+    OperatorRun,
+    OperatorStop,
+    OperatorAuto,
+    /// Central request: run until `expiry_ms` (Unix ms), capped at `remote_lease_max`.
+    Lease {
+        expiry_ms: u64,
+    },
+    /// Central request ended.
+    LeaseEnd,
+    Lockout,
+    Release,
+    ResetLatch {
+        interlock: String,
+    },
+}
+
+/// Why a command was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("unknown pump {0:?}")]
+    UnknownPump(String),
+    #[error("the lease expired before it arrived (expiry {expiry_ms}, now {now_ms})")]
+    LeaseExpired { expiry_ms: u64, now_ms: u64 },
+    #[error("interlock {0:?} is not latched")]
+    NotLatched(String),
+    #[error("interlock {0:?}: the trip condition still holds; the latch stays")]
+    ConditionHolds(String),
+}
+
+#[derive(Debug, Clone, Default)]
+struct PumpState {
+    on: bool,
+    on_since: u64,
+    off_since: u64,
+    /// Interlocks tripped now (value or data quality), with why.
+    tripped: BTreeMap<String, String>,
+    /// Latched value trips.
+    latched: BTreeSet<String>,
+    lockout: bool,
+    starts: VecDeque<u64>,
+    operator: Option<bool>,
+    lease_until: Option<u64>,
+    auto_demand: bool,
+    /// The last inhibit reported, so that a held inhibit is audited once.
+    inhibit: Option<String>,
+}
+
+/// The durable part of a pump's state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Durable {
+    pub latched: BTreeSet<String>,
+    pub lockout: bool,
+    pub starts: Vec<u64>,
+}
+
+/// One input to a decision, as it was when the decision was made.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Input {
+    pub sensor: String,
+    pub value: Option<f64>,
+    pub quality: Quality,
+    pub age_ms: Option<u64>,
+}
+
+/// An audit record: what was decided, why, and on what.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Audit {
+    pub at_ms: u64,
+    /// Pump or sensor id.
+    pub subject: String,
+    /// start, stop, inhibit, trip, trip_clear, latch, latch_reset, refusal, lockout, release,
+    /// lease, quality.
+    pub action: &'static str,
+    /// Highest-priority reason first.
+    pub reasons: Vec<String>,
+    pub inputs: Vec<Input>,
+}
+
+/// Drive a pump's actuator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drive {
+    pub pump: usize,
+    pub on: bool,
+}
+
+/// What a scan produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub drives: Vec<Drive>,
+    pub audits: Vec<Audit>,
+    /// Pumps whose `Durable` changed: persist them.
+    pub durable_changed: Vec<usize>,
+}
+
+pub struct Engine {
+    rules: RuleSet,
+    sensors: Vec<SensorState>,
+    pumps: Vec<PumpState>,
+}
+
+impl Engine {
+    /// At boot: pumps off, sensors unknown, min off running from `now`; `durable` is what was
+    /// persisted per pump id (latches, lockout, start history).
+    pub fn new(rules: RuleSet, now: u64, durable: &BTreeMap<String, Durable>) -> Engine {
+        let sensors = rules
+            .sensors
+            .iter()
+            .map(|_| SensorState {
+                value: None,
+                quality: Quality::Unknown,
+                at: now,
+                same_count: 0,
+            })
+            .collect();
+        let pumps = rules
+            .pumps
+            .iter()
+            .map(|p| {
+                let d = durable.get(&p.id).cloned().unwrap_or_default();
+                PumpState {
+                    off_since: now,
+                    latched: d
+                        .latched
+                        .into_iter()
+                        .filter(|l| p.interlocks.iter().any(|i| &i.id == l))
+                        .collect(),
+                    lockout: d.lockout,
+                    starts: d
+                        .starts
+                        .into_iter()
+                        .filter(|t| now.saturating_sub(*t) < HOUR_MS)
+                        .collect(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        Engine {
+            rules,
+            sensors,
+            pumps,
+        }
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    pub fn durable(&self, pump: usize) -> Durable {
+        let p = &self.pumps[pump];
+        Durable {
+            latched: p.latched.clone(),
+            lockout: p.lockout,
+            starts: p.starts.iter().copied().collect(),
+        }
+    }
+
+    pub fn is_on(&self, pump: usize) -> bool {
+        self.pumps[pump].on
+    }
+
+    pub fn sensor_quality(&self, sensor: usize) -> (Option<f64>, Quality) {
+        (self.sensors[sensor].value, self.sensors[sensor].quality)
+    }
+
+    /// A reading of `sensor`, then a scan.
+    pub fn reading(&mut self, sensor: usize, value: f64, now: u64) -> Outcome {
+        let mut out = Outcome::default();
+        let cfg = &self.rules.sensors[sensor];
+        let s = &mut self.sensors[sensor];
+        let before = s.quality;
+        let quality = if !value.is_finite()
+            || value < cfg.valid_range[0]
+            || value > cfg.valid_range[1]
+        {
+            Quality::OutOfRange
+        } else if matches!((cfg.max_step, s.value), (Some(step), Some(prev)) if (value - prev).abs() > step && s.quality != Quality::Unknown && now.saturating_sub(s.at) <= cfg.max_age_ms)
+        {
+            Quality::Implausible
+        } else {
+            Quality::Good
+        };
+        s.same_count = if s.value == Some(value) {
+            s.same_count + 1
+        } else {
+            1
+        };
+        let quality = match cfg.stuck_samples {
+            Some(n) if quality == Quality::Good && s.same_count >= n => Quality::Stuck,
+            _ => quality,
+        };
+        // An out-of-range value is bad data, never clamped, and not a reference for the next
+        // step either.
+        if quality != Quality::OutOfRange {
+            s.value = Some(value);
+        }
+        s.quality = quality;
+        s.at = now;
+        if quality != before {
+            out.audits.push(Audit {
+                at_ms: now,
+                subject: cfg.id.clone(),
+                action: "quality",
+                reasons: vec![format!("{before:?} -> {quality:?} (value {value})")],
+                inputs: vec![self.input(sensor, now)],
+            });
+        }
+        self.scan_into(now, &mut out);
+        out
+    }
+
+    /// The 1 s tick: staleness, max run, leases expire, even when no data arrives.
+    pub fn tick(&mut self, now: u64) -> Outcome {
+        let mut out = Outcome::default();
+        self.scan_into(now, &mut out);
+        out
+    }
+
+    /// An operator's or the central server's command, then a scan.
+    pub fn command(
+        &mut self,
+        pump_id: &str,
+        cmd: Command,
+        now: u64,
+    ) -> Result<Outcome, (Refusal, Outcome)> {
+        let mut out = Outcome::default();
+        let Some(pi) = self.rules.pumps.iter().position(|p| p.id == pump_id) else {
+            return Err((Refusal::UnknownPump(pump_id.into()), out));
+        };
+        let refused = self.apply(pi, &cmd, now, &mut out);
+        if let Err(r) = refused {
+            out.audits.push(Audit {
+                at_ms: now,
+                subject: pump_id.into(),
+                action: "refusal",
+                reasons: vec![format!("{cmd:?}: {r}")],
+                inputs: self.pump_inputs(pi, now),
+            });
+            return Err((r, out));
+        }
+        self.scan_into(now, &mut out);
+        Ok(out)
+    }
+
+    fn apply(
+        &mut self,
+        pi: usize,
+        cmd: &Command,
+        now: u64,
+        out: &mut Outcome,
+    ) -> Result<(), Refusal> {
+        let cfg = &self.rules.pumps[pi];
+        let p = &mut self.pumps[pi];
+        let mut audit = |action: &'static str, reason: String| {
+            out.audits.push(Audit {
+                at_ms: now,
+                subject: cfg.id.clone(),
+                action,
+                reasons: vec![reason],
+                inputs: vec![],
+            })
+        };
+        match cmd {
+            Command::OperatorRun => p.operator = Some(true),
+            Command::OperatorStop => p.operator = Some(false),
+            Command::OperatorAuto => p.operator = None,
+            Command::Lease { expiry_ms } => {
+                if *expiry_ms <= now {
+                    return Err(Refusal::LeaseExpired {
+                        expiry_ms: *expiry_ms,
+                        now_ms: now,
+                    });
+                }
+                let capped = (*expiry_ms).min(now + cfg.remote_lease_max_ms);
+                p.lease_until = Some(capped);
+                audit(
+                    "lease",
+                    if capped < *expiry_ms {
+                        format!("central run until {capped} (asked {expiry_ms}, capped by remote_lease_max)")
+                    } else {
+                        format!("central run until {capped}")
+                    },
+                );
+            }
+            Command::LeaseEnd => p.lease_until = None,
+            Command::Lockout => {
+                p.lockout = true;
+                out.durable_changed.push(pi);
+                audit("lockout", "operator lockout".into());
+            }
+            Command::Release => {
+                p.lockout = false;
+                out.durable_changed.push(pi);
+                audit("release", "operator released the lockout".into());
+            }
+            Command::ResetLatch { interlock } => {
+                if !p.latched.contains(interlock) {
+                    return Err(Refusal::NotLatched(interlock.clone()));
+                }
+                if p.tripped.contains_key(interlock) {
+                    return Err(Refusal::ConditionHolds(interlock.clone()));
+                }
+                p.latched.remove(interlock);
+                out.durable_changed.push(pi);
+                audit("latch_reset", format!("latch {interlock} reset"));
+            }
+        }
+        Ok(())
+    }
+
+    fn input(&self, sensor: usize, now: u64) -> Input {
+        let s = &self.sensors[sensor];
+        Input {
+            sensor: self.rules.sensors[sensor].id.clone(),
+            value: s.value,
+            quality: s.quality,
+            age_ms: (s.quality != Quality::Unknown).then(|| now.saturating_sub(s.at)),
+        }
+    }
+
+    fn pump_inputs(&self, pi: usize, now: u64) -> Vec<Input> {
+        let mut ids: Vec<usize> = self.rules.pumps[pi]
+            .interlocks
+            .iter()
+            .map(|i| i.sensor)
+            .chain(self.rules.pumps[pi].auto.as_ref().map(|a| a.sensor))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter().map(|s| self.input(s, now)).collect()
+    }
+
+    fn scan_into(&mut self, now: u64, out: &mut Outcome) {
+        // Staleness first: it is what a tick without data finds.
+        for (i, s) in self.sensors.iter_mut().enumerate() {
+            let cfg = &self.rules.sensors[i];
+            if s.quality != Quality::Unknown
+                && s.quality != Quality::Stale
+                && now.saturating_sub(s.at) > cfg.max_age_ms
+            {
+                let before = s.quality;
+                s.quality = Quality::Stale;
+                out.audits.push(Audit {
+                    at_ms: now,
+                    subject: cfg.id.clone(),
+                    action: "quality",
+                    reasons: vec![format!(
+                        "{before:?} -> Stale (no reading for {} s, max_age {} s)",
+                        now.saturating_sub(s.at) / 1000,
+                        cfg.max_age_ms / 1000
+                    )],
+                    inputs: vec![],
+                });
+            }
+        }
+        for pi in 0..self.pumps.len() {
+            self.scan_pump(pi, now, out);
+        }
+    }
+
+    fn scan_pump(&mut self, pi: usize, now: u64, out: &mut Outcome) {
+        let inputs = self.pump_inputs(pi, now);
+        let cfg = &self.rules.pumps[pi];
+        // Interlocks: data quality first, then the value with hysteresis.
+        for il in &cfg.interlocks {
+            let s = &self.sensors[il.sensor];
+            let was = self.pumps[pi].tripped.get(&il.id).cloned();
+            let now_tripped: Option<String> = if s.quality != Quality::Good {
+                Some(format!(
+                    "sensor {} is {:?}",
+                    self.rules.sensors[il.sensor].id, s.quality
+                ))
+            } else {
+                let v = s.value.unwrap_or(f64::NAN);
+                let value_trip = match il.trip {
+                    Trip::Below(t) => v < t,
+                    Trip::Above(t) => v > t,
+                };
+                let reset = match il.trip {
+                    Trip::Below(_) => v >= il.reset_at,
+                    Trip::Above(_) => v <= il.reset_at,
+                };
+                // A value trip holds until the reset threshold (hysteresis).
+                let held = was.as_ref().is_some_and(|w| w.starts_with("value")) && !reset;
+                (value_trip || held).then(|| match il.trip {
+                    Trip::Below(t) => format!("value {v} below {t} (resets at {})", il.reset_at),
+                    Trip::Above(t) => format!("value {v} above {t} (resets at {})", il.reset_at),
+                })
+            };
+            let p = &mut self.pumps[pi];
+            match (&was, &now_tripped) {
+                (None, Some(why)) => {
+                    out.audits.push(Audit {
+                        at_ms: now,
+                        subject: cfg.id.clone(),
+                        action: "trip",
+                        reasons: vec![format!("interlock {}: {why}", il.id)],
+                        inputs: inputs.clone(),
+                    });
+                    if il.latch && why.starts_with("value") && p.latched.insert(il.id.clone()) {
+                        out.durable_changed.push(pi);
+                        out.audits.push(Audit {
+                            at_ms: now,
+                            subject: cfg.id.clone(),
+                            action: "latch",
+                            reasons: vec![format!("interlock {} latched: reset needed", il.id)],
+                            inputs: inputs.clone(),
+                        });
+                    }
+                }
+                (Some(_), None) => out.audits.push(Audit {
+                    at_ms: now,
+                    subject: cfg.id.clone(),
+                    action: "trip_clear",
+                    reasons: vec![format!("interlock {} clear", il.id)],
+                    inputs: inputs.clone(),
+                }),
+                // A data-quality trip turning into a value trip latches too.
+                (Some(w), Some(why))
+                    if !w.starts_with("value")
+                        && why.starts_with("value")
+                        && il.latch
+                        && p.latched.insert(il.id.clone()) =>
+                {
+                    out.durable_changed.push(pi);
+                }
+                _ => {}
+            }
+            match now_tripped {
+                Some(why) => {
+                    p.tripped.insert(il.id.clone(), why);
+                }
+                None => {
+                    p.tripped.remove(&il.id);
+                }
+            }
+        }
+        // Local automatic control, with its own hysteresis; unknown data is no demand.
+        if let Some(auto) = &cfg.auto {
+            let s = &self.sensors[auto.sensor];
+            let p = &mut self.pumps[pi];
+            p.auto_demand = match (s.quality, s.value) {
+                (Quality::Good, Some(v)) => match auto.mode {
+                    AutoMode::Empty if v >= auto.start_at => true,
+                    AutoMode::Empty if v <= auto.stop_at => false,
+                    AutoMode::Fill if v <= auto.start_at => true,
+                    AutoMode::Fill if v >= auto.stop_at => false,
+                    _ => p.auto_demand,
+                },
+                _ => false,
+            };
+        }
+        let p = &mut self.pumps[pi];
+        if p.lease_until.is_some_and(|t| now >= t) {
+            p.lease_until = None;
+            out.audits.push(Audit {
+                at_ms: now,
+                subject: cfg.id.clone(),
+                action: "lease",
+                reasons: vec!["central lease expired".into()],
+                inputs: vec![],
+            });
+        }
+        while p
+            .starts
+            .front()
+            .is_some_and(|t| now.saturating_sub(*t) >= HOUR_MS)
+        {
+            p.starts.pop_front();
+        }
+
+        // The decision, highest priority first.
+        let tripped = p
+            .tripped
+            .iter()
+            .next()
+            .filter(|_| !disabled(Fault::IgnoreInterlocks));
+        let latched = p
+            .latched
+            .iter()
+            .next()
+            .filter(|_| !disabled(Fault::IgnoreLatches));
+        let forced_off: Option<String> = if p.lockout && !disabled(Fault::IgnoreLockout) {
+            Some("lockout".into())
+        } else if let Some((id, why)) = tripped {
+            Some(format!("interlock {id}: {why}"))
+        } else if let Some(id) = latched {
+            Some(format!("interlock {id} latched (reset needed)"))
+        } else if p.on
+            && now.saturating_sub(p.on_since) >= cfg.max_run_ms
+            && !disabled(Fault::NoMaxRun)
+        {
+            Some(format!("max run {} s reached", cfg.max_run_ms / 1000))
+        } else {
+            None
+        };
+        let (demand, source) = match (p.operator, p.lease_until, p.auto_demand) {
+            (Some(run), _, _) => (run, "operator"),
+            (None, Some(_), _) => (true, "central lease"),
+            (None, None, auto) => (auto, "local level control"),
+        };
+        let mut reasons = Vec::new();
+        let mut inhibit_kind = None;
+        let want_on = if let Some(why) = forced_off {
+            reasons.push(why);
+            false
+        } else if !demand {
+            if p.on && now.saturating_sub(p.on_since) < cfg.min_run_ms {
+                reasons.push(format!(
+                    "no demand from {source}, min run {} s holds",
+                    cfg.min_run_ms / 1000
+                ));
+                true
+            } else {
+                reasons.push(format!("no demand from {source}"));
+                false
+            }
+        } else if p.on {
+            true
+        } else if now.saturating_sub(p.off_since) < cfg.min_off_ms && !disabled(Fault::NoMinOff) {
+            inhibit_kind = Some("min_off");
+            reasons.push(format!(
+                "demand from {source} inhibited: min off {} s ({} s left)",
+                cfg.min_off_ms / 1000,
+                (cfg.min_off_ms - now.saturating_sub(p.off_since)).div_ceil(1000)
+            ));
+            false
+        } else if p.starts.len() as u32 >= cfg.max_starts_per_hour
+            && !disabled(Fault::NoStartsPerHour)
+        {
+            inhibit_kind = Some("starts_per_hour");
+            reasons.push(format!(
+                "demand from {source} inhibited: {} starts in the last hour (max {})",
+                p.starts.len(),
+                cfg.max_starts_per_hour
+            ));
+            false
+        } else {
+            reasons.push(format!("demand from {source}"));
+            true
+        };
+        if want_on != p.on {
+            p.on = want_on;
+            if want_on {
+                p.on_since = now;
+                p.starts.push_back(now);
+                out.durable_changed.push(pi);
+            } else {
+                p.off_since = now;
+            }
+            p.inhibit = None;
+            out.drives.push(Drive {
+                pump: pi,
+                on: want_on,
+            });
+            out.audits.push(Audit {
+                at_ms: now,
+                subject: cfg.id.clone(),
+                action: if want_on { "start" } else { "stop" },
+                reasons,
+                inputs,
+            });
+        } else if let Some(kind) = inhibit_kind {
+            // Reported when it starts or changes kind, not at every tick.
+            if p.inhibit.as_deref() != Some(kind) {
+                p.inhibit = Some(kind.to_string());
+                out.audits.push(Audit {
+                    at_ms: now,
+                    subject: cfg.id.clone(),
+                    action: "inhibit",
+                    reasons,
+                    inputs,
+                });
+            }
+        } else if !demand || p.on {
+            p.inhibit = None;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -1,0 +1,465 @@
+//! Scenario tests, with the injected clock, for every rule; and a property test of the four
+//! safety invariants over random event sequences.
+//!
+//! Proof that the property test can fail: `every_disabled_safety_check_is_caught` switches off
+//! each safety check of the decision in turn (interlocks, lockout, latches, max run, min off,
+//! starts per hour: `engine::Fault`) and requires the same random sequences to break an
+//! invariant; the property test proper runs with every check on.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::rules::file;
+
+const RULES: &str = r#"version = 1
+[[device]]
+dev_eui = "70B3D57ED0001A01"
+decoder = "layout"
+  [[device.field]]
+  name = "level"
+  offset = 0
+  type = "u16"
+  scale = 0.001
+[[sensor]]
+id = "level"
+device = "70B3D57ED0001A01"
+field = "level"
+valid_range = [0.0, 4.0]
+max_age = "25m"
+max_step = 1.0
+stuck_samples = 5
+[[pump]]
+id = "P1"
+safe_state = "off"
+actuator = { kind = "simulated", file = "relay.jsonl" }
+max_run = "2h"
+min_run = "2m"
+min_off = "10m"
+max_starts_per_hour = 4
+remote_lease_max = "30m"
+  [[pump.interlock]]
+  id = "dry_run"
+  sensor = "level"
+  trip_below = 0.40
+  reset_at = 0.60
+  LATCH
+  [pump.auto]
+  sensor = "level"
+  mode = "empty"
+  start_at = 2.5
+  stop_at = 1.0
+"#;
+
+const S: u64 = 1000;
+const M: u64 = 60 * S;
+const T0: u64 = 1_800_000_000_000;
+
+fn rules(latch: bool) -> RuleSet {
+    rules_with(latch, false)
+}
+
+/// `short`: min run and min off of one minute, so that the starts per hour limit is what binds.
+fn rules_with(latch: bool, short: bool) -> RuleSet {
+    let mut text = RULES.replace("LATCH", if latch { "latch = true" } else { "" });
+    if short {
+        text = text
+            .replace("min_run = \"2m\"", "min_run = \"1m\"")
+            .replace("min_off = \"10m\"", "min_off = \"1m\"");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("rules.toml");
+    std::fs::write(&p, text).unwrap();
+    file::load(&p).unwrap()
+}
+
+fn engine(latch: bool) -> Engine {
+    Engine::new(rules(latch), T0, &BTreeMap::new())
+}
+
+fn actions(o: &Outcome) -> Vec<&'static str> {
+    o.audits.iter().map(|a| a.action).collect()
+}
+
+#[test]
+fn boot_is_off_with_sensors_unknown_and_min_off_running() {
+    let mut e = engine(false);
+    assert!(!e.is_on(0));
+    assert_eq!(e.sensor_quality(0).1, Quality::Unknown);
+    // A high level at once: demand, but min off runs from boot.
+    let o = e.reading(0, 3.0, T0 + S);
+    assert!(o.drives.is_empty());
+    assert!(actions(&o).contains(&"inhibit"), "{:?}", o.audits);
+    assert!(o.audits.iter().any(|a| a.reasons[0].contains("min off")));
+    // After min off, the next scan starts it.
+    let o = e.tick(T0 + 10 * M + S);
+    assert_eq!(o.drives, vec![Drive { pump: 0, on: true }]);
+}
+
+#[test]
+fn dry_run_trips_and_resets_only_above_the_hysteresis() {
+    let mut e = engine(false);
+    e.reading(0, 3.0, T0);
+    e.tick(T0 + 11 * M);
+    assert!(e.is_on(0));
+    // Down in plausible steps (max_step 1.0).
+    e.reading(0, 2.2, T0 + 11 * M + 20 * S);
+    e.reading(0, 1.4, T0 + 11 * M + 40 * S);
+    e.reading(0, 0.8, T0 + 11 * M + 50 * S);
+    let o = e.reading(0, 0.35, T0 + 12 * M);
+    assert!(!e.is_on(0), "dry run must stop it at once (no min run)");
+    assert!(o
+        .audits
+        .iter()
+        .any(|a| a.action == "stop" && a.reasons[0].contains("dry_run")));
+    // 0.5: above the trip, below the reset: still tripped.
+    e.reading(0, 0.5, T0 + 13 * M);
+    e.command("P1", Command::OperatorRun, T0 + 13 * M).unwrap();
+    e.tick(T0 + 30 * M);
+    assert!(!e.is_on(0), "tripped until 0.60");
+    let o = e.reading(0, 0.65, T0 + 31 * M);
+    assert!(actions(&o).contains(&"trip_clear"));
+    assert!(e.is_on(0), "operator demand after the reset");
+}
+
+#[test]
+fn a_stale_sensor_stops_the_pump_on_the_tick_with_no_uplink_at_all() {
+    let mut e = engine(false);
+    e.reading(0, 3.0, T0);
+    e.tick(T0 + 11 * M);
+    assert!(e.is_on(0));
+    // No data: 25 min of max age, then the tick alone sees it.
+    e.tick(T0 + 24 * M);
+    assert!(e.is_on(0));
+    let o = e.tick(T0 + 25 * M + S);
+    assert!(!e.is_on(0));
+    assert_eq!(e.sensor_quality(0).1, Quality::Stale);
+    assert!(o
+        .audits
+        .iter()
+        .any(|a| a.action == "stop" && a.reasons[0].contains("Stale")));
+    // A fresh reading clears the data-quality trip by itself.
+    e.reading(0, 3.0, T0 + 40 * M);
+    assert_eq!(e.sensor_quality(0).1, Quality::Good);
+}
+
+#[test]
+fn out_of_range_implausible_steps_and_stuck_values_are_bad_data() {
+    let mut e = engine(false);
+    e.reading(0, 3.0, T0);
+    e.reading(0, 9.0, T0 + M);
+    assert_eq!(e.sensor_quality(0).1, Quality::OutOfRange);
+    e.reading(0, 3.0, T0 + 2 * M);
+    e.reading(0, 1.5, T0 + 3 * M);
+    assert_eq!(e.sensor_quality(0).1, Quality::Implausible);
+    let mut e = engine(false);
+    for i in 0..5 {
+        e.reading(0, 2.0, T0 + i * M);
+    }
+    assert_eq!(e.sensor_quality(0).1, Quality::Stuck);
+}
+
+#[test]
+fn max_run_stops_the_pump_whatever_the_demand() {
+    let mut e = engine(false);
+    e.command("P1", Command::OperatorRun, T0).unwrap();
+    let mut t = T0 + 10 * M;
+    e.reading(0, 2.0, t);
+    assert!(e.is_on(0));
+    let started = t;
+    let mut stop = None;
+    // Fresh, plausible, not stuck readings every minute for three hours.
+    while t < T0 + 3 * 60 * M {
+        t += M;
+        let o = e.reading(0, 2.0 + (t / M % 2) as f64 * 0.01, t);
+        if let Some(a) = o.audits.iter().find(|a| a.action == "stop") {
+            stop.get_or_insert((t, a.reasons[0].clone()));
+        }
+    }
+    let (at, why) = stop.expect("stopped");
+    assert_eq!(at - started, 2 * 60 * M, "stopped at max run");
+    assert!(why.contains("max run"), "{why}");
+}
+
+#[test]
+fn min_run_holds_a_normal_stop_but_not_a_trip() {
+    let mut e = engine(false);
+    e.reading(0, 3.0, T0);
+    e.tick(T0 + 11 * M);
+    assert!(e.is_on(0));
+    e.command("P1", Command::OperatorStop, T0 + 11 * M + 10 * S)
+        .unwrap();
+    assert!(e.is_on(0), "min run 2 min holds a normal stop");
+    e.tick(T0 + 13 * M + S);
+    assert!(!e.is_on(0));
+    // A trip within min run stops at once.
+    let mut e = engine(false);
+    e.reading(0, 3.0, T0);
+    e.tick(T0 + 11 * M);
+    e.reading(0, 2.5, T0 + 11 * M + 10 * S);
+    e.reading(0, 2.0, T0 + 11 * M + 20 * S);
+    e.reading(0, 1.5, T0 + 11 * M + 30 * S);
+    e.reading(0, 0.8, T0 + 11 * M + 40 * S);
+    e.reading(0, 0.3, T0 + 11 * M + 50 * S);
+    assert!(!e.is_on(0));
+}
+
+#[test]
+fn starts_per_hour_inhibit_then_allow() {
+    let mut e = engine(false);
+    let mut starts = Vec::new();
+    let mut inhibited = false;
+    for minute in 0..90u64 {
+        let t = T0 + minute * M;
+        let o = e.reading(0, 2.0 + (minute % 2) as f64 * 0.01, t);
+        if o.drives.iter().any(|d| d.on) {
+            starts.push(minute);
+        }
+        inhibited |= o
+            .audits
+            .iter()
+            .any(|a| a.action == "inhibit" && a.reasons[0].contains("starts in the last hour"));
+        // Run 2 minutes, stop, ask again: min off (10 min) paces it at one start per 12 min.
+        let on_for = starts.last().map(|s| minute - s);
+        if e.is_on(0) && on_for >= Some(2) {
+            e.command("P1", Command::OperatorStop, t).unwrap();
+        } else if !e.is_on(0) {
+            e.command("P1", Command::OperatorRun, t).unwrap();
+        }
+    }
+    assert!(
+        inhibited,
+        "the fifth start within the hour was not inhibited: {starts:?}"
+    );
+    for w in starts.windows(5) {
+        assert!(w[4] - w[0] >= 60, "five starts within an hour: {starts:?}");
+    }
+    assert!(
+        starts.len() >= 5,
+        "starts are allowed again after the hour: {starts:?}"
+    );
+}
+
+#[test]
+fn lockout_is_above_everything_and_persists() {
+    let mut e = engine(false);
+    e.command("P1", Command::Lockout, T0).unwrap();
+    e.command("P1", Command::OperatorRun, T0).unwrap();
+    e.reading(0, 3.0, T0 + 20 * M);
+    e.tick(T0 + 21 * M);
+    assert!(!e.is_on(0));
+    let d = e.durable(0);
+    assert!(d.lockout);
+    // A restart keeps the lockout.
+    let mut again = Engine::new(
+        rules(false),
+        T0 + 30 * M,
+        &BTreeMap::from([("P1".to_string(), d)]),
+    );
+    again
+        .command("P1", Command::OperatorRun, T0 + 30 * M)
+        .unwrap();
+    again.reading(0, 3.0, T0 + 50 * M);
+    assert!(!again.is_on(0));
+    again.command("P1", Command::Release, T0 + 50 * M).unwrap();
+    assert!(again.is_on(0));
+}
+
+#[test]
+fn a_lease_is_capped_expires_and_an_expired_one_is_refused() {
+    let mut e = engine(false);
+    e.reading(0, 1.5, T0); // between stop and start: no local demand
+    e.tick(T0 + 11 * M);
+    // Asks for 2 h; capped at 30 min.
+    e.command(
+        "P1",
+        Command::Lease {
+            expiry_ms: T0 + 11 * M + 120 * M,
+        },
+        T0 + 11 * M,
+    )
+    .unwrap();
+    assert!(e.is_on(0));
+    e.reading(0, 1.5, T0 + 20 * M);
+    e.reading(0, 1.51, T0 + 40 * M);
+    e.tick(T0 + 41 * M);
+    assert!(!e.is_on(0), "the lease ended at 30 min");
+    let r = e.command("P1", Command::Lease { expiry_ms: T0 }, T0 + 42 * M);
+    assert!(matches!(r, Err((Refusal::LeaseExpired { .. }, _))));
+    assert!(matches!(
+        e.command("P9", Command::OperatorRun, T0),
+        Err((Refusal::UnknownPump(_), _))
+    ));
+}
+
+#[test]
+fn a_latch_reset_is_refused_while_the_condition_holds_and_restart_keeps_it() {
+    let mut e = engine(true);
+    e.reading(0, 0.3, T0);
+    assert_eq!(e.durable(0).latched.len(), 1);
+    let r = e.command(
+        "P1",
+        Command::ResetLatch {
+            interlock: "dry_run".into(),
+        },
+        T0 + M,
+    );
+    assert!(matches!(r, Err((Refusal::ConditionHolds(_), _))));
+    e.reading(0, 0.7, T0 + 2 * M);
+    // Condition gone, latch still there: the pump stays off for local demand.
+    e.reading(0, 3.0, T0 + 20 * M);
+    assert!(!e.is_on(0));
+    let d = e.durable(0);
+    let mut again = Engine::new(
+        rules(true),
+        T0 + 21 * M,
+        &BTreeMap::from([("P1".into(), d)]),
+    );
+    again.reading(0, 3.0, T0 + 40 * M);
+    assert!(!again.is_on(0), "the latch survived the restart");
+    again
+        .command(
+            "P1",
+            Command::ResetLatch {
+                interlock: "dry_run".into(),
+            },
+            T0 + 40 * M,
+        )
+        .unwrap();
+    assert!(again.is_on(0));
+}
+
+#[test]
+fn start_history_survives_a_restart() {
+    let mut e = engine(false);
+    e.command("P1", Command::OperatorRun, T0).unwrap();
+    e.reading(0, 2.0, T0 + 10 * M);
+    assert!(e.is_on(0));
+    let d = e.durable(0);
+    assert_eq!(d.starts, vec![T0 + 10 * M]);
+    let again = Engine::new(
+        rules(false),
+        T0 + 20 * M,
+        &BTreeMap::from([("P1".into(), d)]),
+    );
+    assert_eq!(again.durable(0).starts.len(), 1);
+}
+
+/// The invariants, checked after every step of a random sequence.
+fn check_invariants(e: &Engine, history: &mut Vec<(u64, bool)>, now: u64) -> Result<(), String> {
+    let p = &e.pumps[0];
+    let cfg = &e.rules.pumps[0];
+    if p.on && (!p.tripped.is_empty() || !p.latched.is_empty() || p.lockout) {
+        return Err(format!(
+            "on with tripped {:?} latched {:?} lockout {}",
+            p.tripped, p.latched, p.lockout
+        ));
+    }
+    if p.on && now.saturating_sub(p.on_since) > cfg.max_run_ms + S {
+        return Err(format!("on for {} ms", now - p.on_since));
+    }
+    if history.last().map(|h| h.1) != Some(p.on) {
+        if p.on {
+            if let Some(off_at) = history.iter().rev().find(|h| !h.1).map(|h| h.0) {
+                if now - off_at < cfg.min_off_ms {
+                    return Err(format!("restarted {} ms after stopping", now - off_at));
+                }
+            }
+            let starts = history
+                .iter()
+                .filter(|h| h.1 && now - h.0 < HOUR_MS)
+                .count()
+                + 1;
+            if starts as u32 > cfg.max_starts_per_hour {
+                return Err(format!("{starts} starts in an hour"));
+            }
+        }
+        history.push((now, p.on));
+    }
+    Ok(())
+}
+
+fn random_run(seed: u64) -> Result<(), String> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut e = Engine::new(
+        rules_with(seed.is_multiple_of(2), seed % 4 >= 2),
+        T0,
+        &BTreeMap::new(),
+    );
+    let mut now = T0;
+    // Boot counts as a stop (min off runs from boot).
+    let mut history = vec![(T0, false)];
+    let short = seed % 4 >= 2;
+    for _ in 0..400 {
+        now += rng.u64(1..(if short { 3 * M } else { 20 * M }));
+        match rng.u8(0..10) {
+            0..=3 => {
+                let v = match rng.u8(0..10) {
+                    0 => rng.f64() * 0.5,
+                    1 => 5.0,
+                    _ => rng.f64() * 4.0,
+                };
+                e.reading(0, v, now);
+            }
+            5 => {
+                e.tick(now);
+            }
+            6 | 7 => {
+                let cmd = match rng.u8(0..8) {
+                    0 => Command::OperatorRun,
+                    1 => Command::OperatorStop,
+                    2 => Command::OperatorAuto,
+                    3 => Command::Lease {
+                        expiry_ms: now + rng.u64(0..(3 * 60 * M)),
+                    },
+                    4 => Command::LeaseEnd,
+                    5 => Command::Lockout,
+                    6 => Command::Release,
+                    _ => Command::ResetLatch {
+                        interlock: "dry_run".into(),
+                    },
+                };
+                let _ = e.command("P1", cmd, now);
+            }
+            _ => {
+                // Ticks every second for a while, as the stage does.
+                for _ in 0..rng.u64(1..120) {
+                    now += S;
+                    e.tick(now);
+                    check_invariants(&e, &mut history, now)?;
+                }
+            }
+        }
+        check_invariants(&e, &mut history, now)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn property_the_four_safety_invariants_hold_over_random_sequences() {
+    for seed in 0..1000 {
+        if let Err(e) = random_run(seed) {
+            panic!("seed {seed}: {e}");
+        }
+    }
+}
+
+#[test]
+fn every_disabled_safety_check_is_caught() {
+    use super::{Fault, FAULT};
+    for fault in [
+        Fault::IgnoreInterlocks,
+        Fault::IgnoreLockout,
+        Fault::IgnoreLatches,
+        Fault::NoMaxRun,
+        Fault::NoMinOff,
+        Fault::NoStartsPerHour,
+    ] {
+        FAULT.with(|f| f.set(Some(fault)));
+        let caught = (0..1000).find(|seed| random_run(*seed).is_err());
+        FAULT.with(|f| f.set(None));
+        assert!(
+            caught.is_some(),
+            "{fault:?} disabled, and no sequence broke an invariant"
+        );
+    }
+}

@@ -1,0 +1,844 @@
+//! The rule file (`rules.file`): devices and their decoders, sensors, pumps with their
+//! interlocks and optional level control. Strict: unknown keys and every semantic error are
+//! reported all at once, each with file:line:column and the field, as `lora-edge check` prints
+//! them. The reference is README.md § Pump-safety rules; `config/rules.toml` is an example.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::Digest;
+
+use super::decoder::{Decoder, Endian, FieldType, LayoutField};
+use crate::config::duration;
+use crate::config::{at, deserialize_all, find_field};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    version: u32,
+    #[serde(default)]
+    device: Vec<RawDevice>,
+    #[serde(default)]
+    sensor: Vec<RawSensor>,
+    #[serde(default)]
+    pump: Vec<RawPump>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    dev_eui: String,
+    decoder: DecoderKind,
+    /// Only frames on this FPort are decoded (others are ignored); any when absent.
+    fport: Option<u8>,
+    #[serde(default)]
+    field: Vec<RawField>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum DecoderKind {
+    Layout,
+    CayenneLpp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawField {
+    name: String,
+    offset: usize,
+    #[serde(rename = "type")]
+    ty: FieldType,
+    #[serde(default)]
+    endian: Endian,
+    #[serde(default = "one")]
+    scale: f64,
+    #[serde(default)]
+    add: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSensor {
+    id: String,
+    device: String,
+    field: String,
+    valid_range: [f64; 2],
+    #[serde(with = "duration")]
+    max_age: Duration,
+    max_step: Option<f64>,
+    stuck_samples: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPump {
+    id: String,
+    safe_state: String,
+    actuator: Actuator,
+    #[serde(with = "duration")]
+    max_run: Duration,
+    #[serde(with = "duration")]
+    min_run: Duration,
+    #[serde(with = "duration")]
+    min_off: Duration,
+    max_starts_per_hour: u32,
+    #[serde(with = "duration")]
+    remote_lease_max: Duration,
+    #[serde(default)]
+    interlock: Vec<RawInterlock>,
+    auto: Option<RawAuto>,
+}
+
+/// How a pump is driven.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Actuator {
+    /// A relay on a GPIO line, energised to run; de-energised is the safe state.
+    Gpio {
+        chip: PathBuf,
+        line: u32,
+        #[serde(default)]
+        active_low: bool,
+    },
+    /// A file of JSON lines recording every transition (tests and demonstrations).
+    Simulated { file: PathBuf },
+    /// A LoRaWAN Class C actuator owned by the agent (issue 14): refused by validation for now.
+    LorawanClassC {
+        device: String,
+        fport: u8,
+        on_hex: String,
+        off_hex: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterlock {
+    id: String,
+    sensor: String,
+    trip_below: Option<f64>,
+    trip_above: Option<f64>,
+    reset_at: f64,
+    #[serde(default)]
+    latch: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuto {
+    sensor: String,
+    mode: AutoMode,
+    start_at: f64,
+    stop_at: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AutoMode {
+    /// Run when the level is high (a sump, a wet well): start at `start_at`, stop at `stop_at`.
+    Empty,
+    /// Run when the level is low (a tank being filled).
+    Fill,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Trip {
+    Below(f64),
+    Above(f64),
+}
+
+/// A device whose frames the rules decode.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub dev_eui: String,
+    pub fport: Option<u8>,
+    pub decoder: Decoder,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sensor {
+    pub id: String,
+    /// Index into `RuleSet::devices`.
+    pub device: usize,
+    pub field: String,
+    pub valid_range: [f64; 2],
+    pub max_age_ms: u64,
+    pub max_step: Option<f64>,
+    pub stuck_samples: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Interlock {
+    pub id: String,
+    /// Index into `RuleSet::sensors`.
+    pub sensor: usize,
+    pub trip: Trip,
+    pub reset_at: f64,
+    pub latch: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Auto {
+    pub sensor: usize,
+    pub mode: AutoMode,
+    pub start_at: f64,
+    pub stop_at: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pump {
+    pub id: String,
+    pub actuator: Actuator,
+    pub max_run_ms: u64,
+    pub min_run_ms: u64,
+    pub min_off_ms: u64,
+    pub max_starts_per_hour: u32,
+    pub remote_lease_max_ms: u64,
+    pub interlocks: Vec<Interlock>,
+    pub auto: Option<Auto>,
+}
+
+/// A validated rule file, references resolved to indices.
+#[derive(Debug, Clone)]
+pub struct RuleSet {
+    pub devices: Vec<Device>,
+    pub sensors: Vec<Sensor>,
+    pub pumps: Vec<Pump>,
+    /// SHA-256 of the file's bytes, hex: in every audit record.
+    pub hash: String,
+}
+
+/// Every problem of a rule file, each `file:line:col: field: message`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleErrors(pub Vec<String>);
+
+impl std::fmt::Display for RuleErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for e in &self.0 {
+            writeln!(f, "{e}")?;
+        }
+        write!(f, "{} error(s) in the rule file", self.0.len())
+    }
+}
+
+impl std::error::Error for RuleErrors {}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// Reads and validates a rule file. Relative actuator files are relative to it.
+pub fn load(path: &Path) -> Result<RuleSet, RuleErrors> {
+    let bytes =
+        std::fs::read(path).map_err(|e| RuleErrors(vec![format!("{}: {e}", path.display())]))?;
+    if bytes.len() as u64 > crate::config::MAX_FILE_BYTES {
+        return Err(RuleErrors(vec![format!(
+            "{}: {} bytes: a rule file may not exceed {} bytes",
+            path.display(),
+            bytes.len(),
+            crate::config::MAX_FILE_BYTES
+        )]));
+    }
+    let text = String::from_utf8(bytes.clone())
+        .map_err(|_| RuleErrors(vec![format!("{}: not UTF-8 text", path.display())]))?;
+    parse(path, &text, &bytes)
+}
+
+fn parse(path: &Path, text: &str, bytes: &[u8]) -> Result<RuleSet, RuleErrors> {
+    let locate = |field: &str| -> String {
+        let mut f = field.to_string();
+        // A missing key: point at its table.
+        loop {
+            if let Some(o) = find_field(text, &f) {
+                return format!("{}: {field}", at(path, text, Some(o)));
+            }
+            match f.rsplit_once('.') {
+                Some((parent, _)) => f = parent.to_string(),
+                None => return format!("{}: {field}", path.display()),
+            }
+        }
+    };
+    let table = match text.parse::<toml::Table>() {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(RuleErrors(vec![format!(
+                "{}: {}",
+                at(path, text, e.span().map(|s| s.start)),
+                e.message().trim()
+            )]))
+        }
+    };
+    let (raw, problems) = deserialize_all::<RawFile>(table, |_| false);
+    let mut errors: Vec<(String, String)> = problems;
+    let Some(raw) = raw else {
+        return Err(RuleErrors(
+            errors
+                .into_iter()
+                .map(|(f, m)| format!("{}: {m}", locate(&f)))
+                .collect(),
+        ));
+    };
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let set = validate(raw, &base, &mut errors);
+    if !errors.is_empty() {
+        let mut out: Vec<(String, String)> =
+            errors.into_iter().map(|(f, m)| (locate(&f), m)).collect();
+        // File order.
+        out.sort_by_key(|(loc, _)| {
+            let mut parts = loc.split(':').skip(1);
+            let line = parts.next().and_then(|l| l.trim().parse::<usize>().ok());
+            let col = parts.next().and_then(|c| c.trim().parse::<usize>().ok());
+            (line.unwrap_or(usize::MAX), col.unwrap_or(0))
+        });
+        return Err(RuleErrors(
+            out.into_iter().map(|(l, m)| format!("{l}: {m}")).collect(),
+        ));
+    }
+    let mut set = set;
+    set.hash = hex::encode(sha2::Sha256::digest(bytes));
+    Ok(set)
+}
+
+fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> RuleSet {
+    let mut err = |field: String, msg: String| errors.push((field, msg));
+    if raw.version != 1 {
+        err(
+            "version".into(),
+            format!(
+                "version {} is not known (this agent reads version 1)",
+                raw.version
+            ),
+        );
+    }
+    let mut devices = Vec::new();
+    let mut eui_index = BTreeMap::new();
+    for (i, d) in raw.device.iter().enumerate() {
+        let f = |k: &str| format!("device.{i}.{k}");
+        let eui = d.dev_eui.to_ascii_lowercase();
+        if eui.len() != 16 || !eui.chars().all(|c| c.is_ascii_hexdigit()) {
+            err(
+                f("dev_eui"),
+                format!("{:?} is not 16 hexadecimal digits (a DevEUI)", d.dev_eui),
+            );
+        } else if eui_index.insert(eui.clone(), i).is_some() {
+            err(
+                f("dev_eui"),
+                format!("device {} is already described above", d.dev_eui),
+            );
+        }
+        if d.fport == Some(0) {
+            err(
+                f("fport"),
+                "FPort 0 carries MAC commands, not application data".into(),
+            );
+        }
+        let decoder = match d.decoder {
+            DecoderKind::CayenneLpp => {
+                if !d.field.is_empty() {
+                    err(f("field"), "Cayenne LPP names its fields itself (<type>_<channel>, e.g. temperature_3): no [[device.field]]".into());
+                }
+                Decoder::CayenneLpp
+            }
+            DecoderKind::Layout => {
+                if d.field.is_empty() {
+                    err(
+                        f("decoder"),
+                        "a layout decoder needs at least one [[device.field]]".into(),
+                    );
+                }
+                let mut names = BTreeSet::new();
+                for (j, fl) in d.field.iter().enumerate() {
+                    let ff = |k: &str| format!("device.{i}.field.{j}.{k}");
+                    if !names.insert(fl.name.clone()) {
+                        err(
+                            ff("name"),
+                            format!("field {:?} is already defined for this device", fl.name),
+                        );
+                    }
+                    if fl.offset + fl.ty.size() > 242 {
+                        err(ff("offset"), format!("offset {} + {} bytes is beyond the largest LoRaWAN payload (242 bytes)", fl.offset, fl.ty.size()));
+                    }
+                    if !fl.scale.is_finite() || fl.scale == 0.0 {
+                        err(ff("scale"), "must be a non-zero number".into());
+                    }
+                    if !fl.add.is_finite() {
+                        err(ff("add"), "must be a number".into());
+                    }
+                }
+                Decoder::Layout(
+                    d.field
+                        .iter()
+                        .map(|fl| LayoutField {
+                            name: fl.name.clone(),
+                            offset: fl.offset,
+                            ty: fl.ty,
+                            endian: fl.endian,
+                            scale: fl.scale,
+                            add: fl.add,
+                        })
+                        .collect(),
+                )
+            }
+        };
+        devices.push(Device {
+            dev_eui: eui,
+            fport: d.fport,
+            decoder,
+        });
+    }
+
+    let mut sensors = Vec::new();
+    let mut sensor_index = BTreeMap::new();
+    for (i, s) in raw.sensor.iter().enumerate() {
+        let f = |k: &str| format!("sensor.{i}.{k}");
+        if s.id.is_empty() {
+            err(f("id"), "must not be empty".into());
+        } else if sensor_index.insert(s.id.clone(), i).is_some() {
+            err(
+                f("id"),
+                format!("sensor {:?} is already defined above", s.id),
+            );
+        }
+        let device = eui_index.get(&s.device.to_ascii_lowercase()).copied();
+        match device {
+            None => err(
+                f("device"),
+                format!(
+                    "{:?} is not a [[device]] of this file (known: {})",
+                    s.device,
+                    known(raw.device.iter().map(|d| d.dev_eui.as_str()))
+                ),
+            ),
+            Some(d) => {
+                if let Decoder::Layout(fields) = &devices[d].decoder {
+                    if !fields.iter().any(|fl| fl.name == s.field) {
+                        err(
+                            f("field"),
+                            format!(
+                                "device {} has no field {:?} (its fields: {})",
+                                s.device,
+                                s.field,
+                                known(fields.iter().map(|fl| fl.name.as_str()))
+                            ),
+                        );
+                    }
+                } else if !super::decoder::is_lpp_field(&s.field) {
+                    err(
+                        f("field"),
+                        format!(
+                            "{:?} is not a Cayenne LPP field (<type>_<channel>, e.g. temperature_3, analog_input_1)",
+                            s.field
+                        ),
+                    );
+                }
+            }
+        }
+        let [lo, hi] = s.valid_range;
+        if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+            err(
+                f("valid_range"),
+                format!("[{lo}, {hi}] is not a range (low first, both numbers)"),
+            );
+        }
+        if s.max_age < Duration::from_secs(1) || s.max_age > Duration::from_secs(7 * 86_400) {
+            err(f("max_age"), "must be between 1s and 7d".into());
+        }
+        if let Some(step) = s.max_step {
+            if !(step.is_finite() && step > 0.0) {
+                err(f("max_step"), "must be a positive number".into());
+            }
+        }
+        if let Some(n) = s.stuck_samples {
+            if n < 2 {
+                err(
+                    f("stuck_samples"),
+                    "must be at least 2 (identical readings in a row)".into(),
+                );
+            }
+        }
+        sensors.push(Sensor {
+            id: s.id.clone(),
+            device: device.unwrap_or(0),
+            field: s.field.clone(),
+            valid_range: s.valid_range,
+            max_age_ms: ms(s.max_age),
+            max_step: s.max_step,
+            stuck_samples: s.stuck_samples,
+        });
+    }
+    let in_range = |sensor: usize, v: f64| {
+        let [lo, hi] = sensors[sensor].valid_range;
+        v.is_finite() && v >= lo && v <= hi
+    };
+
+    let mut pumps = Vec::new();
+    let mut pump_ids = BTreeSet::new();
+    let mut lines = BTreeMap::new();
+    for (i, p) in raw.pump.iter().enumerate() {
+        let f = |k: &str| format!("pump.{i}.{k}");
+        if p.id.is_empty() {
+            err(f("id"), "must not be empty".into());
+        } else if !pump_ids.insert(p.id.clone()) {
+            err(f("id"), format!("pump {:?} is already defined above", p.id));
+        }
+        if p.safe_state != "off" {
+            err(
+                f("safe_state"),
+                format!(
+                    "{:?}: only \"off\" is supported (a pump stops on bad data)",
+                    p.safe_state
+                ),
+            );
+        }
+        let actuator = match &p.actuator {
+            Actuator::Gpio {
+                chip,
+                line,
+                active_low,
+            } => {
+                if chip.as_os_str().is_empty() {
+                    err(
+                        f("actuator.chip"),
+                        "must name a GPIO chip, e.g. /dev/gpiochip0".into(),
+                    );
+                }
+                if let Some(other) = lines.insert((chip.clone(), *line), p.id.clone()) {
+                    err(
+                        f("actuator.line"),
+                        format!(
+                            "line {line} of {} already drives pump {other:?}",
+                            chip.display()
+                        ),
+                    );
+                }
+                Actuator::Gpio {
+                    chip: chip.clone(),
+                    line: *line,
+                    active_low: *active_low,
+                }
+            }
+            Actuator::Simulated { file } => Actuator::Simulated {
+                file: if file.is_relative() {
+                    base.join(file)
+                } else {
+                    file.clone()
+                },
+            },
+            a @ Actuator::LorawanClassC { .. } => {
+                err(
+                    f("actuator.kind"),
+                    "lorawan_class_c actuators are not supported yet (issue 14): use gpio".into(),
+                );
+                a.clone()
+            }
+        };
+        if p.max_run.is_zero() || p.max_run > Duration::from_secs(7 * 86_400) {
+            err(f("max_run"), "must be between 1s and 7d".into());
+        }
+        if p.min_run >= p.max_run {
+            err(
+                f("min_run"),
+                format!(
+                    "must be shorter than max_run ({})",
+                    humantime::format_duration(p.max_run)
+                ),
+            );
+        }
+        if p.min_off > Duration::from_secs(86_400) {
+            err(f("min_off"), "must be at most 24h".into());
+        }
+        if !(1..=60).contains(&p.max_starts_per_hour) {
+            err(f("max_starts_per_hour"), "must be between 1 and 60".into());
+        }
+        if p.remote_lease_max.is_zero() || p.remote_lease_max > Duration::from_secs(86_400) {
+            err(f("remote_lease_max"), "must be between 1s and 24h".into());
+        }
+        let mut interlocks = Vec::new();
+        let mut il_ids = BTreeSet::new();
+        for (j, il) in p.interlock.iter().enumerate() {
+            let fi = |k: &str| format!("pump.{i}.interlock.{j}.{k}");
+            if !il_ids.insert(il.id.clone()) {
+                err(
+                    fi("id"),
+                    format!("interlock {:?} is already defined for this pump", il.id),
+                );
+            }
+            let sensor = sensor_index.get(&il.sensor).copied();
+            if sensor.is_none() {
+                err(
+                    fi("sensor"),
+                    format!(
+                        "{:?} is not a [[sensor]] (known: {})",
+                        il.sensor,
+                        known(sensor_index.keys().map(String::as_str))
+                    ),
+                );
+            }
+            let trip = match (il.trip_below, il.trip_above) {
+                (Some(t), None) => Trip::Below(t),
+                (None, Some(t)) => Trip::Above(t),
+                (Some(_), Some(_)) => {
+                    err(fi("trip_above"), "give trip_below or trip_above, not both (two interlocks if both are needed)".into());
+                    Trip::Below(f64::NAN)
+                }
+                (None, None) => {
+                    err(fi("id"), "needs trip_below or trip_above".into());
+                    Trip::Below(f64::NAN)
+                }
+            };
+            if let Some(s) = sensor {
+                let (field, t) = match trip {
+                    Trip::Below(t) => ("trip_below", t),
+                    Trip::Above(t) => ("trip_above", t),
+                };
+                if !t.is_nan() && !in_range(s, t) {
+                    err(fi(field), format!("{t} is outside the valid range of sensor {:?} {:?}: it could never trip (or always would)", il.sensor, sensors[s].valid_range));
+                }
+                if !in_range(s, il.reset_at) {
+                    err(
+                        fi("reset_at"),
+                        format!(
+                            "{} is outside the valid range of sensor {:?} {:?}",
+                            il.reset_at, il.sensor, sensors[s].valid_range
+                        ),
+                    );
+                }
+                match trip {
+                    Trip::Below(t) if il.reset_at <= t => err(fi("reset_at"), format!("a trip below {t} resets above it: reset_at must be greater than trip_below (hysteresis)")),
+                    Trip::Above(t) if il.reset_at >= t => err(fi("reset_at"), format!("a trip above {t} resets below it: reset_at must be less than trip_above (hysteresis)")),
+                    _ => {}
+                }
+            }
+            interlocks.push(Interlock {
+                id: il.id.clone(),
+                sensor: sensor.unwrap_or(0),
+                trip,
+                reset_at: il.reset_at,
+                latch: il.latch,
+            });
+        }
+        let auto = p.auto.as_ref().map(|a| {
+            let fa = |k: &str| format!("pump.{i}.auto.{k}");
+            let sensor = sensor_index.get(&a.sensor).copied();
+            match sensor {
+                None => err(
+                    fa("sensor"),
+                    format!(
+                        "{:?} is not a [[sensor]] (known: {})",
+                        a.sensor,
+                        known(sensor_index.keys().map(String::as_str))
+                    ),
+                ),
+                Some(s) => {
+                    for (k, v) in [("start_at", a.start_at), ("stop_at", a.stop_at)] {
+                        if !in_range(s, v) {
+                            err(
+                                fa(k),
+                                format!(
+                                    "{v} is outside the valid range of sensor {:?} {:?}",
+                                    a.sensor, sensors[s].valid_range
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            match a.mode {
+                AutoMode::Empty if a.start_at <= a.stop_at => err(
+                    fa("start_at"),
+                    "mode \"empty\" starts on a high level: start_at must be above stop_at".into(),
+                ),
+                AutoMode::Fill if a.start_at >= a.stop_at => err(
+                    fa("start_at"),
+                    "mode \"fill\" starts on a low level: start_at must be below stop_at".into(),
+                ),
+                _ => {}
+            }
+            Auto {
+                sensor: sensor.unwrap_or(0),
+                mode: a.mode,
+                start_at: a.start_at,
+                stop_at: a.stop_at,
+            }
+        });
+        pumps.push(Pump {
+            id: p.id.clone(),
+            actuator,
+            max_run_ms: ms(p.max_run),
+            min_run_ms: ms(p.min_run),
+            min_off_ms: ms(p.min_off),
+            max_starts_per_hour: p.max_starts_per_hour,
+            remote_lease_max_ms: ms(p.remote_lease_max),
+            interlocks,
+            auto,
+        });
+    }
+    RuleSet {
+        devices,
+        sensors,
+        pumps,
+        hash: String::new(),
+    }
+}
+
+fn known<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = names.collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        let p = Path::new("rules.toml");
+        match parse(p, text, text.as_bytes()) {
+            Ok(_) => vec![],
+            Err(e) => e.0,
+        }
+    }
+
+    const GOOD: &str = r#"version = 1
+
+[[device]]
+dev_eui = "70B3D57ED0001A01"
+decoder = "layout"
+  [[device.field]]
+  name = "water_level_m"
+  offset = 0
+  type = "u16"
+  scale = 0.001
+
+[[sensor]]
+id = "level"
+device = "70B3D57ED0001A01"
+field = "water_level_m"
+valid_range = [0.0, 4.0]
+max_age = "25m"
+max_step = 0.5
+
+[[pump]]
+id = "P1"
+safe_state = "off"
+actuator = { kind = "simulated", file = "relay.jsonl" }
+max_run = "2h"
+min_run = "2m"
+min_off = "10m"
+max_starts_per_hour = 4
+remote_lease_max = "30m"
+
+  [[pump.interlock]]
+  id = "dry_run"
+  sensor = "level"
+  trip_below = 0.40
+  reset_at = 0.60
+
+  [pump.auto]
+  sensor = "level"
+  mode = "empty"
+  start_at = 2.5
+  stop_at = 1.0
+"#;
+
+    #[test]
+    fn a_good_file_loads_with_references_resolved() {
+        let s = parse(
+            Path::new("/etc/lora-edge/rules.toml"),
+            GOOD,
+            GOOD.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(s.pumps[0].interlocks[0].sensor, 0);
+        assert_eq!(s.pumps[0].max_run_ms, 7_200_000);
+        assert_eq!(
+            s.pumps[0].actuator,
+            Actuator::Simulated {
+                file: "/etc/lora-edge/relay.jsonl".into()
+            }
+        );
+        assert_eq!(s.hash.len(), 64);
+    }
+
+    #[test]
+    fn every_semantic_error_is_reported_at_once_with_its_line() {
+        let bad = GOOD
+            .replace("reset_at = 0.60", "reset_at = 0.30")
+            .replace("min_run = \"2m\"", "min_run = \"3h\"")
+            .replace("start_at = 2.5", "start_at = 0.5")
+            .replace(
+                "sensor = \"level\"\n  trip_below",
+                "sensor = \"levle\"\n  trip_below",
+            )
+            .replace("max_step = 0.5", "max_step = 0.5\nmax_stepp = 1");
+        let e = errors(&bad);
+        let joined = e.join("\n");
+        assert!(
+            joined.contains("rules.toml:19:13: sensor.0.max_stepp: unknown field"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("rules.toml:26:11: pump.0.min_run: must be shorter than max_run"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains(
+                "pump.0.interlock.0.sensor: \"levle\" is not a [[sensor]] (known: level)"
+            ),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("pump.0.auto.start_at: mode \"empty\" starts on a high level"),
+            "{joined}"
+        );
+        assert_eq!(e.len(), 4, "{joined}");
+    }
+
+    #[test]
+    fn hysteresis_in_the_wrong_direction_and_thresholds_outside_the_range_are_named() {
+        let e = errors(&GOOD.replace("reset_at = 0.60", "reset_at = 0.30"));
+        assert!(
+            e[0].contains(
+                "rules.toml:34:14: pump.0.interlock.0.reset_at: a trip below 0.4 resets above it"
+            ),
+            "{e:?}"
+        );
+        let e = errors(
+            &GOOD
+                .replace("trip_below = 0.40", "trip_below = 5.0")
+                .replace("reset_at = 0.60", "reset_at = 5.5"),
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.contains("trip_below: 5 is outside the valid range")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn duplicates_and_unknown_devices_are_named() {
+        let twice = GOOD.replace(
+            "[[pump]]",
+            "[[sensor]]\nid = \"level\"\ndevice = \"0000000000000001\"\nfield = \"x\"\nvalid_range = [0.0, 1.0]\nmax_age = \"1m\"\n\n[[pump]]",
+        );
+        let e = errors(&twice).join("\n");
+        assert!(
+            e.contains("sensor.1.id: sensor \"level\" is already defined above"),
+            "{e}"
+        );
+        assert!(
+            e.contains("sensor.1.device: \"0000000000000001\" is not a [[device]]"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,406 @@
+//! Local pump-safety rules: the stage that reads the sensors the rule file names, straight from
+//! the radio, and drives the pumps whether or not the central server can be reached.
+//!
+//! ```text
+//! uplink stage ──copy of frames from the rule file's DevAddrs (try_send, counted)──▶ rules (thread)
+//!   session check (MIC, 32-bit FCnt, replay) → decoder → engine scan (and a 1 s tick)
+//!   → actuators (GPIO relay) → audit records → store (event/rules) and the log
+//! ```
+//! The uplink stage never waits on this one; frames still go to the central server unchanged.
+//! Durable state (last frame counter per device, latches, lockouts, start history) lives in the
+//! store's `state` tree; "on" is never persisted: a restart starts with every pump off.
+
+pub mod actuator;
+pub mod decoder;
+pub mod engine;
+pub mod file;
+pub mod lorawan;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::RulesConfig;
+use crate::events::{unix_ms, Body, Event};
+use crate::ops::counters::Counters;
+use crate::store::Queue;
+use engine::{Audit, Durable, Engine, Outcome};
+use file::RuleSet;
+use lorawan::{Sessions, Verdict};
+
+/// The rule file and the sessions of its devices, validated together.
+pub struct Loaded {
+    pub rules: RuleSet,
+    pub sessions: Vec<lorawan::Session>,
+}
+
+/// Reads the rule file and the keys file; every problem, located.
+pub fn load(cfg: &RulesConfig) -> Result<Loaded, Vec<String>> {
+    let rules = file::load(&cfg.file).map_err(|e| e.0);
+    let sessions = lorawan::load_keys(&cfg.keys_file);
+    let (rules, sessions) = match (rules, sessions) {
+        (Ok(r), Ok(s)) => (r, s),
+        (r, s) => {
+            let mut all = r.err().unwrap_or_default();
+            all.extend(s.err().unwrap_or_default());
+            return Err(all);
+        }
+    };
+    let missing: Vec<String> = rules
+        .devices
+        .iter()
+        .filter(|d| !sessions.iter().any(|s| s.dev_eui == d.dev_eui))
+        .map(|d| {
+            format!(
+                "{}: device {} has no keys in {}",
+                cfg.file.display(),
+                d.dev_eui,
+                cfg.keys_file.display()
+            )
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(missing);
+    }
+    Ok(Loaded { rules, sessions })
+}
+
+/// The DevAddrs whose frames the uplink stage copies to the rules stage.
+#[derive(Debug, Clone, Default)]
+pub struct Watch(HashSet<[u8; 4]>);
+
+impl Watch {
+    /// True for a data uplink from a watched DevAddr (a cheap look at the header, no crypto).
+    pub fn wants(&self, phy: &[u8]) -> bool {
+        matches!(phy.first().map(|m| m >> 5), Some(2) | Some(4))
+            && phy.len() >= 5
+            && self.0.contains(&[phy[4], phy[3], phy[2], phy[1]])
+    }
+}
+
+/// A frame for the rules, with when the radio handed it over (for the reaction time).
+pub struct Frame {
+    pub phy: Vec<u8>,
+    pub received: Instant,
+}
+
+pub struct Stage {
+    engine: Engine,
+    sessions: Sessions,
+    actuators: actuator::Shared,
+    input: Receiver<Frame>,
+    audit: SyncSender<Event>,
+    queue: Arc<Queue>,
+    counters: Arc<Counters>,
+    /// Last time the stage went round its loop (ms since `epoch`), for the watchdog.
+    heartbeat: Arc<AtomicU64>,
+    epoch: Instant,
+    /// Per device: when a dropped frame was last audited (not more than once a minute).
+    dropped_audited: BTreeMap<usize, u64>,
+}
+
+fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
+/// How long the stage may go without a turn of its loop before the watchdog stops the pumps.
+pub const WATCHDOG: Duration = Duration::from_secs(5);
+
+impl Stage {
+    /// Opens the actuators (every pump off), restores the durable state from the store.
+    pub fn new(
+        loaded: Loaded,
+        input: Receiver<Frame>,
+        audit: SyncSender<Event>,
+        queue: Arc<Queue>,
+        counters: Arc<Counters>,
+    ) -> Result<(Stage, Watch, actuator::Shared), String> {
+        let Loaded {
+            rules,
+            mut sessions,
+        } = loaded;
+        let actuators = actuator::open_all(
+            &rules
+                .pumps
+                .iter()
+                .map(|p| (p.id.clone(), p.actuator.clone()))
+                .collect::<Vec<_>>(),
+        )?;
+        for s in &mut sessions {
+            s.last_fcnt = queue
+                .state_get(&format!("fcnt/{}", s.dev_eui))
+                .ok()
+                .flatten()
+                .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
+                .map(u32::from_be_bytes);
+        }
+        let mut durable = BTreeMap::new();
+        for p in &rules.pumps {
+            if let Some(d) = queue
+                .state_get(&format!("pump/{}", p.id))
+                .ok()
+                .flatten()
+                .and_then(|v| serde_json::from_slice::<Durable>(&v).ok())
+            {
+                durable.insert(p.id.clone(), d);
+            }
+        }
+        let watch = Watch(
+            rules
+                .devices
+                .iter()
+                .filter_map(|d| sessions.iter().find(|s| s.dev_eui == d.dev_eui))
+                .map(|s| s.dev_addr_bytes())
+                .collect(),
+        );
+        let engine = Engine::new(rules, now_ms(), &durable);
+        let stage = Stage {
+            engine,
+            sessions: Sessions::new(sessions),
+            actuators: actuators.clone(),
+            input,
+            audit,
+            queue,
+            counters,
+            heartbeat: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
+            dropped_audited: BTreeMap::new(),
+        };
+        Ok((stage, watch, actuators))
+    }
+
+    /// Runs the stage on a thread of its own, and a watchdog that drives every pump off if the
+    /// stage stops turning (stuck, or dead) while the process goes on.
+    pub fn spawn(self, stopping: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let heartbeat = self.heartbeat.clone();
+        let epoch = self.epoch;
+        let actuators = self.actuators.clone();
+        let stage = std::thread::Builder::new()
+            .name("rules".into())
+            .spawn(move || self.run())?;
+        std::thread::Builder::new()
+            .name("rules-watchdog".into())
+            .spawn(move || {
+                let mut fired = false;
+                while !stopping.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let beat = heartbeat.load(Ordering::Relaxed);
+                    let late =
+                        epoch.elapsed().as_millis() as u64 > beat + WATCHDOG.as_millis() as u64;
+                    if late && !fired {
+                        actuator::all_off(&actuators, "the rules stage stopped turning (watchdog)");
+                        fired = true;
+                    }
+                    fired &= late;
+                }
+            })?;
+        Ok(stage)
+    }
+
+    fn run(mut self) {
+        let rules = self.engine.rules();
+        tracing::info!(
+            pumps = rules.pumps.len(),
+            sensors = rules.sensors.len(),
+            sha256 = %rules.hash,
+            "rules: running; every pump off until the rules say otherwise"
+        );
+        self.publish_state();
+        let mut next_tick = Instant::now() + Duration::from_secs(1);
+        loop {
+            self.heartbeat
+                .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            match self
+                .input
+                .recv_timeout(next_tick.saturating_duration_since(Instant::now()))
+            {
+                Ok(frame) => self.frame(frame),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                next_tick += Duration::from_secs(1);
+                let out = self.engine.tick(now_ms());
+                self.apply(out, None);
+            }
+        }
+        actuator::all_off(&self.actuators, "the agent is stopping");
+    }
+
+    fn frame(&mut self, frame: Frame) {
+        let now = now_ms();
+        match self.sessions.check(&frame.phy) {
+            Verdict::NotOurs => {}
+            Verdict::Accepted {
+                session,
+                fcnt,
+                fport,
+                payload,
+            } => {
+                let eui = self.sessions.sessions[session].dev_eui.clone();
+                let Some(di) = self
+                    .engine
+                    .rules()
+                    .devices
+                    .iter()
+                    .position(|d| d.dev_eui == eui)
+                else {
+                    return;
+                };
+                let device = &self.engine.rules().devices[di];
+                if device.fport.is_some_and(|p| Some(p) != fport) {
+                    self.persist_fcnt(&eui, fcnt);
+                    return;
+                }
+                let decoded = device.decoder.decode(&payload);
+                if let Some(e) = &decoded.error {
+                    tracing::warn!(device = %eui, fcnt, error = %e, "rules: payload not decoded whole");
+                }
+                let sensors: Vec<(usize, f64)> = self
+                    .engine
+                    .rules()
+                    .sensors
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.device == di)
+                    .filter_map(|(i, s)| {
+                        decoded
+                            .fields
+                            .iter()
+                            .find(|(name, _)| *name == s.field)
+                            .map(|(_, v)| (i, *v))
+                    })
+                    .collect();
+                for (i, v) in sensors {
+                    let out = self.engine.reading(i, v, now);
+                    self.apply(out, Some(frame.received));
+                }
+                // After acting: a crash in between replays one reading, never a stale action.
+                self.persist_fcnt(&eui, fcnt);
+            }
+            Verdict::Replay { session, fcnt } => self.dropped(
+                session,
+                now,
+                format!("replay: frame counter {fcnt} was already accepted"),
+            ),
+            Verdict::BadMic { session } => self.dropped(
+                session,
+                now,
+                "MIC check failed (corrupted, forged, or wrong keys)".into(),
+            ),
+            Verdict::Malformed { session, why } => {
+                self.dropped(session, now, format!("malformed frame: {why}"))
+            }
+        }
+    }
+
+    fn persist_fcnt(&self, eui: &str, fcnt: u32) {
+        if let Err(e) = self
+            .queue
+            .state_put(&format!("fcnt/{eui}"), &fcnt.to_be_bytes())
+        {
+            tracing::error!(device = %eui, error = %e, "rules: the frame counter could not be persisted");
+        }
+    }
+
+    fn dropped(&mut self, session: usize, now: u64, why: String) {
+        Counters::add(&self.counters.rules_frames_dropped, 1);
+        let eui = self.sessions.sessions[session].dev_eui.clone();
+        tracing::warn!(device = %eui, %why, "rules: frame dropped");
+        let last = self.dropped_audited.get(&session).copied();
+        if last.is_none_or(|t| now.saturating_sub(t) >= 60_000) {
+            self.dropped_audited.insert(session, now);
+            self.send_audit(Audit {
+                at_ms: now,
+                subject: eui,
+                action: "frame_dropped",
+                reasons: vec![why],
+                inputs: vec![],
+            });
+        }
+    }
+
+    fn apply(&mut self, out: Outcome, received: Option<Instant>) {
+        // Drive first: the audit can wait, the pump cannot.
+        for d in &out.drives {
+            let (id, a) = &self.actuators[d.pump];
+            let result = a.lock().unwrap_or_else(|p| p.into_inner()).set(d.on);
+            if let Some(r) = received {
+                self.counters
+                    .rules_last_reaction_us
+                    .store(r.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            if let Err(e) = result {
+                tracing::error!(pump = %id, on = d.on, error = %e, "ALARM: the actuator failed");
+                self.send_audit(Audit {
+                    at_ms: now_ms(),
+                    subject: id.clone(),
+                    action: "actuator_error",
+                    reasons: vec![e],
+                    inputs: vec![],
+                });
+            }
+        }
+        for pi in out
+            .durable_changed
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let id = &self.engine.rules().pumps[*pi].id;
+            let d = self.engine.durable(*pi);
+            if let Err(e) = self.queue.state_put(
+                &format!("pump/{id}"),
+                &serde_json::to_vec(&d).unwrap_or_default(),
+            ) {
+                tracing::error!(pump = %id, error = %e, "rules: latches and start history could not be persisted");
+            }
+        }
+        for a in out.audits {
+            self.send_audit(a);
+        }
+        self.publish_state();
+    }
+
+    /// Pump and sensor states for the stats.
+    fn publish_state(&self) {
+        let Ok(mut state) = self.counters.rules_state.lock() else {
+            return;
+        };
+        let rules = self.engine.rules();
+        for (pi, p) in rules.pumps.iter().enumerate() {
+            let on = if self.engine.is_on(pi) { "on" } else { "off" };
+            state.insert(format!("pump_{}", p.id), on.into());
+        }
+        for (si, s) in rules.sensors.iter().enumerate() {
+            let (value, quality) = self.engine.sensor_quality(si);
+            let v = value.map_or("-".to_string(), |v| v.to_string());
+            state.insert(format!("sensor_{}", s.id), format!("{quality:?} {v}"));
+        }
+    }
+
+    fn send_audit(&self, a: Audit) {
+        tracing::info!(
+            subject = %a.subject,
+            action = a.action,
+            reasons = %a.reasons.join("; "),
+            "rules"
+        );
+        let mut v = serde_json::to_value(&a).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "rulesSha256".into(),
+                self.engine.rules().hash.clone().into(),
+            );
+        }
+        let event = Event {
+            at: SystemTime::now(),
+            body: Body::Rules(v),
+        };
+        // Blocking: an audit record is never dropped; the pumps were driven before.
+        if self.audit.send(event).is_err() {
+            tracing::error!("rules: the store is gone; audit record not kept");
+        }
+    }
+}
