@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod commands;
+pub mod lorawan;
 pub mod pki;
 pub mod proxy;
 

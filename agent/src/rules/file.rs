@@ -826,6 +826,14 @@ remote_lease_max = "30m"
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/rules.toml");
+        let s = load(&p).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.pumps.len(), 2);
+        assert_eq!(s.pumps[1].interlocks.len(), 3);
+    }
+
+    #[test]
     fn duplicates_and_unknown_devices_are_named() {
         let twice = GOOD.replace(
             "[[pump]]",

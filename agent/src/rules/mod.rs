@@ -328,9 +328,11 @@ impl Stage {
             let (id, a) = &self.actuators[d.pump];
             let result = a.lock().unwrap_or_else(|p| p.into_inner()).set(d.on);
             if let Some(r) = received {
+                let us = r.elapsed().as_micros() as u64;
                 self.counters
                     .rules_last_reaction_us
-                    .store(r.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    .store(us, Ordering::Relaxed);
+                tracing::info!(pump = %id, on = d.on, reaction_us = us, "rules: actuator driven by a sensor frame");
             }
             if let Err(e) = result {
                 tracing::error!(pump = %id, on = d.on, error = %e, "ALARM: the actuator failed");
