@@ -22,6 +22,8 @@ pub enum Kind {
     Buffer = 5,
     /// Pump-safety decisions (audit records), JSON on `event/rules`.
     Rules = 6,
+    /// Answers to central pump requests, JSON on `event/pump`.
+    Pump = 7,
 }
 
 impl Kind {
@@ -32,6 +34,7 @@ impl Kind {
             3 => Kind::Ack,
             5 => Kind::Buffer,
             6 => Kind::Rules,
+            7 => Kind::Pump,
             _ => return None,
         })
     }
@@ -44,6 +47,7 @@ impl Kind {
             Kind::Ack => "event/ack",
             Kind::Buffer => "event/buffer",
             Kind::Rules => "event/rules",
+            Kind::Pump => "event/pump",
         }
     }
 }
@@ -67,6 +71,8 @@ pub enum Body {
     Notice(serde_json::Value),
     /// A pump-safety audit record.
     Rules(serde_json::Value),
+    /// An answer to a central pump request.
+    Pump(serde_json::Value),
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +95,7 @@ impl Event {
             Body::Ack(_) => Kind::Ack,
             Body::Notice(_) => Kind::Buffer,
             Body::Rules(_) => Kind::Rules,
+            Body::Pump(_) => Kind::Pump,
         }
     }
 
@@ -109,7 +116,9 @@ impl Event {
             Body::Uplink(f) => StoredUplink::from_frame(*f).encode_to_vec(),
             Body::Stats(s) => s.encode_to_vec(),
             Body::Ack(a) => a.encode_to_vec(),
-            Body::Notice(v) | Body::Rules(v) => serde_json::to_vec(&v).unwrap_or_default(),
+            Body::Notice(v) | Body::Rules(v) | Body::Pump(v) => {
+                serde_json::to_vec(&v).unwrap_or_default()
+            }
         }
     }
 }
@@ -153,7 +162,7 @@ pub fn publishable(
             let a = gw::DownlinkTxAck::decode(stored).map_err(|e| bad(e.to_string()))?;
             wire(&a, encoding)
         }
-        Kind::Buffer | Kind::Rules => {
+        Kind::Buffer | Kind::Rules | Kind::Pump => {
             let mut v: serde_json::Value =
                 serde_json::from_slice(stored).map_err(|e| bad(e.to_string()))?;
             let o = v

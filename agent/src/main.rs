@@ -147,7 +147,7 @@ fn main() -> ExitCode {
 }
 
 type RulesInput = Option<(
-    std::sync::mpsc::SyncSender<lora_edge::rules::Frame>,
+    std::sync::mpsc::SyncSender<lora_edge::rules::Input>,
     lora_edge::rules::Watch,
 )>;
 
@@ -156,6 +156,7 @@ type RulesInput = Option<(
 /// not load leaves the pumps unpowered and the gateway forwarding (ALARM in the log).
 fn start_rules(
     cfg: &Config,
+    gateway_id: &str,
     events: &std::sync::mpsc::SyncSender<Event>,
     queue: &Arc<Queue>,
     counters: &Arc<Counters>,
@@ -180,6 +181,7 @@ fn start_rules(
     let (tx, rx) = sync_channel(RULES_QUEUE);
     let (stage, watch, actuators) = match rules::Stage::new(
         loaded,
+        gateway_id.to_string(),
         rx,
         events.clone(),
         queue.clone(),
@@ -329,7 +331,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
     let stopping = Arc::new(AtomicBool::new(false));
-    let (rules_input, rules_stage) = start_rules(&cfg, &event_tx, &queue, &counters, &stopping)?;
+    let (rules_input, rules_stage) =
+        start_rules(&cfg, &gateway_id, &event_tx, &queue, &counters, &stopping)?;
+    let pump_commands = rules_input.as_ref().map(|(tx, _)| tx.clone());
     let uplinks = Uplinks {
         input: radio_rx,
         rules: rules_input,
@@ -368,6 +372,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             counters: counters.clone(),
             shutdown: shutdown_rx.clone(),
             downlinks: down_tx,
+            pumps: pump_commands,
         }
         .run(),
     );
@@ -393,11 +398,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || {
         let _ = radio.join();
         let _ = uplinks.join();
-        // The uplink stage held its sender: the rules stage drives the pumps off and ends.
-        if let Some(r) = rules_stage {
-            let _ = r.join();
-        }
-        stopping.store(true, Ordering::Relaxed);
     })
     .await?;
     let _ = stats.await;
@@ -406,6 +406,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     // once every stage that sends it events has ended.
     tokio::task::spawn_blocking(move || {
         let _ = downlinks.join();
+        // The uplink stage and the backhaul held its senders: the rules stage drives the pumps
+        // off and ends (before the writer, which takes its last audit records).
+        if let Some(r) = rules_stage {
+            let _ = r.join();
+        }
+        stopping.store(true, Ordering::Relaxed);
         let _ = writer.join();
     })
     .await?;

@@ -39,7 +39,7 @@ pub struct Uplinks {
     pub filter: CrcFilter,
     pub counters: Arc<Counters>,
     /// The rules stage, and the DevAddrs it reads.
-    pub rules: Option<(SyncSender<rules::Frame>, rules::Watch)>,
+    pub rules: Option<(SyncSender<rules::Input>, rules::Watch)>,
 }
 
 impl Uplinks {
@@ -55,10 +55,10 @@ impl Uplinks {
                 Counters::add(&self.counters.rx_crc_ok, 1);
                 if let Some((tx, watch)) = &self.rules {
                     if watch.wants(&r.packet.payload) {
-                        let copy = rules::Frame {
+                        let copy = rules::Input::Frame(rules::Frame {
                             phy: r.packet.payload.clone(),
                             received: r.handed_over,
-                        };
+                        });
                         // Never waits: the uplink path must not depend on the rules stage.
                         if tx.try_send(copy).is_err() {
                             Counters::add(&self.counters.rules_input_dropped, 1);

@@ -52,3 +52,60 @@ impl Device {
         )
     }
 }
+
+/// The wet-well level sensor of `RULES`.
+pub const SENSOR: Device = Device {
+    dev_eui: "70b3d57ed0001a01",
+    dev_addr: [0x26, 0x01, 0x1B, 0xDA],
+    nwk_s_key: [0x11; 16],
+    app_s_key: [0x22; 16],
+};
+
+/// One pump under local level control with a dry-run interlock, a simulated relay, short
+/// min run and min off so that tests and benchmarks see many transitions.
+pub const RULES: &str = r#"version = 1
+
+[[device]]
+dev_eui = "70B3D57ED0001A01"
+decoder = "layout"
+fport = 2
+  [[device.field]]
+  name = "water_level_m"
+  offset = 0
+  type = "u16"
+  scale = 0.001
+
+[[sensor]]
+id = "wet_well_level"
+device = "70B3D57ED0001A01"
+field = "water_level_m"
+valid_range = [0.0, 4.0]
+max_age = "10m"
+
+[[pump]]
+id = "P1"
+safe_state = "off"
+actuator = { kind = "simulated", file = "relay.jsonl" }
+max_run = "2h"
+min_run = "1s"
+min_off = "2s"
+max_starts_per_hour = 10
+remote_lease_max = "30m"
+
+  [[pump.interlock]]
+  id = "dry_run"
+  sensor = "wet_well_level"
+  trip_below = 0.40
+  reset_at = 0.60
+
+  [pump.auto]
+  sensor = "wet_well_level"
+  mode = "empty"
+  start_at = 2.5
+  stop_at = 1.0
+"#;
+
+/// The sensor's payload: the level in millimetres, big-endian.
+pub fn level(mm: u16) -> Vec<u8> {
+    mm.to_be_bytes().to_vec()
+}

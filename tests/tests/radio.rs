@@ -29,7 +29,13 @@ fn upstream_libloragw_on_a_board_without_the_sensor_is_explained_and_downlinks_a
     );
     assert!(log.contains("V2.1.0r9"), "the fix is named:\n{log}");
 
-    // A downlink while the radio is down: answered at once, never queued.
+    // A downlink while the radio is down: answered at once, never queued. (Once the agent is
+    // subscribed: a command published before that reaches nobody.)
+    assert!(
+        agent.wait_log("backhaul up", Duration::from_secs(15)),
+        "{}",
+        agent.log()
+    );
     let asked = Instant::now();
     publish(
         broker.port,

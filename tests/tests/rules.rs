@@ -5,62 +5,11 @@
 
 use std::time::Duration;
 
-use lora_edge_e2e::lorawan::Device;
+use prost::Message;
+
+use lora_edge_e2e::lorawan::{level, Device, RULES, SENSOR};
 use lora_edge_e2e::pki;
 use lora_edge_e2e::*;
-
-const SENSOR: Device = Device {
-    dev_eui: "70b3d57ed0001a01",
-    dev_addr: [0x26, 0x01, 0x1B, 0xDA],
-    nwk_s_key: [0x11; 16],
-    app_s_key: [0x22; 16],
-};
-
-const RULES: &str = r#"version = 1
-
-[[device]]
-dev_eui = "70B3D57ED0001A01"
-decoder = "layout"
-fport = 2
-  [[device.field]]
-  name = "water_level_m"
-  offset = 0
-  type = "u16"
-  scale = 0.001
-
-[[sensor]]
-id = "wet_well_level"
-device = "70B3D57ED0001A01"
-field = "water_level_m"
-valid_range = [0.0, 4.0]
-max_age = "10m"
-
-[[pump]]
-id = "P1"
-safe_state = "off"
-actuator = { kind = "simulated", file = "relay.jsonl" }
-max_run = "2h"
-min_run = "1s"
-min_off = "2s"
-max_starts_per_hour = 10
-remote_lease_max = "30m"
-
-  [[pump.interlock]]
-  id = "dry_run"
-  sensor = "wet_well_level"
-  trip_below = 0.40
-  reset_at = 0.60
-
-  [pump.auto]
-  sensor = "wet_well_level"
-  mode = "empty"
-  start_at = 2.5
-  stop_at = 1.0
-"#;
-
-fn level(mm: u16) -> Vec<u8> {
-    mm.to_be_bytes().to_vec()
-}
 
 fn at(offset_ms: u64, payload: Vec<u8>) -> Frame {
     let mut f = frames_at(&[offset_ms], 1).remove(0);
@@ -182,8 +131,321 @@ fn a_level_sensor_drives_the_relay_with_the_broker_down_and_the_audit_arrives_in
     assert_eq!(first_stop["inputs"][0]["sensor"], "wet_well_level");
     assert_eq!(first_stop["inputs"][0]["value"], 0.3);
     assert_eq!(first_stop["rulesSha256"].as_str().unwrap().len(), 64);
+    // Pump and sensor state in the stats.
+    let stats = collector.wait_for("/event/stats", Duration::from_secs(10), |m| !m.is_empty());
+    let s =
+        chirpstack_api::gw::GatewayStats::decode(stats.last().unwrap().payload.as_slice()).unwrap();
+    assert_eq!(
+        s.metadata.get("pump_P1").map(String::as_str),
+        Some("off"),
+        "{:?}",
+        s.metadata
+    );
+    assert!(
+        s.metadata["sensor_wet_well_level"].starts_with("Good 0.2"),
+        "{:?}",
+        s.metadata
+    );
     assert!(agent.is_running());
     // SIGTERM: the relay stays (or is driven) off.
     agent.sigterm();
     assert_eq!(transitions().last(), Some(&false));
+
+    // A restart keeps the frame counter: the last frame replayed after it is still a replay.
+    std::fs::write(
+        dir.path().join("scenario.csv"),
+        scenario_csv(&[at(500, SENSOR.uplink(65_536, 2, &level(200)))]),
+    )
+    .unwrap();
+    agent.start_again();
+    assert!(
+        agent.wait_log(
+            "replay: frame counter 65536 was already accepted",
+            Duration::from_secs(15)
+        ),
+        "{}",
+        agent.log()
+    );
+    agent.sigterm();
+}
+
+#[test]
+fn check_names_rule_and_keys_file_mistakes_with_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("sim.toml"), "").unwrap();
+    std::fs::write(
+        d.join("rules.toml"),
+        RULES.replace("reset_at = 0.60", "reset_at = 0.30").replace(
+            "sensor = \"wet_well_level\"\n  mode",
+            "sensor = \"wet_well\"\n  mode",
+        ),
+    )
+    .unwrap();
+    // A key others can read.
+    pki::write(d, "keys.toml", &SENSOR.keys_toml(), 0o644);
+    let cfg = d.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nid = \"{GATEWAY_ID}\"\n[radio]\nbackend = \"simulator\"\nsimulator = \"sim.toml\"\n\
+             [store]\npath = \"store\"\n[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(agent_binary())
+        .args(["check", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let rules = d.join("rules.toml").display().to_string();
+    assert!(
+        text.contains(&format!(
+            "{rules}:34:14: pump.0.interlock.0.reset_at: a trip below 0.4 resets above it"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "{rules}:37:12: pump.0.auto.sensor: \"wet_well\" is not a [[sensor]]"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("keys.toml is readable by every user"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&hex::encode(SENSOR.nwk_s_key)),
+        "a key was printed: {text}"
+    );
+    // Fixed: check passes and says what it read.
+    std::fs::write(d.join("rules.toml"), RULES).unwrap();
+    pki::write(d, "keys.toml", &SENSOR.keys_toml(), 0o600);
+    let out = std::process::Command::new(agent_binary())
+        .args(["check", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("rules: 1 pump(s), 1 sensor(s), 1 device(s) with keys"),
+        "{text}"
+    );
+}
+
+/// Publishes a pump request and waits for its answer on `event/pump`.
+fn ask(
+    broker: &Broker,
+    collector: &Collector,
+    id: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let mut req = body;
+    req["requestId"] = id.into();
+    publish(
+        broker.port,
+        &format!("eu868/gateway/{GATEWAY_ID}/command/pump"),
+        serde_json::to_vec(&req).unwrap(),
+    );
+    let find = |m: &[Msg]| {
+        m.iter()
+            .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
+            .find(|a| a["requestId"] == id)
+    };
+    let msgs = collector.wait_for("/event/pump", Duration::from_secs(10), |m| {
+        find(m).is_some()
+    });
+    find(&msgs).unwrap_or_else(|| panic!("no answer to request {id}"))
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    // Level 1.5 m: good data, no local demand (start at 2.5, stop at 1.0).
+    let setup =
+        AgentSetup::new(broker.port).scenario(&[at(300, SENSOR.uplink(1, 2, &level(1500)))]);
+    // Min off 4 s: long enough that a request right after a stop meets it on a loaded machine.
+    std::fs::write(
+        setup.dir.path().join("rules.toml"),
+        RULES.replace("min_off = \"2s\"", "min_off = \"4s\""),
+    )
+    .unwrap();
+    pki::write(setup.dir.path(), "keys.toml", &SENSOR.keys_toml(), 0o600);
+    let (agent, _dir) = setup
+        .config("[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"")
+        .start();
+    assert!(agent.wait_log("backhaul up", Duration::from_secs(15)));
+    // Past min off from boot, with the reading in.
+    std::thread::sleep(Duration::from_millis(4500));
+    let in_a_minute = unix_ms_now() + 60_000;
+
+    let a = ask(
+        &broker,
+        &collector,
+        "s1",
+        serde_json::json!({"action": "state"}),
+    );
+    assert_eq!(a["outcome"], "accepted", "{a}");
+    assert_eq!(a["pumps"][0]["on"], false, "{a}");
+    assert_eq!(a["sensors"][0]["quality"], "good", "{a}");
+
+    let a = ask(
+        &broker,
+        &collector,
+        "r1",
+        serde_json::json!({"pump": "P1", "action": "run", "expiresAt": in_a_minute, "requestedBy": "ops-anna"}),
+    );
+    assert_eq!(
+        (a["outcome"].as_str(), a["pumps"][0]["on"].as_bool()),
+        (Some("accepted"), Some(true)),
+        "{a}"
+    );
+    assert_eq!(a["pumps"][0]["lease"]["run"], true, "{a}");
+    std::thread::sleep(Duration::from_millis(1200)); // min run 1 s
+    let a = ask(
+        &broker,
+        &collector,
+        "t1",
+        serde_json::json!({"pump": "P1", "action": "stop", "expiresAt": in_a_minute}),
+    );
+    assert_eq!(
+        (a["outcome"].as_str(), a["pumps"][0]["on"].as_bool()),
+        (Some("accepted"), Some(false)),
+        "{a}"
+    );
+    // Min off after the stop: a run is refused with it, and not kept for later.
+    let a = ask(
+        &broker,
+        &collector,
+        "m1",
+        serde_json::json!({"pump": "P1", "action": "run", "expiresAt": in_a_minute}),
+    );
+    assert_eq!(a["outcome"], "refused", "{a}");
+    assert!(a["reason"].as_str().unwrap().contains("min off"), "{a}");
+    assert!(
+        a["pumps"][0]["lease"].is_null(),
+        "a refused run must not linger: {a}"
+    );
+
+    // Refusals, each with its reason.
+    let a = ask(
+        &broker,
+        &collector,
+        "u1",
+        serde_json::json!({"pump": "P9", "action": "run", "expiresAt": in_a_minute}),
+    );
+    assert_eq!(a["outcome"], "refused");
+    assert!(
+        a["reason"]
+            .as_str()
+            .unwrap()
+            .contains("unknown pump \"P9\""),
+        "{a}"
+    );
+    // A lease that expired before it arrived (replayed after a reconnect).
+    let a = ask(
+        &broker,
+        &collector,
+        "x1",
+        serde_json::json!({"pump": "P1", "action": "run", "expiresAt": unix_ms_now() - 1000}),
+    );
+    assert!(
+        a["reason"]
+            .as_str()
+            .unwrap()
+            .contains("expired before it arrived"),
+        "{a}"
+    );
+    let a = ask(
+        &broker,
+        &collector,
+        "l1",
+        serde_json::json!({"pump": "P1", "action": "lockout", "requestedBy": "ops-anna"}),
+    );
+    assert_eq!(a["outcome"], "accepted", "{a}");
+    std::thread::sleep(Duration::from_millis(4200)); // past min off: only the lockout remains
+    let a = ask(
+        &broker,
+        &collector,
+        "l2",
+        serde_json::json!({"pump": "P1", "action": "run", "expiresAt": in_a_minute}),
+    );
+    assert_eq!(a["reason"], "lockout", "{a}");
+    let a = ask(
+        &broker,
+        &collector,
+        "l3",
+        serde_json::json!({"pump": "P1", "action": "release"}),
+    );
+    assert_eq!(a["outcome"], "accepted", "{a}");
+    let a = ask(
+        &broker,
+        &collector,
+        "c1",
+        serde_json::json!({"pump": "P1", "action": "reset_latch", "interlock": "dry_run"}),
+    );
+    assert!(
+        a["reason"].as_str().unwrap().contains("is not latched"),
+        "{a}"
+    );
+    let a = ask(
+        &broker,
+        &collector,
+        "g1",
+        serde_json::json!({"gatewayId": "0016c001ffffffff", "pump": "P1", "action": "state"}),
+    );
+    assert!(
+        a["reason"].as_str().unwrap().contains("not this one"),
+        "{a}"
+    );
+    let a = ask(
+        &broker,
+        &collector,
+        "b1",
+        serde_json::json!({"pump": "P1", "action": "explode"}),
+    );
+    assert!(
+        a["reason"].as_str().unwrap().contains("not a pump request"),
+        "{a}"
+    );
+
+    // Every request but `state` is in the audit, with who asked.
+    let audits = collector.wait_for("/event/rules", Duration::from_secs(10), |m| {
+        m.iter()
+            .any(|m| String::from_utf8_lossy(&m.payload).contains("request l1"))
+    });
+    let commands: Vec<String> = audits
+        .iter()
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
+        .filter(|r| r["action"] == "command")
+        .map(|r| r["reasons"][0].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.contains("Run (request r1) by ops-anna: accepted")),
+        "{commands:?}"
+    );
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.contains("Lockout (request l1) by ops-anna: accepted")),
+        "{commands:?}"
+    );
 }

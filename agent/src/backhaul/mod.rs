@@ -74,6 +74,8 @@ pub struct Backhaul {
     pub shutdown: watch::Receiver<bool>,
     /// `command/down` payloads and when they arrived, to the downlink stage.
     pub downlinks: SyncSender<(Vec<u8>, Instant)>,
+    /// `command/pump` payloads, to the rules stage; None: no rules here, not subscribed.
+    pub pumps: Option<SyncSender<crate::rules::Input>>,
 }
 
 enum SessionEnd {
@@ -252,6 +254,11 @@ impl Backhaul {
                         if let Err(e) = client.try_subscribe(down_topic.clone(), QoS::AtLeastOnce) {
                             return SessionEnd::Lost(format!("subscribe: {e}"));
                         }
+                        if self.pumps.is_some() {
+                            if let Err(e) = client.try_subscribe(topics.under("command/pump"), QoS::AtLeastOnce) {
+                                return SessionEnd::Lost(format!("subscribe: {e}"));
+                            }
+                        }
                         let online = conn_state(&self.gateway_id, true, self.cfg.encoding);
                         if client.try_publish(topics.under("state/conn"), QoS::AtLeastOnce, true, online).is_ok() {
                             inflight.submitted(None, false, Instant::now());
@@ -288,7 +295,7 @@ impl Backhaul {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        self.command(intake, &p.topic, &p.payload, &down_topic);
+                        self.command(intake, &p.topic, &p.payload, topics);
                     }
                     Ok(Event::Incoming(Packet::Disconnect(d))) => {
                         return SessionEnd::Lost(format!("the broker closed the session: {:?}", d.reason_code));
@@ -346,7 +353,7 @@ impl Backhaul {
     }
 
     /// One incoming command: admitted by the per-topic rate limit, then handed to its stage.
-    fn command(&self, intake: &mut Intake, topic: &[u8], payload: &[u8], down_topic: &str) {
+    fn command(&self, intake: &mut Intake, topic: &[u8], payload: &[u8], topics: &Topics) {
         let topic = String::from_utf8_lossy(topic);
         if let Admit::No(report) = intake.admit(&topic, Instant::now()) {
             Counters::add(&self.counters.commands_refused, 1);
@@ -355,7 +362,15 @@ impl Backhaul {
             }
             return;
         }
-        if topic == down_topic {
+        if topic == topics.under("command/pump") {
+            if let Some(pumps) = &self.pumps {
+                let input = crate::rules::Input::Command(payload.to_vec());
+                if pumps.try_send(input).is_err() {
+                    Counters::add(&self.counters.rules_input_dropped, 1);
+                    tracing::warn!("command/pump: the rules stage is saturated; request dropped");
+                }
+            }
+        } else if topic == topics.under("command/down") {
             tracing::debug!(bytes = payload.len(), "command/down received");
             if let Err(TrySendError::Full(_)) =
                 self.downlinks.try_send((payload.to_vec(), Instant::now()))

@@ -81,9 +81,11 @@ pub enum Command {
     OperatorRun,
     OperatorStop,
     OperatorAuto,
-    /// Central request: run until `expiry_ms` (Unix ms), capped at `remote_lease_max`.
+    /// Central request: run (or hold stopped, `run: false`) until `expiry_ms` (Unix ms), capped
+    /// at `remote_lease_max`; then local control again.
     Lease {
         expiry_ms: u64,
+        run: bool,
     },
     /// Central request ended.
     LeaseEnd,
@@ -119,10 +121,13 @@ struct PumpState {
     lockout: bool,
     starts: VecDeque<u64>,
     operator: Option<bool>,
-    lease_until: Option<u64>,
+    /// Central request: until when, and run or stop.
+    lease_until: Option<(u64, bool)>,
     auto_demand: bool,
     /// The last inhibit reported, so that a held inhibit is audited once.
     inhibit: Option<String>,
+    /// Why the pump is in its state, from the last scan.
+    reasons: Vec<String>,
 }
 
 /// The durable part of a pump's state.
@@ -238,6 +243,26 @@ impl Engine {
         self.pumps[pump].on
     }
 
+    /// A pump's state as the central server reads it.
+    pub fn pump_state(&self, pi: usize, now: u64) -> serde_json::Value {
+        let p = &self.pumps[pi];
+        serde_json::json!({
+            "id": self.rules.pumps[pi].id,
+            "on": p.on,
+            "reasons": p.reasons,
+            "lockout": p.lockout,
+            "latched": p.latched,
+            "tripped": p.tripped,
+            "lease": p.lease_until.map(|(until, run)| serde_json::json!({"untilMs": until, "run": run})),
+            "startsLastHour": p.starts.iter().filter(|t| now.saturating_sub(**t) < HOUR_MS).count(),
+        })
+    }
+
+    /// A sensor's state as the central server reads it.
+    pub fn sensor_state(&self, si: usize, now: u64) -> serde_json::Value {
+        serde_json::to_value(self.input(si, now)).unwrap_or_default()
+    }
+
     pub fn sensor_quality(&self, sensor: usize) -> (Option<f64>, Quality) {
         (self.sensors[sensor].value, self.sensors[sensor].quality)
     }
@@ -343,7 +368,7 @@ impl Engine {
             Command::OperatorRun => p.operator = Some(true),
             Command::OperatorStop => p.operator = Some(false),
             Command::OperatorAuto => p.operator = None,
-            Command::Lease { expiry_ms } => {
+            Command::Lease { expiry_ms, run } => {
                 if *expiry_ms <= now {
                     return Err(Refusal::LeaseExpired {
                         expiry_ms: *expiry_ms,
@@ -351,13 +376,14 @@ impl Engine {
                     });
                 }
                 let capped = (*expiry_ms).min(now + cfg.remote_lease_max_ms);
-                p.lease_until = Some(capped);
+                p.lease_until = Some((capped, *run));
+                let what = if *run { "run" } else { "stop" };
                 audit(
                     "lease",
                     if capped < *expiry_ms {
-                        format!("central run until {capped} (asked {expiry_ms}, capped by remote_lease_max)")
+                        format!("central {what} until {capped} (asked {expiry_ms}, capped by remote_lease_max)")
                     } else {
-                        format!("central run until {capped}")
+                        format!("central {what} until {capped}")
                     },
                 );
             }
@@ -530,7 +556,7 @@ impl Engine {
             };
         }
         let p = &mut self.pumps[pi];
-        if p.lease_until.is_some_and(|t| now >= t) {
+        if p.lease_until.is_some_and(|(t, _)| now >= t) {
             p.lease_until = None;
             out.audits.push(Audit {
                 at_ms: now,
@@ -575,7 +601,7 @@ impl Engine {
         };
         let (demand, source) = match (p.operator, p.lease_until, p.auto_demand) {
             (Some(run), _, _) => (run, "operator"),
-            (None, Some(_), _) => (true, "central lease"),
+            (None, Some((_, run)), _) => (run, "central lease"),
             (None, None, auto) => (auto, "local level control"),
         };
         let mut reasons = Vec::new();
@@ -618,6 +644,7 @@ impl Engine {
             reasons.push(format!("demand from {source}"));
             true
         };
+        p.reasons = reasons.clone();
         if want_on != p.on {
             p.on = want_on;
             if want_on {

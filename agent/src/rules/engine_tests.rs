@@ -274,6 +274,7 @@ fn a_lease_is_capped_expires_and_an_expired_one_is_refused() {
         "P1",
         Command::Lease {
             expiry_ms: T0 + 11 * M + 120 * M,
+            run: true,
         },
         T0 + 11 * M,
     )
@@ -283,12 +284,40 @@ fn a_lease_is_capped_expires_and_an_expired_one_is_refused() {
     e.reading(0, 1.51, T0 + 40 * M);
     e.tick(T0 + 41 * M);
     assert!(!e.is_on(0), "the lease ended at 30 min");
-    let r = e.command("P1", Command::Lease { expiry_ms: T0 }, T0 + 42 * M);
+    let r = e.command(
+        "P1",
+        Command::Lease {
+            expiry_ms: T0,
+            run: true,
+        },
+        T0 + 42 * M,
+    );
     assert!(matches!(r, Err((Refusal::LeaseExpired { .. }, _))));
     assert!(matches!(
         e.command("P9", Command::OperatorRun, T0),
         Err((Refusal::UnknownPump(_), _))
     ));
+    // A central stop holds the pump off against local demand until it expires.
+    e.reading(0, 2.4, T0 + 59 * M);
+    e.reading(0, 3.0, T0 + 60 * M);
+    assert!(e.is_on(0));
+    e.command(
+        "P1",
+        Command::Lease {
+            expiry_ms: T0 + 75 * M,
+            run: false,
+        },
+        T0 + 62 * M + S,
+    )
+    .unwrap();
+    assert!(!e.is_on(0));
+    e.reading(0, 3.01, T0 + 70 * M);
+    assert!(!e.is_on(0), "held off by the central stop");
+    e.reading(0, 3.0, T0 + 76 * M);
+    assert!(
+        e.is_on(0),
+        "local control again after the central stop expired"
+    );
 }
 
 #[test]
@@ -409,6 +438,7 @@ fn random_run(seed: u64) -> Result<(), String> {
                     1 => Command::OperatorStop,
                     2 => Command::OperatorAuto,
                     3 => Command::Lease {
+                        run: rng.bool(),
                         expiry_ms: now + rng.u64(0..(3 * 60 * M)),
                     },
                     4 => Command::LeaseEnd,

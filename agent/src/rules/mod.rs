@@ -11,6 +11,7 @@
 //! store's `state` tree; "on" is never persisted: a restart starts with every pump off.
 
 pub mod actuator;
+pub mod central;
 pub mod decoder;
 pub mod engine;
 pub mod file;
@@ -86,12 +87,20 @@ pub struct Frame {
     pub received: Instant,
 }
 
+/// What the rules stage takes in.
+pub enum Input {
+    Frame(Frame),
+    /// A `command/pump` payload from the backhaul.
+    Command(Vec<u8>),
+}
+
 pub struct Stage {
     engine: Engine,
     sessions: Sessions,
     actuators: actuator::Shared,
-    input: Receiver<Frame>,
+    input: Receiver<Input>,
     audit: SyncSender<Event>,
+    gateway_id: String,
     queue: Arc<Queue>,
     counters: Arc<Counters>,
     /// Last time the stage went round its loop (ms since `epoch`), for the watchdog.
@@ -112,7 +121,8 @@ impl Stage {
     /// Opens the actuators (every pump off), restores the durable state from the store.
     pub fn new(
         loaded: Loaded,
-        input: Receiver<Frame>,
+        gateway_id: String,
+        input: Receiver<Input>,
         audit: SyncSender<Event>,
         queue: Arc<Queue>,
         counters: Arc<Counters>,
@@ -162,6 +172,7 @@ impl Stage {
             actuators: actuators.clone(),
             input,
             audit,
+            gateway_id,
             queue,
             counters,
             heartbeat: Arc::new(AtomicU64::new(0)),
@@ -216,7 +227,8 @@ impl Stage {
                 .input
                 .recv_timeout(next_tick.saturating_duration_since(Instant::now()))
             {
-                Ok(frame) => self.frame(frame),
+                Ok(Input::Frame(frame)) => self.frame(frame),
+                Ok(Input::Command(payload)) => self.command(&payload),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -227,6 +239,8 @@ impl Stage {
             }
         }
         actuator::all_off(&self.actuators, "the agent is stopping");
+        // Ended on purpose: nothing for the watchdog to do.
+        self.heartbeat.store(u64::MAX, Ordering::Relaxed);
     }
 
     fn frame(&mut self, frame: Frame) {
@@ -293,6 +307,129 @@ impl Stage {
             Verdict::Malformed { session, why } => {
                 self.dropped(session, now, format!("malformed frame: {why}"))
             }
+        }
+    }
+
+    /// A central request: checked, decided by the engine, answered, audited.
+    fn command(&mut self, payload: &[u8]) {
+        use central::Action;
+        let now = now_ms();
+        let req = match central::parse(payload, &self.gateway_id) {
+            Ok(r) => r,
+            Err(answer) => {
+                tracing::warn!(request_id = %answer.request_id, reason = ?answer.reason, "rules: central request refused");
+                self.send(Body::Pump(
+                    serde_json::to_value(&answer).unwrap_or_default(),
+                ));
+                return;
+            }
+        };
+        let pump = req.pump.clone().unwrap_or_default();
+        let expiry_ms = req.expires_at.unwrap_or(0);
+        let cmd = match req.action {
+            Action::Run => Some(engine::Command::Lease {
+                expiry_ms,
+                run: true,
+            }),
+            Action::Stop => Some(engine::Command::Lease {
+                expiry_ms,
+                run: false,
+            }),
+            Action::Auto => Some(engine::Command::LeaseEnd),
+            Action::Lockout => Some(engine::Command::Lockout),
+            Action::Release => Some(engine::Command::Release),
+            Action::ResetLatch => Some(engine::Command::ResetLatch {
+                interlock: req.interlock.clone().unwrap_or_default(),
+            }),
+            Action::State => None,
+        };
+        let pi = self.engine.rules().pumps.iter().position(|p| p.id == pump);
+        let mut refusal = None;
+        if let Some(cmd) = cmd {
+            match self.engine.command(&pump, cmd, now) {
+                Ok(out) => self.apply(out, None),
+                Err((r, out)) => {
+                    refusal = Some(r.to_string());
+                    self.apply(out, None);
+                }
+            }
+        }
+        // A run that the safety rules keep from running is refused with their reason, and
+        // dropped: the centre must not believe the pump runs, nor find it starting later.
+        if let (Action::Run, None, Some(pi)) = (req.action, &refusal, pi) {
+            if !self.engine.is_on(pi) {
+                let why = self.engine.pump_state(pi, now)["reasons"]
+                    .get(0)
+                    .and_then(|r| r.as_str())
+                    .unwrap_or("not running")
+                    .to_string();
+                if let Ok(out) = self.engine.command(&pump, engine::Command::LeaseEnd, now) {
+                    self.apply(out, None);
+                }
+                refusal = Some(why);
+            }
+        }
+        let pumps = match (req.action, pi) {
+            (Action::State, _) | (_, None) => (0..self.engine.rules().pumps.len())
+                .map(|i| self.engine.pump_state(i, now))
+                .collect(),
+            (_, Some(i)) => vec![self.engine.pump_state(i, now)],
+        };
+        let sensors = if req.action == Action::State {
+            (0..self.engine.rules().sensors.len())
+                .map(|i| self.engine.sensor_state(i, now))
+                .collect()
+        } else {
+            vec![]
+        };
+        let outcome = if refusal.is_some() {
+            "refused"
+        } else {
+            "accepted"
+        };
+        let who = req
+            .requested_by
+            .clone()
+            .unwrap_or_else(|| "(not said)".into());
+        if req.action != Action::State {
+            self.send_audit(Audit {
+                at_ms: now,
+                subject: pump.clone(),
+                action: "command",
+                reasons: vec![format!(
+                    "{:?} (request {}) by {who}: {outcome}{}",
+                    req.action,
+                    req.request_id,
+                    refusal
+                        .as_ref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                )],
+                inputs: vec![],
+            });
+        }
+        let answer = central::Answer {
+            request_id: req.request_id,
+            pump: req.pump,
+            action: Some(req.action),
+            outcome,
+            reason: refusal,
+            requested_by: req.requested_by,
+            pumps,
+            sensors,
+        };
+        self.send(Body::Pump(
+            serde_json::to_value(&answer).unwrap_or_default(),
+        ));
+    }
+
+    fn send(&self, body: Body) {
+        let event = Event {
+            at: SystemTime::now(),
+            body,
+        };
+        if self.audit.send(event).is_err() {
+            tracing::error!("rules: the store is gone; answer not kept");
         }
     }
 

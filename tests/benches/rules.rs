@@ -1,0 +1,90 @@
+//! The pump-safety rules under traffic: reaction time from the sensor frame leaving
+//! `lgw_receive` to the actuator command, and the uplink path with and without the rules stage.
+//!
+//! `cargo build --release -p lora-edge && cargo bench -p lora-edge-e2e --bench rules`
+//!
+//! 60 s of 100 frames/s of other devices' uplinks, plus a level sensor every 1.5 s alternating
+//! high (the pump starts) and below the dry-run threshold (it stops): every sensor frame drives
+//! the relay. Reaction times come from the agent's `reaction_us` log field (measured inside the
+//! agent from the hand-over by `lgw_receive` to the relay call returning). Runs alternate
+//! without and with rules, twice.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use lora_edge_e2e::bench::*;
+use lora_edge_e2e::lorawan::{level, RULES, SENSOR};
+use lora_edge_e2e::*;
+
+const SECONDS: u64 = 60;
+
+fn run(with_rules: bool) {
+    let broker = Broker::start();
+    let arrivals = subscribe_uplinks(broker.port);
+    let offsets: Vec<u64> = (0..SECONDS * 100).map(|i| 500 + i * 10).collect();
+    let mut scenario = frames_at(&offsets, 50);
+    let sensor_frames = (SECONDS * 1000 / 1500) as u32;
+    for k in 0..sensor_frames {
+        let mut f = frames_at(&[505 + k as u64 * 1500], 1).remove(0);
+        let mm = if k % 2 == 0 { 3000 } else { 300 };
+        f.payload = SENSOR.uplink(k + 1, 2, &level(mm));
+        scenario.push(f);
+    }
+    scenario.sort_by_key(|f| f.offset_ms);
+    let total = scenario.len() as u64;
+    let mut setup = AgentSetup::new(broker.port).scenario(&scenario);
+    if with_rules {
+        std::fs::write(setup.dir.path().join("rules.toml"), RULES).unwrap();
+        pki::write(setup.dir.path(), "keys.toml", &SENSOR.keys_toml(), 0o600);
+        setup = setup.config("[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"");
+    }
+    let (mut agent, _dir) = setup.start();
+    let pid = agent.pid().unwrap();
+    assert!(agent.wait_log("concentrator started", Duration::from_secs(10)));
+    let cpu0 = cpu_seconds(pid);
+    let all = wait_until(Duration::from_secs(SECONDS * 3 + 30), || {
+        arrivals.count.load(Ordering::Relaxed) >= total
+    });
+    let cpu = cpu_seconds(pid) - cpu0;
+    let got = arrivals.count.load(Ordering::Relaxed);
+    let mut lat: Vec<f64> = arrivals
+        .samples
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.1 > 0)
+        .map(|s| (s.0 as f64 - s.1 as f64) / 1000.0)
+        .collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let log = agent.log();
+    let mut reaction: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("actuator driven by a sensor frame"))
+        .filter_map(|l| log_field(l, "actuator driven", "reaction_us"))
+        .map(|us| us as f64 / 1000.0)
+        .collect();
+    reaction.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "{:<12} uplinks {got}/{total} {}, latency ms p50 {:.2} p99 {:.2}, cpu {:.3} s/1000 frames, \
+         peak rss {:.1} MB; sensor frame -> relay: {} of {sensor_frames} frames, ms p50 {:.3} p99 {:.3} max {:.3}",
+        if with_rules { "with rules" } else { "no rules" },
+        if all { "(all)" } else { "(INCOMPLETE)" },
+        percentile(&lat, 50.0),
+        percentile(&lat, 99.0),
+        cpu / got.max(1) as f64 * 1000.0,
+        peak_rss(pid) as f64 / 1e6,
+        reaction.len(),
+        percentile(&reaction, 50.0),
+        percentile(&reaction, 99.0),
+        reaction.last().copied().unwrap_or(f64::NAN),
+    );
+    let _ = agent.sigterm();
+}
+
+fn main() {
+    println!("lora-edge rules benchmark (release binary, Mosquitto on loopback, 2-core machine)");
+    for _ in 0..2 {
+        run(false);
+        run(true);
+    }
+}
