@@ -199,7 +199,7 @@ fn start_rules(
         rules::actuator::all_off(&on_panic, &format!("panic: {info}"));
         previous(info);
     }));
-    let handle = stage.spawn(stopping.clone())?;
+    let handle = stage.spawn(stopping.clone(), cfg.radio.realtime_priority)?;
     Ok((Some((tx, watch)), Some(handle)))
 }
 

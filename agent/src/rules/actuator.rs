@@ -52,19 +52,25 @@ impl Actuator for GpioRelay {
     }
 }
 
-/// Appends `{"at_ms":…,"pump":…,"on":…}` lines to a file.
+/// Appends `{"at_ms":…,"pump":…,"on":…}` lines to a file (kept open: a relay is one call).
 pub struct Simulated {
     path: PathBuf,
+    file: std::fs::File,
     pump: String,
 }
 
 impl Simulated {
     pub fn open(path: &Path, pump: &str) -> Result<Simulated, String> {
-        let s = Simulated {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Simulated {
             path: path.to_path_buf(),
+            file,
             pump: pump.into(),
-        };
-        Ok(s)
+        })
     }
 }
 
@@ -74,12 +80,13 @@ impl Actuator for Simulated {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let line = serde_json::json!({"at_ms": at_ms, "pump": self.pump, "on": on});
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .and_then(|mut f| writeln!(f, "{line}"))
+        let line = format!(
+            "{}\n",
+            serde_json::json!({"at_ms": at_ms, "pump": self.pump, "on": on})
+        );
+        // One write: a reader never sees half a line.
+        self.file
+            .write_all(line.as_bytes())
             .map_err(|e| format!("{}: {e}", self.path.display()))
     }
 }

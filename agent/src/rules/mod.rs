@@ -184,13 +184,22 @@ impl Stage {
 
     /// Runs the stage on a thread of its own, and a watchdog that drives every pump off if the
     /// stage stops turning (stuck, or dead) while the process goes on.
-    pub fn spawn(self, stopping: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// `realtime_priority`: SCHED_FIFO for the stage (`radio.realtime_priority`): a busy CPU
+    /// must not delay a STOP.
+    pub fn spawn(
+        self,
+        stopping: Arc<AtomicBool>,
+        realtime_priority: u8,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let heartbeat = self.heartbeat.clone();
         let epoch = self.epoch;
         let actuators = self.actuators.clone();
         let stage = std::thread::Builder::new()
             .name("rules".into())
-            .spawn(move || self.run())?;
+            .spawn(move || {
+                crate::realtime::raise_current_thread("rules", realtime_priority);
+                self.run()
+            })?;
         std::thread::Builder::new()
             .name("rules-watchdog".into())
             .spawn(move || {
