@@ -117,6 +117,28 @@ fn now_ms() -> u64 {
 /// How long the stage may go without a turn of its loop before the watchdog stops the pumps.
 pub const WATCHDOG: Duration = Duration::from_secs(5);
 
+/// Drives every pump off when the stage's heartbeat (ms since `epoch`) is older than `limit`,
+/// once per stall; returns when `stopping` is set.
+fn watchdog(
+    heartbeat: &AtomicU64,
+    epoch: Instant,
+    actuators: &actuator::Shared,
+    stopping: &AtomicBool,
+    limit: Duration,
+) {
+    let mut fired = false;
+    while !stopping.load(Ordering::Relaxed) {
+        std::thread::sleep((limit / 10).max(Duration::from_millis(10)));
+        let beat = heartbeat.load(Ordering::Relaxed);
+        let late =
+            epoch.elapsed().as_millis() as u64 > beat.saturating_add(limit.as_millis() as u64);
+        if late && !fired {
+            actuator::all_off(actuators, "the rules stage stopped turning (watchdog)");
+        }
+        fired = late;
+    }
+}
+
 impl Stage {
     /// Opens the actuators (every pump off), restores the durable state from the store.
     pub fn new(
@@ -202,20 +224,7 @@ impl Stage {
             })?;
         std::thread::Builder::new()
             .name("rules-watchdog".into())
-            .spawn(move || {
-                let mut fired = false;
-                while !stopping.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(500));
-                    let beat = heartbeat.load(Ordering::Relaxed);
-                    let late =
-                        epoch.elapsed().as_millis() as u64 > beat + WATCHDOG.as_millis() as u64;
-                    if late && !fired {
-                        actuator::all_off(&actuators, "the rules stage stopped turning (watchdog)");
-                        fired = true;
-                    }
-                    fired &= late;
-                }
-            })?;
+            .spawn(move || watchdog(&heartbeat, epoch, &actuators, &stopping, WATCHDOG))?;
         Ok(stage)
     }
 
@@ -550,5 +559,65 @@ impl Stage {
         if self.audit.send(event).is_err() {
             tracing::error!("rules: the store is gone; audit record not kept");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// An actuator that records its last command.
+    struct Probe(Arc<Mutex<Vec<bool>>>);
+
+    impl actuator::Actuator for Probe {
+        fn set(&mut self, on: bool) -> Result<(), String> {
+            self.0.lock().unwrap().push(on);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_watchdog_drives_the_pumps_off_when_the_stage_stops_turning() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let actuators: actuator::Shared = Arc::new(vec![(
+            "P1".to_string(),
+            Mutex::new(Box::new(Probe(seen.clone())) as Box<dyn actuator::Actuator>),
+        )]);
+        let heartbeat = Arc::new(AtomicU64::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let epoch = Instant::now();
+        let t = {
+            let (h, a, s) = (heartbeat.clone(), actuators.clone(), stopping.clone());
+            std::thread::spawn(move || watchdog(&h, epoch, &a, &s, Duration::from_millis(200)))
+        };
+        // A stage that turns: nothing happens.
+        for _ in 0..10 {
+            heartbeat.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(seen.lock().unwrap().is_empty());
+        // It stops turning: the pump is driven off, once.
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(*seen.lock().unwrap(), vec![false]);
+        stopping.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn all_off_reaches_an_actuator_whose_lock_was_poisoned_by_a_panic() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let actuators: actuator::Shared = Arc::new(vec![(
+            "P1".to_string(),
+            Mutex::new(Box::new(Probe(seen.clone())) as Box<dyn actuator::Actuator>),
+        )]);
+        let a = actuators.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = a[0].1.lock().unwrap();
+            panic!("a stage panics while driving the pump");
+        })
+        .join();
+        actuator::all_off(&actuators, "test");
+        assert_eq!(*seen.lock().unwrap(), vec![false]);
     }
 }
