@@ -376,6 +376,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         .run(),
     );
+    let watchdog = tokio::spawn(lora_edge::ops::health::feed_watchdog(
+        counters.clone(),
+        shutdown_rx.clone(),
+    ));
     let stats = tokio::spawn(
         StatsReporter {
             interval: cfg.stats.interval,
@@ -401,6 +405,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     })
     .await?;
     let _ = stats.await;
+    let _ = watchdog.await;
     let _ = backhaul.await;
     // The backhaul held the command sender: the downlink stage ends with it, and the writer
     // once every stage that sends it events has ended.

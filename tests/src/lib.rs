@@ -512,6 +512,7 @@ pub struct Agent {
     child: Option<Child>,
     pub config: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// Builds the files an agent runs with.
@@ -523,6 +524,8 @@ pub struct AgentSetup {
     pub extra_config: String,
     /// Leave `gateway.id` out: the agent must use the concentrator's EUI.
     pub id_from_eui: bool,
+    /// Environment of the agent's process.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentSetup {
@@ -534,6 +537,7 @@ impl AgentSetup {
             sim: String::new(),
             extra_config: String::new(),
             id_from_eui: false,
+            env: Vec::new(),
         }
     }
 
@@ -601,6 +605,7 @@ impl AgentSetup {
             child: None,
             config,
             extra,
+            env: self.env,
         };
         agent.start_again();
         (agent, self.dir)
@@ -629,6 +634,7 @@ impl Agent {
             .arg("-c")
             .arg(&self.config)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("LORA_EDGE_TEST_LOG").unwrap_or_else(|_| "info".into()),

@@ -137,9 +137,16 @@ impl Backhaul {
                     let jitter = 0.8 + fastrand::f64() * 0.4;
                     let wait = backoff.mul_f64(jitter);
                     tracing::warn!(%why, retry_in = ?wait, backlog = self.queue.backlog().records, "backhaul down");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = self.shutdown.changed() => return,
+                    // In steps, beating: a long back-off is progress, not a stall.
+                    let until = tokio::time::Instant::now() + wait;
+                    while tokio::time::Instant::now() < until {
+                        crate::ops::health::Heartbeats::beat(&self.counters.beats.backhaul);
+                        let step =
+                            (until - tokio::time::Instant::now()).min(Duration::from_secs(1));
+                        tokio::select! {
+                            _ = tokio::time::sleep(step) => {}
+                            _ = self.shutdown.changed() => return,
+                        }
                     }
                     backoff = (backoff * 2).min(self.cfg.reconnect_max);
                 }
@@ -309,6 +316,7 @@ impl Backhaul {
                 }
                 _ = tick.tick() => {
                     ticked = true;
+                    crate::ops::health::Heartbeats::beat(&self.counters.beats.backhaul);
                     let now = Instant::now();
                     if !connected && started.elapsed() > self.cfg.connect_timeout {
                         return SessionEnd::Lost(format!("no CONNACK within mqtt.connect_timeout ({:?})", self.cfg.connect_timeout));

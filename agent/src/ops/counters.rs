@@ -54,6 +54,8 @@ pub struct Counters {
     pub rules_last_reaction_us: AtomicU64,
     /// Pump and sensor states for the stats (`pump_<id>`, `sensor_<id>`).
     pub rules_state: Mutex<std::collections::BTreeMap<String, String>>,
+    /// Progress of the stages the systemd watchdog watches.
+    pub beats: super::health::Heartbeats,
     /// Share of each EU868 sub-band's hourly allowance used, in per cent.
     pub duty_cycle_pct: Mutex<Vec<(&'static str, f64)>>,
 }

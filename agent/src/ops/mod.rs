@@ -1,4 +1,6 @@
-//! Operations: counters shared by the stages and the periodic statistics they feed.
+//! Operations: counters shared by the stages, the periodic statistics they feed, and the
+//! liveness that feeds systemd's watchdog.
 
 pub mod counters;
+pub mod health;
 pub mod stats;

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::config::{Backend, Config};
 use crate::ops::counters::Counters;
+use crate::ops::health::Heartbeats;
 use boards::BoardProfile;
 use hal::{BoardConf, Concentrator, IfChainConf, RfChainConf, RxPacket, Setup};
 use region::{ChannelPlan, IfChannel};
@@ -200,6 +201,7 @@ impl Radio {
     fn sleep(&self, d: Duration) {
         let until = Instant::now() + d;
         while Instant::now() < until && !self.stop.load(Ordering::Relaxed) {
+            Heartbeats::beat(&self.counters.beats.radio);
             std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
         }
     }
@@ -268,6 +270,7 @@ impl Radio {
             if self.stop.load(Ordering::Relaxed) {
                 return Down::Stop;
             }
+            Heartbeats::beat(&self.counters.beats.radio);
             batch.clear();
             let (read, malformed) = match self.hal.receive(&mut batch) {
                 Ok(r) => r,

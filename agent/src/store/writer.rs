@@ -111,6 +111,7 @@ impl Writer {
         let mut last_error = None;
         let mut recovery = Recovery::default();
         while open || !batch.is_empty() {
+            crate::ops::health::Heartbeats::beat(&self.counters.beats.store);
             if batch.is_empty() {
                 match self.input.recv_timeout(Duration::from_secs(1)) {
                     Ok(e) => batch.push(e),
