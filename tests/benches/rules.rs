@@ -50,16 +50,7 @@ fn run(with_rules: bool) -> Vec<f64> {
         arrivals.count.load(Ordering::Relaxed) >= total
     });
     let cpu = cpu_seconds(pid) - cpu0;
-    let got = arrivals.count.load(Ordering::Relaxed);
-    let mut lat: Vec<f64> = arrivals
-        .samples
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| s.1 > 0)
-        .map(|s| (s.0 as f64 - s.1 as f64) / 1000.0)
-        .collect();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (got, _, lat) = arrivals.delivered();
     let log = agent.log();
     let mut reaction: Vec<f64> = log
         .lines()

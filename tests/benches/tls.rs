@@ -61,17 +61,7 @@ fn throughput(site: &Site, mode: Mode, rate: f64, seconds: u64) {
         arrivals.count.load(Ordering::Relaxed) >= total
     });
     let cpu = cpu_seconds(pid) - cpu0;
-    let got = arrivals.count.load(Ordering::Relaxed);
-    let samples = arrivals.samples.lock().unwrap().clone();
-    let first = samples.iter().map(|s| s.0).min().unwrap_or(0);
-    let last = samples.iter().map(|s| s.0).max().unwrap_or(0);
-    let fps = got as f64 / ((last - first) as f64 / 1e6).max(1e-3);
-    let mut lat: Vec<f64> = samples
-        .iter()
-        .filter(|s| s.1 > 0)
-        .map(|s| (s.0 as f64 - s.1 as f64) / 1000.0)
-        .collect();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (got, fps, lat) = arrivals.delivered();
     println!(
         "{:<7} offered {rate:>5.0} fps x {seconds} s: delivered {got}/{total} {}, {fps:>6.0} fps, \
          latency ms p50 {:.2} p99 {:.2}, cpu {:.3} s/1000 frames, peak rss {:.1} MB",

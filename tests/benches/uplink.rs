@@ -30,17 +30,7 @@ fn run(rate: f64, seconds: u64, payload: usize) {
     });
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu0;
-    let got = arrivals.count.load(Ordering::Relaxed);
-    let samples = arrivals.samples.lock().unwrap().clone();
-    let first = samples.iter().map(|s| s.0).min().unwrap_or(0);
-    let last = samples.iter().map(|s| s.0).max().unwrap_or(0);
-    let delivered_rate = got as f64 / ((last - first) as f64 / 1e6).max(1e-3);
-    let mut lat: Vec<f64> = samples
-        .iter()
-        .filter(|s| s.1 > 0)
-        .map(|s| (s.0 as f64 - s.1 as f64) / 1000.0)
-        .collect();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (got, delivered_rate, lat) = arrivals.delivered();
     std::thread::sleep(Duration::from_millis(1500));
     let dropped = agent.status_value("dropped").unwrap_or(0);
     println!(

@@ -111,6 +111,25 @@ pub struct Arrivals {
     pub samples: Mutex<Vec<(u64, u64)>>,
 }
 
+impl Arrivals {
+    /// Frames delivered, their rate (first to last arrival) and their latencies (reception time
+    /// to arrival), in ms, sorted.
+    pub fn delivered(&self) -> (u64, f64, Vec<f64>) {
+        let got = self.count.load(Ordering::Relaxed);
+        let samples = self.samples.lock().unwrap().clone();
+        let first = samples.iter().map(|s| s.0).min().unwrap_or(0);
+        let last = samples.iter().map(|s| s.0).max().unwrap_or(0);
+        let fps = got as f64 / ((last - first) as f64 / 1e6).max(1e-3);
+        let mut lat: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.1 > 0)
+            .map(|s| (s.0 as f64 - s.1 as f64) / 1000.0)
+            .collect();
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (got, fps, lat)
+    }
+}
+
 fn micros(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)

@@ -789,3 +789,24 @@ pub fn delivery(msgs: &[Msg], n: u32, json: bool) -> Delivery {
         order_violations,
     }
 }
+
+/// Waits until the collector has all `n` uplinks, and checks that none is missing and none
+/// overtook an older one; the agent's log in the message otherwise.
+pub fn assert_all_delivered(collector: &Collector, n: usize, timeout: Duration, agent: &Agent) {
+    let got = collector.wait_for("/event/up", timeout, |m| {
+        uplinks_by_index(m, false).1.len() >= n
+    });
+    let d = delivery(&got, n as u32, false);
+    assert!(
+        d.missing.is_empty(),
+        "{} of {n} frames missing: {:?}…\n{}",
+        d.missing.len(),
+        &d.missing[..d.missing.len().min(10)],
+        agent.log()
+    );
+    assert!(
+        d.order_violations.is_empty(),
+        "a newer frame overtook an older one: {:?}",
+        &d.order_violations[..d.order_violations.len().min(10)]
+    );
+}

@@ -10,20 +10,6 @@ use std::time::Duration;
 use lora_edge_e2e::pki::{self, files, site, tls_config, Ca, Files, Validity};
 use lora_edge_e2e::*;
 
-fn assert_all_delivered(collector: &Collector, n: usize, agent: &Agent) {
-    let got = collector.wait_for("/event/up", Duration::from_secs(60), |m| {
-        uplinks_by_index(m, false).1.len() >= n
-    });
-    let d = delivery(&got, n as u32, false);
-    assert!(
-        d.missing.is_empty(),
-        "{} of {n} frames missing: {:?}…\n{}",
-        d.missing.len(),
-        &d.missing[..d.missing.len().min(10)],
-        agent.log()
-    );
-}
-
 #[test]
 fn a_valid_chain_forwards_over_tls_and_loses_nothing_across_a_broker_restart() {
     let mut s = site(None);
@@ -40,7 +26,7 @@ fn a_valid_chain_forwards_over_tls_and_loses_nothing_across_a_broker_restart() {
     std::thread::sleep(Duration::from_secs(2));
     s.broker.start_again();
     assert!(wait_port(s.good, Duration::from_secs(10)));
-    assert_all_delivered(&collector, sent.len(), &agent);
+    assert_all_delivered(&collector, sent.len(), Duration::from_secs(60), &agent);
     let log = agent.log();
     assert!(
         log.contains("backhaul down"),
@@ -176,7 +162,7 @@ fn mutual_tls_uses_a_certificate_renewed_on_disk_at_the_next_connect_without_a_r
     let new = s.ca.client(GATEWAY_ID, Validity::Now);
     pki::write_path(f.cert.as_ref().unwrap(), &new.cert_pem, 0o644);
     pki::write_path(f.key.as_ref().unwrap(), &new.key_pem, 0o600);
-    assert_all_delivered(&collector, sent.len(), &agent);
+    assert_all_delivered(&collector, sent.len(), Duration::from_secs(60), &agent);
     assert_eq!(agent.pid(), pid, "the agent was restarted");
     assert!(agent.is_running());
     // The broker saw the new certificate's identity.
@@ -208,7 +194,7 @@ fn a_broker_acl_confining_the_gateway_to_its_tree_lets_everything_work_and_sees_
     let (mut agent, _dir) = setup
         .config(&tls_config(&format!("mqtts://localhost:{}", s.mutual), &f))
         .start();
-    assert_all_delivered(&collector, sent.len(), &agent);
+    assert_all_delivered(&collector, sent.len(), Duration::from_secs(60), &agent);
     // Stats and the retained connection state.
     assert!(!collector
         .wait_for("/event/stats", Duration::from_secs(10), |m| !m.is_empty())

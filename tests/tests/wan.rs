@@ -10,25 +10,6 @@ use lora_edge_e2e::*;
 
 const DEVICES: u32 = 16;
 
-fn assert_all_delivered(collector: &Collector, n: usize, timeout: Duration, agent: &Agent) {
-    let got = collector.wait_for("/event/up", timeout, |m| {
-        uplinks_by_index(m, false).1.len() >= n
-    });
-    let d = delivery(&got, n as u32, false);
-    assert!(
-        d.missing.is_empty(),
-        "{} of {n} frames missing: {:?}…\n{}",
-        d.missing.len(),
-        &d.missing[..d.missing.len().min(10)],
-        agent.log()
-    );
-    assert!(
-        d.order_violations.is_empty(),
-        "a newer frame overtook an older one: {:?}",
-        &d.order_violations[..d.order_violations.len().min(10)]
-    );
-}
-
 fn assert_one_session(proxy: &Proxy, connections_before: u64, agent: &Agent) {
     let log = agent.log();
     assert_eq!(

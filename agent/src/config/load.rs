@@ -196,40 +196,20 @@ fn load_with(
             .unwrap_or_else(|| "(defaults)".into())
     };
 
-    // serde stops at the first problem: report it, take the offending key out (its default
-    // applies) and go again, so that every unknown key and every wrong type is reported at once.
-    let mut remaining = merged;
-    let mut typed = Vec::new();
-    let mut config: Config = loop {
-        match serde_path_to_error::deserialize(toml::Value::Table(remaining.clone())) {
-            Ok(c) => break c,
-            Err(e) => {
-                let inner = e.inner().to_string();
-                let mut field = e.path().to_string();
-                if let Some(key) = unknown_field(&inner) {
-                    if !field.ends_with(&format!(".{key}")) && field != key {
-                        field = if field == "." || field.is_empty() {
-                            key.to_string()
-                        } else {
-                            format!("{field}.{key}")
-                        };
-                    }
-                }
-                let message = if is_secret(&field) {
-                    hide_values(&type_message(&inner))
-                } else {
-                    type_message(&inner)
-                };
-                typed.push(ConfigError {
-                    origin: locate(&field),
-                    field: Some(field.clone()),
-                    message,
-                });
-                if !remove(&mut remaining, &field) || typed.len() >= 100 {
-                    return Err(ConfigErrors(typed));
-                }
-            }
-        }
+    // serde stops at the first problem: `deserialize_all` reports it, takes the offending key out
+    // (its default applies) and goes again, so that every unknown key and every wrong type is
+    // reported at once.
+    let (config, problems) = deserialize_all::<Config>(merged, is_secret);
+    let mut typed: Vec<ConfigError> = problems
+        .into_iter()
+        .map(|(field, message)| ConfigError {
+            origin: locate(&field),
+            field: Some(field),
+            message,
+        })
+        .collect();
+    let Some(mut config) = config else {
+        return Err(ConfigErrors(typed));
     };
     let reported: Vec<String> = typed.iter().filter_map(|e| e.field.clone()).collect();
 

@@ -11,45 +11,6 @@ use std::collections::BTreeMap;
 use super::*;
 use crate::rules::file;
 
-const RULES: &str = r#"version = 1
-[[device]]
-dev_eui = "70B3D57ED0001A01"
-decoder = "layout"
-  [[device.field]]
-  name = "level"
-  offset = 0
-  type = "u16"
-  scale = 0.001
-[[sensor]]
-id = "level"
-device = "70B3D57ED0001A01"
-field = "level"
-valid_range = [0.0, 4.0]
-max_age = "25m"
-max_step = 1.0
-stuck_samples = 5
-[[pump]]
-id = "P1"
-safe_state = "off"
-actuator = { kind = "simulated", file = "relay.jsonl" }
-max_run = "2h"
-min_run = "2m"
-min_off = "10m"
-max_starts_per_hour = 4
-remote_lease_max = "30m"
-  [[pump.interlock]]
-  id = "dry_run"
-  sensor = "level"
-  trip_below = 0.40
-  reset_at = 0.60
-  LATCH
-  [pump.auto]
-  sensor = "level"
-  mode = "empty"
-  start_at = 2.5
-  stop_at = 1.0
-"#;
-
 const S: u64 = 1000;
 const M: u64 = 60 * S;
 const T0: u64 = 1_800_000_000_000;
@@ -60,7 +21,17 @@ fn rules(latch: bool) -> RuleSet {
 
 /// `short`: min run and min off of one minute, so that the starts per hour limit is what binds.
 fn rules_with(latch: bool, short: bool) -> RuleSet {
-    let mut text = RULES.replace("LATCH", if latch { "latch = true" } else { "" });
+    // The file tests' valid file, with stuck detection, a wider step and the latch as asked.
+    let mut text = file::tests::GOOD
+        .replace("max_step = 0.5", "max_step = 1.0\nstuck_samples = 5")
+        .replace(
+            "reset_at = 0.60",
+            if latch {
+                "reset_at = 0.60\n  latch = true"
+            } else {
+                "reset_at = 0.60"
+            },
+        );
     if short {
         text = text
             .replace("min_run = \"2m\"", "min_run = \"1m\"")

@@ -698,7 +698,7 @@ fn known<'a>(names: impl Iterator<Item = &'a str>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn errors(text: &str) -> Vec<String> {
@@ -709,7 +709,8 @@ mod tests {
         }
     }
 
-    const GOOD: &str = r#"version = 1
+    /// A valid file: one level sensor, one pump with a dry-run interlock and level control.
+    pub(crate) const GOOD: &str = r#"version = 1
 
 [[device]]
 dev_eui = "70B3D57ED0001A01"
