@@ -32,8 +32,12 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// The agent binary, built beside the test executables (the test command builds it first).
+/// The agent binary, built beside the test executables (the test command builds it first), or
+/// `LORA_EDGE_BIN` (a cross-built one, run through binfmt_misc and qemu: `cross/bench`).
 pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("LORA_EDGE_BIN") {
+        return PathBuf::from(p);
+    }
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
