@@ -104,7 +104,10 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "allow_anonymous true\npersistence true\npersistence_location {dir}/\n\
+                // `user root`: started as root, Debian's Mosquitto would switch to its own user
+                // and could not write in the test's directory (0700); as another user it stays
+                // that user. Seen on a pristine machine (cross/fresh-machine-test), not here.
+                "user root\nallow_anonymous true\npersistence true\npersistence_location {dir}/\n\
                  max_queued_messages 0\nmax_inflight_messages 0\nautosave_interval 1\nlog_dest file {dir}/mosquitto.log\n\
                  listener {port} 127.0.0.1\n{extra}\n",
                 port = self.port,

@@ -191,9 +191,7 @@ pub fn site(acl: Option<&str>) -> Site {
             write(dir, "acl", acl, 0o644);
             conf.push_str(&format!("acl_file {}/acl\n", dir.display()));
         }
-        // Started as root, Mosquitto would read its key files as the mosquitto user; the
-        // broker's directory is the test's own (0700).
-        conf.push_str("log_type all\nuser root\n");
+        conf.push_str("log_type all\n");
         conf
     });
     for port in [good, expired, wrong_name, mutual] {
