@@ -35,7 +35,7 @@ fn setup(site: &Site, mode: Mode, port: u16, sim: &str) -> AgentSetup {
             Some(&site.ca.client(GATEWAY_ID, Validity::Now)),
         ),
     };
-    let cfg = tls_config(&format!("mqtts://localhost:{port}"), &f);
+    let cfg = tls_config(&format!("mqtts://127.0.0.1:{port}"), &f);
     s.config(&cfg.replace("[mqtt]\n", "[mqtt]\ninflight = 256\n"))
 }
 

@@ -135,7 +135,8 @@ pub fn openssl(args: &[&str]) {
 pub struct Site {
     pub broker: Broker,
     pub ca: Ca,
-    /// Server certificate for localhost, valid.
+    /// Server certificate for 127.0.0.1 (an IP address name: a machine without /etc/hosts cannot
+    /// resolve localhost), valid.
     pub good: u16,
     pub expired: u16,
     /// Certificate for another host name.
@@ -154,13 +155,13 @@ pub fn site(acl: Option<&str>) -> Site {
             (
                 good,
                 "good",
-                ca.server(&["localhost"], Validity::Now),
+                ca.server(&["127.0.0.1"], Validity::Now),
                 false,
             ),
             (
                 expired,
                 "expired",
-                ca.server(&["localhost"], Validity::Expired),
+                ca.server(&["127.0.0.1"], Validity::Expired),
                 false,
             ),
             (
@@ -172,7 +173,7 @@ pub fn site(acl: Option<&str>) -> Site {
             (
                 mutual,
                 "mutual",
-                ca.server(&["localhost"], Validity::Now),
+                ca.server(&["127.0.0.1"], Validity::Now),
                 true,
             ),
         ] {

@@ -19,7 +19,7 @@ fn a_valid_chain_forwards_over_tls_and_loses_nothing_across_a_broker_restart() {
     let setup = AgentSetup::new(s.good).scenario(&sent);
     let f = files(setup.dir.path(), &s.ca.cert_pem, None);
     let (mut agent, _dir) = setup
-        .config(&tls_config(&format!("mqtts://localhost:{}", s.good), &f))
+        .config(&tls_config(&format!("mqtts://127.0.0.1:{}", s.good), &f))
         .start();
     agent.wait_status("forwarded", 40, Duration::from_secs(30));
     s.broker.stop();
@@ -72,37 +72,37 @@ fn each_tls_mistake_is_refused_with_its_own_message_and_retried_with_back_off() 
     let mut cases = vec![
         case(
             "unknown CA",
-            format!("mqtts://localhost:{}", s.good),
+            format!("mqtts://127.0.0.1:{}", s.good),
             |d| files(d, &own(&other_ca), None),
             "is not signed by the CA in".into(),
         ),
         case(
             "expired server certificate",
-            format!("mqtts://localhost:{}", s.expired),
+            format!("mqtts://127.0.0.1:{}", s.expired),
             |d| files(d, &own(&s.ca), None),
-            "the certificate of localhost has expired: valid until 2021-01-01T00:00:00Z".into(),
+            "the certificate of 127.0.0.1 has expired: valid until 2021-01-01T00:00:00Z".into(),
         ),
         case(
             "wrong host name",
-            format!("mqtts://localhost:{}", s.wrong_name),
+            format!("mqtts://127.0.0.1:{}", s.wrong_name),
             |d| files(d, &own(&s.ca), None),
-            "is not for the name \"localhost\" but for broker.example".into(),
+            "is not for the name \"127.0.0.1\" but for broker.example".into(),
         ),
         case(
             "plain-text server on a TLS port",
-            format!("mqtts://localhost:{}", s.broker.port),
+            format!("mqtts://127.0.0.1:{}", s.broker.port),
             |d| files(d, &own(&s.ca), None),
             "closed the connection during the TLS handshake".into(),
         ),
         case(
             "client certificate of another CA",
-            format!("mqtts://localhost:{}", s.mutual),
+            format!("mqtts://127.0.0.1:{}", s.mutual),
             |d| files(d, &own(&s.ca), Some(&stranger)),
             "refused the client certificate".into(),
         ),
         case(
             "no client certificate where one is required",
-            format!("mqtts://localhost:{}", s.mutual),
+            format!("mqtts://127.0.0.1:{}", s.mutual),
             |d| files(d, &own(&s.ca), None),
             "requires a client certificate".into(),
         ),
@@ -150,7 +150,7 @@ fn mutual_tls_uses_a_certificate_renewed_on_disk_at_the_next_connect_without_a_r
     let old = s.ca.client("gw-old", Validity::Expired);
     let f = files(setup.dir.path(), &s.ca.cert_pem, Some(&old));
     let (mut agent, _dir) = setup
-        .config(&tls_config(&format!("mqtts://localhost:{}", s.mutual), &f))
+        .config(&tls_config(&format!("mqtts://127.0.0.1:{}", s.mutual), &f))
         .start();
     assert!(
         agent.wait_log("expired", Duration::from_secs(20)),
@@ -192,7 +192,7 @@ fn a_broker_acl_confining_the_gateway_to_its_tree_lets_everything_work_and_sees_
     let me = s.ca.client(GATEWAY_ID, Validity::Now);
     let f = files(setup.dir.path(), &s.ca.cert_pem, Some(&me));
     let (mut agent, _dir) = setup
-        .config(&tls_config(&format!("mqtts://localhost:{}", s.mutual), &f))
+        .config(&tls_config(&format!("mqtts://127.0.0.1:{}", s.mutual), &f))
         .start();
     assert_all_delivered(&collector, sent.len(), Duration::from_secs(60), &agent);
     // Stats and the retained connection state.
@@ -226,7 +226,7 @@ fn a_broker_acl_confining_the_gateway_to_its_tree_lets_everything_work_and_sees_
     let impostor = s.ca.client("0016c001ffffffff", Validity::Now);
     let f = files(setup.dir.path(), &s.ca.cert_pem, Some(&impostor));
     let (mut other, _dir2) = setup
-        .config(&tls_config(&format!("mqtts://localhost:{}", s.mutual), &f))
+        .config(&tls_config(&format!("mqtts://127.0.0.1:{}", s.mutual), &f))
         .start();
     assert!(
         other.wait_log(
