@@ -36,10 +36,10 @@ fn under_systemd_the_agent_is_ready_and_feeds_the_watchdog_through_a_backhaul_ou
     let pings = messages.iter().filter(|m| m.contains("WATCHDOG=1")).count();
     let log = agent.log();
     assert_eq!(ready, 1, "{messages:?}\n{log}");
-    // Every 0.5 s (a quarter of the 2 s watchdog) for ~6 s.
+    // One every 0.5 s: a quarter of the 2 s watchdog.
     assert!(
         pings >= 6,
-        "{pings} watchdog pings in 6 s: {messages:?}\n{log}"
+        "{pings} watchdog pings in 30 s: {messages:?}\n{log}"
     );
     assert!(
         log.contains("backhaul down"),
