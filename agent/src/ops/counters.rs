@@ -50,8 +50,6 @@ pub struct Counters {
     pub rules_input_dropped: AtomicU64,
     /// Frames of rule devices dropped by the session check (replay, MIC, malformed).
     pub rules_frames_dropped: AtomicU64,
-    /// Sensor frame handed over by the radio → actuator command, last one, µs.
-    pub rules_last_reaction_us: AtomicU64,
     /// Pump and sensor states for the stats (`pump_<id>`, `sensor_<id>`).
     pub rules_state: Mutex<std::collections::BTreeMap<String, String>>,
     /// Progress of the stages the systemd watchdog watches.

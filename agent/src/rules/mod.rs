@@ -441,13 +441,15 @@ impl Stage {
         ));
     }
 
+    /// An audit record or an answer, to the store. Blocking: neither is ever dropped, and the
+    /// pumps were driven before.
     fn send(&self, body: Body) {
         let event = Event {
             at: SystemTime::now(),
             body,
         };
         if self.audit.send(event).is_err() {
-            tracing::error!("rules: the store is gone; answer not kept");
+            tracing::error!("rules: the store is gone; record not kept");
         }
     }
 
@@ -484,9 +486,6 @@ impl Stage {
             let result = a.lock().unwrap_or_else(|p| p.into_inner()).set(d.on);
             if let Some(r) = received {
                 let us = r.elapsed().as_micros() as u64;
-                self.counters
-                    .rules_last_reaction_us
-                    .store(us, Ordering::Relaxed);
                 tracing::info!(pump = %id, on = d.on, reaction_us = us, "rules: actuator driven by a sensor frame");
             }
             if let Err(e) = result {
@@ -551,14 +550,7 @@ impl Stage {
                 self.engine.rules().hash.clone().into(),
             );
         }
-        let event = Event {
-            at: SystemTime::now(),
-            body: Body::Rules(v),
-        };
-        // Blocking: an audit record is never dropped; the pumps were driven before.
-        if self.audit.send(event).is_err() {
-            tracing::error!("rules: the store is gone; audit record not kept");
-        }
+        self.send(Body::Rules(v));
     }
 }
 
