@@ -161,6 +161,7 @@ fn start_rules(
     queue: &Arc<Queue>,
     counters: &Arc<Counters>,
     stopping: &Arc<AtomicBool>,
+    downlinks: &std::sync::mpsc::SyncSender<lora_edge::downlink::Input>,
 ) -> anyhow::Result<(RulesInput, Option<std::thread::JoinHandle<()>>)> {
     use lora_edge::rules;
     let Some(rc) = &cfg.rules else {
@@ -186,6 +187,10 @@ fn start_rules(
         events.clone(),
         queue.clone(),
         counters.clone(),
+        rules::Radio {
+            downlinks: downlinks.clone(),
+            store_path: cfg.store.path.clone(),
+        },
     ) {
         Ok(s) => s,
         Err(e) => {
@@ -331,8 +336,18 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
     let stopping = Arc::new(AtomicBool::new(false));
-    let (rules_input, rules_stage) =
-        start_rules(&cfg, &gateway_id, &event_tx, &queue, &counters, &stopping)?;
+    let stop_downlinks = Arc::new(AtomicBool::new(false));
+    // Before the rules: their Class C actuators send through the downlink stage.
+    let (down_tx, down_rx) = sync_channel(DOWNLINK_QUEUE);
+    let (rules_input, rules_stage) = start_rules(
+        &cfg,
+        &gateway_id,
+        &event_tx,
+        &queue,
+        &counters,
+        &stopping,
+        &down_tx,
+    )?;
     let pump_commands = rules_input.as_ref().map(|(tx, _)| tx.clone());
     let uplinks = Uplinks {
         input: radio_rx,
@@ -347,9 +362,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     .spawn()?;
 
-    let (down_tx, down_rx) = sync_channel(DOWNLINK_QUEUE);
     let downlinks = Downlinks {
         input: down_rx,
+        stop: stop_downlinks.clone(),
         hal: hal.clone(),
         output: event_tx.clone(),
         gateway_id: gateway_id.clone(),
@@ -407,15 +422,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = stats.await;
     let _ = watchdog.await;
     let _ = backhaul.await;
-    // The backhaul held the command sender: the downlink stage ends with it, and the writer
-    // once every stage that sends it events has ended.
+    // The writer ends once every stage that sends it events has ended.
     tokio::task::spawn_blocking(move || {
-        let _ = downlinks.join();
         // The uplink stage and the backhaul held its senders: the rules stage drives the pumps
         // off and ends (before the writer, which takes its last audit records).
         if let Some(r) = rules_stage {
             let _ = r.join();
         }
+        // Class C actuators (held by the panic hook too) keep senders of the downlink stage's
+        // input: it is told to stop instead.
+        stop_downlinks.store(true, Ordering::Relaxed);
+        let _ = downlinks.join();
         stopping.store(true, Ordering::Relaxed);
         let _ = writer.join();
     })

@@ -73,7 +73,7 @@ pub struct Backhaul {
     pub counters: Arc<Counters>,
     pub shutdown: watch::Receiver<bool>,
     /// `command/down` payloads and when they arrived, to the downlink stage.
-    pub downlinks: SyncSender<(Vec<u8>, Instant)>,
+    pub downlinks: SyncSender<crate::downlink::Input>,
     /// `command/pump` payloads, to the rules stage; None: no rules here, not subscribed.
     pub pumps: Option<SyncSender<crate::rules::Input>>,
 }
@@ -380,9 +380,9 @@ impl Backhaul {
             }
         } else if topic == topics.under("command/down") {
             tracing::debug!(bytes = payload.len(), "command/down received");
-            if let Err(TrySendError::Full(_)) =
-                self.downlinks.try_send((payload.to_vec(), Instant::now()))
-            {
+            if let Err(TrySendError::Full(_)) = self.downlinks.try_send(
+                crate::downlink::Input::Network(payload.to_vec(), Instant::now()),
+            ) {
                 Counters::add(&self.counters.tx_dropped, 1);
                 tracing::warn!("command/down: the downlink stage is saturated; command dropped");
             }

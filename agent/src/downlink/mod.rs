@@ -5,6 +5,11 @@
 //! alternatives (RX1, RX2): the first that can be scheduled wins and the rest are IGNORED. The ack
 //! of a scheduled item is sent after the hand-off, with its real outcome: a failed `lgw_send` or
 //! a radio still emitting the previous packet is reported, not hidden behind an early OK.
+//!
+//! A second input carries frames the agent built itself (`Owned`: the pump-safety rules'
+//! Class C actuators). They share the validation, the scheduler, the queue and the duty cycle
+//! with the network server's; a pump STOP goes before every network-server downlink
+//! (`Scheduler::schedule_first`), and the rules stage hears what became of each.
 
 pub mod scheduler;
 pub mod validate;
@@ -22,16 +27,51 @@ use crate::config::Encoding;
 use crate::events::{Body, Event};
 use crate::ops::counters::Counters;
 use crate::radio::hal::{Concentrator, SendOutcome, TxMode, TxPacket, TxStatus};
-use scheduler::{lead_us, Refusal, Scheduler};
+use scheduler::{lead_us, Refusal, Scheduler, When};
 use validate::{validate, TxLimits};
 
 /// A hand-off with less lead than this cannot start on time (HAL start delay plus SPI).
 const MIN_HANDOFF_LEAD_US: i64 = 3_000;
 
+/// What the stage takes in.
+pub enum Input {
+    /// A `command/down` payload, with when it arrived.
+    Network(Vec<u8>, Instant),
+    Owned(Box<Owned>),
+}
+
+/// A frame built by the agent, sent "immediately" (Class C).
+pub struct Owned {
+    /// Frequency, modulation, power and the PHYPayload, validated like the network server's.
+    pub item: gw::DownlinkFrameItem,
+    /// A pump STOP: goes before every network-server downlink.
+    pub first: bool,
+    /// Given back in the answer.
+    pub tag: u64,
+    pub reply: SyncSender<Handed>,
+}
+
+/// What became of an `Owned` frame: handed to the radio (with its start counter), or why not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handed {
+    pub tag: u64,
+    pub result: Result<u32, String>,
+}
+
+enum Origin {
+    Network {
+        downlink_id: u32,
+        statuses: Vec<gw::TxAckStatus>,
+        item: usize,
+    },
+    Owned {
+        tag: u64,
+        reply: SyncSender<Handed>,
+    },
+}
+
 struct Pending {
-    downlink_id: u32,
-    statuses: Vec<gw::TxAckStatus>,
-    item: usize,
+    origin: Origin,
     packet: TxPacket,
     /// The concentrator start this was scheduled against: a restart resets the counter.
     radio_start: u64,
@@ -87,7 +127,9 @@ impl Timings {
 }
 
 pub struct Downlinks {
-    pub input: Receiver<(Vec<u8>, Instant)>,
+    pub input: Receiver<Input>,
+    /// Set at shutdown: the stage ends (the Class C actuators keep senders of `input`).
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
     pub hal: Arc<Concentrator>,
     pub output: SyncSender<Event>,
     pub gateway_id: String,
@@ -135,20 +177,23 @@ impl Downlinks {
                 .and_then(|c| sched.next_handoff_in(c.counter))
                 .unwrap_or(Duration::from_millis(100))
                 .min(Duration::from_millis(100));
+            if self.stop.load(Ordering::Relaxed) {
+                while let Ok(input) = self.input.try_recv() {
+                    self.refuse_at_stop(input);
+                }
+                for p in sched.cancel_all() {
+                    self.cancelled(p, "the agent is shutting down");
+                }
+                timings.log();
+                return;
+            }
             match self.input.recv_timeout(wait) {
-                Ok((bytes, at)) => {
-                    self.command(&mut sched, &bytes);
-                    sample(&mut timings.to_decision_us, at.elapsed().as_micros() as u32);
+                Ok(input) => {
+                    self.take(&mut sched, input, &mut timings);
                     // A burst is taken in one go, still handing off on time in between.
                     for _ in 0..64 {
                         match self.input.try_recv() {
-                            Ok((bytes, at)) => {
-                                self.command(&mut sched, &bytes);
-                                sample(
-                                    &mut timings.to_decision_us,
-                                    at.elapsed().as_micros() as u32,
-                                );
-                            }
+                            Ok(input) => self.take(&mut sched, input, &mut timings),
                             Err(_) => break,
                         }
                     }
@@ -180,6 +225,128 @@ impl Downlinks {
                 }
             }
         }
+    }
+
+    fn take(&self, sched: &mut Scheduler<Pending>, input: Input, timings: &mut Timings) {
+        match input {
+            Input::Network(bytes, at) => {
+                self.command(sched, &bytes);
+                sample(&mut timings.to_decision_us, at.elapsed().as_micros() as u32);
+            }
+            Input::Owned(o) => self.owned(sched, *o),
+        }
+    }
+
+    fn refuse_at_stop(&self, input: Input) {
+        match input {
+            Input::Network(..) => self.ack(0, &[gw::TxAckStatus::InternalError]),
+            Input::Owned(o) => {
+                let _ = o.reply.try_send(Handed {
+                    tag: o.tag,
+                    result: Err("the agent is shutting down".into()),
+                });
+            }
+        }
+    }
+
+    /// A frame of the agent's own: validated like any other, then scheduled (first, for a STOP).
+    fn owned(&self, sched: &mut Scheduler<Pending>, o: Owned) {
+        let answer = |result: Result<u32, String>| {
+            if o.reply.try_send(Handed { tag: o.tag, result }).is_err() {
+                tracing::warn!(
+                    tag = o.tag,
+                    "the rules stage did not take a downlink's answer"
+                );
+            }
+        };
+        let Ok(clock) = self.hal.clock() else {
+            return answer(Err("the radio is not running".into()));
+        };
+        let c = match validate(&o.item, &self.limits) {
+            Ok(c) => c,
+            Err((status, why)) => return answer(Err(format!("{status:?}: {why}"))),
+        };
+        let airtime_us = match self.hal.time_on_air_ms(&c.packet) {
+            Ok(ms) if ms > 0 => ms.saturating_mul(1000),
+            _ => return answer(Err("no time on air for this packet".into())),
+        };
+        let freq = c.packet.freq_hz;
+        let pending = Pending {
+            origin: Origin::Owned {
+                tag: o.tag,
+                reply: o.reply.clone(),
+            },
+            packet: c.packet,
+            radio_start: clock.start,
+        };
+        let now = clock.counter;
+        let scheduled = if o.first {
+            sched
+                .schedule_first(now, Instant::now(), airtime_us, freq, pending, |p| {
+                    matches!(p.origin, Origin::Network { .. })
+                })
+                .map(|(start, displaced)| {
+                    for p in displaced {
+                        self.displaced(p);
+                    }
+                    start
+                })
+        } else {
+            sched.schedule(
+                now,
+                Instant::now(),
+                When::Immediately,
+                airtime_us,
+                freq,
+                pending,
+            )
+        };
+        match scheduled {
+            Ok(start) => {
+                tracing::debug!(
+                    tag = o.tag,
+                    start,
+                    first = o.first,
+                    "own downlink scheduled"
+                )
+            }
+            Err(r) => answer(Err(format!("not scheduled: {r:?}"))),
+        }
+    }
+
+    /// The answer for a pending item, whatever its origin.
+    fn answer(&self, p: Pending, status: gw::TxAckStatus, start: u32) {
+        match p.origin {
+            Origin::Network {
+                downlink_id,
+                mut statuses,
+                item,
+            } => {
+                statuses[item] = status;
+                self.ack(downlink_id, &statuses);
+            }
+            Origin::Owned { tag, reply } => {
+                let result = if status == gw::TxAckStatus::Ok {
+                    Ok(start)
+                } else {
+                    Err(format!("{status:?}"))
+                };
+                if reply.try_send(Handed { tag, result }).is_err() {
+                    tracing::warn!(tag, "the rules stage did not take a downlink's answer");
+                }
+            }
+        }
+    }
+
+    /// A network-server downlink that gave its place to a pump STOP.
+    fn displaced(&self, p: Pending) {
+        if let Origin::Network { downlink_id, .. } = &p.origin {
+            tracing::warn!(
+                downlink_id,
+                "scheduled downlink not sent: a pump STOP took its place"
+            );
+        }
+        self.answer(p, gw::TxAckStatus::CollisionPacket, 0);
     }
 
     fn ack(&self, downlink_id: u32, statuses: &[gw::TxAckStatus]) {
@@ -290,9 +457,11 @@ impl Downlinks {
             let freq = c.packet.freq_hz;
             // Earlier items keep their refusals, later ones stay IGNORED.
             let pending = Pending {
-                downlink_id: id,
-                statuses: statuses.clone(),
-                item: i,
+                origin: Origin::Network {
+                    downlink_id: id,
+                    statuses: statuses.clone(),
+                    item: i,
+                },
                 packet: c.packet,
                 radio_start,
             };
@@ -331,20 +500,21 @@ impl Downlinks {
         if sent {
             Counters::add(&self.counters.tx_emitted, 1);
         }
-        p.statuses[p.item] = status;
-        self.ack(p.downlink_id, &p.statuses);
+        self.answer(p, status, start);
         sent
     }
 
     /// A scheduled packet that will not go out.
-    fn cancelled(&self, mut p: Pending, why: &str) {
-        tracing::warn!(
-            downlink_id = p.downlink_id,
-            why,
-            "scheduled downlink not sent"
-        );
-        p.statuses[p.item] = gw::TxAckStatus::InternalError;
-        self.ack(p.downlink_id, &p.statuses);
+    fn cancelled(&self, p: Pending, why: &str) {
+        match &p.origin {
+            Origin::Network { downlink_id, .. } => {
+                tracing::warn!(downlink_id, why, "scheduled downlink not sent")
+            }
+            Origin::Owned { tag, .. } => {
+                tracing::warn!(tag, why, "scheduled own downlink not sent")
+            }
+        }
+        self.answer(p, gw::TxAckStatus::InternalError, 0);
     }
 
     fn transmit(

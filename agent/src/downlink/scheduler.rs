@@ -211,6 +211,64 @@ impl<T> Scheduler<T> {
         Ok(start)
     }
 
+    /// Reserves a transmission that goes before any other (a pump STOP): as soon as possible,
+    /// taking the place of every `may_evict` reservation in its way, and of the latest one when
+    /// the queue is full. Returns its start and the payloads it displaced (they will not go
+    /// out; their airtime is given back). The duty cycle is checked first: a refusal displaces
+    /// nothing.
+    pub fn schedule_first(
+        &mut self,
+        now: u32,
+        mono_now: Instant,
+        airtime_us: u32,
+        freq_hz: u32,
+        payload: T,
+        may_evict: impl Fn(&T) -> bool,
+    ) -> Result<(u32, Vec<T>), Refusal> {
+        if self.enforce_duty_cycle {
+            self.duty.expire(mono_now);
+            let band = sub_band(freq_hz);
+            let allowed = HOUR * band.permille / 1000;
+            if self.duty.used(band.name) + Duration::from_micros(airtime_us as u64) > allowed {
+                return Err(Refusal::DutyCycle);
+            }
+        }
+        let at = now.wrapping_add(IMMEDIATE_DELAY_US);
+        let mut evicted = Vec::new();
+        let mut i = 0;
+        while i < self.queue.len() {
+            let r = &self.queue[i];
+            if may_evict(&r.payload) && overlap(r.start, r.airtime_us, at, airtime_us) {
+                evicted.push(self.queue.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        if self.queue.len() >= QUEUE_MAX {
+            if let Some(last) = self.queue.iter().rposition(|r| may_evict(&r.payload)) {
+                evicted.push(self.queue.remove(last));
+            }
+        }
+        let evicted: Vec<T> = evicted
+            .into_iter()
+            .map(|r| {
+                if let Some(c) = r.charge {
+                    self.refund(c);
+                }
+                r.payload
+            })
+            .collect();
+        let start = self.schedule(
+            now,
+            mono_now,
+            When::Immediately,
+            airtime_us,
+            freq_hz,
+            payload,
+        )?;
+        Ok((start, evicted))
+    }
+
     /// Packets whose hand-off time has come, in start order, with their start counter and
     /// their duty-cycle charge (give it back with `refund` if the packet does not go out).
     pub fn due(&mut self, now: u32) -> Vec<(u32, T, Option<Charge>)> {
@@ -297,6 +355,81 @@ mod tests {
             due.iter().map(|(a, p, _)| (*a, *p)).collect::<Vec<_>>(),
             vec![(at, "rx1")]
         );
+    }
+
+    #[test]
+    fn a_first_item_displaces_the_downlinks_in_its_way_and_a_full_queue_makes_room() {
+        let t = Instant::now();
+        let now = 1_000_000;
+        let mut s = Scheduler::new(false);
+        // A network downlink right where "immediately" falls, and one later.
+        let at = now + IMMEDIATE_DELAY_US + 10_000;
+        s.schedule(now, t, When::At(at), 50_000, F, "ns-rx1")
+            .unwrap();
+        s.schedule(now, t, When::At(at + 2_000_000), 50_000, F, "ns-later")
+            .unwrap();
+        let (start, evicted) = s
+            .schedule_first(now, t, 100_000, F, "stop", |p| p.starts_with("ns"))
+            .unwrap();
+        assert_eq!(start, now + IMMEDIATE_DELAY_US);
+        assert_eq!(evicted, vec!["ns-rx1"]);
+        assert_eq!(s.len(), 2);
+        // Another first item is not displaced: the next one goes after it.
+        let (second, evicted) = s
+            .schedule_first(now, t, 100_000, F, "stop2", |p| p.starts_with("ns"))
+            .unwrap();
+        assert!(evicted.is_empty());
+        assert!(lead_us(start, second) >= 100_000);
+        // A full queue of network downlinks: the latest one makes room.
+        let mut s = Scheduler::new(false);
+        for i in 0..QUEUE_MAX as u32 {
+            s.schedule(
+                now,
+                t,
+                When::At(now + 10_000_000 + i * 1_000_000),
+                50_000,
+                F,
+                "ns",
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            s.schedule(now, t, When::Immediately, 50_000, F, "ns"),
+            Err(Refusal::QueueFull)
+        );
+        let (_, evicted) = s
+            .schedule_first(now, t, 100_000, F, "stop", |p| p.starts_with("ns"))
+            .unwrap();
+        assert_eq!(evicted, vec!["ns"]);
+        assert_eq!(s.len(), QUEUE_MAX);
+    }
+
+    #[test]
+    fn a_first_item_refused_by_the_duty_cycle_displaces_nothing() {
+        let t = Instant::now();
+        let now = 1_000_000;
+        let mut s = Scheduler::new(true);
+        let f = 869_525_000; // 10 % sub-band: 360 s an hour
+        for i in 0..4u32 {
+            s.schedule(
+                now,
+                t,
+                When::At(now + 1_000_000 + i * 3_000_000),
+                2_000_000,
+                f,
+                "ns",
+            )
+            .unwrap();
+        }
+        // 352 s more of airtime leaves less than a STOP's worth.
+        s.duty
+            .used
+            .push_back(("869.4-869.65", t, Duration::from_secs(352)));
+        assert_eq!(
+            s.schedule_first(now, t, 200_000, f, "stop", |p| *p == "ns"),
+            Err(Refusal::DutyCycle)
+        );
+        assert_eq!(s.len(), 4);
     }
 
     #[test]

@@ -94,10 +94,15 @@ impl Actuator for Simulated {
 /// The actuators of every pump, shared with the emergency paths.
 pub type Shared = Arc<Vec<(String, Mutex<Box<dyn Actuator>>)>>;
 
-/// Opens every pump's actuator, each driven to its safe state (off) at once.
-pub fn open_all(pumps: &[(String, Spec)]) -> Result<Shared, String> {
+/// Opens a Class C actuator: pump index, pump id, settings.
+pub type OpenClassC<'a> =
+    dyn FnMut(usize, &str, &super::file::ClassC) -> Result<Box<dyn Actuator>, String> + 'a;
+
+/// Opens every pump's actuator, each driven to its safe state (off) at once. `class_c` opens
+/// a LoRaWAN Class C actuator (pump index, id, settings).
+pub fn open_all(pumps: &[(String, Spec)], class_c: &mut OpenClassC) -> Result<Shared, String> {
     let mut out: Vec<(String, Mutex<Box<dyn Actuator>>)> = Vec::new();
-    for (id, spec) in pumps {
+    for (i, (id, spec)) in pumps.iter().enumerate() {
         let mut a: Box<dyn Actuator> = match spec {
             Spec::Gpio {
                 chip,
@@ -105,9 +110,7 @@ pub fn open_all(pumps: &[(String, Spec)]) -> Result<Shared, String> {
                 active_low,
             } => Box::new(GpioRelay::open(chip, *line, *active_low, id)?),
             Spec::Simulated { file } => Box::new(Simulated::open(file, id)?),
-            Spec::LorawanClassC { .. } => {
-                return Err(format!("pump {id}: lorawan_class_c is not supported yet"))
-            }
+            Spec::LorawanClassC(c) => class_c(i, id, c).map_err(|e| format!("pump {id}: {e}"))?,
         };
         a.set(false).map_err(|e| format!("pump {id}: {e}"))?;
         out.push((id.clone(), Mutex::new(a)));

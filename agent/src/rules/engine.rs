@@ -128,6 +128,9 @@ struct PumpState {
     inhibit: Option<String>,
     /// Why the pump is in its state, from the last scan.
     reasons: Vec<String>,
+    /// The actuator's state is unknown (unconfirmed commands, contradicting feedback): the
+    /// pump is held in its safe state until the actuator confirms it again.
+    actuator_fault: Option<String>,
 }
 
 /// The durable part of a pump's state.
@@ -255,6 +258,7 @@ impl Engine {
             "tripped": p.tripped,
             "lease": p.lease_until.map(|(until, run)| serde_json::json!({"untilMs": until, "run": run})),
             "startsLastHour": p.starts.iter().filter(|t| now.saturating_sub(**t) < HOUR_MS).count(),
+            "actuatorFault": p.actuator_fault,
         })
     }
 
@@ -316,6 +320,29 @@ impl Engine {
     /// The 1 s tick: staleness, max run, leases expire, even when no data arrives.
     pub fn tick(&mut self, now: u64) -> Outcome {
         let mut out = Outcome::default();
+        self.scan_into(now, &mut out);
+        out
+    }
+
+    /// The actuator of `pump` is in an unknown state (`Some(why)`) or known again (`None`),
+    /// then a scan. Unknown holds the pump off, like an interlock that clears itself.
+    pub fn actuator_fault(&mut self, pump: usize, fault: Option<String>, now: u64) -> Outcome {
+        let mut out = Outcome::default();
+        let p = &mut self.pumps[pump];
+        if p.actuator_fault != fault {
+            let (action, why) = match &fault {
+                Some(why) => ("trip", format!("actuator state unknown: {why}")),
+                None => ("trip_clear", "actuator state confirmed again".to_string()),
+            };
+            out.audits.push(Audit {
+                at_ms: now,
+                subject: self.rules.pumps[pump].id.clone(),
+                action,
+                reasons: vec![why],
+                inputs: vec![],
+            });
+            p.actuator_fault = fault;
+        }
         self.scan_into(now, &mut out);
         out
     }
@@ -587,6 +614,8 @@ impl Engine {
             .filter(|_| !disabled(Fault::IgnoreLatches));
         let forced_off: Option<String> = if p.lockout && !disabled(Fault::IgnoreLockout) {
             Some("lockout".into())
+        } else if let Some(why) = &p.actuator_fault {
+            Some(format!("actuator state unknown: {why}"))
         } else if let Some((id, why)) = tripped {
             Some(format!("interlock {id}: {why}"))
         } else if let Some(id) = latched {

@@ -109,13 +109,80 @@ pub enum Actuator {
     },
     /// A file of JSON lines recording every transition (tests and demonstrations).
     Simulated { file: PathBuf },
-    /// A LoRaWAN Class C actuator owned by the agent (issue 14): refused by validation for now.
-    LorawanClassC {
-        device: String,
-        fport: u8,
-        on_hex: String,
-        off_hex: String,
-    },
+    /// A LoRaWAN Class C actuator whose session the agent owns (`rules/class_c.rs`).
+    LorawanClassC(ClassC),
+}
+
+/// A Class C actuator: what to send, how, and how its status uplink confirms it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassC {
+    /// DevEUI: a `[[device]]` of this file (its decoder reads the status uplink), with keys.
+    pub device: String,
+    pub fport: u8,
+    /// The actuator's timed ON (it reverts to off by itself after `lease`).
+    pub on_hex: String,
+    pub off_hex: String,
+    /// How long the actuator keeps running after an ON without a new one (its own timeout).
+    #[serde(with = "duration")]
+    pub lease: Duration,
+    /// ON again this often while the rules say run; default a quarter of `lease`.
+    #[serde(default, with = "opt_duration")]
+    pub refresh: Option<Duration>,
+    /// The field of the device's decoded status uplink that says whether the pump runs
+    /// (non-zero: running).
+    pub feedback: String,
+    /// A command not confirmed by a status uplink within this is sent again (doubling).
+    #[serde(default = "default_confirm_within", with = "duration")]
+    pub confirm_within: Duration,
+    /// Sends of a command before its pump is treated as in an unknown state (alarm).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default = "default_class_c_frequency")]
+    pub frequency_hz: u32,
+    #[serde(default = "default_class_c_sf")]
+    pub spreading_factor: u32,
+    /// EIRP, dBm.
+    #[serde(default = "default_class_c_power")]
+    pub power_dbm: i32,
+}
+
+fn default_confirm_within() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_retries() -> u32 {
+    3
+}
+/// EU868 RX2: the 869.4-869.65 MHz sub-band, 10 % duty cycle and 27 dBm.
+fn default_class_c_frequency() -> u32 {
+    869_525_000
+}
+fn default_class_c_sf() -> u32 {
+    9
+}
+fn default_class_c_power() -> i32 {
+    14
+}
+
+mod opt_duration {
+    use serde::Deserializer;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        crate::config::duration::deserialize(d).map(Some)
+    }
+}
+
+impl ClassC {
+    /// The refresh period in use.
+    pub fn refresh_period(&self) -> Duration {
+        self.refresh.unwrap_or(self.lease / 4)
+    }
+
+    /// Bytes of an ON or OFF frame: MHDR + FHDR (7) + FPort + payload + MIC.
+    pub fn frame_len(&self, payload: &str) -> usize {
+        1 + 7 + 1 + payload.len() / 2 + 4
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -306,6 +373,117 @@ fn parse(path: &Path, text: &str, bytes: &[u8]) -> Result<RuleSet, RuleErrors> {
     Ok(set)
 }
 
+/// The Class C actuator's settings, each error on its own key. The duty-cycle arithmetic is
+/// the one of `../shared/docs/pump-safety.md`: the refreshes of one actuator may use at most
+/// half of its sub-band's hourly allowance, so that STOPs and the network server keep room.
+fn check_class_c(c: &ClassC, devices: &[Device], err: &mut dyn FnMut(&str, String)) {
+    match devices.iter().find(|d| d.dev_eui == c.device) {
+        None => err(
+            "actuator.device",
+            format!(
+                "{:?} is not a [[device]] of this file: its status uplink confirms each command",
+                c.device
+            ),
+        ),
+        Some(d) => {
+            if let Decoder::Layout(fields) = &d.decoder {
+                if !fields.iter().any(|f| f.name == c.feedback) {
+                    err(
+                        "actuator.feedback",
+                        format!(
+                            "device {} has no field {:?} (fields: {})",
+                            c.device,
+                            c.feedback,
+                            known(fields.iter().map(|f| f.name.as_str()))
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    if !(1..=223).contains(&c.fport) {
+        err(
+            "actuator.fport",
+            "must be 1 to 223 (application FPorts)".into(),
+        );
+    }
+    let max_payload = match c.spreading_factor {
+        7 | 8 => 222,
+        9 => 115,
+        _ => 51,
+    };
+    for (k, v) in [
+        ("actuator.on_hex", &c.on_hex),
+        ("actuator.off_hex", &c.off_hex),
+    ] {
+        match hex::decode(v) {
+            Ok(b) if !b.is_empty() && b.len() <= max_payload => {}
+            Ok(b) => err(
+                k,
+                format!(
+                    "{} bytes: SF{} carries 1 to {max_payload}",
+                    b.len(),
+                    c.spreading_factor
+                ),
+            ),
+            Err(_) => err(k, format!("{v:?} is not hexadecimal bytes")),
+        }
+    }
+    if !(7..=12).contains(&c.spreading_factor) {
+        err("actuator.spreading_factor", "must be 7 to 12".into());
+    }
+    if !(863_000_000..=870_000_000).contains(&c.frequency_hz) {
+        err(
+            "actuator.frequency_hz",
+            "must be in the EU868 band (863 to 870 MHz)".into(),
+        );
+    }
+    if !(0..=27).contains(&c.power_dbm) {
+        err("actuator.power_dbm", "must be 0 to 27 dBm EIRP".into());
+    }
+    if c.lease < Duration::from_secs(20) || c.lease > Duration::from_secs(3600) {
+        err("actuator.lease", "must be between 20s and 1h".into());
+    }
+    let refresh = c.refresh_period();
+    if refresh < Duration::from_secs(5) || refresh > c.lease / 2 {
+        err(
+            if c.refresh.is_some() { "actuator.refresh" } else { "actuator.lease" },
+            format!(
+                "refresh every {} must be at least 5s and at most half the lease ({}): one lost ON must not stop the pump",
+                humantime::format_duration(refresh),
+                humantime::format_duration(c.lease / 2)
+            ),
+        );
+    }
+    if c.confirm_within < Duration::from_secs(1) || c.confirm_within > Duration::from_secs(600) {
+        err(
+            "actuator.confirm_within",
+            "must be between 1s and 10m".into(),
+        );
+    }
+    if !(1..=10).contains(&c.retries) {
+        err("actuator.retries", "must be 1 to 10".into());
+    }
+    if (7..=12).contains(&c.spreading_factor) && !refresh.is_zero() {
+        let band = crate::radio::region::sub_band(c.frequency_hz);
+        let air = super::class_c::airtime(c.spreading_factor, c.frame_len(&c.on_hex));
+        let per_hour = 3600.0 / refresh.as_secs_f64();
+        let share = air.as_secs_f64() * per_hour / 3600.0 * 100.0;
+        let allowed = band.permille as f64 / 10.0;
+        if share > allowed / 2.0 {
+            err(
+                "actuator.refresh",
+                format!(
+                    "{per_hour:.0} ONs an hour of {} ms each at SF{} use {share:.2} % of the hour; sub-band {} MHz allows {allowed} %, and refreshes may take half of it: refresh less often or use a lower SF",
+                    air.as_millis(),
+                    c.spreading_factor,
+                    band.name
+                ),
+            );
+        }
+    }
+}
+
 fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> RuleSet {
     let mut err = |field: String, msg: String| errors.push((field, msg));
     if raw.version != 1 {
@@ -480,6 +658,7 @@ fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> Ru
 
     let mut pumps = Vec::new();
     let mut pump_ids = BTreeSet::new();
+    let mut class_c_devices: BTreeMap<String, String> = BTreeMap::new();
     let mut lines = BTreeMap::new();
     for (i, p) in raw.pump.iter().enumerate() {
         let f = |k: &str| format!("pump.{i}.{k}");
@@ -531,12 +710,18 @@ fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> Ru
                     file.clone()
                 },
             },
-            a @ Actuator::LorawanClassC { .. } => {
-                err(
-                    f("actuator.kind"),
-                    "lorawan_class_c actuators are not supported yet (issue 14): use gpio".into(),
-                );
-                a.clone()
+            Actuator::LorawanClassC(c) => {
+                let mut c = c.clone();
+                c.device = c.device.to_ascii_lowercase();
+                check_class_c(&c, &devices, &mut |k, m| err(f(k), m));
+                // One session, one sender: two pumps on one actuator would share its counter.
+                if let Some(other) = class_c_devices.insert(c.device.clone(), p.id.clone()) {
+                    err(
+                        f("actuator.device"),
+                        format!("actuator {} already drives pump {other:?}", c.device),
+                    );
+                }
+                Actuator::LorawanClassC(c)
             }
         };
         if p.max_run.is_zero() || p.max_run > Duration::from_secs(7 * 86_400) {
@@ -769,6 +954,77 @@ remote_lease_max = "30m"
             }
         );
         assert_eq!(s.hash.len(), 64);
+    }
+
+    const ACTUATOR: &str = r#"
+[[device]]
+dev_eui = "A84041000181ABCD"
+decoder = "layout"
+  [[device.field]]
+  name = "relay"
+  offset = 0
+  type = "u8"
+"#;
+
+    #[test]
+    fn a_class_c_actuator_loads_with_its_defaults_and_each_mistake_is_named() {
+        let with = |actuator: &str| {
+            GOOD.replace(
+                "version = 1
+",
+                &format!(
+                    "version = 1
+{ACTUATOR}"
+                ),
+            )
+            .replace(
+                "actuator = { kind = \"simulated\", file = \"relay.jsonl\" }",
+                actuator,
+            )
+        };
+        let good = with(
+            r#"actuator = { kind = "lorawan_class_c", device = "A84041000181ABCD", fport = 1, on_hex = "05010078", off_hex = "030000", lease = "2m", feedback = "relay" }"#,
+        );
+        let s = parse(Path::new("rules.toml"), &good, good.as_bytes()).unwrap();
+        let Actuator::LorawanClassC(c) = &s.pumps[0].actuator else {
+            panic!("{:?}", s.pumps[0].actuator)
+        };
+        assert_eq!(c.device, "a84041000181abcd");
+        assert_eq!(c.refresh_period(), Duration::from_secs(30));
+        assert_eq!(
+            (c.spreading_factor, c.frequency_hz, c.retries),
+            (9, 869_525_000, 3)
+        );
+
+        let bad = with(
+            r#"actuator = { kind = "lorawan_class_c", device = "A84041000181ABCE", fport = 0, on_hex = "0501zz", off_hex = "", lease = "2m", refresh = "90s", feedback = "relais", spreading_factor = 13 }"#,
+        );
+        let joined = errors(&bad).join("\n");
+        for want in [
+            "pump.0.actuator.device: \"a84041000181abce\" is not a [[device]] of this file",
+            "pump.0.actuator.fport: must be 1 to 223",
+            "pump.0.actuator.on_hex: \"0501zz\" is not hexadecimal",
+            "pump.0.actuator.off_hex: 0 bytes",
+            "pump.0.actuator.refresh: refresh every 1m 30s must be at least 5s and at most half the lease (1m)",
+            "pump.0.actuator.spreading_factor: must be 7 to 12",
+        ] {
+            assert!(joined.contains(want), "{want}\n{joined}");
+        }
+        let unknown_field = with(
+            r#"actuator = { kind = "lorawan_class_c", device = "A84041000181ABCD", fport = 1, on_hex = "05", off_hex = "03", lease = "2m", feedback = "relais" }"#,
+        );
+        assert!(errors(&unknown_field).join("\n").contains(
+            "actuator.feedback: device a84041000181abcd has no field \"relais\" (fields: relay)"
+        ));
+        // The duty-cycle arithmetic: SF12 every 5 s in a 1 % sub-band.
+        let busy = with(
+            r#"actuator = { kind = "lorawan_class_c", device = "A84041000181ABCD", fport = 1, on_hex = "05010078", off_hex = "03", lease = "20s", refresh = "5s", feedback = "relay", spreading_factor = 12, frequency_hz = 868900000 }"#,
+        );
+        let e = errors(&busy).join("\n");
+        assert!(
+            e.contains("pump.0.actuator.refresh: 720 ONs an hour of 1155 ms each at SF12 use 23.10 % of the hour; sub-band 868.7-869.2 MHz allows 0.1 %"),
+            "{e}"
+        );
     }
 
     #[test]

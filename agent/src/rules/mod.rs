@@ -4,7 +4,10 @@
 //! ```text
 //! uplink stage ──copy of frames from the rule file's DevAddrs (try_send, counted)──▶ rules (thread)
 //!   session check (MIC, 32-bit FCnt, replay) → decoder → engine scan (and a 1 s tick)
-//!   → actuators (GPIO relay) → audit records → store (event/rules) and the log
+//!   → actuators (GPIO relay, or a Class C frame → downlink stage) → audit records → store
+//!   (event/rules) and the log
+//! downlink stage ──what became of each Class C frame──▶ rules (`class_c::Link`: refresh,
+//!   confirmation by the actuator's status uplink, retries, alarm)
 //! ```
 //! The uplink stage never waits on this one; frames still go to the central server unchanged.
 //! Durable state (last frame counter per device, latches, lockouts, start history) lives in the
@@ -12,12 +15,14 @@
 
 pub mod actuator;
 pub mod central;
+pub mod class_c;
 pub mod decoder;
 pub mod engine;
 pub mod file;
 pub mod lorawan;
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
@@ -94,8 +99,20 @@ pub enum Input {
     Command(Vec<u8>),
 }
 
+/// What the Class C actuators need from the rest of the agent.
+pub struct Radio {
+    /// The downlink stage's input.
+    pub downlinks: SyncSender<crate::downlink::Input>,
+    /// `store.path`: the FCntDown files live beside it.
+    pub store_path: PathBuf,
+}
+
 pub struct Stage {
     engine: Engine,
+    /// Per pump: the Class C link (refresh, confirmation), for Class C actuators.
+    links: Vec<Option<class_c::Link>>,
+    /// What the downlink stage did with each Class C frame.
+    handed: Receiver<crate::downlink::Handed>,
     sessions: Sessions,
     actuators: actuator::Shared,
     input: Receiver<Input>,
@@ -148,18 +165,51 @@ impl Stage {
         audit: SyncSender<Event>,
         queue: Arc<Queue>,
         counters: Arc<Counters>,
+        radio: Radio,
     ) -> Result<(Stage, Watch, actuator::Shared), String> {
         let Loaded {
             rules,
             mut sessions,
         } = loaded;
+        let (handed_tx, handed) = std::sync::mpsc::sync_channel(1024);
         let actuators = actuator::open_all(
             &rules
                 .pumps
                 .iter()
                 .map(|p| (p.id.clone(), p.actuator.clone()))
                 .collect::<Vec<_>>(),
+            &mut |i, id, spec| {
+                let session = sessions
+                    .iter()
+                    .find(|s| s.dev_eui == spec.device)
+                    .cloned()
+                    .ok_or_else(|| format!("device {} has no keys", spec.device))?;
+                Ok(Box::new(class_c::Actuator::open(
+                    id,
+                    i,
+                    spec,
+                    session,
+                    &radio.store_path,
+                    queue.clone(),
+                    radio.downlinks.clone(),
+                    handed_tx.clone(),
+                )?))
+            },
         )?;
+        let boot = now_ms();
+        let links = rules
+            .pumps
+            .iter()
+            .map(|p| match &p.actuator {
+                file::Actuator::LorawanClassC(c) => {
+                    let mut l = class_c::Link::new(c);
+                    // open_all sent the boot OFF.
+                    l.commanded(false, boot);
+                    Some(l)
+                }
+                _ => None,
+            })
+            .collect();
         for s in &mut sessions {
             s.last_fcnt = queue
                 .state_get(&format!("fcnt/{}", s.dev_eui))
@@ -190,6 +240,8 @@ impl Stage {
         let engine = Engine::new(rules, now_ms(), &durable);
         let stage = Stage {
             engine,
+            links,
+            handed,
             sessions: Sessions::new(sessions),
             actuators: actuators.clone(),
             input,
@@ -250,10 +302,19 @@ impl Stage {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            while let Ok(h) = self.handed.try_recv() {
+                self.handed(h);
+            }
             if Instant::now() >= next_tick {
                 next_tick += Duration::from_secs(1);
-                let out = self.engine.tick(now_ms());
+                let now = now_ms();
+                let out = self.engine.tick(now);
                 self.apply(out, None);
+                for pi in 0..self.links.len() {
+                    if let Some(steps) = self.links[pi].as_mut().map(|l| l.tick(now)) {
+                        self.link_steps(pi, steps, now);
+                    }
+                }
             }
         }
         actuator::all_off(&self.actuators, "the agent is stopping");
@@ -290,6 +351,27 @@ impl Stage {
                 if let Some(e) = &decoded.error {
                     tracing::warn!(device = %eui, fcnt, error = %e, "rules: payload not decoded whole");
                 }
+                // A Class C actuator's status uplink confirms (or contradicts) its command.
+                let feedback: Vec<(usize, bool)> = self
+                    .engine
+                    .rules()
+                    .pumps
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(pi, p)| match &p.actuator {
+                        file::Actuator::LorawanClassC(c) if c.device == eui => decoded
+                            .fields
+                            .iter()
+                            .find(|(name, _)| *name == c.feedback)
+                            .map(|(_, v)| (pi, *v != 0.0)),
+                        _ => None,
+                    })
+                    .collect();
+                for (pi, running) in feedback {
+                    if let Some(steps) = self.links[pi].as_mut().map(|l| l.feedback(running, now)) {
+                        self.link_steps(pi, steps, now);
+                    }
+                }
                 let sensors: Vec<(usize, f64)> = self
                     .engine
                     .rules()
@@ -324,6 +406,67 @@ impl Stage {
             ),
             Verdict::Malformed { session, why } => {
                 self.dropped(session, now, format!("malformed frame: {why}"))
+            }
+        }
+    }
+
+    /// What the downlink stage did with a Class C frame.
+    fn handed(&mut self, h: crate::downlink::Handed) {
+        let (pi, fcnt) = class_c::untag(h.tag);
+        let Some(id) = self.engine.rules().pumps.get(pi).map(|p| p.id.clone()) else {
+            return;
+        };
+        match h.result {
+            Ok(start) => {
+                tracing::debug!(pump = %id, fcnt_down = fcnt, start, "rules: Class C frame handed to the radio")
+            }
+            Err(why) => {
+                tracing::warn!(pump = %id, fcnt_down = fcnt, %why, "rules: Class C frame not sent; trying again");
+                if let Some(l) = self.links[pi].as_mut() {
+                    l.not_sent(now_ms());
+                }
+            }
+        }
+    }
+
+    /// Carries out what a Class C link asks: sends, alarms, confirmations.
+    fn link_steps(&mut self, pi: usize, steps: Vec<class_c::Step>, now: u64) {
+        use class_c::Step;
+        let id = self.engine.rules().pumps[pi].id.clone();
+        for step in steps {
+            match step {
+                Step::Send(on) => {
+                    let result = self.actuators[pi]
+                        .1
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .set(on);
+                    if let Err(e) = result {
+                        tracing::error!(pump = %id, on, error = %e, "ALARM: the actuator failed");
+                        if let Some(l) = self.links[pi].as_mut() {
+                            l.not_sent(now);
+                        }
+                    }
+                }
+                Step::Confirmed(running) => {
+                    tracing::info!(pump = %id, running, "rules: the actuator confirmed its command");
+                }
+                Step::Unknown(why) => {
+                    tracing::error!(pump = %id, %why, "ALARM: the pump's actuator is in an unknown state; the pump is held off");
+                    self.send_audit(Audit {
+                        at_ms: now,
+                        subject: id.clone(),
+                        action: "actuator_alarm",
+                        reasons: vec![why.clone()],
+                        inputs: vec![],
+                    });
+                    let out = self.engine.actuator_fault(pi, Some(why), now);
+                    self.apply(out, None);
+                }
+                Step::Known => {
+                    let out = self.engine.actuator_fault(pi, None, now);
+                    self.apply(out, None);
+                }
             }
         }
     }
@@ -484,6 +627,12 @@ impl Stage {
         for d in &out.drives {
             let (id, a) = &self.actuators[d.pump];
             let result = a.lock().unwrap_or_else(|p| p.into_inner()).set(d.on);
+            if let Some(l) = self.links[d.pump].as_mut() {
+                l.commanded(d.on, now_ms());
+                if result.is_err() {
+                    l.not_sent(now_ms());
+                }
+            }
             if let Some(r) = received {
                 let us = r.elapsed().as_micros() as u64;
                 tracing::info!(pump = %id, on = d.on, reaction_us = us, "rules: actuator driven by a sensor frame");
@@ -528,6 +677,16 @@ impl Stage {
         for (pi, p) in rules.pumps.iter().enumerate() {
             let on = if self.engine.is_on(pi) { "on" } else { "off" };
             state.insert(format!("pump_{}", p.id), on.into());
+            if let Some(l) = &self.links[pi] {
+                let a = if l.is_unknown() {
+                    "unknown"
+                } else if l.is_confirmed() {
+                    "confirmed"
+                } else {
+                    "awaiting confirmation"
+                };
+                state.insert(format!("actuator_{}", p.id), a.into());
+            }
         }
         for (si, s) in rules.sensors.iter().enumerate() {
             let (value, quality) = self.engine.sensor_quality(si);

@@ -3,7 +3,7 @@
 //! An event counts as accepted once the writer has appended it; it leaves the store only when
 //! the backhaul has seen the broker's PUBACK for it (`Queue::ack_upto`).
 
-mod numbering;
+pub mod numbering;
 pub mod queue;
 mod writer;
 

@@ -1,0 +1,185 @@
+//! Pumps driven over LoRaWAN Class C by the agent itself, with the broker unreachable: every
+//! frame the agent hands to the radio is checked here as the device would check it (MIC over
+//! the full counter, DevAddr, FPort, decrypted payload), with lrwn, independently of the agent.
+
+use std::time::{Duration, Instant};
+
+use lora_edge_e2e::lorawan::{
+    keys_class_c, level, relay_status, rules_class_c, Downlink, ACTUATOR, SENSOR,
+};
+use lora_edge_e2e::pki;
+use lora_edge_e2e::*;
+
+const ON: [u8; 4] = [0x05, 0x01, 0x00, 0x14];
+const OFF: [u8; 3] = [0x03, 0x00, 0x00];
+
+fn at(offset_ms: u64, payload: Vec<u8>) -> Frame {
+    let mut f = frames_at(&[offset_ms], 1).remove(0);
+    f.payload = payload;
+    f
+}
+
+/// Every frame handed to the radio, opened as the actuator would; panics on one it would drop.
+fn handed(dir: &std::path::Path) -> Vec<(Sent, Downlink)> {
+    tx_log(dir)
+        .into_iter()
+        .filter(|s| s.result == 0)
+        .map(|s| {
+            let d = ACTUATOR
+                .open_downlink(&s.payload, 0)
+                .unwrap_or_else(|e| panic!("the actuator would drop {:02x?}: {e}", s.payload));
+            (s, d)
+        })
+        .collect()
+}
+
+fn setup(proxy_port: u16, scenario: &[Frame], confirm: &str, retries: u32) -> AgentSetup {
+    let setup = AgentSetup::new(proxy_port).scenario(scenario);
+    std::fs::write(
+        setup.dir.path().join("rules.toml"),
+        rules_class_c(confirm, retries),
+    )
+    .unwrap();
+    pki::write(setup.dir.path(), "keys.toml", &keys_class_c(), 0o600);
+    setup.config("[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"")
+}
+
+#[test]
+fn a_dry_run_stops_the_class_c_pump_with_the_broker_down_and_an_unconfirmed_stop_raises_an_alarm() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port);
+    proxy.set(Mode::Refuse);
+    let scenario = vec![
+        // High level: demand; the pump starts once min off (2 s from boot) has passed.
+        at(500, SENSOR.uplink(1, 2, &level(3000))),
+        // The actuator confirms it runs.
+        at(4000, ACTUATOR.uplink(1, 3, &relay_status(true))),
+        // Dry run: OFF at once. No status uplink confirms it.
+        at(12_000, SENSOR.uplink(2, 2, &level(300))),
+    ];
+    let (mut agent, dir) = setup(proxy.port, &scenario, "1s", 2).start();
+    let alarm = "ALARM: the pump's actuator is in an unknown state";
+    assert!(
+        agent.wait_log(alarm, Duration::from_secs(40)),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("OFF not confirmed by a status uplink after 3 sends"),
+        "{log}"
+    );
+    assert!(
+        log.contains("rules: the actuator confirmed its command pump=P1 running=true"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("backhaul up"),
+        "the broker was meant to be down"
+    );
+    let frames = handed(dir.path());
+    // Every frame: this device, FPort 1, SF9 at 869.525 MHz, inverted polarity, counters
+    // strictly increasing.
+    for (s, d) in &frames {
+        assert_eq!(d.dev_addr, ACTUATOR.dev_addr);
+        assert_eq!(d.fport, 1);
+        assert_eq!(
+            (s.freq_hz, s.datarate, s.invert_pol),
+            (869_525_000, 9, true)
+        );
+    }
+    let fcnts: Vec<u32> = frames.iter().map(|(_, d)| d.fcnt).collect();
+    assert!(fcnts.windows(2).all(|w| w[0] < w[1]), "{fcnts:?}");
+    let kinds: Vec<&str> = frames
+        .iter()
+        .map(|(_, d)| match d.payload.as_slice() {
+            p if p == ON => "on",
+            p if p == OFF => "off",
+            _ => panic!("unexpected payload {:02x?}", d.payload),
+        })
+        .collect();
+    // Boot OFF (and its retries until the start), the ON and its refreshes every 5 s while the
+    // pump runs, then the dry-run OFF sent three times (2 retries), and nothing else on.
+    let first_on = kinds.iter().position(|k| *k == "on").expect("an ON");
+    let last_on = kinds.iter().rposition(|k| *k == "on").unwrap();
+    assert!(kinds[..first_on].iter().all(|k| *k == "off"), "{kinds:?}");
+    assert!(
+        kinds[first_on..=last_on].iter().all(|k| *k == "on"),
+        "{kinds:?}"
+    );
+    assert!(last_on > first_on, "at least one refresh: {kinds:?}");
+    assert!(kinds.len() - last_on > 3, "OFF and its retries: {kinds:?}");
+    // The refreshes came well inside the actuator's 20 s lease (on the radio's own clock).
+    let on_counters: Vec<u32> = frames[first_on..=last_on]
+        .iter()
+        .map(|(s, _)| s.count_us)
+        .collect();
+    assert!(
+        on_counters
+            .windows(2)
+            .all(|w| w[1].wrapping_sub(w[0]) < 10_000_000),
+        "{on_counters:?}"
+    );
+    agent.sigterm();
+}
+
+#[test]
+fn fcnt_down_strictly_increases_across_kills_a_deleted_store_and_a_damaged_counter_file() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port);
+    proxy.set(Mode::Refuse);
+    // No status uplink ever: the boot OFF is sent again and again (every 1 s, then 2 s, ...).
+    let (mut agent, dir) = setup(proxy.port, &[], "1s", 10).start();
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("seed {seed}");
+    let mut random_ms = |lo: u64, hi: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        lo + (seed >> 33) % (hi - lo)
+    };
+    let counter_file = dir
+        .path()
+        .join(format!("store.fcntdown-{}", ACTUATOR.dev_eui));
+    for round in 0..10 {
+        let sent_before = handed(dir.path()).len();
+        // At least one frame out in this life, then a kill at a random point (often in the
+        // middle of a hand-off or a reservation).
+        let until = Instant::now() + Duration::from_secs(20);
+        while handed(dir.path()).len() == sent_before && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(random_ms(0, 2500)));
+        agent.sigkill();
+        match round {
+            // The store is lost (an operator deleted it): the counter file is beside it.
+            3 => std::fs::remove_dir_all(dir.path().join("store")).unwrap(),
+            // The counter file is destroyed: the store's copy takes over.
+            6 => std::fs::write(&counter_file, vec![0x5A; 128]).unwrap(),
+            _ => {}
+        }
+        agent.start_again();
+    }
+    let until = Instant::now() + Duration::from_secs(20);
+    let before = handed(dir.path()).len();
+    while handed(dir.path()).len() == before && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.sigterm();
+    let fcnts: Vec<u32> = handed(dir.path()).iter().map(|(_, d)| d.fcnt).collect();
+    assert!(fcnts.len() >= 11, "{fcnts:?}\n{}", agent.log());
+    assert!(
+        fcnts.windows(2).all(|w| w[0] < w[1]),
+        "FCntDown repeated or went back: {fcnts:?}"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("ALARM: the downlink frame counter file was damaged"),
+        "{}",
+        agent.log()
+    );
+}
