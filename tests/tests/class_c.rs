@@ -34,13 +34,23 @@ fn handed(dir: &std::path::Path) -> Vec<(Sent, Downlink)> {
 }
 
 fn setup(proxy_port: u16, scenario: &[Frame], confirm: &str, retries: u32) -> AgentSetup {
+    setup_with_keys(proxy_port, scenario, confirm, retries, &keys_class_c())
+}
+
+fn setup_with_keys(
+    proxy_port: u16,
+    scenario: &[Frame],
+    confirm: &str,
+    retries: u32,
+    keys: &str,
+) -> AgentSetup {
     let setup = AgentSetup::new(proxy_port).scenario(scenario);
     std::fs::write(
         setup.dir.path().join("rules.toml"),
         rules_class_c(confirm, retries),
     )
     .unwrap();
-    pki::write(setup.dir.path(), "keys.toml", &keys_class_c(), 0o600);
+    pki::write(setup.dir.path(), "keys.toml", keys, 0o600);
     setup.config("[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"")
 }
 
@@ -57,7 +67,9 @@ fn a_dry_run_stops_the_class_c_pump_with_the_broker_down_and_an_unconfirmed_stop
         // Dry run: OFF at once. No status uplink confirms it.
         at(12_000, SENSOR.uplink(2, 2, &level(300))),
     ];
-    let (mut agent, dir) = setup(proxy.port, &scenario, "1s", 2).start();
+    // The network server handed the session over at downlink counter 1000.
+    let keys = format!("{}fcnt_down = 1000\n", keys_class_c());
+    let (mut agent, dir) = setup_with_keys(proxy.port, &scenario, "1s", 2, &keys).start();
     let alarm = "ALARM: the pump's actuator is in an unknown state";
     assert!(
         agent.wait_log(alarm, Duration::from_secs(40)),
@@ -90,6 +102,7 @@ fn a_dry_run_stops_the_class_c_pump_with_the_broker_down_and_an_unconfirmed_stop
     }
     let fcnts: Vec<u32> = frames.iter().map(|(_, d)| d.fcnt).collect();
     assert!(fcnts.windows(2).all(|w| w[0] < w[1]), "{fcnts:?}");
+    assert!(fcnts[0] >= 1000, "the keys file's floor: {fcnts:?}");
     let kinds: Vec<&str> = frames
         .iter()
         .map(|(_, d)| match d.payload.as_slice() {

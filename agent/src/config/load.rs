@@ -276,13 +276,16 @@ fn load_with(
         notes = seen;
         if let Some(r) = &config.rules {
             match crate::rules::load(r) {
-                Ok(loaded) => notes.push(format!(
-                    "rules: {} pump(s), {} sensor(s), {} device(s) with keys; rule file sha256 {}",
-                    loaded.rules.pumps.len(),
-                    loaded.rules.sensors.len(),
-                    loaded.sessions.len(),
-                    loaded.rules.hash
-                )),
+                Ok(loaded) => {
+                    notes.push(format!(
+                        "rules: {} pump(s), {} sensor(s), {} device(s) with keys; rule file sha256 {}",
+                        loaded.rules.pumps.len(),
+                        loaded.rules.sensors.len(),
+                        loaded.sessions.len(),
+                        loaded.rules.hash
+                    ));
+                    notes.extend(crate::rules::class_c::describe(&loaded.rules));
+                }
                 // Already located in the rule and keys files: said as they are.
                 Err(lines) => rule_errors = lines,
             }

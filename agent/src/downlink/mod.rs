@@ -49,6 +49,8 @@ pub struct Owned {
     /// Given back in the answer.
     pub tag: u64,
     pub reply: SyncSender<Handed>,
+    /// When the radio handed over the frame that caused it (logged as the reaction time).
+    pub cause: Option<Instant>,
 }
 
 /// What became of an `Owned` frame: handed to the radio (with its start counter), or why not.
@@ -67,6 +69,8 @@ enum Origin {
     Owned {
         tag: u64,
         reply: SyncSender<Handed>,
+        cause: Option<Instant>,
+        first: bool,
     },
 }
 
@@ -275,6 +279,8 @@ impl Downlinks {
             origin: Origin::Owned {
                 tag: o.tag,
                 reply: o.reply.clone(),
+                cause: o.cause,
+                first: o.first,
             },
             packet: c.packet,
             radio_start: clock.start,
@@ -325,7 +331,21 @@ impl Downlinks {
                 statuses[item] = status;
                 self.ack(downlink_id, &statuses);
             }
-            Origin::Owned { tag, reply } => {
+            Origin::Owned {
+                tag,
+                reply,
+                cause,
+                first,
+            } => {
+                if let (Some(c), gw::TxAckStatus::Ok) = (cause, status) {
+                    let us = c.elapsed().as_micros() as u64;
+                    tracing::info!(
+                        tag,
+                        stop = first,
+                        reaction_us = us,
+                        "own downlink handed to the radio after a sensor frame"
+                    );
+                }
                 let result = if status == gw::TxAckStatus::Ok {
                     Ok(start)
                 } else {

@@ -16,8 +16,10 @@ use gpiocdev::line::Value;
 use super::file::Actuator as Spec;
 
 pub trait Actuator: Send {
-    /// Energise (`true`) or de-energise the pump's drive.
-    fn set(&mut self, on: bool) -> Result<(), String>;
+    /// Energise (`true`) or de-energise the pump's drive. `cause`: when the radio handed over
+    /// the frame that led to it, if one did (a Class C frame carries it to its hand-off, where
+    /// the reaction time is logged).
+    fn set(&mut self, on: bool, cause: Option<std::time::Instant>) -> Result<(), String>;
 }
 
 /// A relay on one GPIO line; active = run.
@@ -44,7 +46,7 @@ impl GpioRelay {
 }
 
 impl Actuator for GpioRelay {
-    fn set(&mut self, on: bool) -> Result<(), String> {
+    fn set(&mut self, on: bool, _cause: Option<std::time::Instant>) -> Result<(), String> {
         let v = if on { Value::Active } else { Value::Inactive };
         self.request
             .set_value(self.line, v)
@@ -75,7 +77,7 @@ impl Simulated {
 }
 
 impl Actuator for Simulated {
-    fn set(&mut self, on: bool) -> Result<(), String> {
+    fn set(&mut self, on: bool, _cause: Option<std::time::Instant>) -> Result<(), String> {
         let at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -112,7 +114,7 @@ pub fn open_all(pumps: &[(String, Spec)], class_c: &mut OpenClassC) -> Result<Sh
             Spec::Simulated { file } => Box::new(Simulated::open(file, id)?),
             Spec::LorawanClassC(c) => class_c(i, id, c).map_err(|e| format!("pump {id}: {e}"))?,
         };
-        a.set(false).map_err(|e| format!("pump {id}: {e}"))?;
+        a.set(false, None).map_err(|e| format!("pump {id}: {e}"))?;
         out.push((id.clone(), Mutex::new(a)));
     }
     Ok(Arc::new(out))
@@ -129,7 +131,7 @@ pub fn all_off(actuators: &Shared, why: &str) {
             Err(std::sync::TryLockError::WouldBlock) => None,
         };
         match guard {
-            Some(mut g) => match g.set(false) {
+            Some(mut g) => match g.set(false, None) {
                 Ok(()) => {
                     tracing::error!(pump = %id, %why, "ALARM: pump driven to its safe state (off)")
                 }

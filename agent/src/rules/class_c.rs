@@ -41,6 +41,35 @@ pub fn airtime(spreading_factor: u32, phy_len: usize) -> Duration {
     Duration::from_secs_f64((8.0 + 4.25 + payload_symbols) * t_sym)
 }
 
+/// One line per Class C actuator for `lora-edge check`: how it is driven and what its
+/// refreshes cost.
+pub fn describe(rules: &super::file::RuleSet) -> Vec<String> {
+    rules
+        .pumps
+        .iter()
+        .filter_map(|p| match &p.actuator {
+            super::file::Actuator::LorawanClassC(c) => {
+                let air = airtime(c.spreading_factor, c.frame_len(&c.on_hex));
+                let refresh = c.refresh_period();
+                let share = air.as_secs_f64() / refresh.as_secs_f64() * 100.0;
+                Some(format!(
+                    "pump {}: LoRaWAN Class C actuator {} on {:.3} MHz SF{}, ON every {} ({} ms on air: {share:.2} % of the hour), confirmed by its \"{}\" field within {}, {} retries; the network server must not send it downlinks",
+                    p.id,
+                    c.device,
+                    c.frequency_hz as f64 / 1e6,
+                    c.spreading_factor,
+                    humantime::format_duration(refresh),
+                    air.as_millis(),
+                    c.feedback,
+                    humantime::format_duration(c.confirm_within),
+                    c.retries
+                ))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// The downlink frame counter of one actuator session.
 pub struct FCntDown {
     numbering: Numbering,
@@ -206,15 +235,9 @@ impl Actuator {
 }
 
 impl super::actuator::Actuator for Actuator {
-    fn set(&mut self, on: bool) -> Result<(), String> {
+    fn set(&mut self, on: bool, cause: Option<std::time::Instant>) -> Result<(), String> {
+        // Durable (numbering file) before the frame exists.
         let fcnt = self.fcnt.take()?;
-        // Durable in the store too before the frame exists: the fallback of a damaged file.
-        if let Err(e) = self.queue.state_put(
-            &format!("fcntdown/{}", self.spec.device),
-            &fcnt.to_be_bytes(),
-        ) {
-            tracing::warn!(pump = %self.pump, error = %e, "the store's copy of FCntDown was not written (the numbering file holds it)");
-        }
         let data = if on { &self.on } else { &self.off };
         let phy = self.session.downlink(fcnt, self.spec.fport, data)?;
         let owned = Owned {
@@ -222,10 +245,21 @@ impl super::actuator::Actuator for Actuator {
             first: !on,
             tag: tag(self.pump_index, fcnt),
             reply: self.reply.clone(),
+            cause,
         };
-        self.downlinks
+        let sent = self
+            .downlinks
             .try_send(DownInput::Owned(Box::new(owned)))
-            .map_err(|e| format!("the downlink stage did not take the frame: {e}"))?;
+            .map_err(|e| format!("the downlink stage did not take the frame: {e}"));
+        // The fallback for a destroyed numbering file; after the hand-over, as a sled flush
+        // costs milliseconds a STOP need not wait for (the file already holds the number).
+        if let Err(e) = self.queue.state_put(
+            &format!("fcntdown/{}", self.spec.device),
+            &fcnt.to_be_bytes(),
+        ) {
+            tracing::warn!(pump = %self.pump, error = %e, "the store's copy of FCntDown was not written (the numbering file holds it)");
+        }
+        sent?;
         tracing::info!(pump = %self.pump, on, fcnt_down = fcnt, device = %self.spec.device, "rules: Class C command handed to the downlink stage");
         Ok(())
     }

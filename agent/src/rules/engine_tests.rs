@@ -464,3 +464,103 @@ fn every_disabled_safety_check_is_caught() {
         );
     }
 }
+
+/// The engine and a Class C link together: a central lease of an hour keeps the actuator on
+/// with a refresh every 30 s (well inside its 2 min lease), every ON confirmed; when the lease
+/// is not renewed, the pump stops: one OFF, and no ON after it.
+#[test]
+fn a_central_lease_keeps_a_class_c_actuator_on_for_an_hour_and_it_stops_when_not_renewed() {
+    use crate::rules::class_c::{Link, Step};
+    let mut rules = rules(false);
+    rules.pumps[0].auto = None;
+    rules.pumps[0].remote_lease_max_ms = 2 * 60 * M;
+    let spec = file::ClassC {
+        device: "a84041000181abcd".into(),
+        fport: 1,
+        on_hex: "05010078".into(),
+        off_hex: "030000".into(),
+        lease: std::time::Duration::from_secs(120),
+        refresh: Some(std::time::Duration::from_secs(30)),
+        feedback: "relay".into(),
+        confirm_within: std::time::Duration::from_secs(20),
+        retries: 3,
+        frequency_hz: 869_525_000,
+        spreading_factor: 9,
+        power_dbm: 14,
+    };
+    let mut e = Engine::new(rules, T0, &BTreeMap::new());
+    let mut link = Link::new(&spec);
+    link.commanded(false, T0);
+    // (time, on) of every frame sent.
+    let mut sent: Vec<(u64, bool)> = vec![(T0, false)];
+    let mut t = T0 + 11 * M;
+    e.reading(0, 2.0, t);
+    let o = e
+        .command(
+            "P1",
+            Command::Lease {
+                expiry_ms: t + 60 * M,
+                run: true,
+            },
+            t,
+        )
+        .unwrap();
+    let drive = |o: &Outcome, link: &mut Link, t: u64, sent: &mut Vec<(u64, bool)>| {
+        for d in &o.drives {
+            link.commanded(d.on, t);
+            sent.push((t, d.on));
+        }
+    };
+    drive(&o, &mut link, t, &mut sent);
+    let lease_end = t + 60 * M;
+    while t < lease_end + 10 * M {
+        t += S;
+        // The sensor keeps reporting (max_age 25 m), not stuck (5 identical readings).
+        let o = if (t - T0).is_multiple_of(10 * M) {
+            e.reading(0, 2.0 + ((t - T0) / (10 * M)) as f64 / 100.0, t)
+        } else {
+            e.tick(t)
+        };
+        drive(&o, &mut link, t, &mut sent);
+        for step in link.tick(t) {
+            match step {
+                Step::Send(on) => sent.push((t, on)),
+                other => panic!("{other:?} at {}", t - T0),
+            }
+        }
+        // The actuator's status uplink a second after each frame.
+        if sent.last().is_some_and(|(at, _)| *at + S == t) {
+            link.feedback(sent.last().unwrap().1, t);
+        }
+    }
+    let ons: Vec<u64> = sent.iter().filter(|(_, on)| *on).map(|(t, _)| *t).collect();
+    assert!(ons.len() >= 120, "{} ONs", ons.len());
+    assert!(ons.windows(2).all(|w| w[1] - w[0] <= 30 * S));
+    assert!(ons.last().unwrap() - ons[0] >= 59 * M);
+    let last_on = *ons.last().unwrap();
+    let offs: Vec<u64> = sent
+        .iter()
+        .filter(|(t, on)| !*on && *t > last_on)
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(offs.len(), 1, "one OFF, confirmed: {offs:?}");
+    assert!(offs[0] >= lease_end && offs[0] <= lease_end + S);
+    assert!(!e.is_on(0));
+}
+
+#[test]
+fn an_actuator_in_an_unknown_state_holds_the_pump_off_until_confirmed_again() {
+    let mut e = engine(false);
+    e.reading(0, 3.0, T0);
+    e.tick(T0 + 11 * M);
+    assert!(e.is_on(0));
+    let o = e.actuator_fault(0, Some("ON not confirmed".into()), T0 + 12 * M);
+    assert_eq!(o.drives, vec![Drive { pump: 0, on: false }]);
+    assert!(o.audits[0].reasons[0].contains("actuator state unknown: ON not confirmed"));
+    // Demand stays; the pump stays off while unknown.
+    e.reading(0, 3.0, T0 + 30 * M);
+    assert!(e.tick(T0 + 31 * M).drives.is_empty());
+    let o = e.actuator_fault(0, None, T0 + 32 * M);
+    assert_eq!(actions(&o)[0], "trip_clear");
+    assert_eq!(o.drives, vec![Drive { pump: 0, on: true }]);
+}

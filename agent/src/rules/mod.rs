@@ -440,7 +440,7 @@ impl Stage {
                         .1
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .set(on);
+                        .set(on, None);
                     if let Err(e) = result {
                         tracing::error!(pump = %id, on, error = %e, "ALARM: the actuator failed");
                         if let Some(l) = self.links[pi].as_mut() {
@@ -626,7 +626,10 @@ impl Stage {
         // Drive first: the audit can wait, the pump cannot.
         for d in &out.drives {
             let (id, a) = &self.actuators[d.pump];
-            let result = a.lock().unwrap_or_else(|p| p.into_inner()).set(d.on);
+            let result = a
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set(d.on, received);
             if let Some(l) = self.links[d.pump].as_mut() {
                 l.commanded(d.on, now_ms());
                 if result.is_err() {
@@ -722,7 +725,7 @@ mod tests {
     struct Probe(Arc<Mutex<Vec<bool>>>);
 
     impl actuator::Actuator for Probe {
-        fn set(&mut self, on: bool) -> Result<(), String> {
+        fn set(&mut self, on: bool, _cause: Option<Instant>) -> Result<(), String> {
             self.0.lock().unwrap().push(on);
             Ok(())
         }
