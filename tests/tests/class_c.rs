@@ -196,3 +196,78 @@ fn fcnt_down_strictly_increases_across_kills_a_deleted_store_and_a_damaged_count
         agent.log()
     );
 }
+
+#[test]
+fn a_pump_stop_goes_before_the_network_servers_queued_downlinks() {
+    use lora_edge_e2e::commands::{ack, immediately, lora, publish_downlinks};
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let scenario = vec![
+        at(500, SENSOR.uplink(1, 2, &level(3000))),
+        at(4000, ACTUATOR.uplink(1, 3, &relay_status(true))),
+        // Dry run, while the network server's downlinks fill the queue.
+        at(12_000, SENSOR.uplink(2, 2, &level(300))),
+    ];
+    let (mut agent, dir) = setup(broker.port, &scenario, "30s", 3).start();
+    assert!(
+        agent.wait_log("backhaul up", Duration::from_secs(20)),
+        "{}",
+        agent.log()
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    while !handed(dir.path()).iter().any(|(_, d)| d.payload == ON) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 30 Class C downlinks of the network server on the same channel, SF12, 40 bytes: about
+    // 2 s on air each, a minute of queue.
+    let ns: Vec<(u32, _)> = (1..=30u32)
+        .map(|id| {
+            (
+                id,
+                lora(869_525_000, 14, 12, immediately(), 0, &[id as u8; 40]),
+            )
+        })
+        .collect();
+    publish_downlinks(broker.port, ns);
+    assert!(
+        agent.wait_log(
+            "scheduled downlink not sent: a pump STOP took its place",
+            Duration::from_secs(30)
+        ),
+        "{}",
+        agent.log()
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    let off_at = loop {
+        let sent = tx_log(dir.path());
+        if let Some(i) = sent.iter().position(|s| {
+            ACTUATOR
+                .open_downlink(&s.payload, 0)
+                .is_ok_and(|d| d.payload == OFF)
+        }) {
+            break i;
+        }
+        assert!(Instant::now() < until, "no OFF:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The OFF went out while network-server downlinks queued before it were still waiting:
+    // some of them follow it on air.
+    std::thread::sleep(Duration::from_secs(3));
+    let sent = tx_log(dir.path());
+    assert!(
+        sent[off_at + 1..]
+            .iter()
+            .any(|s| s.payload.len() == 40 && s.datarate == 12),
+        "network-server downlinks after the OFF: {}",
+        sent.len() - off_at - 1
+    );
+    // The displaced one was answered as such.
+    let displaced: Vec<u32> = (1..=30u32)
+        .filter(|id| {
+            ack(&collector, *id, Duration::from_secs(120))
+                == vec![chirpstack_api::gw::TxAckStatus::CollisionPacket]
+        })
+        .collect();
+    assert!(!displaced.is_empty());
+    agent.sigterm();
+}

@@ -94,6 +94,9 @@ pub struct Scheduler<T> {
     queue: Vec<Reservation<T>>,
     duty: DutyCycle,
     enforce_duty_cycle: bool,
+    /// The last transmission handed to the radio (start, airtime): no longer queued, maybe
+    /// still on air; nothing may be scheduled over it.
+    handed: Option<(u32, u32)>,
 }
 
 /// Whether two transmissions, guard and tail included, overlap on the wrapping counter.
@@ -114,6 +117,7 @@ impl<T> Scheduler<T> {
             queue: Vec::new(),
             duty: DutyCycle::default(),
             enforce_duty_cycle,
+            handed: None,
         }
     }
 
@@ -129,6 +133,32 @@ impl<T> Scheduler<T> {
         self.queue
             .iter()
             .any(|r| overlap(r.start, r.airtime_us, start, airtime_us))
+            || self
+                .handed
+                .is_some_and(|(s, a)| overlap(s, a, start, airtime_us))
+    }
+
+    /// Forgets the handed-off transmission once it has ended (before the counter could wrap
+    /// onto it).
+    fn expire_handed(&mut self, now: u32) {
+        if self
+            .handed
+            .is_some_and(|(s, a)| lead_us(now, s.wrapping_add(a + TAIL_US)) < 0)
+        {
+            self.handed = None;
+        }
+    }
+
+    /// The first start from `at` on that overlaps none of `fixed` (windows), pushing past each.
+    fn first_free(at: u32, airtime_us: u32, fixed: &[(u32, u32)]) -> u32 {
+        let mut at = at;
+        for _ in 0..=fixed.len() {
+            match fixed.iter().find(|(s, a)| overlap(*s, *a, at, airtime_us)) {
+                Some((s, a)) => at = s.wrapping_add(a + TAIL_US + GUARD_US),
+                None => break,
+            }
+        }
+        at
     }
 
     /// Reserves a transmission; returns its start counter.
@@ -144,6 +174,7 @@ impl<T> Scheduler<T> {
         if self.queue.len() >= QUEUE_MAX {
             return Err(Refusal::QueueFull);
         }
+        self.expire_handed(now);
         let start = match when {
             When::At(at) => {
                 let lead = lead_us(now, at);
@@ -160,17 +191,13 @@ impl<T> Scheduler<T> {
             }
             When::Immediately => {
                 // now + 80 ms, pushed past each reservation it would overlap.
-                let mut at = now.wrapping_add(IMMEDIATE_DELAY_US);
-                for _ in 0..=self.queue.len() {
-                    match self
-                        .queue
-                        .iter()
-                        .find(|r| overlap(r.start, r.airtime_us, at, airtime_us))
-                    {
-                        Some(r) => at = r.start.wrapping_add(r.airtime_us + TAIL_US + GUARD_US),
-                        None => break,
-                    }
-                }
+                let fixed: Vec<(u32, u32)> = self
+                    .queue
+                    .iter()
+                    .map(|r| (r.start, r.airtime_us))
+                    .chain(self.handed)
+                    .collect();
+                let at = Self::first_free(now.wrapping_add(IMMEDIATE_DELAY_US), airtime_us, &fixed);
                 if self.overlaps(at, airtime_us) || lead_us(now, at) > MAX_LEAD_US as i64 {
                     return Err(Refusal::Collision);
                 }
@@ -225,15 +252,29 @@ impl<T> Scheduler<T> {
         payload: T,
         may_evict: impl Fn(&T) -> bool,
     ) -> Result<(u32, Vec<T>), Refusal> {
+        let mut charge = None;
+        let airtime = Duration::from_micros(airtime_us as u64);
+        let band = sub_band(freq_hz);
         if self.enforce_duty_cycle {
             self.duty.expire(mono_now);
-            let band = sub_band(freq_hz);
             let allowed = HOUR * band.permille / 1000;
-            if self.duty.used(band.name) + Duration::from_micros(airtime_us as u64) > allowed {
+            if self.duty.used(band.name) + airtime > allowed {
                 return Err(Refusal::DutyCycle);
             }
         }
-        let at = now.wrapping_add(IMMEDIATE_DELAY_US);
+        self.expire_handed(now);
+        // Its place: after what is on air and other first items only.
+        let fixed: Vec<(u32, u32)> = self
+            .queue
+            .iter()
+            .filter(|r| !may_evict(&r.payload))
+            .map(|r| (r.start, r.airtime_us))
+            .chain(self.handed)
+            .collect();
+        let at = Self::first_free(now.wrapping_add(IMMEDIATE_DELAY_US), airtime_us, &fixed);
+        if lead_us(now, at) > MAX_LEAD_US as i64 {
+            return Err(Refusal::Collision);
+        }
         let mut evicted = Vec::new();
         let mut i = 0;
         while i < self.queue.len() {
@@ -245,8 +286,9 @@ impl<T> Scheduler<T> {
             }
         }
         if self.queue.len() >= QUEUE_MAX {
-            if let Some(last) = self.queue.iter().rposition(|r| may_evict(&r.payload)) {
-                evicted.push(self.queue.remove(last));
+            match self.queue.iter().rposition(|r| may_evict(&r.payload)) {
+                Some(last) => evicted.push(self.queue.remove(last)),
+                None => return Err(Refusal::QueueFull),
             }
         }
         let evicted: Vec<T> = evicted
@@ -258,15 +300,30 @@ impl<T> Scheduler<T> {
                 r.payload
             })
             .collect();
-        let start = self.schedule(
-            now,
-            mono_now,
-            When::Immediately,
-            airtime_us,
-            freq_hz,
-            payload,
-        )?;
-        Ok((start, evicted))
+        if self.enforce_duty_cycle {
+            let when = mono_now + Duration::from_micros(lead_us(now, at).max(0) as u64);
+            self.duty.used.push_back((band.name, when, airtime));
+            charge = Some(Charge {
+                band: band.name,
+                at: when,
+                airtime,
+            });
+        }
+        let pos = self
+            .queue
+            .iter()
+            .position(|r| lead_us(now, r.start) > lead_us(now, at))
+            .unwrap_or(self.queue.len());
+        self.queue.insert(
+            pos,
+            Reservation {
+                start: at,
+                airtime_us,
+                payload,
+                charge,
+            },
+        );
+        Ok((at, evicted))
     }
 
     /// Packets whose hand-off time has come, in start order, with their start counter and
@@ -279,6 +336,7 @@ impl<T> Scheduler<T> {
             .is_some_and(|r| lead_us(now, r.start) <= HANDOFF_LEAD_US as i64)
         {
             let r = self.queue.remove(0);
+            self.handed = Some((r.start, r.airtime_us));
             out.push((r.start, r.payload, r.charge));
         }
         out
@@ -402,6 +460,37 @@ mod tests {
             .unwrap();
         assert_eq!(evicted, vec!["ns"]);
         assert_eq!(s.len(), QUEUE_MAX);
+    }
+
+    #[test]
+    fn nothing_is_scheduled_over_a_transmission_already_handed_to_the_radio() {
+        let t = Instant::now();
+        let now = 1_000_000;
+        let mut s = Scheduler::new(false);
+        // A 2 s transmission handed off: out of the queue, still on air.
+        let start = now + IMMEDIATE_DELAY_US;
+        s.schedule(now, t, When::Immediately, 2_000_000, F, "ns-on-air")
+            .unwrap();
+        assert_eq!(s.due(start - HANDOFF_LEAD_US).len(), 1);
+        let later = start - HANDOFF_LEAD_US + 10_000;
+        let at = s
+            .schedule(later, t, When::Immediately, 100_000, F, "next")
+            .unwrap();
+        assert!(lead_us(start + 2_000_000, at) > 0, "after the one on air");
+        assert_eq!(
+            s.schedule(later, t, When::At(start + 500_000), 10_000, F, "rx1"),
+            Err(Refusal::Collision)
+        );
+        // A first item goes right after the one on air, displacing the queued one there.
+        let (first, evicted) = s
+            .schedule_first(later, t, 100_000, F, "stop", |p| *p != "stop")
+            .unwrap();
+        assert_eq!(first, at);
+        assert_eq!(evicted, vec!["next"]);
+        // Once it has ended, it is forgotten.
+        let after = start + 2_000_000 + TAIL_US + 1;
+        s.schedule(after, t, When::At(after + 1_000_000), 10_000, F, "late")
+            .unwrap();
     }
 
     #[test]
