@@ -33,6 +33,38 @@ fn handed(dir: &std::path::Path) -> Vec<(Sent, Downlink)> {
         .collect()
 }
 
+#[test]
+fn the_independent_downlink_check_opens_the_published_vector() {
+    // FPort 10, FCntDown 5, payload 01003C (shared doc; three implementations agree).
+    let d = lora_edge_e2e::lorawan::Device {
+        dev_eui: "0000000000000001",
+        dev_addr: [0x49, 0xBE, 0x7D, 0xF1],
+        nwk_s_key: hex::decode("44024241ed4ce9a68c6a8bc055233fd3")
+            .unwrap()
+            .try_into()
+            .unwrap(),
+        app_s_key: hex::decode("ec925802ae430ca77fd3dd73cb2cc588")
+            .unwrap()
+            .try_into()
+            .unwrap(),
+    };
+    let phy = hex::decode("60F17DBE490005000A3FAF5E46ADEB14").unwrap();
+    assert_eq!(
+        d.open_downlink(&phy, 0).unwrap(),
+        Downlink {
+            dev_addr: [0x49, 0xBE, 0x7D, 0xF1],
+            fcnt: 5,
+            fport: 10,
+            payload: vec![0x01, 0x00, 0x3C],
+        }
+    );
+    // The same bytes with the counter's high bits set fail the MIC: the check is real.
+    assert!(d.open_downlink(&phy, 1).unwrap_err().contains("bad MIC"));
+    let mut flipped = phy.clone();
+    flipped[10] ^= 1;
+    assert!(d.open_downlink(&flipped, 0).is_err());
+}
+
 fn setup(proxy_port: u16, scenario: &[Frame], confirm: &str, retries: u32) -> AgentSetup {
     setup_with_keys(proxy_port, scenario, confirm, retries, &keys_class_c())
 }
