@@ -242,7 +242,7 @@ fn a_pump_stop_goes_before_the_network_servers_queued_downlinks() {
     ];
     let (mut agent, dir) = setup(broker.port, &scenario, "30s", 3).start();
     assert!(
-        agent.wait_log("backhaul up", Duration::from_secs(20)),
+        agent.wait_log("subscribed: commands will arrive", Duration::from_secs(20)),
         "{}",
         agent.log()
     );

@@ -30,9 +30,10 @@ fn upstream_libloragw_on_a_board_without_the_sensor_is_explained_and_downlinks_a
     assert!(log.contains("V2.1.0r9"), "the fix is named:\n{log}");
 
     // A downlink while the radio is down: answered at once, never queued. (Once the agent is
-    // subscribed: a command published before that reaches nobody.)
+    // subscribed: a command published before that reaches nobody; under qemu the subscription
+    // lags the connection.)
     assert!(
-        agent.wait_log("backhaul up", Duration::from_secs(15)),
+        agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)),
         "{}",
         agent.log()
     );
@@ -178,8 +179,12 @@ fn downlinks_queued_at_shutdown_are_answered() {
     // Delivered to the agent and scheduled a minute ahead.
     std::thread::sleep(Duration::from_secs(1));
     assert!(agent.sigterm().success());
+    // Said either way: the radio stops first, and a slow machine (qemu) may see it stopped
+    // before the stage is told the agent is stopping.
     assert!(
-        agent.log().contains("the agent is shutting down"),
+        agent
+            .log()
+            .contains("scheduled downlink not sent downlink_id=9"),
         "{}",
         agent.log()
     );

@@ -295,7 +295,7 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
     let (agent, _dir) = setup
         .config("[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"")
         .start();
-    assert!(agent.wait_log("backhaul up", Duration::from_secs(15)));
+    assert!(agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)));
     // Past min off from boot, with the reading in.
     std::thread::sleep(Duration::from_millis(4500));
     let in_a_minute = unix_ms_now() + 60_000;

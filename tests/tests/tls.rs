@@ -249,7 +249,7 @@ fn commands_beyond_the_rate_limit_are_refused_and_counted() {
     let (mut agent, _dir) = AgentSetup::new(broker.port)
         .config("[mqtt]\ncommand_rate_per_s = 5")
         .start();
-    agent.wait_log("backhaul up", Duration::from_secs(20));
+    agent.wait_log("subscribed: commands will arrive", Duration::from_secs(20));
     // 60 commands at once: a burst of 10 passes, the rest is refused.
     publish_downlinks(
         broker.port,

@@ -165,7 +165,7 @@ fn oversized_commands_every_300_ms_do_not_cost_the_session() {
     // 50 frames/s for 12 s.
     let sent = frames(600, DEVICES, 1000, 20.0);
     let (agent, _dir) = AgentSetup::new(proxy.port).scenario(&sent).start();
-    agent.wait_log("backhaul up", Duration::from_secs(10));
+    agent.wait_log("subscribed: commands will arrive", Duration::from_secs(10));
     let publisher = Publisher::connect(broker.port);
     let huge = vec![0x5a; 2 << 20];
     let started = Instant::now();

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use chirpstack_api::gw;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
@@ -258,13 +258,13 @@ impl Backhaul {
                             }
                             None => tracing::debug!(backlog, "backhaul: session started"),
                         }
-                        if let Err(e) = client.try_subscribe(down_topic.clone(), QoS::AtLeastOnce) {
-                            return SessionEnd::Lost(format!("subscribe: {e}"));
-                        }
+                        // One SUBSCRIBE, one SUBACK: "subscribed" means every command topic.
+                        let mut filters = vec![Filter::new(down_topic.clone(), QoS::AtLeastOnce)];
                         if self.pumps.is_some() {
-                            if let Err(e) = client.try_subscribe(topics.under("command/pump"), QoS::AtLeastOnce) {
-                                return SessionEnd::Lost(format!("subscribe: {e}"));
-                            }
+                            filters.push(Filter::new(topics.under("command/pump"), QoS::AtLeastOnce));
+                        }
+                        if let Err(e) = client.try_subscribe_many(filters) {
+                            return SessionEnd::Lost(format!("subscribe: {e}"));
                         }
                         let online = conn_state(&self.gateway_id, true, self.cfg.encoding);
                         if client.try_publish(topics.under("state/conn"), QoS::AtLeastOnce, true, online).is_ok() {
@@ -295,10 +295,16 @@ impl Backhaul {
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                        for code in &ack.return_codes {
+                        let names = std::iter::once(down_topic.clone())
+                            .chain(self.pumps.is_some().then(|| topics.under("command/pump")));
+                        for (code, topic) in ack.return_codes.iter().zip(names) {
                             if !matches!(code, SubscribeReasonCode::Success(_)) {
-                                tracing::error!(topic = %down_topic, reason = ?code, "the broker refused the subscription: downlinks will not arrive");
+                                tracing::error!(%topic, reason = ?code, "the broker refused the subscription: these commands will not arrive");
                             }
+                        }
+                        // Commands published before this reach nobody (the session is clean).
+                        if ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) {
+                            tracing::info!(pkid = ack.pkid, "subscribed: commands will arrive");
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
