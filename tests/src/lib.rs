@@ -25,6 +25,18 @@ pub use proxy::{Dir, Link, Mode, Proxy};
 
 pub const GATEWAY_ID: &str = "0016c001ff10a235";
 
+/// A deadline for work that takes as long as the machine needs (not a timing assertion),
+/// stretched by `LORA_EDGE_TEST_PATIENCE` (a factor; `cross/test` sets it for qemu-user, which
+/// runs the agent 5 to 10 times slower).
+pub fn patience(d: Duration) -> Duration {
+    let factor: u32 = std::env::var("LORA_EDGE_TEST_PATIENCE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|f| *f >= 1)
+        .unwrap_or(1);
+    d * factor
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

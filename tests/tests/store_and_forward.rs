@@ -153,7 +153,7 @@ fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported_acr
         .scenario(&sent)
         .config("[store]\nmax_size_mib = 16")
         .start();
-    let until = Instant::now() + Duration::from_secs(60);
+    let until = Instant::now() + patience(Duration::from_secs(60));
     while agent.status_value("rx").unwrap_or(0) < 60_000
         || !agent.log().contains("oldest events evicted")
     {
@@ -171,7 +171,7 @@ fn over_budget_the_oldest_frames_are_evicted_and_the_exact_range_is_reported_acr
     // number exactly once.
     let mut seen_seqs: BTreeSet<u64> = BTreeSet::new();
     let mut evicted: Vec<(u64, u64)> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + patience(Duration::from_secs(60));
     loop {
         seen_seqs.clear();
         evicted.clear();
@@ -377,7 +377,7 @@ fn a_full_disk_evicts_the_oldest_reports_them_and_the_agent_keeps_running() {
         return;
     };
     let (mut agent, _dir) = setup.start();
-    agent.wait_status("rx", 40_000, Duration::from_secs(90));
+    agent.wait_status("rx", 40_000, patience(Duration::from_secs(90)));
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         agent.is_running(),
@@ -397,7 +397,7 @@ fn a_full_disk_evicts_the_oldest_reports_them_and_the_agent_keeps_running() {
 
     proxy.set(Mode::Pass);
     // Every frame is delivered, reported evicted, or counted as rejected: nothing vanishes.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + patience(Duration::from_secs(60));
     loop {
         let delivered = uplinks_by_index(&collector.on("/event/up"), false).1.len() as u64;
         let evicted: u64 = collector
