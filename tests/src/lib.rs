@@ -37,11 +37,22 @@ pub fn patience(d: Duration) -> Duration {
     d * factor
 }
 
+/// A port free now and never handed out before in this process: the kernel may give the same
+/// ephemeral port to two quick binds in a row once the first is closed (seen: a broker told to
+/// listen twice on one port).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// The agent binary, built beside the test executables (the test command builds it first), or

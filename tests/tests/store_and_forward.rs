@@ -396,7 +396,9 @@ fn a_full_disk_evicts_the_oldest_reports_them_and_the_agent_keeps_running() {
     );
 
     proxy.set(Mode::Pass);
-    // Every frame is delivered, reported evicted, or counted as rejected: nothing vanishes.
+    // Every frame is delivered, reported evicted, counted as rejected, or counted as dropped
+    // before the store (`rx_dropped`: the agent could not keep up with 5000 frames/s, seen
+    // under qemu-user only): nothing vanishes.
     let deadline = Instant::now() + patience(Duration::from_secs(60));
     loop {
         let delivered = uplinks_by_index(&collector.on("/event/up"), false).1.len() as u64;
@@ -409,14 +411,15 @@ fn a_full_disk_evicts_the_oldest_reports_them_and_the_agent_keeps_running() {
             .sum();
         // Frames the disk refused are numbered and reported in the notices too.
         let rejected = agent.status_value("rejected").unwrap_or(0);
-        if agent.status_value("backlog") == Some(0) && delivered + evicted >= 40_000 {
+        let dropped = agent.status_value("dropped").unwrap_or(0);
+        if agent.status_value("backlog") == Some(0) && delivered + evicted + dropped >= 40_000 {
             assert!(evicted > 0, "evictions were reported");
             assert!(delivered > 1_000, "{delivered} frames delivered");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "delivered {delivered} + evicted {evicted} + rejected {rejected}\n{}",
+            "delivered {delivered} + evicted {evicted} + rejected {rejected} + dropped {dropped}\n{}",
             agent.log()
         );
         std::thread::sleep(Duration::from_millis(250));

@@ -120,6 +120,8 @@ impl Backhaul {
         let mut intake = Intake::new(self.cfg.command_rate_per_s);
         let mut outage_since: Option<Instant> = Some(Instant::now());
         tracing::info!(server = %self.cfg.server, "backhaul: connecting");
+        // Sessions in a row that the broker accepted and closed within a second.
+        let mut short_sessions = 0u32;
         loop {
             let connected_at = Instant::now();
             let end = self.session(&topics, &mut outage_since, &mut intake).await;
@@ -127,8 +129,22 @@ impl Backhaul {
             match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost(why) => {
-                    if outage_since.is_none() {
+                    let was_up = outage_since.is_none();
+                    if was_up {
                         outage_since = Some(Instant::now());
+                    }
+                    // On a slow CPU the refusal itself is often lost: the broker answers a
+                    // refused publish and closes, and the next write fails before the answer
+                    // is read (seen under qemu: only "Broken pipe" remained). Say the usual cause.
+                    if was_up && connected_at.elapsed() < Duration::from_secs(1) {
+                        short_sessions += 1;
+                        if short_sessions == 3 {
+                            tracing::error!(
+                                "the broker accepted and then closed the session 3 times in a row within a second: usually it refuses what the gateway publishes or subscribes to (an ACL: check the broker's acl_file for this gateway's user or certificate name), or another client uses the same client id"
+                            );
+                        }
+                    } else if was_up {
+                        short_sessions = 0;
                     }
                     // A session that lived a while was healthy: start the back-off over.
                     if connected_at.elapsed() > self.cfg.reconnect_max {

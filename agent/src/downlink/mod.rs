@@ -264,6 +264,10 @@ impl Downlinks {
             }
         };
         let Ok(clock) = self.hal.clock() else {
+            tracing::warn!(
+                tag = o.tag,
+                "own downlink not sent: the radio is not running"
+            );
             return answer(Err("the radio is not running".into()));
         };
         let c = match validate(&o.item, &self.limits) {

@@ -133,7 +133,7 @@ pub fn all_off(actuators: &Shared, why: &str) {
         match guard {
             Some(mut g) => match g.set(false, None) {
                 Ok(()) => {
-                    tracing::error!(pump = %id, %why, "ALARM: pump driven to its safe state (off)")
+                    tracing::error!(pump = %id, %why, "ALARM: pump commanded to its safe state (off)")
                 }
                 Err(e) => {
                     tracing::error!(pump = %id, %why, error = %e, "ALARM: could not drive the pump off")
