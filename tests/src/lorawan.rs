@@ -53,6 +53,22 @@ impl Device {
     }
 }
 
+/// The published test vector's session (lora-packet's README, the shared doc): uplink
+/// `40F17DBE4900020001954378762B11FF0D`, downlink FPort 10 FCntDown 5 `01003C` →
+/// `60F17DBE490005000A3FAF5E46ADEB14`.
+pub const VECTOR: Device = Device {
+    dev_eui: "0000000000000001",
+    dev_addr: [0x49, 0xBE, 0x7D, 0xF1],
+    nwk_s_key: [
+        0x44, 0x02, 0x42, 0x41, 0xed, 0x4c, 0xe9, 0xa6, 0x8c, 0x6a, 0x8b, 0xc0, 0x55, 0x23, 0x3f,
+        0xd3,
+    ],
+    app_s_key: [
+        0xec, 0x92, 0x58, 0x02, 0xae, 0x43, 0x0c, 0xa7, 0x7f, 0xd3, 0xdd, 0x73, 0xcb, 0x2c, 0xc5,
+        0x88,
+    ],
+};
+
 /// The wet-well level sensor of `RULES`.
 pub const SENSOR: Device = Device {
     dev_eui: "70b3d57ed0001a01",

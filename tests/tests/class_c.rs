@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use lora_edge_e2e::lorawan::{
-    keys_class_c, level, relay_status, rules_class_c, Downlink, ACTUATOR, SENSOR,
+    keys_class_c, level, relay_status, rules_class_c, Downlink, ACTUATOR, SENSOR, VECTOR,
 };
 use lora_edge_e2e::pki;
 use lora_edge_e2e::*;
@@ -36,18 +36,7 @@ fn handed(dir: &std::path::Path) -> Vec<(Sent, Downlink)> {
 #[test]
 fn the_independent_downlink_check_opens_the_published_vector() {
     // FPort 10, FCntDown 5, payload 01003C (shared doc; three implementations agree).
-    let d = lora_edge_e2e::lorawan::Device {
-        dev_eui: "0000000000000001",
-        dev_addr: [0x49, 0xBE, 0x7D, 0xF1],
-        nwk_s_key: hex::decode("44024241ed4ce9a68c6a8bc055233fd3")
-            .unwrap()
-            .try_into()
-            .unwrap(),
-        app_s_key: hex::decode("ec925802ae430ca77fd3dd73cb2cc588")
-            .unwrap()
-            .try_into()
-            .unwrap(),
-    };
+    let d = VECTOR;
     let phy = hex::decode("60F17DBE490005000A3FAF5E46ADEB14").unwrap();
     assert_eq!(
         d.open_downlink(&phy, 0).unwrap(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use prost::Message;
 
-use lora_edge_e2e::lorawan::{level, Device, RULES, SENSOR};
+use lora_edge_e2e::lorawan::{level, RULES, SENSOR, VECTOR};
 use lora_edge_e2e::pki;
 use lora_edge_e2e::*;
 
@@ -19,18 +19,7 @@ fn at(offset_ms: u64, payload: Vec<u8>) -> Frame {
 
 #[test]
 fn the_lrwn_frame_builder_reproduces_the_published_vector() {
-    let d = Device {
-        dev_eui: "0000000000000001",
-        dev_addr: [0x49, 0xBE, 0x7D, 0xF1],
-        nwk_s_key: hex::decode("44024241ed4ce9a68c6a8bc055233fd3")
-            .unwrap()
-            .try_into()
-            .unwrap(),
-        app_s_key: hex::decode("ec925802ae430ca77fd3dd73cb2cc588")
-            .unwrap()
-            .try_into()
-            .unwrap(),
-    };
+    let d = VECTOR;
     assert_eq!(
         hex::encode_upper(d.uplink(2, 1, b"test")),
         "40F17DBE4900020001954378762B11FF0D"

@@ -204,23 +204,41 @@ impl<T> Scheduler<T> {
                 at
             }
         };
-        let mut charge = None;
-        if self.enforce_duty_cycle {
-            self.duty.expire(mono_now);
-            let band = sub_band(freq_hz);
-            let allowed = HOUR * band.permille / 1000;
-            let airtime = Duration::from_micros(airtime_us as u64);
-            if self.duty.used(band.name) + airtime > allowed {
-                return Err(Refusal::DutyCycle);
-            }
-            let at = mono_now + Duration::from_micros(lead_us(now, start).max(0) as u64);
-            self.duty.used.push_back((band.name, at, airtime));
-            charge = Some(Charge {
-                band: band.name,
-                at,
-                airtime,
-            });
+        if !self.duty_allows(mono_now, freq_hz, airtime_us) {
+            return Err(Refusal::DutyCycle);
         }
+        self.reserve(now, mono_now, start, airtime_us, freq_hz, payload);
+        Ok(start)
+    }
+
+    /// Whether the sub-band of `freq_hz` has room for `airtime_us` more this hour.
+    fn duty_allows(&mut self, mono_now: Instant, freq_hz: u32, airtime_us: u32) -> bool {
+        if !self.enforce_duty_cycle {
+            return true;
+        }
+        self.duty.expire(mono_now);
+        let band = sub_band(freq_hz);
+        let allowed = HOUR * band.permille / 1000;
+        self.duty.used(band.name) + Duration::from_micros(airtime_us as u64) <= allowed
+    }
+
+    /// Charges the duty cycle (when enforced) and queues the transmission in start order.
+    fn reserve(
+        &mut self,
+        now: u32,
+        mono_now: Instant,
+        start: u32,
+        airtime_us: u32,
+        freq_hz: u32,
+        payload: T,
+    ) {
+        let charge = self.enforce_duty_cycle.then(|| {
+            let band = sub_band(freq_hz).name;
+            let at = mono_now + Duration::from_micros(lead_us(now, start).max(0) as u64);
+            let airtime = Duration::from_micros(airtime_us as u64);
+            self.duty.used.push_back((band, at, airtime));
+            Charge { band, at, airtime }
+        });
         let pos = self
             .queue
             .iter()
@@ -235,7 +253,6 @@ impl<T> Scheduler<T> {
                 charge,
             },
         );
-        Ok(start)
     }
 
     /// Reserves a transmission that goes before any other (a pump STOP): as soon as possible,
@@ -252,15 +269,8 @@ impl<T> Scheduler<T> {
         payload: T,
         may_evict: impl Fn(&T) -> bool,
     ) -> Result<(u32, Vec<T>), Refusal> {
-        let mut charge = None;
-        let airtime = Duration::from_micros(airtime_us as u64);
-        let band = sub_band(freq_hz);
-        if self.enforce_duty_cycle {
-            self.duty.expire(mono_now);
-            let allowed = HOUR * band.permille / 1000;
-            if self.duty.used(band.name) + airtime > allowed {
-                return Err(Refusal::DutyCycle);
-            }
+        if !self.duty_allows(mono_now, freq_hz, airtime_us) {
+            return Err(Refusal::DutyCycle);
         }
         self.expire_handed(now);
         // Its place: after what is on air and other first items only.
@@ -300,29 +310,7 @@ impl<T> Scheduler<T> {
                 r.payload
             })
             .collect();
-        if self.enforce_duty_cycle {
-            let when = mono_now + Duration::from_micros(lead_us(now, at).max(0) as u64);
-            self.duty.used.push_back((band.name, when, airtime));
-            charge = Some(Charge {
-                band: band.name,
-                at: when,
-                airtime,
-            });
-        }
-        let pos = self
-            .queue
-            .iter()
-            .position(|r| lead_us(now, r.start) > lead_us(now, at))
-            .unwrap_or(self.queue.len());
-        self.queue.insert(
-            pos,
-            Reservation {
-                start: at,
-                airtime_us,
-                payload,
-                charge,
-            },
-        );
+        self.reserve(now, mono_now, at, airtime_us, freq_hz, payload);
         Ok((at, evicted))
     }
 
