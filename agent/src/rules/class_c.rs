@@ -49,9 +49,8 @@ pub fn describe(rules: &super::file::RuleSet) -> Vec<String> {
         .iter()
         .filter_map(|p| match &p.actuator {
             super::file::Actuator::LorawanClassC(c) => {
-                let air = airtime(c.spreading_factor, c.frame_len(&c.on_hex));
+                let (air, share) = c.refresh_cost();
                 let refresh = c.refresh_period();
-                let share = air.as_secs_f64() / refresh.as_secs_f64() * 100.0;
                 Some(format!(
                     "pump {}: LoRaWAN Class C actuator {} on {:.3} MHz SF{}, ON every {} ({} ms on air: {share:.2} % of the hour), confirmed by its \"{}\" field within {}, {} retries; the network server must not send it downlinks",
                     p.id,

@@ -183,6 +183,15 @@ impl ClassC {
     pub fn frame_len(&self, payload: &str) -> usize {
         1 + 7 + 1 + payload.len() / 2 + 4
     }
+
+    /// What the ON refreshes cost: one ON's time on air, and their share of the hour (%).
+    pub fn refresh_cost(&self) -> (Duration, f64) {
+        let air = super::class_c::airtime(self.spreading_factor, self.frame_len(&self.on_hex));
+        (
+            air,
+            air.as_secs_f64() / self.refresh_period().as_secs_f64() * 100.0,
+        )
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -466,9 +475,8 @@ fn check_class_c(c: &ClassC, devices: &[Device], err: &mut dyn FnMut(&str, Strin
     }
     if (7..=12).contains(&c.spreading_factor) && !refresh.is_zero() {
         let band = crate::radio::region::sub_band(c.frequency_hz);
-        let air = super::class_c::airtime(c.spreading_factor, c.frame_len(&c.on_hex));
+        let (air, share) = c.refresh_cost();
         let per_hour = 3600.0 / refresh.as_secs_f64();
-        let share = air.as_secs_f64() * per_hour / 3600.0 * 100.0;
         let allowed = band.permille as f64 / 10.0;
         if share > allowed / 2.0 {
             err(

@@ -435,19 +435,7 @@ impl Stage {
         let id = self.engine.rules().pumps[pi].id.clone();
         for step in steps {
             match step {
-                Step::Send(on) => {
-                    let result = self.actuators[pi]
-                        .1
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .set(on, None);
-                    if let Err(e) = result {
-                        tracing::error!(pump = %id, on, error = %e, "ALARM: the actuator failed");
-                        if let Some(l) = self.links[pi].as_mut() {
-                            l.not_sent(now);
-                        }
-                    }
-                }
+                Step::Send(on) => self.drive(pi, on, None),
                 Step::Confirmed(running) => {
                     tracing::info!(pump = %id, running, "rules: the actuator confirmed its command");
                 }
@@ -622,33 +610,38 @@ impl Stage {
         }
     }
 
+    /// Sets a pump's actuator (an engine decision, or a Class C refresh or re-send); a failure
+    /// is an alarm, an audit record, and for a Class C link a frame to send again soon.
+    fn drive(&mut self, pi: usize, on: bool, cause: Option<Instant>) {
+        let (id, a) = &self.actuators[pi];
+        let result = a.lock().unwrap_or_else(|p| p.into_inner()).set(on, cause);
+        if let Err(e) = result {
+            let id = id.clone();
+            tracing::error!(pump = %id, on, error = %e, "ALARM: the actuator failed");
+            if let Some(l) = self.links[pi].as_mut() {
+                l.not_sent(now_ms());
+            }
+            self.send_audit(Audit {
+                at_ms: now_ms(),
+                subject: id,
+                action: "actuator_error",
+                reasons: vec![e],
+                inputs: vec![],
+            });
+        }
+    }
+
     fn apply(&mut self, out: Outcome, received: Option<Instant>) {
         // Drive first: the audit can wait, the pump cannot.
         for d in &out.drives {
-            let (id, a) = &self.actuators[d.pump];
-            let result = a
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .set(d.on, received);
             if let Some(l) = self.links[d.pump].as_mut() {
                 l.commanded(d.on, now_ms());
-                if result.is_err() {
-                    l.not_sent(now_ms());
-                }
             }
+            self.drive(d.pump, d.on, received);
             if let Some(r) = received {
                 let us = r.elapsed().as_micros() as u64;
+                let id = &self.actuators[d.pump].0;
                 tracing::info!(pump = %id, on = d.on, reaction_us = us, "rules: actuator driven by a sensor frame");
-            }
-            if let Err(e) = result {
-                tracing::error!(pump = %id, on = d.on, error = %e, "ALARM: the actuator failed");
-                self.send_audit(Audit {
-                    at_ms: now_ms(),
-                    subject: id.clone(),
-                    action: "actuator_error",
-                    reasons: vec![e],
-                    inputs: vec![],
-                });
             }
         }
         for pi in out
