@@ -93,8 +93,71 @@ impl Actuator for Simulated {
     }
 }
 
+/// The one place every command to a pump passes, whoever sends it (an engine decision, a Class C
+/// refresh or re-send, the emergency paths): it remembers the engine's latest decision and
+/// refuses an ON unless that decision is run. A state machine that still wants ON after the
+/// engine said stop (a re-send scheduled before an alarm, a refresh racing a stop) can then never
+/// start the pump: the invariant lives here, not in each caller.
+pub struct Gate {
+    /// The engine's latest decision for this pump; false at boot and after any emergency stop.
+    run: bool,
+    actuator: Box<dyn Actuator>,
+}
+
+/// Why a command did not reach the pump.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// An ON while the engine's decision is stop: not sent.
+    #[error("ON not sent: the rules' decision for this pump is stop")]
+    DecisionIsStop,
+    /// The actuator itself failed (GPIO error, the downlink stage did not take the frame).
+    #[error("{0}")]
+    Failed(String),
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test-only switch that removes the gate's check, to prove that the property test of
+    /// `rules::tests` catches its absence. Never set outside tests.
+    pub(crate) static GATE_DISABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Gate {
+    pub fn new(actuator: Box<dyn Actuator>) -> Gate {
+        Gate {
+            run: false,
+            actuator,
+        }
+    }
+
+    /// The engine decided: the decision is recorded, then carried out.
+    pub fn decide(&mut self, on: bool, cause: Option<std::time::Instant>) -> Result<(), Refused> {
+        self.run = on;
+        self.actuator.set(on, cause).map_err(Refused::Failed)
+    }
+
+    /// The current command again (a refresh, a re-send): an ON only while the decision is run.
+    pub fn repeat(&mut self, on: bool) -> Result<(), Refused> {
+        #[cfg(test)]
+        let disabled = GATE_DISABLED.with(|g| g.get());
+        #[cfg(not(test))]
+        let disabled = false;
+        if on && !self.run && !disabled {
+            return Err(Refused::DecisionIsStop);
+        }
+        self.actuator.set(on, None).map_err(Refused::Failed)
+    }
+
+    /// The safe state, from any path: the decision becomes stop, so nothing turns it on again
+    /// until the engine decides run.
+    pub fn safe(&mut self) -> Result<(), String> {
+        self.run = false;
+        self.actuator.set(false, None)
+    }
+}
+
 /// The actuators of every pump, shared with the emergency paths.
-pub type Shared = Arc<Vec<(String, Mutex<Box<dyn Actuator>>)>>;
+pub type Shared = Arc<Vec<(String, Mutex<Gate>)>>;
 
 /// Opens a Class C actuator: pump index, pump id, settings.
 pub type OpenClassC<'a> =
@@ -103,9 +166,9 @@ pub type OpenClassC<'a> =
 /// Opens every pump's actuator, each driven to its safe state (off) at once. `class_c` opens
 /// a LoRaWAN Class C actuator (pump index, id, settings).
 pub fn open_all(pumps: &[(String, Spec)], class_c: &mut OpenClassC) -> Result<Shared, String> {
-    let mut out: Vec<(String, Mutex<Box<dyn Actuator>>)> = Vec::new();
+    let mut out: Vec<(String, Mutex<Gate>)> = Vec::new();
     for (i, (id, spec)) in pumps.iter().enumerate() {
-        let mut a: Box<dyn Actuator> = match spec {
+        let a: Box<dyn Actuator> = match spec {
             Spec::Gpio {
                 chip,
                 line,
@@ -114,8 +177,9 @@ pub fn open_all(pumps: &[(String, Spec)], class_c: &mut OpenClassC) -> Result<Sh
             Spec::Simulated { file } => Box::new(Simulated::open(file, id)?),
             Spec::LorawanClassC(c) => class_c(i, id, c).map_err(|e| format!("pump {id}: {e}"))?,
         };
-        a.set(false, None).map_err(|e| format!("pump {id}: {e}"))?;
-        out.push((id.clone(), Mutex::new(a)));
+        let mut gate = Gate::new(a);
+        gate.safe().map_err(|e| format!("pump {id}: {e}"))?;
+        out.push((id.clone(), Mutex::new(gate)));
     }
     Ok(Arc::new(out))
 }
@@ -131,7 +195,7 @@ pub fn all_off(actuators: &Shared, why: &str) {
             Err(std::sync::TryLockError::WouldBlock) => None,
         };
         match guard {
-            Some(mut g) => match g.set(false, None) {
+            Some(mut g) => match g.safe() {
                 Ok(()) => {
                     tracing::error!(pump = %id, %why, "ALARM: pump commanded to its safe state (off)")
                 }

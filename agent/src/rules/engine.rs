@@ -64,6 +64,12 @@ pub enum Quality {
     Implausible,
     /// `stuck_samples` identical readings in a row.
     Stuck,
+    /// The first reading of a new session (first seen since start, rejoined, new keys) that no
+    /// earlier reading of the same session agrees with yet. LoRaWAN 1.0's MIC does not cover
+    /// the AppSKey: with a wrong one the payload decrypts to noise that can land inside
+    /// `valid_range`. Noise is independent from frame to frame, so it almost never agrees with
+    /// itself; a reading is believed once a second one agrees with it (`agreement`).
+    Unconfirmed,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +78,18 @@ struct SensorState {
     quality: Quality,
     at: u64,
     same_count: u32,
+    /// A new session: the next reading is believed only if it agrees with `reference`.
+    awaiting: bool,
+    /// What the next reading of a new session must agree with: the session's persisted last
+    /// good value (after a restart), then the previous unconfirmed reading.
+    reference: Option<f64>,
+}
+
+/// How close two readings of a new session must be to confirm each other: `max_step`, or
+/// without one 5 % of `valid_range`'s width.
+pub fn agreement(s: &super::file::Sensor) -> f64 {
+    s.max_step
+        .unwrap_or((s.valid_range[1] - s.valid_range[0]) * 0.05)
 }
 
 /// What an operator or the central server asks of a pump.
@@ -198,6 +216,8 @@ impl Engine {
                 quality: Quality::Unknown,
                 at: now,
                 same_count: 0,
+                awaiting: false,
+                reference: None,
             })
             .collect();
         let pumps = rules
@@ -271,17 +291,46 @@ impl Engine {
         (self.sensors[sensor].value, self.sensors[sensor].quality)
     }
 
+    /// The sensor's device starts a session (at agent start, or new keys): its next reading is
+    /// not believed on its own. `prior`: the last good value persisted for this same session
+    /// (a restart), which may serve as the reading it must agree with.
+    pub fn session_started(&mut self, sensor: usize, prior: Option<f64>) {
+        let cfg = &self.rules.sensors[sensor];
+        let s = &mut self.sensors[sensor];
+        s.awaiting = true;
+        s.reference =
+            prior.filter(|v| v.is_finite() && *v >= cfg.valid_range[0] && *v <= cfg.valid_range[1]);
+    }
+
     /// A reading of `sensor`, then a scan.
     pub fn reading(&mut self, sensor: usize, value: f64, now: u64) -> Outcome {
         let mut out = Outcome::default();
         let cfg = &self.rules.sensors[sensor];
         let s = &mut self.sensors[sensor];
         let before = s.quality;
+        let mut why = String::new();
         let quality = if !value.is_finite()
             || value < cfg.valid_range[0]
             || value > cfg.valid_range[1]
         {
             Quality::OutOfRange
+        } else if s.awaiting {
+            let tolerance = agreement(cfg);
+            match s.reference {
+                Some(r) if (value - r).abs() <= tolerance => {
+                    s.awaiting = false;
+                    s.reference = None;
+                    Quality::Good
+                }
+                reference => {
+                    why = match reference {
+                        Some(r) => format!(": a new session's reading disagrees with the one before ({r}) by more than {tolerance}; waiting for one that agrees"),
+                        None => format!(": a new session's first reading; believed once another agrees within {tolerance}"),
+                    };
+                    s.reference = Some(value);
+                    Quality::Unconfirmed
+                }
+            }
         } else if matches!((cfg.max_step, s.value), (Some(step), Some(prev)) if (value - prev).abs() > step && s.quality != Quality::Unknown && now.saturating_sub(s.at) <= cfg.max_age_ms)
         {
             Quality::Implausible
@@ -309,7 +358,7 @@ impl Engine {
                 at_ms: now,
                 subject: cfg.id.clone(),
                 action: "quality",
-                reasons: vec![format!("{before:?} -> {quality:?} (value {value})")],
+                reasons: vec![format!("{before:?} -> {quality:?} (value {value}){why}")],
                 inputs: vec![self.input(sensor, now)],
             });
         }

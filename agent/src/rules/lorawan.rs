@@ -30,6 +30,9 @@ struct RawDevice {
     /// Next downlink frame counter the device expects (a Class C actuator's), e.g. from the
     /// network server at hand-over; the agent never goes below it.
     fcnt_down: Option<u32>,
+    /// Next uplink frame counter of this session (ChirpStack's `fCntUp`): counters below it are
+    /// replays. Without it and without a stored counter, the high 16 bits are searched.
+    fcnt_up: Option<u32>,
 }
 
 /// One device's ABP-style session.
@@ -39,11 +42,19 @@ pub struct Session {
     dev_addr: DevAddr,
     nwk_s_key: AES128Key,
     app_s_key: AES128Key,
-    /// Last accepted 32-bit uplink counter.
+    /// Last accepted 32-bit uplink counter of this session.
     pub last_fcnt: Option<u32>,
+    /// The keys file's floor for the uplink counter (the next one expected).
+    pub fcnt_up: Option<u32>,
     /// The keys file's floor for the downlink counter.
     pub fcnt_down: Option<u32>,
 }
+
+/// When no counter is known for a session, the high 16 bits of the counter are searched up to
+/// this (counters below 2^24: 16.7 million frames, 318 years at one every 10 minutes). Each
+/// candidate is one AES-CMAC; a frame that matches none costs them all. The search widens a
+/// forger's odds against the 32-bit MIC from 2^-32 to 2^-24 per frame, for that first frame only.
+pub const SEARCH_HIGH_MAX: u32 = 0xFF;
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +98,28 @@ impl Session {
     /// The DevAddr, most significant byte first.
     pub fn dev_addr_bytes(&self) -> [u8; 4] {
         self.dev_addr.to_be_bytes()
+    }
+
+    /// What tells one session of a device from the next: its DevAddr and a fingerprint of its
+    /// keys (never the keys). A rejoin or new keys in the keys file give another id, so the
+    /// counters and readings kept for the old session do not apply to the new one.
+    pub fn id(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(self.nwk_s_key.to_bytes());
+        h.update(self.app_s_key.to_bytes());
+        let digest = h.finalize();
+        format!("{}-{}", self.dev_addr, hex::encode(&digest[..6]))
+    }
+
+    /// The last counter below which frames are replays: the stored one, or the keys file's
+    /// floor, whichever is higher.
+    fn known_last(&self) -> Option<u32> {
+        let floor = self.fcnt_up.and_then(|f| f.checked_sub(1));
+        match (self.last_fcnt, floor) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -163,6 +196,7 @@ pub fn load_keys(path: &Path) -> Result<Vec<Session>, Vec<String>> {
                 nwk_s_key,
                 app_s_key,
                 last_fcnt: None,
+                fcnt_up: d.fcnt_up,
                 fcnt_down: d.fcnt_down,
             });
         }
@@ -184,15 +218,20 @@ pub enum Verdict {
         fcnt: u32,
         fport: Option<u8>,
         payload: Vec<u8>,
+        /// No counter was known for the session: this one was found by searching its high bits.
+        searched: bool,
     },
     /// The MIC matches an already accepted (or older) counter: a replay.
     Replay {
         session: usize,
         fcnt: u32,
     },
-    /// The MIC matches no counter: corrupted, forged, or keys that do not match the device.
+    /// The MIC matches no counter tried: corrupted, forged, or keys that do not match the
+    /// device's session. `expected`: the counter tried when one was known (else every counter
+    /// of the search window was).
     BadMic {
         session: usize,
+        expected: Option<u32>,
     },
     Malformed {
         session: usize,
@@ -234,19 +273,19 @@ impl Sessions {
         let mut first_bad = None;
         for &si in &candidates {
             match self.check_session(si, phy, on_air) {
-                Verdict::BadMic { session } => {
-                    first_bad.get_or_insert(session);
+                v @ Verdict::BadMic { .. } => {
+                    first_bad.get_or_insert(v);
                 }
                 v => return v,
             }
         }
-        Verdict::BadMic {
-            session: first_bad.unwrap_or(candidates[0]),
-        }
+        first_bad.unwrap_or(Verdict::BadMic {
+            session: candidates[0],
+            expected: None,
+        })
     }
 
     fn check_session(&mut self, si: usize, phy: &[u8], on_air: u32) -> Verdict {
-        let s = &mut self.sessions[si];
         let mut p = match PhyPayload::from_slice(phy) {
             Ok(p) => p,
             Err(e) => {
@@ -256,70 +295,129 @@ impl Sessions {
                 }
             }
         };
-        // The next counter with these 16 low bits, and the one an epoch before it.
-        let next = match s.last_fcnt {
-            None => on_air,
-            Some(last) => {
-                let c = (last & 0xFFFF_0000) | on_air;
-                if c <= last {
-                    c.wrapping_add(0x1_0000)
-                } else {
-                    c
-                }
-            }
-        };
+        let key = self.sessions[si].nwk_s_key;
         let mic_ok = |p: &mut PhyPayload, fcnt: u32| -> bool {
             if let Payload::MACPayload(pl) = &mut p.payload {
                 pl.fhdr.f_cnt = fcnt;
             }
-            p.validate_uplink_data_mic(MACVersion::LoRaWAN1_0, 0, 0, 0, &s.nwk_s_key, &s.nwk_s_key)
+            p.validate_uplink_data_mic(MACVersion::LoRaWAN1_0, 0, 0, 0, &key, &key)
                 .unwrap_or(false)
         };
-        let advances = s.last_fcnt.is_none_or(|last| next > last);
-        if advances && mic_ok(&mut p, next) {
-            s.last_fcnt = Some(next);
-            let Payload::MACPayload(pl) = &mut p.payload else {
-                return Verdict::Malformed {
-                    session: si,
-                    why: "not a data frame".into(),
-                };
-            };
-            let fport = pl.f_port;
-            let payload = match (fport, pl.frm_payload.take()) {
-                (Some(port), Some(FRMPayload::Raw(data))) if port > 0 => {
-                    lrwn::encrypt_frm_payload(&s.app_s_key, true, &pl.fhdr.devaddr, next, &data)
-                        .unwrap_or_default()
-                }
-                _ => Vec::new(),
-            };
-            return Verdict::Accepted {
-                session: si,
-                fcnt: next,
-                fport,
-                payload,
-            };
-        }
-        if let Some(last) = s.last_fcnt {
-            // The same 16 bits at or below the last accepted counter: a replay if the MIC says so.
-            let old = if next > last {
-                next.checked_sub(0x1_0000)
-            } else {
-                Some(next)
-            };
-            let old = old
-                .or(Some((last & 0xFFFF_0000) | on_air))
-                .filter(|o| *o <= last);
-            if let Some(o) = old {
-                if mic_ok(&mut p, o) {
-                    return Verdict::Replay {
-                        session: si,
-                        fcnt: o,
-                    };
+        let Some(last) = self.sessions[si].known_last() else {
+            // Nothing known of this session's counter (first frame of a new session, no
+            // `fcnt_up`): the 16 bits on air, under each high part in turn.
+            for high in 0..=SEARCH_HIGH_MAX {
+                let fcnt = (high << 16) | on_air;
+                if mic_ok(&mut p, fcnt) {
+                    return self.accept(si, p, fcnt, true);
                 }
             }
+            return Verdict::BadMic {
+                session: si,
+                expected: None,
+            };
+        };
+        // The next counter with these 16 low bits.
+        let next = {
+            let c = (last & 0xFFFF_0000) | on_air;
+            if c <= last {
+                c.wrapping_add(0x1_0000)
+            } else {
+                c
+            }
+        };
+        if next > last && mic_ok(&mut p, next) {
+            return self.accept(si, p, next, false);
         }
-        Verdict::BadMic { session: si }
+        // The same 16 bits at or below the last accepted counter: a replay if the MIC says so.
+        let old = if next > last {
+            next.checked_sub(0x1_0000)
+        } else {
+            Some(next)
+        };
+        let old = old
+            .or(Some((last & 0xFFFF_0000) | on_air))
+            .filter(|o| *o <= last);
+        if let Some(o) = old {
+            if mic_ok(&mut p, o) {
+                return Verdict::Replay {
+                    session: si,
+                    fcnt: o,
+                };
+            }
+        }
+        Verdict::BadMic {
+            session: si,
+            expected: (next > last).then_some(next),
+        }
     }
+
+    /// A frame whose MIC matched at `fcnt`: the session's counter advances, the payload is
+    /// decrypted.
+    fn accept(&mut self, si: usize, mut p: PhyPayload, fcnt: u32, searched: bool) -> Verdict {
+        let s = &mut self.sessions[si];
+        s.last_fcnt = Some(fcnt);
+        let Payload::MACPayload(pl) = &mut p.payload else {
+            return Verdict::Malformed {
+                session: si,
+                why: "not a data frame".into(),
+            };
+        };
+        let fport = pl.f_port;
+        let payload = match (fport, pl.frm_payload.take()) {
+            (Some(port), Some(FRMPayload::Raw(data))) if port > 0 => {
+                lrwn::encrypt_frm_payload(&s.app_s_key, true, &pl.fhdr.devaddr, fcnt, &data)
+                    .unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        Verdict::Accepted {
+            session: si,
+            fcnt,
+            fport,
+            payload,
+            searched,
+        }
+    }
+}
+
+/// An unconfirmed uplink as the device makes it, with the full counter `fcnt` (the agent's
+/// own tests; the e2e crate has an independent builder).
+#[cfg(test)]
+pub(crate) fn test_uplink(
+    dev_addr: [u8; 4],
+    nwk_s_key: [u8; 16],
+    app_s_key: [u8; 16],
+    fcnt: u32,
+    fport: u8,
+    data: &[u8],
+) -> Vec<u8> {
+    use lrwn::{FCtrl, FType, MACCommandSet, MACPayload, Major, FHDR, MHDR};
+    let mut p = PhyPayload {
+        mhdr: MHDR {
+            f_type: FType::UnconfirmedDataUp,
+            major: Major::LoRaWANR1,
+        },
+        payload: Payload::MACPayload(MACPayload {
+            fhdr: FHDR {
+                devaddr: DevAddr::from_be_bytes(dev_addr),
+                f_ctrl: FCtrl::default(),
+                f_cnt: fcnt,
+                f_opts: MACCommandSet::new(vec![]),
+            },
+            f_port: Some(fport),
+            frm_payload: Some(FRMPayload::Raw(data.to_vec())),
+        }),
+        mic: None,
+    };
+    let (nwk, app) = (
+        AES128Key::from_bytes(nwk_s_key),
+        AES128Key::from_bytes(app_s_key),
+    );
+    p.encrypt_frm_payload(&app).expect("encrypt");
+    p.set_uplink_data_mic(MACVersion::LoRaWAN1_0, 0, 0, 0, &nwk, &nwk)
+        .expect("mic");
+    p.to_vec().expect("encode")
 }
 
 #[cfg(test)]
@@ -358,8 +456,112 @@ mod tests {
                     .unwrap(),
             ),
             last_fcnt: None,
+            fcnt_up: None,
             fcnt_down: None,
         }])
+    }
+
+    fn uplink(s: &Session, fcnt: u32, data: &[u8]) -> Vec<u8> {
+        test_uplink(
+            s.dev_addr.to_be_bytes(),
+            s.nwk_s_key.to_bytes(),
+            s.app_s_key.to_bytes(),
+            fcnt,
+            1,
+            data,
+        )
+    }
+
+    #[test]
+    fn a_sensor_already_past_65535_is_found_by_searching_the_high_bits() {
+        let mut s = vector();
+        let frame = uplink(&s.sessions[0], 70_000, b"x");
+        match s.check(&frame) {
+            Verdict::Accepted {
+                fcnt,
+                searched,
+                payload,
+                ..
+            } => {
+                assert_eq!((fcnt, searched, payload), (70_000, true, b"x".to_vec()));
+            }
+            v => panic!("{v:?}"),
+        }
+        // Known from then on: the next one is checked at one counter, no search.
+        let next = uplink(&s.sessions[0], 70_001, b"y");
+        assert!(matches!(
+            s.check(&next),
+            Verdict::Accepted {
+                fcnt: 70_001,
+                searched: false,
+                ..
+            }
+        ));
+        // And across the next rollover of the 16 bits on air.
+        let over = uplink(&s.sessions[0], 131_073, b"z");
+        assert!(matches!(
+            s.check(&over),
+            Verdict::Accepted { fcnt: 131_073, .. }
+        ));
+    }
+
+    #[test]
+    fn the_keys_files_fcnt_up_is_a_floor_and_spares_the_search() {
+        let mut s = vector();
+        s.sessions[0].fcnt_up = Some(200_000);
+        let below = uplink(&s.sessions[0], 199_999, b"x");
+        assert_eq!(
+            s.check(&below),
+            Verdict::Replay {
+                session: 0,
+                fcnt: 199_999
+            }
+        );
+        let at = uplink(&s.sessions[0], 200_000, b"x");
+        assert!(matches!(
+            s.check(&at),
+            Verdict::Accepted {
+                fcnt: 200_000,
+                searched: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_wrong_nwk_s_key_fails_at_every_counter_and_says_no_counter_was_known() {
+        let mut s = vector();
+        let mut other = s.sessions[0].clone();
+        other.nwk_s_key = AES128Key::from_bytes([7; 16]);
+        let frame = uplink(&other, 5, b"x");
+        assert_eq!(
+            s.check(&frame),
+            Verdict::BadMic {
+                session: 0,
+                expected: None
+            }
+        );
+        s.sessions[0].last_fcnt = Some(3);
+        assert_eq!(
+            s.check(&frame),
+            Verdict::BadMic {
+                session: 0,
+                expected: Some(5)
+            }
+        );
+    }
+
+    #[test]
+    fn a_new_devaddr_or_new_keys_is_another_session() {
+        let base = vector().sessions[0].clone();
+        let mut new_addr = base.clone();
+        new_addr.dev_addr = DevAddr::from_be_bytes([1, 2, 3, 4]);
+        let mut new_app = base.clone();
+        new_app.app_s_key = AES128Key::from_bytes([9; 16]);
+        assert_eq!(base.id(), vector().sessions[0].id());
+        assert_ne!(base.id(), new_addr.id());
+        assert_ne!(base.id(), new_app.id());
+        assert!(base.id().starts_with("49be7df1-"), "{}", base.id());
     }
 
     const PHY: &str = "40F17DBE4900020001954378762B11FF0D";
@@ -374,7 +576,8 @@ mod tests {
                 session: 0,
                 fcnt: 2,
                 fport: Some(1),
-                payload: b"test".to_vec()
+                payload: b"test".to_vec(),
+                searched: true,
             }
         );
         // The same frame again is a replay, not a new reading.
@@ -392,7 +595,13 @@ mod tests {
         let mut s = vector();
         let mut b = hex::decode(PHY).unwrap();
         b[10] ^= 1;
-        assert_eq!(s.check(&b), Verdict::BadMic { session: 0 });
+        assert_eq!(
+            s.check(&b),
+            Verdict::BadMic {
+                session: 0,
+                expected: None
+            }
+        );
         let mut other = hex::decode(PHY).unwrap();
         other[1] ^= 0xFF;
         assert_eq!(s.check(&other), Verdict::NotOurs);

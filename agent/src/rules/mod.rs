@@ -107,7 +107,22 @@ pub struct Radio {
     pub store_path: PathBuf,
 }
 
+/// The stage's clock: Unix milliseconds (injected, so that tests run hours in milliseconds).
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// What the stage keeps of a device's session across restarts (`session/<DevEUI>` in the
+/// store's state tree): which session, its last accepted uplink counter, and the last good
+/// reading of each of its sensors (a restart's first reading may agree with it).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Kept {
+    session: String,
+    fcnt: u32,
+    #[serde(default)]
+    values: BTreeMap<String, f64>,
+}
+
 pub struct Stage {
+    clock: Clock,
     engine: Engine,
     /// Per pump: the Class C link (refresh, confirmation), for Class C actuators.
     links: Vec<Option<class_c::Link>>,
@@ -167,6 +182,29 @@ impl Stage {
         counters: Arc<Counters>,
         radio: Radio,
     ) -> Result<(Stage, Watch, actuator::Shared), String> {
+        Self::with_clock(
+            loaded,
+            gateway_id,
+            input,
+            audit,
+            queue,
+            counters,
+            radio,
+            Arc::new(now_ms),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_clock(
+        loaded: Loaded,
+        gateway_id: String,
+        input: Receiver<Input>,
+        audit: SyncSender<Event>,
+        queue: Arc<Queue>,
+        counters: Arc<Counters>,
+        radio: Radio,
+        clock: Clock,
+    ) -> Result<(Stage, Watch, actuator::Shared), String> {
         let Loaded {
             rules,
             mut sessions,
@@ -196,7 +234,7 @@ impl Stage {
                 )?))
             },
         )?;
-        let boot = now_ms();
+        let boot = clock();
         let links = rules
             .pumps
             .iter()
@@ -210,13 +248,28 @@ impl Stage {
                 _ => None,
             })
             .collect();
+        // Counters and last readings apply to the session they were kept for only: a device
+        // that rejoined (new DevAddr, new keys in the keys file) starts afresh.
+        let mut priors: BTreeMap<String, f64> = BTreeMap::new();
         for s in &mut sessions {
-            s.last_fcnt = queue
-                .state_get(&format!("fcnt/{}", s.dev_eui))
+            let kept = queue
+                .state_get(&format!("session/{}", s.dev_eui))
                 .ok()
                 .flatten()
-                .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
-                .map(u32::from_be_bytes);
+                .and_then(|v| serde_json::from_slice::<Kept>(&v).ok());
+            match kept {
+                Some(k) if k.session == s.id() => {
+                    s.last_fcnt = Some(k.fcnt);
+                    priors.extend(k.values);
+                }
+                Some(k) => tracing::info!(
+                    device = %s.dev_eui,
+                    kept = %k.session,
+                    keys_file = %s.id(),
+                    "rules: the keys file holds a new session for this device (rejoined or re-keyed): its frame counter starts afresh"
+                ),
+                None => {}
+            }
         }
         let mut durable = BTreeMap::new();
         for p in &rules.pumps {
@@ -237,8 +290,13 @@ impl Stage {
                 .map(|s| s.dev_addr_bytes())
                 .collect(),
         );
-        let engine = Engine::new(rules, now_ms(), &durable);
+        let mut engine = Engine::new(rules, boot, &durable);
+        for si in 0..engine.rules().sensors.len() {
+            let prior = priors.get(&engine.rules().sensors[si].id).copied();
+            engine.session_started(si, prior);
+        }
         let stage = Stage {
+            clock,
             engine,
             links,
             handed,
@@ -307,14 +365,7 @@ impl Stage {
             }
             if Instant::now() >= next_tick {
                 next_tick += Duration::from_secs(1);
-                let now = now_ms();
-                let out = self.engine.tick(now);
-                self.apply(out, None);
-                for pi in 0..self.links.len() {
-                    if let Some(steps) = self.links[pi].as_mut().map(|l| l.tick(now)) {
-                        self.link_steps(pi, steps, now);
-                    }
-                }
+                self.tick();
             }
         }
         actuator::all_off(&self.actuators, "the agent is stopping");
@@ -322,8 +373,24 @@ impl Stage {
         self.heartbeat.store(u64::MAX, Ordering::Relaxed);
     }
 
+    fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// The 1 s tick: staleness, leases, max run; Class C refreshes and confirmations.
+    fn tick(&mut self) {
+        let now = self.now();
+        let out = self.engine.tick(now);
+        self.apply(out, None);
+        for pi in 0..self.links.len() {
+            if let Some(steps) = self.links[pi].as_mut().map(|l| l.tick(now)) {
+                self.link_steps(pi, steps, now);
+            }
+        }
+    }
+
     fn frame(&mut self, frame: Frame) {
-        let now = now_ms();
+        let now = self.now();
         match self.sessions.check(&frame.phy) {
             Verdict::NotOurs => {}
             Verdict::Accepted {
@@ -331,8 +398,12 @@ impl Stage {
                 fcnt,
                 fport,
                 payload,
+                searched,
             } => {
                 let eui = self.sessions.sessions[session].dev_eui.clone();
+                if searched {
+                    tracing::info!(device = %eui, fcnt, "rules: no frame counter was known for this session; found by searching its high bits (set fcnt_up in the keys file to spare the search)");
+                }
                 let Some(di) = self
                     .engine
                     .rules()
@@ -344,7 +415,7 @@ impl Stage {
                 };
                 let device = &self.engine.rules().devices[di];
                 if device.fport.is_some_and(|p| Some(p) != fport) {
-                    self.persist_fcnt(&eui, fcnt);
+                    self.keep_session(session, di);
                     return;
                 }
                 let decoded = device.decoder.decode(&payload);
@@ -392,17 +463,37 @@ impl Stage {
                     self.apply(out, Some(frame.received));
                 }
                 // After acting: a crash in between replays one reading, never a stale action.
-                self.persist_fcnt(&eui, fcnt);
+                self.keep_session(session, di);
             }
             Verdict::Replay { session, fcnt } => self.dropped(
                 session,
                 now,
                 format!("replay: frame counter {fcnt} was already accepted"),
             ),
-            Verdict::BadMic { session } => self.dropped(
+            Verdict::BadMic {
+                session,
+                expected: Some(expected),
+            } => {
+                let last = self.sessions.sessions[session].last_fcnt;
+                self.dropped(
+                    session,
+                    now,
+                    format!(
+                        "MIC check failed at frame counter {expected}, the next after {}: corrupted or forged, or the device has a new session (rejoined, or new keys: put them in the keys file)",
+                        last.map_or("the keys file's fcnt_up".into(), |l| l.to_string())
+                    ),
+                )
+            }
+            Verdict::BadMic {
+                session,
+                expected: None,
+            } => self.dropped(
                 session,
                 now,
-                "MIC check failed (corrupted, forged, or wrong keys)".into(),
+                format!(
+                    "MIC check failed at every frame counter up to {}: the NwkSKey in the keys file is not this device's session key (a rejoin gives new keys), or the frame is corrupted or forged",
+                    (lorawan::SEARCH_HIGH_MAX << 16) | 0xFFFF
+                ),
             ),
             Verdict::Malformed { session, why } => {
                 self.dropped(session, now, format!("malformed frame: {why}"))
@@ -422,8 +513,9 @@ impl Stage {
             }
             Err(why) => {
                 tracing::warn!(pump = %id, fcnt_down = fcnt, %why, "rules: Class C frame not sent; trying again");
+                let now = self.now();
                 if let Some(l) = self.links[pi].as_mut() {
-                    l.not_sent(now_ms());
+                    l.not_sent(now);
                 }
             }
         }
@@ -435,7 +527,7 @@ impl Stage {
         let id = self.engine.rules().pumps[pi].id.clone();
         for step in steps {
             match step {
-                Step::Send(on) => self.drive(pi, on, None),
+                Step::Send(on) => self.repeat(pi, on),
                 Step::Confirmed(running) => {
                     tracing::info!(pump = %id, running, "rules: the actuator confirmed its command");
                 }
@@ -584,12 +676,30 @@ impl Stage {
         }
     }
 
-    fn persist_fcnt(&self, eui: &str, fcnt: u32) {
-        if let Err(e) = self
-            .queue
-            .state_put(&format!("fcnt/{eui}"), &fcnt.to_be_bytes())
-        {
-            tracing::error!(device = %eui, error = %e, "rules: the frame counter could not be persisted");
+    /// Keeps the session of device `di` (counter, last good readings) for the next start.
+    fn keep_session(&self, session: usize, di: usize) {
+        let s = &self.sessions.sessions[session];
+        let rules = self.engine.rules();
+        let values = rules
+            .sensors
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.device == di)
+            .filter_map(|(si, c)| match self.engine.sensor_quality(si) {
+                (Some(v), engine::Quality::Good) => Some((c.id.clone(), v)),
+                _ => None,
+            })
+            .collect();
+        let kept = Kept {
+            session: s.id(),
+            fcnt: s.last_fcnt.unwrap_or(0),
+            values,
+        };
+        if let Err(e) = self.queue.state_put(
+            &format!("session/{}", s.dev_eui),
+            &serde_json::to_vec(&kept).unwrap_or_default(),
+        ) {
+            tracing::error!(device = %s.dev_eui, error = %e, "rules: the frame counter could not be persisted");
         }
     }
 
@@ -610,34 +720,61 @@ impl Stage {
         }
     }
 
-    /// Sets a pump's actuator (an engine decision, or a Class C refresh or re-send); a failure
-    /// is an alarm, an audit record, and for a Class C link a frame to send again soon.
-    fn drive(&mut self, pi: usize, on: bool, cause: Option<Instant>) {
-        let (id, a) = &self.actuators[pi];
-        let result = a.lock().unwrap_or_else(|p| p.into_inner()).set(on, cause);
-        if let Err(e) = result {
-            let id = id.clone();
-            tracing::error!(pump = %id, on, error = %e, "ALARM: the actuator failed");
-            if let Some(l) = self.links[pi].as_mut() {
-                l.not_sent(now_ms());
+    /// Carries out an engine decision through the pump's gate.
+    fn decide(&mut self, pi: usize, on: bool, cause: Option<Instant>) {
+        let result = self.actuators[pi]
+            .1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .decide(on, cause);
+        self.carried_out(pi, on, result);
+    }
+
+    /// A Class C refresh or re-send, through the pump's gate: an ON the engine's decision no
+    /// longer allows stops there.
+    fn repeat(&mut self, pi: usize, on: bool) {
+        let result = self.actuators[pi]
+            .1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .repeat(on);
+        self.carried_out(pi, on, result);
+    }
+
+    /// A failure is an alarm, an audit record, and for a Class C link a frame to send again
+    /// soon; an ON the gate refused is said in the log.
+    fn carried_out(&mut self, pi: usize, on: bool, result: Result<(), actuator::Refused>) {
+        let id = self.actuators[pi].0.clone();
+        match result {
+            Ok(()) => {}
+            Err(actuator::Refused::DecisionIsStop) => {
+                tracing::info!(pump = %id, "rules: a refresh or re-send of ON was not sent: the decision for this pump is stop");
             }
-            self.send_audit(Audit {
-                at_ms: now_ms(),
-                subject: id,
-                action: "actuator_error",
-                reasons: vec![e],
-                inputs: vec![],
-            });
+            Err(actuator::Refused::Failed(e)) => {
+                tracing::error!(pump = %id, on, error = %e, "ALARM: the actuator failed");
+                let now = self.now();
+                if let Some(l) = self.links[pi].as_mut() {
+                    l.not_sent(now);
+                }
+                self.send_audit(Audit {
+                    at_ms: now,
+                    subject: id,
+                    action: "actuator_error",
+                    reasons: vec![e],
+                    inputs: vec![],
+                });
+            }
         }
     }
 
     fn apply(&mut self, out: Outcome, received: Option<Instant>) {
         // Drive first: the audit can wait, the pump cannot.
+        let now = self.now();
         for d in &out.drives {
             if let Some(l) = self.links[d.pump].as_mut() {
-                l.commanded(d.on, now_ms());
+                l.commanded(d.on, now);
             }
-            self.drive(d.pump, d.on, received);
+            self.decide(d.pump, d.on, received);
             if let Some(r) = received {
                 let us = r.elapsed().as_micros() as u64;
                 let id = &self.actuators[d.pump].0;
@@ -724,12 +861,315 @@ mod tests {
         }
     }
 
+    const ACTUATOR_ADDR: [u8; 4] = [0x26, 0x01, 0x2C, 0x0C];
+    const ACTUATOR_NWK: [u8; 16] = [0x33; 16];
+    const ACTUATOR_APP: [u8; 16] = [0x44; 16];
+
+    /// One pump on a Class C actuator that is confirmed within 2 s, re-sent twice.
+    const CLASS_C_RULES: &str = r#"
+version = 1
+[[device]]
+dev_eui = "A84041000181ABCD"
+decoder = "layout"
+fport = 3
+  [[device.field]]
+  name = "relay"
+  offset = 0
+  type = "u8"
+[[pump]]
+id = "P1"
+safe_state = "off"
+actuator = { kind = "lorawan_class_c", device = "A84041000181ABCD", fport = 1, on_hex = "05010014", off_hex = "030000", lease = "24s", refresh = "6s", feedback = "relay", confirm_within = "2s", retries = 2 }
+max_run = "2h"
+min_run = "1s"
+min_off = "1s"
+max_starts_per_hour = 60
+remote_lease_max = "1h"
+"#;
+
+    /// A rules stage on a Class C pump, with the downlink stage played by the test: every
+    /// frame the actuator hands over is taken from `downlinks` and answered by the test.
+    struct Bench {
+        dir: tempfile::TempDir,
+        clock: Arc<AtomicU64>,
+        queue: Arc<Queue>,
+        downlinks: Receiver<crate::downlink::Input>,
+        downlinks_tx: SyncSender<crate::downlink::Input>,
+        audit: Receiver<Event>,
+        audit_tx: SyncSender<Event>,
+        _input: SyncSender<Input>,
+        /// Actuator uplink counter.
+        fcnt_up: u32,
+    }
+
+    impl Bench {
+        fn new() -> Bench {
+            let dir = tempfile::tempdir().unwrap();
+            let (queue, _) = Queue::open(crate::store::QueueOptions {
+                path: dir.path().join("store"),
+                max_disk_bytes: 64 << 20,
+                max_age: Duration::from_secs(3600),
+                commit_interval: Duration::from_millis(500),
+            })
+            .unwrap();
+            let (downlinks_tx, downlinks) = std::sync::mpsc::sync_channel(4096);
+            let (audit_tx, audit) = std::sync::mpsc::sync_channel(1 << 20);
+            let (_input, _) = std::sync::mpsc::sync_channel(1);
+            Bench {
+                dir,
+                clock: Arc::new(AtomicU64::new(1_800_000_000_000)),
+                queue: Arc::new(queue),
+                downlinks,
+                downlinks_tx,
+                audit,
+                audit_tx,
+                _input,
+                fcnt_up: 0,
+            }
+        }
+
+        /// A stage as the agent starts it (boot OFF included), on the bench's store and clock.
+        fn stage(&self, rules: &str, keys: &str) -> Stage {
+            use std::os::unix::fs::PermissionsExt;
+            let file = self.dir.path().join("rules.toml");
+            let keys_file = self.dir.path().join("keys.toml");
+            std::fs::write(&file, rules).unwrap();
+            std::fs::write(&keys_file, keys).unwrap();
+            std::fs::set_permissions(&keys_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let loaded = load(&RulesConfig { file, keys_file }).unwrap();
+            let (_tx, input) = std::sync::mpsc::sync_channel(1);
+            let clock = self.clock.clone();
+            Stage::with_clock(
+                loaded,
+                "0016c001ff10a235".into(),
+                input,
+                self.audit_tx.clone(),
+                self.queue.clone(),
+                Arc::new(Counters::default()),
+                Radio {
+                    downlinks: self.downlinks_tx.clone(),
+                    store_path: self.dir.path().join("store"),
+                },
+                Arc::new(move || clock.load(Ordering::Relaxed)),
+            )
+            .unwrap()
+            .0
+        }
+
+        fn class_c_stage(&self) -> Stage {
+            let keys = format!(
+                "[[device]]\ndev_eui = \"a84041000181abcd\"\ndev_addr = \"{}\"\nnwk_s_key = \"{}\"\napp_s_key = \"{}\"\n",
+                hex::encode(ACTUATOR_ADDR),
+                hex::encode(ACTUATOR_NWK),
+                hex::encode(ACTUATOR_APP)
+            );
+            self.stage(CLASS_C_RULES, &keys)
+        }
+
+        /// The frames handed to the downlink stage since the last call: (FCntDown, ON?, answer).
+        fn frames(&self) -> Vec<(u32, bool, crate::downlink::Owned)> {
+            while self.audit.try_recv().is_ok() {}
+            let mut out = Vec::new();
+            while let Ok(input) = self.downlinks.try_recv() {
+                if let crate::downlink::Input::Owned(o) = input {
+                    let (_, fcnt) = class_c::untag(o.tag);
+                    out.push((fcnt, !o.first, *o));
+                }
+            }
+            out
+        }
+
+        fn status(&mut self, stage: &mut Stage, running: bool) {
+            self.fcnt_up += 1;
+            let phy = lorawan::test_uplink(
+                ACTUATOR_ADDR,
+                ACTUATOR_NWK,
+                ACTUATOR_APP,
+                self.fcnt_up,
+                3,
+                &[running as u8],
+            );
+            stage.frame(Frame {
+                phy,
+                received: Instant::now(),
+            });
+        }
+    }
+
+    /// One random run of the stage (see `no_on_leaves_the_agent_while_the_decision_is_stop`);
+    /// Err names the first violation.
+    fn gate_run(seed: u64) -> Result<(), String> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut b = Bench::new();
+        let mut stage = b.class_c_stage();
+        let mut last_fcnt: Option<u32> = None;
+        // The last frame handed over: ON or OFF.
+        let mut last_on = false;
+        let mut unanswered: Vec<crate::downlink::Owned> = Vec::new();
+        for step in 0..300 {
+            let now = b.clock.load(Ordering::Relaxed);
+            let what = rng.u32(0..100);
+            match what {
+                0..=9 => {
+                    let expiry_ms = now + rng.u64(1_000..120_000);
+                    let out = stage.engine.command(
+                        "P1",
+                        engine::Command::Lease {
+                            expiry_ms,
+                            run: true,
+                        },
+                        now,
+                    );
+                    stage.apply(out.unwrap_or_else(|(_, o)| o), None);
+                }
+                10..=13 => {
+                    let cmd = match rng.u32(0..4) {
+                        0 => engine::Command::Lease {
+                            expiry_ms: now + rng.u64(1_000..60_000),
+                            run: false,
+                        },
+                        1 => engine::Command::LeaseEnd,
+                        2 => engine::Command::Lockout,
+                        _ => engine::Command::Release,
+                    };
+                    let out = stage.engine.command("P1", cmd, now);
+                    stage.apply(out.unwrap_or_else(|(_, o)| o), None);
+                }
+                // The actuator's status uplink: agreeing, contradicting, or early.
+                14..=33 => {
+                    let running = if rng.bool() {
+                        stage.engine.is_on(0)
+                    } else {
+                        rng.bool()
+                    };
+                    b.status(&mut stage, running);
+                }
+                // The downlink stage answers: handed to the radio, or not sent (duty cycle,
+                // radio stopped, queue full).
+                34..=53 => {
+                    for o in unanswered.drain(..) {
+                        let result = if rng.u32(0..3) == 0 {
+                            Err("not scheduled: DutyCycle".to_string())
+                        } else {
+                            Ok(0)
+                        };
+                        // A stage killed since has nobody listening: its answer is lost.
+                        let _ = o.reply.send(crate::downlink::Handed { tag: o.tag, result });
+                    }
+                    while let Ok(h) = stage.handed.try_recv() {
+                        stage.handed(h);
+                    }
+                }
+                // A kill: the stage is gone without a word, another starts on the same store.
+                54..=56 => {
+                    drop(stage);
+                    unanswered.clear();
+                    stage = b.class_c_stage();
+                }
+                // Time passes, one tick a second.
+                _ => {
+                    for _ in 0..rng.u64(1..30) {
+                        b.clock.fetch_add(1000, Ordering::Relaxed);
+                        stage.tick();
+                    }
+                }
+            }
+            for (fcnt, on, o) in b.frames() {
+                if last_fcnt.is_some_and(|l| fcnt <= l) {
+                    return Err(format!(
+                        "seed {seed} step {step}: FCntDown {fcnt} after {last_fcnt:?}"
+                    ));
+                }
+                last_fcnt = Some(fcnt);
+                last_on = on;
+                unanswered.push(o);
+            }
+            if last_on && !stage.engine.is_on(0) {
+                return Err(format!(
+                    "seed {seed} step {step}: ON (FCntDown {last_fcnt:?}) handed over while the decision is stop"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// After any stop decision, no ON frame with a higher FCntDown is handed to the radio until
+    /// the engine decides run again: over random sequences of engine decisions (central leases,
+    /// stops, lockouts), status uplinks that confirm, contradict or come early, frames the
+    /// downlink stage did not send (duty cycle), ticks, and kills.
+    ///
+    /// It proves the gate (`actuator::Gate`, the one place every command passes):
+    /// `the_property_test_fails_without_the_gate` runs the same sequences with the gate's check
+    /// removed and requires a violation (found: an ON right after the "unknown state" alarm's
+    /// OFF, as the link re-sends the command it had before the engine's stop).
+    #[test]
+    fn no_on_leaves_the_agent_while_the_decision_is_stop() {
+        for seed in 0..60 {
+            gate_run(seed).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_property_test_fails_without_the_gate() {
+        actuator::GATE_DISABLED.with(|g| g.set(true));
+        let failures: Vec<String> = (0..60).filter_map(|seed| gate_run(seed).err()).collect();
+        actuator::GATE_DISABLED.with(|g| g.set(false));
+        assert!(
+            !failures.is_empty(),
+            "without the gate, no sequence sent an ON after a stop: the property test proves nothing"
+        );
+        eprintln!(
+            "without the gate: {} of 60 runs failed, e.g. {}",
+            failures.len(),
+            failures[0]
+        );
+    }
+
+    #[test]
+    fn an_unconfirmed_on_ends_in_the_alarms_off_and_no_on_after_it() {
+        // The issue's reproduction: lease 24 s, refresh 6 s, confirm within 2 s, 2 retries, no
+        // status uplink.
+        let b = Bench::new();
+        let mut stage = b.class_c_stage();
+        let now = b.clock.load(Ordering::Relaxed);
+        let out = stage
+            .engine
+            .command(
+                "P1",
+                engine::Command::Lease {
+                    expiry_ms: now + 3_600_000,
+                    run: true,
+                },
+                now,
+            )
+            .unwrap();
+        stage.apply(out, None);
+        let mut sent = Vec::new();
+        for _ in 0..60 {
+            b.clock.fetch_add(1000, Ordering::Relaxed);
+            stage.tick();
+            sent.extend(b.frames().into_iter().map(|(fcnt, on, _)| (fcnt, on)));
+        }
+        let first_off = sent
+            .iter()
+            .skip(1)
+            .position(|(_, on)| !on)
+            .map(|i| i + 1)
+            .expect("the alarm's OFF");
+        assert!(
+            sent[first_off..].iter().all(|(_, on)| !on),
+            "an ON after the alarm's OFF: {sent:?}"
+        );
+        assert!(stage.links[0].as_ref().unwrap().is_unknown());
+        assert!(!stage.engine.is_on(0));
+    }
+
     #[test]
     fn the_watchdog_drives_the_pumps_off_when_the_stage_stops_turning() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let actuators: actuator::Shared = Arc::new(vec![(
             "P1".to_string(),
-            Mutex::new(Box::new(Probe(seen.clone())) as Box<dyn actuator::Actuator>),
+            Mutex::new(actuator::Gate::new(Box::new(Probe(seen.clone())))),
         )]);
         let heartbeat = Arc::new(AtomicU64::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
@@ -756,7 +1196,7 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let actuators: actuator::Shared = Arc::new(vec![(
             "P1".to_string(),
-            Mutex::new(Box::new(Probe(seen.clone())) as Box<dyn actuator::Actuator>),
+            Mutex::new(actuator::Gate::new(Box::new(Probe(seen.clone())))),
         )]);
         let a = actuators.clone();
         let _ = std::thread::spawn(move || {
