@@ -32,11 +32,16 @@ fn run() -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let mut scenario = frames_at(&offsets, 50);
     let sensor_frames = (SECONDS * 1000 / 1200) as u32;
     let mut sensor_at = Vec::new();
+    // The session's first reading is believed once a second agrees: one that the first
+    // measured frame agrees with.
+    let mut first = frames_at(&[2005], 1).remove(0);
+    first.payload = SENSOR.uplink(1, 2, &level(3000));
+    scenario.push(first);
     for k in 0..sensor_frames {
         let offset = 2505 + k as u64 * 1200;
         let mut f = frames_at(&[offset], 1).remove(0);
         let high = k % 2 == 0;
-        f.payload = SENSOR.uplink(k + 1, 2, &level(if high { 3000 } else { 300 }));
+        f.payload = SENSOR.uplink(k + 2, 2, &level(if high { 3000 } else { 300 }));
         scenario.push(f);
         sensor_at.push((offset * 1000, high));
     }

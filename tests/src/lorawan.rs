@@ -77,6 +77,38 @@ pub const SENSOR: Device = Device {
     app_s_key: [0x22; 16],
 };
 
+/// The same wet-well sensor after a rejoin: same DevEUI, a new DevAddr and new keys.
+pub const SENSOR_REJOINED: Device = Device {
+    dev_eui: "70b3d57ed0001a01",
+    dev_addr: [0x26, 0x01, 0x77, 0x01],
+    nwk_s_key: [0x55; 16],
+    app_s_key: [0x66; 16],
+};
+
+impl Device {
+    /// The FRMPayload of `data` sent by this device at `fcnt`, as an agent holding
+    /// `wrong_app_s_key` decrypts it (LoRaWAN 1.0's MIC does not cover the AppSKey: noise).
+    pub fn read_with_app_key(&self, fcnt: u32, data: &[u8], wrong_app_s_key: [u8; 16]) -> Vec<u8> {
+        let devaddr = DevAddr::from_be_bytes(self.dev_addr);
+        let on_air = lrwn::encrypt_frm_payload(
+            &AES128Key::from_bytes(self.app_s_key),
+            true,
+            &devaddr,
+            fcnt,
+            data,
+        )
+        .expect("encrypt");
+        lrwn::encrypt_frm_payload(
+            &AES128Key::from_bytes(wrong_app_s_key),
+            true,
+            &devaddr,
+            fcnt,
+            &on_air,
+        )
+        .expect("decrypt")
+    }
+}
+
 /// One pump under local level control with a dry-run interlock, a simulated relay, short
 /// min run and min off so that tests and benchmarks see many transitions.
 pub const RULES: &str = r#"version = 1

@@ -83,10 +83,12 @@ fn a_dry_run_stops_the_class_c_pump_with_the_broker_down_and_an_unconfirmed_stop
     let scenario = vec![
         // High level: demand; the pump starts once min off (2 s from boot) has passed.
         at(500, SENSOR.uplink(1, 2, &level(3000))),
+        // A second reading agrees: the new session's data is believed.
+        at(1000, SENSOR.uplink(2, 2, &level(3000))),
         // The actuator confirms it runs.
         at(4000, ACTUATOR.uplink(1, 3, &relay_status(true))),
         // Dry run: OFF at once. No status uplink confirms it.
-        at(12_000, SENSOR.uplink(2, 2, &level(300))),
+        at(12_000, SENSOR.uplink(3, 2, &level(300))),
     ];
     // The network server handed the session over at downlink counter 1000.
     let keys = format!("{}fcnt_down = 1000\n", keys_class_c());
@@ -225,9 +227,10 @@ fn a_pump_stop_goes_before_the_network_servers_queued_downlinks() {
     let collector = Collector::start(broker.port, "eu868");
     let scenario = vec![
         at(500, SENSOR.uplink(1, 2, &level(3000))),
+        at(1000, SENSOR.uplink(2, 2, &level(3000))),
         at(4000, ACTUATOR.uplink(1, 3, &relay_status(true))),
         // Dry run, while the network server's downlinks fill the queue.
-        at(12_000, SENSOR.uplink(2, 2, &level(300))),
+        at(12_000, SENSOR.uplink(3, 2, &level(300))),
     ];
     let (mut agent, dir) = setup(broker.port, &scenario, "30s", 3).start();
     assert!(
@@ -291,4 +294,63 @@ fn a_pump_stop_goes_before_the_network_servers_queued_downlinks() {
         .collect();
     assert!(!displaced.is_empty());
     agent.sigterm();
+}
+
+/// The issue's reproduction of "an ON after the alarm's OFF": lease 24 s, refresh 6 s,
+/// confirmation within 2 s, 2 re-sends, the level high, no status uplink at all. After the
+/// "unknown state" alarm the pump is held off: the frames on air end with OFFs only.
+#[test]
+fn no_on_follows_the_unknown_state_alarms_off() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port);
+    proxy.set(Mode::Refuse);
+    let scenario = vec![
+        at(500, SENSOR.uplink(1, 2, &level(3000))),
+        at(1000, SENSOR.uplink(2, 2, &level(3000))),
+    ];
+    let setup = setup(proxy.port, &scenario, "2s", 2);
+    std::fs::write(
+        setup.dir.path().join("rules.toml"),
+        rules_class_c("2s", 2).replace(
+            "lease = \"20s\", refresh = \"5s\"",
+            "lease = \"24s\", refresh = \"6s\"",
+        ),
+    )
+    .unwrap();
+    let (mut agent, dir) = setup.start();
+    let alarm = "ALARM: the pump's actuator is in an unknown state";
+    assert!(
+        agent.wait_log(alarm, patience(Duration::from_secs(40))),
+        "{}",
+        agent.log()
+    );
+    // Long enough for the link's stale re-send (0.2 s after the alarm in the issue) and a
+    // refresh period or two.
+    std::thread::sleep(Duration::from_secs(14));
+    agent.sigterm();
+    let kinds: Vec<(u32, &str)> = handed(dir.path())
+        .iter()
+        .map(|(_, d)| {
+            let k = match d.payload.as_slice() {
+                p if p == ON => "on",
+                p if p == OFF => "off",
+                _ => panic!("unexpected payload {:02x?}", d.payload),
+            };
+            (d.fcnt, k)
+        })
+        .collect();
+    let first_on = kinds
+        .iter()
+        .position(|(_, k)| *k == "on")
+        .unwrap_or_else(|| panic!("the pump never started: {kinds:?}\n{}", agent.log()));
+    let stop = first_on
+        + kinds[first_on..]
+            .iter()
+            .position(|(_, k)| *k == "off")
+            .unwrap_or_else(|| panic!("no OFF after the ON: {kinds:?}"));
+    assert!(
+        kinds[stop..].iter().all(|(_, k)| *k == "off"),
+        "an ON after the stop: {kinds:?}"
+    );
+    assert!(kinds.len() > stop + 1, "the OFF is re-sent: {kinds:?}");
 }

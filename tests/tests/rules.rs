@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use prost::Message;
 
-use lora_edge_e2e::lorawan::{level, RULES, SENSOR, VECTOR};
+use lora_edge_e2e::lorawan::{level, RULES, SENSOR, SENSOR_REJOINED, VECTOR};
 use lora_edge_e2e::pki;
 use lora_edge_e2e::*;
 
@@ -31,13 +31,15 @@ fn a_level_sensor_drives_the_relay_with_the_broker_down_and_the_audit_arrives_in
     let broker = Broker::start();
     let proxy = Proxy::start(broker.port);
     proxy.set(Mode::Refuse);
-    let mut bad_mic = SENSOR.uplink(3, 2, &level(3000));
+    let mut bad_mic = SENSOR.uplink(4, 2, &level(3000));
     let last = bad_mic.len() - 1;
     bad_mic[last] ^= 0x01;
-    let second = SENSOR.uplink(2, 2, &level(300));
+    let second = SENSOR.uplink(3, 2, &level(300));
     let scenario = vec![
-        // High level: demand, inhibited by min off from boot, then a start on the tick.
+        // High level: the session's first reading, believed once a second one agrees; then
+        // demand, inhibited by min off from boot, then a start on the tick.
         at(500, SENSOR.uplink(1, 2, &level(3000))),
+        at(1000, SENSOR.uplink(2, 2, &level(3010))),
         // Dry run: the relay opens at once.
         at(4000, second.clone()),
         // The same frame again: a replay, dropped.
@@ -75,7 +77,7 @@ fn a_level_sensor_drives_the_relay_with_the_broker_down_and_the_audit_arrives_in
         "relay transitions:\n{log}"
     );
     assert!(
-        log.contains("replay: frame counter 2 was already accepted"),
+        log.contains("replay: frame counter 3 was already accepted"),
         "{log}"
     );
     assert!(log.contains("MIC check failed"), "{log}");
@@ -272,8 +274,10 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
     let broker = Broker::start();
     let collector = Collector::start(broker.port, "eu868");
     // Level 1.5 m: good data, no local demand (start at 2.5, stop at 1.0).
-    let setup =
-        AgentSetup::new(broker.port).scenario(&[at(300, SENSOR.uplink(1, 2, &level(1500)))]);
+    let setup = AgentSetup::new(broker.port).scenario(&[
+        at(300, SENSOR.uplink(1, 2, &level(1500))),
+        at(400, SENSOR.uplink(2, 2, &level(1500))),
+    ]);
     // Min off 4 s: long enough that a request right after a stop meets it on a loaded machine.
     std::fs::write(
         setup.dir.path().join("rules.toml"),
@@ -442,4 +446,159 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
             .any(|c| c.contains("Lockout (request l1) by ops-anna: accepted")),
         "{commands:?}"
     );
+}
+
+/// An agent on `RULES` (simulated relay) with the broker unreachable, `keys` as its keys file.
+fn offline_agent(scenario: &[Frame], keys: &str) -> ((Broker, Proxy), Agent, tempfile::TempDir) {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port);
+    proxy.set(Mode::Refuse);
+    let setup = AgentSetup::new(proxy.port).scenario(scenario);
+    std::fs::write(setup.dir.path().join("rules.toml"), RULES).unwrap();
+    pki::write(setup.dir.path(), "keys.toml", keys, 0o600);
+    let (agent, dir) = setup
+        .config("[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"")
+        .start();
+    ((broker, proxy), agent, dir)
+}
+
+/// The relay's transitions (`on` of each line of the simulated relay's file).
+fn relay(dir: &std::path::Path) -> Vec<bool> {
+    std::fs::read_to_string(dir.join("relay.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["on"] == true)
+        .collect()
+}
+
+fn wait_relay(dir: &std::path::Path, n: usize, agent: &Agent) -> Vec<bool> {
+    let until = std::time::Instant::now() + patience(Duration::from_secs(20));
+    while relay(dir).len() < n && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = relay(dir);
+    assert!(t.len() >= n, "relay {t:?}\n{}", agent.log());
+    t
+}
+
+#[test]
+fn a_sensor_already_past_fcnt_65535_is_heard_with_no_counter_known() {
+    // About 455 days at one frame every 10 minutes: a gateway installed later meets it there.
+    let (_broker, mut agent, dir) = offline_agent(
+        &[
+            at(500, SENSOR.uplink(70_000, 2, &level(3000))),
+            at(1000, SENSOR.uplink(70_001, 2, &level(3000))),
+        ],
+        &SENSOR.keys_toml(),
+    );
+    assert_eq!(wait_relay(dir.path(), 2, &agent)[..2], [false, true]);
+    let log = agent.log();
+    assert!(log.contains("found by searching its high bits"), "{log}");
+    assert!(!log.contains("MIC check failed"), "{log}");
+    agent.sigterm();
+}
+
+#[test]
+fn the_keys_files_fcnt_up_makes_older_counters_replays() {
+    let keys = format!("{}fcnt_up = 70000\n", SENSOR.keys_toml());
+    let (_broker, mut agent, dir) = offline_agent(
+        &[
+            at(500, SENSOR.uplink(69_999, 2, &level(3000))),
+            at(700, SENSOR.uplink(70_000, 2, &level(3000))),
+            at(1000, SENSOR.uplink(70_001, 2, &level(3000))),
+        ],
+        &keys,
+    );
+    assert_eq!(wait_relay(dir.path(), 2, &agent)[..2], [false, true]);
+    assert!(
+        agent.wait_log(
+            "replay: frame counter 69999 was already accepted",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        !agent.log().contains("found by searching"),
+        "{}",
+        agent.log()
+    );
+    agent.sigterm();
+}
+
+#[test]
+fn a_rejoined_sensor_is_heard_at_once_with_its_new_session() {
+    // First life: the old session, far into its counter.
+    let (_broker, mut agent, dir) = offline_agent(
+        &[
+            at(500, SENSOR.uplink(40_000, 2, &level(3000))),
+            at(1000, SENSOR.uplink(40_001, 2, &level(3000))),
+        ],
+        &SENSOR.keys_toml(),
+    );
+    assert_eq!(wait_relay(dir.path(), 2, &agent)[..2], [false, true]);
+    agent.sigterm();
+    let before = relay(dir.path()).len();
+    // The device rejoined: the keys file gets its new DevAddr and keys; its counter restarts.
+    pki::write(dir.path(), "keys.toml", &SENSOR_REJOINED.keys_toml(), 0o600);
+    std::fs::write(
+        dir.path().join("scenario.csv"),
+        scenario_csv(&[
+            at(500, SENSOR_REJOINED.uplink(1, 2, &level(3000))),
+            at(1000, SENSOR_REJOINED.uplink(2, 2, &level(3000))),
+        ]),
+    )
+    .unwrap();
+    agent.start_again();
+    let t = wait_relay(dir.path(), before + 2, &agent);
+    assert_eq!(t[before..before + 2], [false, true], "{t:?}");
+    let log = agent.log();
+    assert!(log.contains("the keys file holds a new session"), "{log}");
+    assert!(!log.contains("frame dropped"), "{log}");
+    agent.sigterm();
+}
+
+#[test]
+fn a_wrong_app_s_key_with_the_right_nwk_s_key_never_starts_the_pump() {
+    // The true level is 1.8 m (no demand: start at 2.5). With a wrong AppSKey the agent reads
+    // noise; pick a key under which the first frame reads as a high level inside the valid
+    // range (the 3.13 m), as an unlucky gateway would.
+    let mm = level(1800);
+    let decode = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]) as f64 / 1000.0;
+    let reads = |k: [u8; 16]| -> Vec<f64> {
+        (1..=6)
+            .map(|f| decode(&SENSOR.read_with_app_key(f, &mm, k)))
+            .collect()
+    };
+    // The agreement the agent asks of a new session's readings: 5 % of the 0-4 m range.
+    let agree = |r: &[f64]| {
+        r.windows(2)
+            .any(|w| (0.0..=4.0).contains(&w[0]) && (w[1] - w[0]).abs() <= 0.2)
+    };
+    let wrong = (0u8..=255)
+        .map(|k| [k; 16])
+        .find(|k| {
+            let r = reads(*k);
+            (2.5..=4.0).contains(&r[0]) && !agree(&r)
+        })
+        .expect("a key whose noise reads as a high level");
+    eprintln!("the agent reads {:?} (the truth: 1.8)", reads(wrong));
+    let keys = SENSOR
+        .keys_toml()
+        .replace(&hex::encode(SENSOR.app_s_key), &hex::encode(wrong));
+    let scenario: Vec<Frame> = (1..=6)
+        .map(|f| at(300 + f as u64 * 700, SENSOR.uplink(f, 2, &mm)))
+        .collect();
+    let (_broker, mut agent, dir) = offline_agent(&scenario, &keys);
+    // Every frame is taken (the MIC is right) and read as noise: the first as a high level.
+    assert!(
+        agent.wait_log("Unknown -> Unconfirmed", patience(Duration::from_secs(20))),
+        "{}",
+        agent.log()
+    );
+    // Past min off (2 s) and the last frame.
+    std::thread::sleep(Duration::from_secs(6));
+    let t = relay(dir.path());
+    assert_eq!(t, vec![false], "the pump started on noise\n{}", agent.log());
+    agent.sigterm();
 }

@@ -94,6 +94,10 @@ pub struct Scheduler<T> {
     queue: Vec<Reservation<T>>,
     duty: DutyCycle,
     enforce_duty_cycle: bool,
+    /// Airtime each of the agent's own actuators keeps in its sub-band for its STOP and the
+    /// STOP's re-sends (key: the actuator): only a STOP may use it, so an ON, a refresh or a
+    /// network-server downlink never leaves a sub-band without room for the OFF that follows.
+    stop_reserve: std::collections::BTreeMap<u64, (&'static str, Duration)>,
     /// The last transmission handed to the radio (start, airtime): no longer queued, maybe
     /// still on air; nothing may be scheduled over it.
     handed: Option<(u32, u32)>,
@@ -117,8 +121,16 @@ impl<T> Scheduler<T> {
             queue: Vec::new(),
             duty: DutyCycle::default(),
             enforce_duty_cycle,
+            stop_reserve: Default::default(),
             handed: None,
         }
+    }
+
+    /// Keeps `airtime` of the sub-band of `freq_hz` for the STOPs of actuator `key` (replacing
+    /// what it kept before).
+    pub fn keep_for_stops(&mut self, key: u64, freq_hz: u32, airtime: Duration) {
+        self.stop_reserve
+            .insert(key, (sub_band(freq_hz).name, airtime));
     }
 
     pub fn len(&self) -> usize {
@@ -204,22 +216,38 @@ impl<T> Scheduler<T> {
                 at
             }
         };
-        if !self.duty_allows(mono_now, freq_hz, airtime_us) {
+        if !self.duty_allows(mono_now, freq_hz, airtime_us, false) {
             return Err(Refusal::DutyCycle);
         }
         self.reserve(now, mono_now, start, airtime_us, freq_hz, payload);
         Ok(start)
     }
 
-    /// Whether the sub-band of `freq_hz` has room for `airtime_us` more this hour.
-    fn duty_allows(&mut self, mono_now: Instant, freq_hz: u32, airtime_us: u32) -> bool {
+    /// Whether the sub-band of `freq_hz` has room for `airtime_us` more this hour: for a STOP,
+    /// the whole allowance; for anything else, the allowance less what is kept for STOPs.
+    fn duty_allows(
+        &mut self,
+        mono_now: Instant,
+        freq_hz: u32,
+        airtime_us: u32,
+        stop: bool,
+    ) -> bool {
         if !self.enforce_duty_cycle {
             return true;
         }
         self.duty.expire(mono_now);
         let band = sub_band(freq_hz);
         let allowed = HOUR * band.permille / 1000;
-        self.duty.used(band.name) + Duration::from_micros(airtime_us as u64) <= allowed
+        let kept: Duration = if stop {
+            Duration::ZERO
+        } else {
+            self.stop_reserve
+                .values()
+                .filter(|(b, _)| *b == band.name)
+                .map(|(_, d)| *d)
+                .sum()
+        };
+        self.duty.used(band.name) + Duration::from_micros(airtime_us as u64) + kept <= allowed
     }
 
     /// Charges the duty cycle (when enforced) and queues the transmission in start order.
@@ -269,7 +297,7 @@ impl<T> Scheduler<T> {
         payload: T,
         may_evict: impl Fn(&T) -> bool,
     ) -> Result<(u32, Vec<T>), Refusal> {
-        if !self.duty_allows(mono_now, freq_hz, airtime_us) {
+        if !self.duty_allows(mono_now, freq_hz, airtime_us, true) {
             return Err(Refusal::DutyCycle);
         }
         self.expire_handed(now);
@@ -507,6 +535,32 @@ mod tests {
             Err(Refusal::DutyCycle)
         );
         assert_eq!(s.len(), 4);
+    }
+
+    #[test]
+    fn what_is_kept_for_stops_is_used_by_stops_only() {
+        let t = Instant::now();
+        let now = 1_000_000;
+        let mut s = Scheduler::new(true);
+        let f = 869_525_000; // 10 % sub-band: 360 s an hour
+                             // An actuator keeps 1 s for its STOP and re-sends; 358.5 s are used.
+        s.keep_for_stops(0, f, Duration::from_secs(1));
+        s.duty
+            .used
+            .push_back(("869.4-869.65", t, Duration::from_millis(358_500)));
+        // An ON (or a network-server downlink) of 0.6 s would eat into the STOP's room.
+        assert_eq!(
+            s.schedule(now, t, When::Immediately, 600_000, f, "on"),
+            Err(Refusal::DutyCycle)
+        );
+        // The STOP has it.
+        assert!(s
+            .schedule_first(now, t, 600_000, f, "stop", |_| false)
+            .is_ok());
+        // Another sub-band keeps nothing for it.
+        assert!(s
+            .schedule(now, t, When::At(now + 5_000_000), 600_000, F, "ns")
+            .is_ok());
     }
 
     #[test]

@@ -41,6 +41,12 @@ pub fn airtime(spreading_factor: u32, phy_len: usize) -> Duration {
     Duration::from_secs_f64((8.0 + 4.25 + payload_symbols) * t_sym)
 }
 
+/// What an actuator keeps in its sub-band's duty cycle for its STOP: the OFF frame and each of
+/// its re-sends.
+pub fn stop_reserve(spec: &ClassC) -> Duration {
+    airtime(spec.spreading_factor, spec.frame_len(&spec.off_hex)) * (spec.retries + 1)
+}
+
 /// One line per Class C actuator for `lora-edge check`: how it is driven and what its
 /// refreshes cost.
 pub fn describe(rules: &super::file::RuleSet) -> Vec<String> {
@@ -158,6 +164,8 @@ pub struct Actuator {
     queue: Arc<Queue>,
     downlinks: SyncSender<DownInput>,
     reply: SyncSender<Handed>,
+    /// Kept in the sub-band's duty cycle for the STOP and its re-sends.
+    stop_reserve: Duration,
 }
 
 impl Actuator {
@@ -191,6 +199,7 @@ impl Actuator {
         }
         let hex = |h: &str| hex::decode(h).map_err(|e| format!("pump {pump}: {e}"));
         Ok(Actuator {
+            stop_reserve: stop_reserve(spec),
             pump: pump.into(),
             pump_index,
             on: hex(&spec.on_hex)?,
@@ -245,6 +254,7 @@ impl super::actuator::Actuator for Actuator {
             tag: tag(self.pump_index, fcnt),
             reply: self.reply.clone(),
             cause,
+            stop_reserve: self.stop_reserve,
         };
         let sent = self
             .downlinks

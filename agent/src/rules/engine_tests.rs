@@ -564,3 +564,63 @@ fn an_actuator_in_an_unknown_state_holds_the_pump_off_until_confirmed_again() {
     assert_eq!(actions(&o)[0], "trip_clear");
     assert_eq!(o.drives, vec![Drive { pump: 0, on: true }]);
 }
+
+#[test]
+fn a_new_sessions_first_reading_starts_nothing_until_a_second_agrees() {
+    let mut e = engine(false);
+    e.session_started(0, None);
+    // Past min off; a high level that a wrong AppSKey could have made out of noise.
+    let o = e.reading(0, 3.13, T0 + 11 * M);
+    assert!(o.drives.is_empty(), "{:?}", o.audits);
+    assert_eq!(e.sensor_quality(0).1, Quality::Unconfirmed);
+    assert!(o
+        .audits
+        .iter()
+        .any(|a| a.reasons[0].contains("Unknown -> Unconfirmed")));
+    // Noise does not agree with itself: 3.82 is more than max_step (1.0 here) from 3.13? No:
+    // 0.69 is within it, so use values a wrong key gives, far apart.
+    let o = e.reading(0, 1.2, T0 + 12 * M);
+    assert!(o.drives.is_empty());
+    assert_eq!(e.sensor_quality(0).1, Quality::Unconfirmed);
+    let o = e.reading(0, 3.9, T0 + 13 * M);
+    assert!(o.drives.is_empty());
+    // Out of range is bad data, and not a reference either.
+    e.reading(0, 25.6, T0 + 14 * M);
+    assert_eq!(e.sensor_quality(0).1, Quality::OutOfRange);
+    // Two readings that agree (within max_step of the last in-range one, 3.9): believed.
+    let o = e.reading(0, 3.5, T0 + 15 * M);
+    assert_eq!(e.sensor_quality(0).1, Quality::Good);
+    assert_eq!(o.drives, vec![Drive { pump: 0, on: true }]);
+}
+
+#[test]
+fn after_a_restart_the_kept_last_good_value_confirms_the_first_reading() {
+    let mut e = engine(false);
+    e.session_started(0, Some(3.0));
+    let o = e.reading(0, 3.2, T0 + 11 * M);
+    assert_eq!(e.sensor_quality(0).1, Quality::Good);
+    assert_eq!(o.drives, vec![Drive { pump: 0, on: true }]);
+    // A prior that disagrees is not enough.
+    let mut e = engine(false);
+    e.session_started(0, Some(0.5));
+    let o = e.reading(0, 3.2, T0 + 11 * M);
+    assert!(o.drives.is_empty());
+    assert_eq!(e.sensor_quality(0).1, Quality::Unconfirmed);
+}
+
+#[test]
+fn an_unconfirmed_reading_trips_the_interlocks_it_feeds() {
+    let mut e = engine(false);
+    e.reading(0, 3.0, T0);
+    e.tick(T0 + 11 * M);
+    assert!(e.is_on(0));
+    // The device rejoined: its first reading of the new session is not believed, even a
+    // normal one; the pump stops like on any bad data until a second one agrees.
+    e.session_started(0, None);
+    let o = e.reading(0, 2.9, T0 + 20 * M);
+    assert_eq!(o.drives, vec![Drive { pump: 0, on: false }]);
+    assert!(o
+        .audits
+        .iter()
+        .any(|a| a.action == "trip" && a.reasons[0].contains("Unconfirmed")));
+}
