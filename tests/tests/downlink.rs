@@ -511,14 +511,14 @@ fn ten_thousand_downlinks_at_50_per_second_are_each_answered_with_what_the_radio
 fn a_downlink_is_not_handed_over_while_the_previous_one_is_still_programmed() {
     // V2.1.0 has one TX buffer per RF chain and lgw_send checks nothing: a packet handed over
     // while the previous one is still scheduled replaces it, and that one never goes out.
-    // Two SF5 packets 20 ms apart: the second's hand-off time (40 ms ahead) comes before the
-    // first has started.
+    // Two SF5 packets 35 ms apart (the scheduler keeps 15 ms free after each, README
+    // § Downlinks): the second's hand-off time (40 ms ahead) comes before the first has started.
     let (r, ctx) = rig(0, "");
     publish_downlinks(
         r.broker.port,
         vec![
             (61, lora(869_525_000, 14, 5, delay(2000), ctx, b"first")),
-            (62, lora(869_525_000, 14, 5, delay(2020), ctx, b"second")),
+            (62, lora(869_525_000, 14, 5, delay(2035), ctx, b"second")),
         ],
     );
     assert_eq!(

@@ -32,6 +32,15 @@ use validate::{validate, TxLimits};
 
 /// A hand-off with less lead than this cannot start on time (HAL start delay plus SPI).
 const MIN_HANDOFF_LEAD_US: i64 = 3_000;
+/// How often a packet waiting for the TX buffer looks again (commands are taken in between).
+const TX_BUSY_POLL: Duration = Duration::from_micros(500);
+
+enum HandOff {
+    Sent,
+    NotSent,
+    /// The previous packet still holds the TX buffer: try again shortly.
+    Busy(Pending),
+}
 
 /// What the stage takes in.
 pub enum Input {
@@ -172,23 +181,30 @@ impl Downlinks {
         let mut sched: Scheduler<Pending> = Scheduler::new(self.enforce_duty_cycle);
         let mut last_usage = Instant::now();
         let mut timings = Timings::default();
+        // Packets whose hand-off time has come, waiting for the TX buffer to be free: the stage
+        // keeps taking commands meanwhile (a STOP must not queue behind that wait).
+        let mut due: VecDeque<(u32, Pending, Option<scheduler::Charge>)> = VecDeque::new();
         loop {
             // The wrapper answers without calling the library while the radio is stopped.
             let clock = self.hal.clock().ok();
-            if clock.is_none() && !sched.is_empty() {
-                for p in sched.cancel_all() {
+            if clock.is_none() && !(sched.is_empty() && due.is_empty()) {
+                for p in due.drain(..).map(|(_, p, _)| p).chain(sched.cancel_all()) {
                     self.cancelled(p, "the radio stopped before its hand-off");
                 }
             }
-            let wait = clock
-                .and_then(|c| sched.next_handoff_in(c.counter))
-                .unwrap_or(Duration::from_millis(100))
-                .min(Duration::from_millis(100));
+            let wait = if due.is_empty() {
+                clock
+                    .and_then(|c| sched.next_handoff_in(c.counter))
+                    .unwrap_or(Duration::from_millis(100))
+                    .min(Duration::from_millis(100))
+            } else {
+                TX_BUSY_POLL
+            };
             if self.stop.load(Ordering::Relaxed) {
                 while let Ok(input) = self.input.try_recv() {
                     self.refuse_at_stop(input);
                 }
-                for p in sched.cancel_all() {
+                for p in due.drain(..).map(|(_, p, _)| p).chain(sched.cancel_all()) {
                     self.cancelled(p, "the agent is shutting down");
                 }
                 timings.log();
@@ -208,7 +224,7 @@ impl Downlinks {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     // Every accepted downlink gets exactly one answer, these too.
-                    for p in sched.cancel_all() {
+                    for p in due.drain(..).map(|(_, p, _)| p).chain(sched.cancel_all()) {
                         self.cancelled(p, "the agent is shutting down");
                     }
                     timings.log();
@@ -216,10 +232,18 @@ impl Downlinks {
                 }
             }
             if let Ok(clock) = self.hal.clock() {
-                for (start, p, charge) in sched.due(clock.counter) {
-                    if !self.hand_off(start, p, &mut timings) {
-                        if let Some(c) = charge {
-                            sched.refund(c);
+                due.extend(sched.due(clock.counter));
+                while let Some((start, p, charge)) = due.pop_front() {
+                    match self.hand_off(start, p, &mut timings) {
+                        HandOff::Sent => {}
+                        HandOff::NotSent => {
+                            if let Some(c) = charge {
+                                sched.refund(c);
+                            }
+                        }
+                        HandOff::Busy(p) => {
+                            due.push_front((start, p, charge));
+                            break;
                         }
                     }
                 }
@@ -521,15 +545,22 @@ impl Downlinks {
         self.ack(id, &statuses);
     }
 
-    /// Hands a due packet to the radio and acks it with the outcome; true if it went out.
-    fn hand_off(&self, start: u32, mut p: Pending, timings: &mut Timings) -> bool {
-        let status = self.transmit(start, &mut p.packet, p.radio_start, timings);
+    /// Hands a due packet to the radio and acks it with the outcome; or gives it back while
+    /// the previous packet still holds the TX buffer and there is time.
+    fn hand_off(&self, start: u32, mut p: Pending, timings: &mut Timings) -> HandOff {
+        let Some(status) = self.transmit(start, &mut p.packet, p.radio_start, timings) else {
+            return HandOff::Busy(p);
+        };
         let sent = status == gw::TxAckStatus::Ok;
         if sent {
             Counters::add(&self.counters.tx_emitted, 1);
         }
         self.answer(p, status, start);
-        sent
+        if sent {
+            HandOff::Sent
+        } else {
+            HandOff::NotSent
+        }
     }
 
     /// A scheduled packet that will not go out.
@@ -545,48 +576,42 @@ impl Downlinks {
         self.answer(p, gw::TxAckStatus::InternalError, 0);
     }
 
+    /// The hand-off's outcome, or `None` while the previous packet still holds the TX buffer
+    /// and there is time to wait for it.
     fn transmit(
         &self,
         start: u32,
         packet: &mut TxPacket,
         radio_start: u64,
         timings: &mut Timings,
-    ) -> gw::TxAckStatus {
+    ) -> Option<gw::TxAckStatus> {
         packet.mode = TxMode::Timestamped(start);
-        // The previous packet may still be scheduled or on air: wait for it while there is time.
-        loop {
-            let now = match self.hal.clock() {
-                Ok(c) if c.start == radio_start => c.counter,
-                Ok(_) => {
-                    tracing::warn!(
-                        "downlink dropped: the radio restarted since it was scheduled (counter reset)"
-                    );
-                    return gw::TxAckStatus::InternalError;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "downlink hand-off: no counter");
-                    return gw::TxAckStatus::InternalError;
-                }
-            };
-            let lead = lead_us(now, start);
-            if lead < MIN_HANDOFF_LEAD_US {
-                tracing::warn!(lead_us = lead, "downlink hand-off too late");
-                timings.late += 1;
-                return gw::TxAckStatus::TooLate;
+        let now = match self.hal.clock() {
+            Ok(c) if c.start == radio_start => c.counter,
+            Ok(_) => {
+                tracing::warn!(
+                    "downlink dropped: the radio restarted since it was scheduled (counter reset)"
+                );
+                return Some(gw::TxAckStatus::InternalError);
             }
-            // V2.1.0's lgw_send checks nothing: a packet still scheduled or on air would be
-            // replaced, silently. Hand over only when the TX buffer is free.
-            match self.hal.tx_status(packet.rf_chain) {
-                Ok(TxStatus::Emitting | TxStatus::Scheduled) => {
-                    std::thread::sleep(Duration::from_micros(500))
-                }
-                _ => {
-                    sample(&mut timings.lead_us, lead);
-                    break;
-                }
+            Err(e) => {
+                tracing::warn!(error = %e, "downlink hand-off: no counter");
+                return Some(gw::TxAckStatus::InternalError);
             }
+        };
+        let lead = lead_us(now, start);
+        if lead < MIN_HANDOFF_LEAD_US {
+            tracing::warn!(lead_us = lead, "downlink hand-off too late");
+            timings.late += 1;
+            return Some(gw::TxAckStatus::TooLate);
         }
-        match self.hal.send(packet, radio_start) {
+        // V2.1.0's lgw_send checks nothing: a packet still scheduled or on air would be
+        // replaced, silently. Hand over only when the TX buffer is free.
+        if let Ok(TxStatus::Emitting | TxStatus::Scheduled) = self.hal.tx_status(packet.rf_chain) {
+            return None;
+        }
+        sample(&mut timings.lead_us, lead);
+        Some(match self.hal.send(packet, radio_start) {
             Ok(SendOutcome::Accepted) => gw::TxAckStatus::Ok,
             Ok(SendOutcome::LbtNotAllowed) => {
                 tracing::info!("downlink not sent: listen-before-talk found the channel busy");
@@ -596,6 +621,6 @@ impl Downlinks {
                 tracing::warn!(error = %e, "downlink hand-off failed");
                 gw::TxAckStatus::InternalError
             }
-        }
+        })
     }
 }

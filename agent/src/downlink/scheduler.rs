@@ -18,10 +18,11 @@ pub const MAX_LEAD_US: u32 = 512_000_000;
 pub const IMMEDIATE_DELAY_US: u32 = 80_000;
 /// Kept free before each transmission.
 pub const GUARD_US: u32 = 1_000;
-/// Kept free after each transmission: `lgw_send` refuses while the radio is still emitting, so
-/// the next packet can only be handed off once the previous one has ended, and a hand-off needs
-/// a few ms of lead.
-pub const TAIL_US: u32 = 5_000;
+/// Kept free after each transmission: the SX1302 has one TX buffer, so the next packet can only
+/// be handed off once the previous one has ended, and a hand-off needs 3 ms of lead. With 5 ms
+/// the downlink thread had 2 ms to see the end (a back-to-back SF12 pair failed TOO_LATE once,
+/// and a loaded Pi has less slack): 15 ms leaves it 13 ms, for 10 ms more between two frames.
+pub const TAIL_US: u32 = 15_000;
 pub const QUEUE_MAX: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -607,11 +608,20 @@ mod tests {
             "guard time"
         );
         assert_eq!(
-            s.schedule(0, t, When::At(1_102_000), 10_000, F, 4),
+            s.schedule(0, t, When::At(1_100_000 + TAIL_US), 10_000, F, 4),
             Err(Refusal::Collision),
             "inside the tail"
         );
-        assert!(s.schedule(0, t, When::At(1_106_000), 10_000, F, 5).is_ok());
+        assert!(s
+            .schedule(
+                0,
+                t,
+                When::At(1_100_000 + TAIL_US + GUARD_US + 1),
+                10_000,
+                F,
+                5
+            )
+            .is_ok());
     }
 
     #[test]
