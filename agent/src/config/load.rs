@@ -398,39 +398,64 @@ fn remove(table: &mut toml::Table, field: &str) -> bool {
 /// Deserialises `table` reporting every unknown key and wrong type at once: serde stops at the
 /// first, so the offending key is taken out (its default applies) and the rest tried again.
 /// Fields are dotted (`pump.0.max_run`); values of fields `secret` names are not quoted.
+///
+/// What a removal causes is not reported: a required key taken out for its value is not also
+/// "missing", nor a fixed-size array short of the element taken out; the table (or array) that
+/// needs it is taken out in turn, silently. A caller that wants the rest of that table checked
+/// makes such keys `Option`s and says itself which ones are missing (see `rules/file.rs`).
 pub(crate) fn deserialize_all<T: serde::de::DeserializeOwned>(
     table: toml::Table,
     secret: impl Fn(&str) -> bool,
 ) -> (Option<T>, Vec<(String, String)>) {
     let mut remaining = table;
     let mut problems = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
     loop {
         match serde_path_to_error::deserialize(toml::Value::Table(remaining.clone())) {
             Ok(v) => return (Some(v), problems),
             Err(e) => {
                 let inner = e.inner().to_string();
                 let mut field = dotted(&e.path().to_string());
+                let in_table = |key: &str, table: &str| {
+                    if table == "." || table.is_empty() {
+                        key.to_string()
+                    } else {
+                        format!("{table}.{key}")
+                    }
+                };
                 if let Some(key) = unknown_field(&inner) {
                     if !field.ends_with(&format!(".{key}")) && field != key {
-                        field = if field == "." || field.is_empty() {
-                            key.to_string()
-                        } else {
-                            format!("{field}.{key}")
-                        };
+                        field = in_table(key, &field);
                     }
                 }
-                let message = if secret(&field) {
-                    hide_values(&type_message(&inner))
-                } else {
-                    type_message(&inner)
+                let caused_here = match missing_field(&inner) {
+                    Some(key) => removed.contains(&in_table(key, &field)),
+                    None => removed.iter().any(|r| r.starts_with(&format!("{field}."))),
                 };
-                problems.push((field.clone(), message));
-                if !remove(&mut remaining, &field) || problems.len() >= 100 {
+                if !caused_here {
+                    let message = if secret(&field) {
+                        hide_values(&type_message(&inner))
+                    } else {
+                        type_message(&inner)
+                    };
+                    problems.push((field.clone(), message));
+                }
+                if !remove(&mut remaining, &field) || problems.len() >= 100 || removed.len() >= 200
+                {
                     return (None, problems);
                 }
+                removed.push(field);
             }
         }
     }
+}
+
+/// The key named by serde's "missing field `x`".
+fn missing_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("missing field `")?
+        .split_once('`')
+        .map(|(k, _)| k)
 }
 
 /// The key named by serde's "unknown field `x`, expected …".
@@ -869,6 +894,24 @@ mod tests {
         ] {
             assert!(errors(std::slice::from_ref(&f), &[ok]).is_empty(), "{ok}");
         }
+    }
+
+    #[test]
+    fn a_refused_value_of_a_required_key_is_one_error_not_also_a_missing_key() {
+        let dir = tmp();
+        let f = write(
+            dir.path(),
+            "a.toml",
+            "[rules]\nfile = 5\nkeys_file = \"keys.toml\"\n",
+        );
+        let e = errors(std::slice::from_ref(&f), &[]);
+        assert_eq!(
+            e,
+            vec![format!(
+                "{}:2:8: rules.file: invalid type: integer `5`, expected path string",
+                f.display()
+            )]
+        );
     }
 
     #[test]

@@ -14,10 +14,13 @@ use super::decoder::{Decoder, Endian, FieldType, LayoutField};
 use crate::config::duration;
 use crate::config::{at, deserialize_all, find_field};
 
+// The raw file. Keys without a default are `Option`s: one whose value `deserialize_all` refused
+// is taken out, and `validate` must tell it from a missing one (and go on checking its table).
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
-    version: u32,
+    version: Option<u32>,
     #[serde(default)]
     device: Vec<RawDevice>,
     #[serde(default)]
@@ -29,8 +32,8 @@ struct RawFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDevice {
-    dev_eui: String,
-    decoder: DecoderKind,
+    dev_eui: Option<String>,
+    decoder: Option<DecoderKind>,
     /// Only frames on this FPort are decoded (others are ignored); any when absent.
     fport: Option<u8>,
     #[serde(default)]
@@ -47,10 +50,10 @@ enum DecoderKind {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawField {
-    name: String,
-    offset: usize,
+    name: Option<String>,
+    offset: Option<usize>,
     #[serde(rename = "type")]
-    ty: FieldType,
+    ty: Option<FieldType>,
     #[serde(default)]
     endian: Endian,
     #[serde(default = "one")]
@@ -66,12 +69,12 @@ fn one() -> f64 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSensor {
-    id: String,
-    device: String,
-    field: String,
-    valid_range: [f64; 2],
-    #[serde(with = "duration")]
-    max_age: Duration,
+    id: Option<String>,
+    device: Option<String>,
+    field: Option<String>,
+    valid_range: Option<[f64; 2]>,
+    #[serde(default, with = "opt_duration")]
+    max_age: Option<Duration>,
     max_step: Option<f64>,
     stuck_samples: Option<u32>,
 }
@@ -79,18 +82,18 @@ struct RawSensor {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPump {
-    id: String,
-    safe_state: String,
-    actuator: Actuator,
-    #[serde(with = "duration")]
-    max_run: Duration,
-    #[serde(with = "duration")]
-    min_run: Duration,
-    #[serde(with = "duration")]
-    min_off: Duration,
-    max_starts_per_hour: u32,
-    #[serde(with = "duration")]
-    remote_lease_max: Duration,
+    id: Option<String>,
+    safe_state: Option<String>,
+    actuator: Option<Actuator>,
+    #[serde(default, with = "opt_duration")]
+    max_run: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    min_run: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    min_off: Option<Duration>,
+    max_starts_per_hour: Option<u32>,
+    #[serde(default, with = "opt_duration")]
+    remote_lease_max: Option<Duration>,
     #[serde(default)]
     interlock: Vec<RawInterlock>,
     auto: Option<RawAuto>,
@@ -197,11 +200,11 @@ impl ClassC {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawInterlock {
-    id: String,
-    sensor: String,
+    id: Option<String>,
+    sensor: Option<String>,
     trip_below: Option<f64>,
     trip_above: Option<f64>,
-    reset_at: f64,
+    reset_at: Option<f64>,
     #[serde(default)]
     latch: bool,
 }
@@ -209,10 +212,10 @@ struct RawInterlock {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAuto {
-    sensor: String,
-    mode: AutoMode,
-    start_at: f64,
-    stop_at: f64,
+    sensor: Option<String>,
+    mode: Option<AutoMode>,
+    start_at: Option<f64>,
+    stop_at: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -385,25 +388,26 @@ fn parse(path: &Path, text: &str, bytes: &[u8]) -> Result<RuleSet, RuleErrors> {
 /// The Class C actuator's settings, each error on its own key. The duty-cycle arithmetic is
 /// the one of `../shared/docs/pump-safety.md`: the refreshes of one actuator may use at most
 /// half of its sub-band's hourly allowance, so that STOPs and the network server keep room.
-fn check_class_c(c: &ClassC, devices: &[Device], err: &mut dyn FnMut(&str, String)) {
-    match devices.iter().find(|d| d.dev_eui == c.device) {
-        None => err(
+fn check_class_c(c: &ClassC, device: Ref, fields: &[Fields], err: &mut dyn FnMut(&str, String)) {
+    match device {
+        Ref::Missing => err(
             "actuator.device",
             format!(
                 "{:?} is not a [[device]] of this file: its status uplink confirms each command",
                 c.device
             ),
         ),
-        Some(d) => {
-            if let Decoder::Layout(fields) = &d.decoder {
-                if !fields.iter().any(|f| f.name == c.feedback) {
+        Ref::Unsure => {}
+        Ref::Found(d) => {
+            if let Fields::Layout(names) = &fields[d] {
+                if !names.contains(&c.feedback) {
                     err(
                         "actuator.feedback",
                         format!(
                             "device {} has no field {:?} (fields: {})",
                             c.device,
                             c.feedback,
-                            known(fields.iter().map(|f| f.name.as_str()))
+                            known(names.iter().map(String::as_str))
                         ),
                     );
                 }
@@ -416,32 +420,42 @@ fn check_class_c(c: &ClassC, devices: &[Device], err: &mut dyn FnMut(&str, Strin
             "must be 1 to 223 (application FPorts)".into(),
         );
     }
+    // Each setting is checked on its own; what is derived from one out of range (the payload
+    // limit of an SF, the default refresh of a lease, the airtime) is not checked again.
+    let sf_ok = (7..=12).contains(&c.spreading_factor);
+    if !sf_ok {
+        err("actuator.spreading_factor", "must be 7 to 12".into());
+    }
     let max_payload = match c.spreading_factor {
         7 | 8 => 222,
         9 => 115,
         _ => 51,
     };
+    let mut on_ok = true;
     for (k, v) in [
         ("actuator.on_hex", &c.on_hex),
         ("actuator.off_hex", &c.off_hex),
     ] {
-        match hex::decode(v) {
-            Ok(b) if !b.is_empty() && b.len() <= max_payload => {}
-            Ok(b) => err(
-                k,
+        let problem = match hex::decode(v) {
+            Ok(b) if b.is_empty() || (sf_ok && b.len() > max_payload) => Some(if sf_ok {
                 format!(
                     "{} bytes: SF{} carries 1 to {max_payload}",
                     b.len(),
                     c.spreading_factor
-                ),
-            ),
-            Err(_) => err(k, format!("{v:?} is not hexadecimal bytes")),
+                )
+            } else {
+                format!("{} bytes: a command is at least 1", b.len())
+            }),
+            Ok(_) => None,
+            Err(_) => Some(format!("{v:?} is not hexadecimal bytes")),
+        };
+        if let Some(problem) = problem {
+            on_ok &= k != "actuator.on_hex";
+            err(k, problem);
         }
     }
-    if !(7..=12).contains(&c.spreading_factor) {
-        err("actuator.spreading_factor", "must be 7 to 12".into());
-    }
-    if !(863_000_000..=870_000_000).contains(&c.frequency_hz) {
+    let frequency_ok = (863_000_000..=870_000_000).contains(&c.frequency_hz);
+    if !frequency_ok {
         err(
             "actuator.frequency_hz",
             "must be in the EU868 band (863 to 870 MHz)".into(),
@@ -450,11 +464,16 @@ fn check_class_c(c: &ClassC, devices: &[Device], err: &mut dyn FnMut(&str, Strin
     if !(0..=27).contains(&c.power_dbm) {
         err("actuator.power_dbm", "must be 0 to 27 dBm EIRP".into());
     }
-    if c.lease < Duration::from_secs(20) || c.lease > Duration::from_secs(3600) {
+    let lease_ok = c.lease >= Duration::from_secs(20) && c.lease <= Duration::from_secs(3600);
+    if !lease_ok {
         err("actuator.lease", "must be between 20s and 1h".into());
     }
     let refresh = c.refresh_period();
-    if refresh < Duration::from_secs(5) || refresh > c.lease / 2 {
+    // The default refresh of a lease out of range is that lease's error; a refresh given is
+    // compared with the lease only when the lease is valid.
+    let refresh_ok = if c.refresh.is_none() && !lease_ok {
+        false
+    } else if refresh < Duration::from_secs(5) || (lease_ok && refresh > c.lease / 2) {
         err(
             if c.refresh.is_some() { "actuator.refresh" } else { "actuator.lease" },
             format!(
@@ -463,7 +482,10 @@ fn check_class_c(c: &ClassC, devices: &[Device], err: &mut dyn FnMut(&str, Strin
                 humantime::format_duration(c.lease / 2)
             ),
         );
-    }
+        false
+    } else {
+        true
+    };
     if c.confirm_within < Duration::from_secs(1) || c.confirm_within > Duration::from_secs(600) {
         err(
             "actuator.confirm_within",
@@ -473,7 +495,7 @@ fn check_class_c(c: &ClassC, devices: &[Device], err: &mut dyn FnMut(&str, Strin
     if !(1..=10).contains(&c.retries) {
         err("actuator.retries", "must be 1 to 10".into());
     }
-    if (7..=12).contains(&c.spreading_factor) && !refresh.is_zero() {
+    if sf_ok && on_ok && frequency_ok && refresh_ok {
         let band = crate::radio::region::sub_band(c.frequency_hz);
         let (air, share) = c.refresh_cost();
         let per_hour = 3600.0 / refresh.as_secs_f64();
@@ -492,176 +514,335 @@ fn check_class_c(c: &ClassC, devices: &[Device], err: &mut dyn FnMut(&str, Strin
     }
 }
 
-fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> RuleSet {
-    let mut err = |field: String, msg: String| errors.push((field, msg));
-    if raw.version != 1 {
-        err(
-            "version".into(),
-            format!(
-                "version {} is not known (this agent reads version 1)",
-                raw.version
-            ),
-        );
+/// The semantic checks' errors, beside those of `deserialize_all`, whose fields were refused:
+/// a refused field is `None` in the raw file (or absent from its array), is neither "missing"
+/// nor checked again, and the checks that need its value are skipped. Every other check runs,
+/// so that one mistake is one error and hides none.
+struct Report<'a> {
+    errors: &'a mut Vec<(String, String)>,
+    refused: Vec<String>,
+}
+
+impl Report<'_> {
+    fn err(&mut self, field: String, message: String) {
+        self.errors.push((field, message));
     }
-    let mut devices = Vec::new();
-    let mut eui_index = BTreeMap::new();
-    for (i, d) in raw.device.iter().enumerate() {
-        let f = |k: &str| format!("device.{i}.{k}");
-        let eui = d.dev_eui.to_ascii_lowercase();
-        if eui.len() != 16 || !eui.chars().all(|c| c.is_ascii_hexdigit()) {
-            err(
-                f("dev_eui"),
-                format!("{:?} is not 16 hexadecimal digits (a DevEUI)", d.dev_eui),
-            );
-        } else if eui_index.insert(eui.clone(), i).is_some() {
-            err(
-                f("dev_eui"),
-                format!("device {} is already described above", d.dev_eui),
+
+    /// Whether the value of `field` was refused: itself, the table holding it, or a part of it
+    /// (the value then taken out whole, as `deserialize_all` does for a table short of a key).
+    fn refused(&self, field: &str) -> bool {
+        self.refused.iter().any(|r| {
+            r == field || field.starts_with(&format!("{r}.")) || r.starts_with(&format!("{field}."))
+        })
+    }
+
+    /// Whether the array `field` may be short of an entry: itself, the table holding it, or one
+    /// of its elements was refused.
+    fn lost_entry(&self, field: &str) -> bool {
+        self.refused.iter().any(|r| {
+            r == field
+                || field.starts_with(&format!("{r}."))
+                || r.strip_prefix(&format!("{field}."))
+                    .is_some_and(|i| i.chars().all(|c| c.is_ascii_digit()))
+        })
+    }
+
+    /// A key `table` must have: `None`, and said missing, when it is absent; `None`, silently,
+    /// when its value was refused.
+    fn need<'v, T>(&mut self, table: &str, key: &str, value: &'v Option<T>) -> Option<&'v T> {
+        let field = if table == "." {
+            key.to_string()
+        } else {
+            format!("{table}.{key}")
+        };
+        if value.is_none() && !self.refused(&field) {
+            self.err(table.to_string(), format!("missing field `{key}`"));
+        }
+        value.as_ref()
+    }
+}
+
+/// What a reference to another entry of the file (a sensor's device, an interlock's sensor)
+/// comes to.
+#[derive(Debug, Clone, Copy)]
+enum Ref {
+    Found(usize),
+    /// No entry has that id, and every entry's id is known: an error of the reference.
+    Missing,
+    /// Not found, but an entry whose id was refused or is missing may be the one meant: that
+    /// is its error; what needs the reference is not checked.
+    Unsure,
+}
+
+fn resolve(index: &BTreeMap<String, usize>, id: &str, every_id_known: bool) -> Ref {
+    match index.get(id) {
+        Some(&i) => Ref::Found(i),
+        None if every_id_known => Ref::Missing,
+        None => Ref::Unsure,
+    }
+}
+
+/// The field names of a device, for the sensors and actuators that name one.
+enum Fields {
+    /// A layout, every field's name known.
+    Layout(Vec<String>),
+    CayenneLpp,
+    /// The decoder or a field's name was refused or is missing: nothing is checked against it.
+    Unknown,
+}
+
+/// Whether `v` is a number within `[lo, hi]`.
+fn within([lo, hi]: [f64; 2], v: f64) -> bool {
+    v.is_finite() && v >= lo && v <= hi
+}
+
+/// The semantic checks. The set returned is used only when no error was found at all: where a
+/// value is missing or refused (an error already), a placeholder stands in for it.
+fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> RuleSet {
+    let refused = errors.iter().map(|(f, _)| f.clone()).collect();
+    let mut r = Report { errors, refused };
+    if let Some(&version) = r.need(".", "version", &raw.version) {
+        if version != 1 {
+            r.err(
+                "version".into(),
+                format!("version {version} is not known (this agent reads version 1)"),
             );
         }
+    }
+    let mut devices = Vec::new();
+    let mut fields_of = Vec::new();
+    let mut eui_index = BTreeMap::new();
+    let mut every_eui_known = !r.lost_entry("device");
+    for (i, d) in raw.device.iter().enumerate() {
+        let t = format!("device.{i}");
+        let f = |k: &str| format!("device.{i}.{k}");
+        let eui = match r.need(&t, "dev_eui", &d.dev_eui) {
+            None => {
+                every_eui_known = false;
+                String::new()
+            }
+            Some(given) => {
+                let eui = given.to_ascii_lowercase();
+                let well_formed = eui.len() == 16 && eui.chars().all(|c| c.is_ascii_hexdigit());
+                if !well_formed {
+                    r.err(
+                        f("dev_eui"),
+                        format!("{given:?} is not 16 hexadecimal digits (a DevEUI)"),
+                    );
+                }
+                // Malformed, it still names this device for the references to it (their
+                // error is this one).
+                if eui_index.contains_key(&eui) {
+                    if well_formed {
+                        r.err(
+                            f("dev_eui"),
+                            format!("device {given} is already described above"),
+                        );
+                    }
+                } else {
+                    eui_index.insert(eui.clone(), i);
+                }
+                eui
+            }
+        };
         if d.fport == Some(0) {
-            err(
+            r.err(
                 f("fport"),
                 "FPort 0 carries MAC commands, not application data".into(),
             );
         }
-        let decoder = match d.decoder {
-            DecoderKind::CayenneLpp => {
-                if !d.field.is_empty() {
-                    err(f("field"), "Cayenne LPP names its fields itself (<type>_<channel>, e.g. temperature_3): no [[device.field]]".into());
-                }
-                Decoder::CayenneLpp
+        let kind = r.need(&t, "decoder", &d.decoder).copied();
+        // Each field's own checks, whatever the decoder.
+        let mut names = Vec::new();
+        let mut every_name_known = !r.lost_entry(&f("field"));
+        let mut layout = Vec::new();
+        for (j, fl) in d.field.iter().enumerate() {
+            let tf = format!("device.{i}.field.{j}");
+            let ff = |k: &str| format!("{tf}.{k}");
+            match r.need(&tf, "name", &fl.name) {
+                None => every_name_known = false,
+                Some(name) if names.contains(name) => r.err(
+                    ff("name"),
+                    format!("field {name:?} is already defined for this device"),
+                ),
+                Some(name) => names.push(name.clone()),
             }
-            DecoderKind::Layout => {
-                if d.field.is_empty() {
-                    err(
+            let offset = r.need(&tf, "offset", &fl.offset).copied();
+            let ty = r.need(&tf, "type", &fl.ty).copied();
+            if let Some(offset) = offset {
+                // The type unknown, its smallest size: an offset beyond the payload is beyond
+                // it whatever the type.
+                let size = ty.map_or(1, FieldType::size);
+                if offset.saturating_add(size) > 242 {
+                    r.err(ff("offset"), format!("offset {offset} + {size} bytes is beyond the largest LoRaWAN payload (242 bytes)"));
+                }
+            }
+            if !fl.scale.is_finite() || fl.scale == 0.0 {
+                r.err(ff("scale"), "must be a non-zero number".into());
+            }
+            if !fl.add.is_finite() {
+                r.err(ff("add"), "must be a number".into());
+            }
+            layout.push(LayoutField {
+                name: fl.name.clone().unwrap_or_default(),
+                offset: offset.unwrap_or(0),
+                ty: ty.unwrap_or(FieldType::U8),
+                endian: fl.endian,
+                scale: fl.scale,
+                add: fl.add,
+            });
+        }
+        let (decoder, fields) = match kind {
+            Some(DecoderKind::CayenneLpp) => {
+                if !d.field.is_empty() {
+                    r.err(f("field"), "Cayenne LPP names its fields itself (<type>_<channel>, e.g. temperature_3): no [[device.field]]".into());
+                }
+                (Decoder::CayenneLpp, Fields::CayenneLpp)
+            }
+            Some(DecoderKind::Layout) => {
+                if d.field.is_empty() && !r.lost_entry(&f("field")) {
+                    r.err(
                         f("decoder"),
                         "a layout decoder needs at least one [[device.field]]".into(),
                     );
                 }
-                let mut names = BTreeSet::new();
-                for (j, fl) in d.field.iter().enumerate() {
-                    let ff = |k: &str| format!("device.{i}.field.{j}.{k}");
-                    if !names.insert(fl.name.clone()) {
-                        err(
-                            ff("name"),
-                            format!("field {:?} is already defined for this device", fl.name),
-                        );
-                    }
-                    if fl.offset + fl.ty.size() > 242 {
-                        err(ff("offset"), format!("offset {} + {} bytes is beyond the largest LoRaWAN payload (242 bytes)", fl.offset, fl.ty.size()));
-                    }
-                    if !fl.scale.is_finite() || fl.scale == 0.0 {
-                        err(ff("scale"), "must be a non-zero number".into());
-                    }
-                    if !fl.add.is_finite() {
-                        err(ff("add"), "must be a number".into());
-                    }
-                }
-                Decoder::Layout(
-                    d.field
-                        .iter()
-                        .map(|fl| LayoutField {
-                            name: fl.name.clone(),
-                            offset: fl.offset,
-                            ty: fl.ty,
-                            endian: fl.endian,
-                            scale: fl.scale,
-                            add: fl.add,
-                        })
-                        .collect(),
-                )
+                let fields = if every_name_known {
+                    Fields::Layout(names)
+                } else {
+                    Fields::Unknown
+                };
+                (Decoder::Layout(layout), fields)
             }
+            None => (Decoder::CayenneLpp, Fields::Unknown),
         };
         devices.push(Device {
             dev_eui: eui,
             fport: d.fport,
             decoder,
         });
+        fields_of.push(fields);
     }
 
     let mut sensors = Vec::new();
+    // Each sensor's valid range, if it is one: the thresholds on it are checked against it.
+    let mut ranges: Vec<Option<[f64; 2]>> = Vec::new();
     let mut sensor_index = BTreeMap::new();
+    let mut every_sensor_id_known = !r.lost_entry("sensor");
     for (i, s) in raw.sensor.iter().enumerate() {
+        let t = format!("sensor.{i}");
         let f = |k: &str| format!("sensor.{i}.{k}");
-        if s.id.is_empty() {
-            err(f("id"), "must not be empty".into());
-        } else if sensor_index.insert(s.id.clone(), i).is_some() {
-            err(
-                f("id"),
-                format!("sensor {:?} is already defined above", s.id),
-            );
-        }
-        let device = eui_index.get(&s.device.to_ascii_lowercase()).copied();
-        match device {
-            None => err(
-                f("device"),
-                format!(
-                    "{:?} is not a [[device]] of this file (known: {})",
-                    s.device,
-                    known(raw.device.iter().map(|d| d.dev_eui.as_str()))
-                ),
-            ),
-            Some(d) => {
-                if let Decoder::Layout(fields) = &devices[d].decoder {
-                    if !fields.iter().any(|fl| fl.name == s.field) {
-                        err(
-                            f("field"),
-                            format!(
-                                "device {} has no field {:?} (its fields: {})",
-                                s.device,
-                                s.field,
-                                known(fields.iter().map(|fl| fl.name.as_str()))
-                            ),
-                        );
-                    }
-                } else if !super::decoder::is_lpp_field(&s.field) {
-                    err(
-                        f("field"),
-                        format!(
-                            "{:?} is not a Cayenne LPP field (<type>_<channel>, e.g. temperature_3, analog_input_1)",
-                            s.field
-                        ),
-                    );
+        match r.need(&t, "id", &s.id) {
+            None => every_sensor_id_known = false,
+            Some(id) if id.is_empty() => r.err(f("id"), "must not be empty".into()),
+            Some(id) => {
+                if sensor_index.insert(id.clone(), i).is_some() {
+                    r.err(f("id"), format!("sensor {id:?} is already defined above"));
                 }
             }
         }
-        let [lo, hi] = s.valid_range;
-        if !(lo.is_finite() && hi.is_finite() && lo < hi) {
-            err(
-                f("valid_range"),
-                format!("[{lo}, {hi}] is not a range (low first, both numbers)"),
-            );
+        let device = match r.need(&t, "device", &s.device) {
+            None => None,
+            Some(dev) => match resolve(&eui_index, &dev.to_ascii_lowercase(), every_eui_known) {
+                Ref::Found(d) => Some(d),
+                Ref::Unsure => None,
+                Ref::Missing => {
+                    r.err(
+                        f("device"),
+                        format!(
+                            "{dev:?} is not a [[device]] of this file (known: {})",
+                            known(raw.device.iter().filter_map(|d| d.dev_eui.as_deref()))
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let field = r.need(&t, "field", &s.field);
+        if let (Some(d), Some(field)) = (device, field) {
+            match &fields_of[d] {
+                Fields::Layout(names) => {
+                    if !names.contains(field) {
+                        r.err(
+                            f("field"),
+                            format!(
+                                "device {} has no field {field:?} (its fields: {})",
+                                s.device.as_deref().unwrap_or_default(),
+                                known(names.iter().map(String::as_str))
+                            ),
+                        );
+                    }
+                }
+                Fields::CayenneLpp => {
+                    if !super::decoder::is_lpp_field(field) {
+                        r.err(
+                            f("field"),
+                            format!(
+                                "{field:?} is not a Cayenne LPP field (<type>_<channel>, e.g. temperature_3, analog_input_1)"
+                            ),
+                        );
+                    }
+                }
+                Fields::Unknown => {}
+            }
         }
-        if s.max_age < Duration::from_secs(1) || s.max_age > Duration::from_secs(7 * 86_400) {
-            err(f("max_age"), "must be between 1s and 7d".into());
+        let range = match r.need(&t, "valid_range", &s.valid_range) {
+            None => None,
+            Some(&[lo, hi]) if lo.is_finite() && hi.is_finite() && lo < hi => Some([lo, hi]),
+            Some([lo, hi]) => {
+                r.err(
+                    f("valid_range"),
+                    format!("[{lo}, {hi}] is not a range (low first, both numbers)"),
+                );
+                None
+            }
+        };
+        if let Some(&max_age) = r.need(&t, "max_age", &s.max_age) {
+            if max_age < Duration::from_secs(1) || max_age > Duration::from_secs(7 * 86_400) {
+                r.err(f("max_age"), "must be between 1s and 7d".into());
+            }
         }
         if let Some(step) = s.max_step {
             if !(step.is_finite() && step > 0.0) {
-                err(f("max_step"), "must be a positive number".into());
+                r.err(f("max_step"), "must be a positive number".into());
             }
         }
         if let Some(n) = s.stuck_samples {
             if n < 2 {
-                err(
+                r.err(
                     f("stuck_samples"),
                     "must be at least 2 (identical readings in a row)".into(),
                 );
             }
         }
         sensors.push(Sensor {
-            id: s.id.clone(),
+            id: s.id.clone().unwrap_or_default(),
             device: device.unwrap_or(0),
-            field: s.field.clone(),
-            valid_range: s.valid_range,
-            max_age_ms: ms(s.max_age),
+            field: field.cloned().unwrap_or_default(),
+            valid_range: s.valid_range.unwrap_or_default(),
+            max_age_ms: ms(s.max_age.unwrap_or_default()),
             max_step: s.max_step,
             stuck_samples: s.stuck_samples,
         });
+        ranges.push(range);
     }
-    let in_range = |sensor: usize, v: f64| {
-        let [lo, hi] = sensors[sensor].valid_range;
-        v.is_finite() && v >= lo && v <= hi
+    // A sensor named by an interlock or level control: its index, when it is known.
+    let sensor_ref = |r: &mut Report, field: String, name: &str| match resolve(
+        &sensor_index,
+        name,
+        every_sensor_id_known,
+    ) {
+        Ref::Found(s) => Some(s),
+        Ref::Unsure => None,
+        Ref::Missing => {
+            r.err(
+                field,
+                format!(
+                    "{name:?} is not a [[sensor]] (known: {})",
+                    known(sensor_index.keys().map(String::as_str))
+                ),
+            );
+            None
+        }
     };
 
     let mut pumps = Vec::new();
@@ -669,35 +850,42 @@ fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> Ru
     let mut class_c_devices: BTreeMap<String, String> = BTreeMap::new();
     let mut lines = BTreeMap::new();
     for (i, p) in raw.pump.iter().enumerate() {
+        let t = format!("pump.{i}");
         let f = |k: &str| format!("pump.{i}.{k}");
-        if p.id.is_empty() {
-            err(f("id"), "must not be empty".into());
-        } else if !pump_ids.insert(p.id.clone()) {
-            err(f("id"), format!("pump {:?} is already defined above", p.id));
+        let id = r.need(&t, "id", &p.id).cloned().unwrap_or_default();
+        if p.id.is_some() {
+            if id.is_empty() {
+                r.err(f("id"), "must not be empty".into());
+            } else if !pump_ids.insert(id.clone()) {
+                r.err(f("id"), format!("pump {id:?} is already defined above"));
+            }
         }
-        if p.safe_state != "off" {
-            err(
-                f("safe_state"),
-                format!(
-                    "{:?}: only \"off\" is supported (a pump stops on bad data)",
-                    p.safe_state
-                ),
-            );
+        if let Some(safe_state) = r.need(&t, "safe_state", &p.safe_state) {
+            if safe_state != "off" {
+                r.err(
+                    f("safe_state"),
+                    format!("{safe_state:?}: only \"off\" is supported (a pump stops on bad data)"),
+                );
+            }
         }
-        let actuator = match &p.actuator {
-            Actuator::Gpio {
+        let actuator = match r.need(&t, "actuator", &p.actuator) {
+            // A placeholder: the error is already said.
+            None => Actuator::Simulated {
+                file: PathBuf::new(),
+            },
+            Some(Actuator::Gpio {
                 chip,
                 line,
                 active_low,
-            } => {
+            }) => {
                 if chip.as_os_str().is_empty() {
-                    err(
+                    r.err(
                         f("actuator.chip"),
                         "must name a GPIO chip, e.g. /dev/gpiochip0".into(),
                     );
                 }
-                if let Some(other) = lines.insert((chip.clone(), *line), p.id.clone()) {
-                    err(
+                if let Some(other) = lines.insert((chip.clone(), *line), id.clone()) {
+                    r.err(
                         f("actuator.line"),
                         format!(
                             "line {line} of {} already drives pump {other:?}",
@@ -711,20 +899,21 @@ fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> Ru
                     active_low: *active_low,
                 }
             }
-            Actuator::Simulated { file } => Actuator::Simulated {
+            Some(Actuator::Simulated { file }) => Actuator::Simulated {
                 file: if file.is_relative() {
                     base.join(file)
                 } else {
                     file.clone()
                 },
             },
-            Actuator::LorawanClassC(c) => {
+            Some(Actuator::LorawanClassC(c)) => {
                 let mut c = c.clone();
                 c.device = c.device.to_ascii_lowercase();
-                check_class_c(&c, &devices, &mut |k, m| err(f(k), m));
+                let device = resolve(&eui_index, &c.device, every_eui_known);
+                check_class_c(&c, device, &fields_of, &mut |k, m| r.err(f(k), m));
                 // One session, one sender: two pumps on one actuator would share its counter.
-                if let Some(other) = class_c_devices.insert(c.device.clone(), p.id.clone()) {
-                    err(
+                if let Some(other) = class_c_devices.insert(c.device.clone(), id.clone()) {
+                    r.err(
                         f("actuator.device"),
                         format!("actuator {} already drives pump {other:?}", c.device),
                     );
@@ -732,123 +921,131 @@ fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> Ru
                 Actuator::LorawanClassC(c)
             }
         };
-        if p.max_run.is_zero() || p.max_run > Duration::from_secs(7 * 86_400) {
-            err(f("max_run"), "must be between 1s and 7d".into());
+        // `min_run` is compared with a valid `max_run` only.
+        let max_run = match r.need(&t, "max_run", &p.max_run) {
+            Some(&m) if m.is_zero() || m > Duration::from_secs(7 * 86_400) => {
+                r.err(f("max_run"), "must be between 1s and 7d".into());
+                None
+            }
+            m => m.copied(),
+        };
+        if let (Some(&min_run), Some(max_run)) = (r.need(&t, "min_run", &p.min_run), max_run) {
+            if min_run >= max_run {
+                r.err(
+                    f("min_run"),
+                    format!(
+                        "must be shorter than max_run ({})",
+                        humantime::format_duration(max_run)
+                    ),
+                );
+            }
         }
-        if p.min_run >= p.max_run {
-            err(
-                f("min_run"),
-                format!(
-                    "must be shorter than max_run ({})",
-                    humantime::format_duration(p.max_run)
-                ),
-            );
+        if let Some(&min_off) = r.need(&t, "min_off", &p.min_off) {
+            if min_off > Duration::from_secs(86_400) {
+                r.err(f("min_off"), "must be at most 24h".into());
+            }
         }
-        if p.min_off > Duration::from_secs(86_400) {
-            err(f("min_off"), "must be at most 24h".into());
+        if let Some(n) = r.need(&t, "max_starts_per_hour", &p.max_starts_per_hour) {
+            if !(1..=60).contains(n) {
+                r.err(f("max_starts_per_hour"), "must be between 1 and 60".into());
+            }
         }
-        if !(1..=60).contains(&p.max_starts_per_hour) {
-            err(f("max_starts_per_hour"), "must be between 1 and 60".into());
-        }
-        if p.remote_lease_max.is_zero() || p.remote_lease_max > Duration::from_secs(86_400) {
-            err(f("remote_lease_max"), "must be between 1s and 24h".into());
+        if let Some(&lease) = r.need(&t, "remote_lease_max", &p.remote_lease_max) {
+            if lease.is_zero() || lease > Duration::from_secs(86_400) {
+                r.err(f("remote_lease_max"), "must be between 1s and 24h".into());
+            }
         }
         let mut interlocks = Vec::new();
         let mut il_ids = BTreeSet::new();
         for (j, il) in p.interlock.iter().enumerate() {
+            let t = format!("pump.{i}.interlock.{j}");
             let fi = |k: &str| format!("pump.{i}.interlock.{j}.{k}");
-            if !il_ids.insert(il.id.clone()) {
-                err(
-                    fi("id"),
-                    format!("interlock {:?} is already defined for this pump", il.id),
-                );
-            }
-            let sensor = sensor_index.get(&il.sensor).copied();
-            if sensor.is_none() {
-                err(
-                    fi("sensor"),
-                    format!(
-                        "{:?} is not a [[sensor]] (known: {})",
-                        il.sensor,
-                        known(sensor_index.keys().map(String::as_str))
-                    ),
-                );
-            }
-            let trip = match (il.trip_below, il.trip_above) {
-                (Some(t), None) => Trip::Below(t),
-                (None, Some(t)) => Trip::Above(t),
-                (Some(_), Some(_)) => {
-                    err(fi("trip_above"), "give trip_below or trip_above, not both (two interlocks if both are needed)".into());
-                    Trip::Below(f64::NAN)
-                }
-                (None, None) => {
-                    err(fi("id"), "needs trip_below or trip_above".into());
-                    Trip::Below(f64::NAN)
-                }
-            };
-            if let Some(s) = sensor {
-                let (field, t) = match trip {
-                    Trip::Below(t) => ("trip_below", t),
-                    Trip::Above(t) => ("trip_above", t),
-                };
-                if !t.is_nan() && !in_range(s, t) {
-                    err(fi(field), format!("{t} is outside the valid range of sensor {:?} {:?}: it could never trip (or always would)", il.sensor, sensors[s].valid_range));
-                }
-                if !in_range(s, il.reset_at) {
-                    err(
-                        fi("reset_at"),
-                        format!(
-                            "{} is outside the valid range of sensor {:?} {:?}",
-                            il.reset_at, il.sensor, sensors[s].valid_range
-                        ),
+            if let Some(id) = r.need(&t, "id", &il.id) {
+                if !il_ids.insert(id.clone()) {
+                    r.err(
+                        fi("id"),
+                        format!("interlock {id:?} is already defined for this pump"),
                     );
                 }
-                match trip {
-                    Trip::Below(t) if il.reset_at <= t => err(fi("reset_at"), format!("a trip below {t} resets above it: reset_at must be greater than trip_below (hysteresis)")),
-                    Trip::Above(t) if il.reset_at >= t => err(fi("reset_at"), format!("a trip above {t} resets below it: reset_at must be less than trip_above (hysteresis)")),
-                    _ => {}
+            }
+            let name = r.need(&t, "sensor", &il.sensor);
+            let sensor = name.and_then(|n| sensor_ref(&mut r, fi("sensor"), n));
+            let trip = match (il.trip_below, il.trip_above) {
+                (Some(t), None) => Some(Trip::Below(t)),
+                (None, Some(t)) => Some(Trip::Above(t)),
+                (Some(_), Some(_)) => {
+                    r.err(fi("trip_above"), "give trip_below or trip_above, not both (two interlocks if both are needed)".into());
+                    None
+                }
+                (None, None) => {
+                    // A threshold given but refused is not a threshold forgotten.
+                    if !r.refused(&fi("trip_below")) && !r.refused(&fi("trip_above")) {
+                        r.err(fi("id"), "needs trip_below or trip_above".into());
+                    }
+                    None
+                }
+            };
+            let reset_at = r.need(&t, "reset_at", &il.reset_at).copied();
+            // Against the sensor's range: when the sensor and its range are known.
+            if let (Some(range), Some(name)) = (sensor.and_then(|s| ranges[s]), name) {
+                if let Some(trip) = trip {
+                    let (field, t) = match trip {
+                        Trip::Below(t) => ("trip_below", t),
+                        Trip::Above(t) => ("trip_above", t),
+                    };
+                    if !within(range, t) {
+                        r.err(fi(field), format!("{t} is outside the valid range of sensor {name:?} {range:?}: it could never trip (or always would)"));
+                    }
+                }
+                if let Some(reset_at) = reset_at {
+                    if !within(range, reset_at) {
+                        r.err(
+                            fi("reset_at"),
+                            format!(
+                                "{reset_at} is outside the valid range of sensor {name:?} {range:?}"
+                            ),
+                        );
+                    }
                 }
             }
+            // The hysteresis' direction needs no sensor.
+            match (trip, reset_at) {
+                (Some(Trip::Below(t)), Some(reset_at)) if reset_at <= t => r.err(fi("reset_at"), format!("a trip below {t} resets above it: reset_at must be greater than trip_below (hysteresis)")),
+                (Some(Trip::Above(t)), Some(reset_at)) if reset_at >= t => r.err(fi("reset_at"), format!("a trip above {t} resets below it: reset_at must be less than trip_above (hysteresis)")),
+                _ => {}
+            }
             interlocks.push(Interlock {
-                id: il.id.clone(),
+                id: il.id.clone().unwrap_or_default(),
                 sensor: sensor.unwrap_or(0),
-                trip,
-                reset_at: il.reset_at,
+                trip: trip.unwrap_or(Trip::Below(f64::NAN)),
+                reset_at: reset_at.unwrap_or(f64::NAN),
                 latch: il.latch,
             });
         }
         let auto = p.auto.as_ref().map(|a| {
+            let t = format!("pump.{i}.auto");
             let fa = |k: &str| format!("pump.{i}.auto.{k}");
-            let sensor = sensor_index.get(&a.sensor).copied();
-            match sensor {
-                None => err(
-                    fa("sensor"),
-                    format!(
-                        "{:?} is not a [[sensor]] (known: {})",
-                        a.sensor,
-                        known(sensor_index.keys().map(String::as_str))
-                    ),
-                ),
-                Some(s) => {
-                    for (k, v) in [("start_at", a.start_at), ("stop_at", a.stop_at)] {
-                        if !in_range(s, v) {
-                            err(
-                                fa(k),
-                                format!(
-                                    "{v} is outside the valid range of sensor {:?} {:?}",
-                                    a.sensor, sensors[s].valid_range
-                                ),
-                            );
-                        }
+            let name = r.need(&t, "sensor", &a.sensor);
+            let sensor = name.and_then(|n| sensor_ref(&mut r, fa("sensor"), n));
+            let mode = r.need(&t, "mode", &a.mode).copied();
+            let start_at = r.need(&t, "start_at", &a.start_at).copied();
+            let stop_at = r.need(&t, "stop_at", &a.stop_at).copied();
+            if let (Some(range), Some(name)) = (sensor.and_then(|s| ranges[s]), name) {
+                for (k, v) in [("start_at", start_at), ("stop_at", stop_at)] {
+                    if let Some(v) = v.filter(|&v| !within(range, v)) {
+                        r.err(
+                            fa(k),
+                            format!("{v} is outside the valid range of sensor {name:?} {range:?}"),
+                        );
                     }
                 }
             }
-            match a.mode {
-                AutoMode::Empty if a.start_at <= a.stop_at => err(
+            match (mode, start_at, stop_at) {
+                (Some(AutoMode::Empty), Some(start), Some(stop)) if start <= stop => r.err(
                     fa("start_at"),
                     "mode \"empty\" starts on a high level: start_at must be above stop_at".into(),
                 ),
-                AutoMode::Fill if a.start_at >= a.stop_at => err(
+                (Some(AutoMode::Fill), Some(start), Some(stop)) if start >= stop => r.err(
                     fa("start_at"),
                     "mode \"fill\" starts on a low level: start_at must be below stop_at".into(),
                 ),
@@ -856,19 +1053,19 @@ fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> Ru
             }
             Auto {
                 sensor: sensor.unwrap_or(0),
-                mode: a.mode,
-                start_at: a.start_at,
-                stop_at: a.stop_at,
+                mode: mode.unwrap_or(AutoMode::Empty),
+                start_at: start_at.unwrap_or(f64::NAN),
+                stop_at: stop_at.unwrap_or(f64::NAN),
             }
         });
         pumps.push(Pump {
-            id: p.id.clone(),
+            id,
             actuator,
-            max_run_ms: ms(p.max_run),
-            min_run_ms: ms(p.min_run),
-            min_off_ms: ms(p.min_off),
-            max_starts_per_hour: p.max_starts_per_hour,
-            remote_lease_max_ms: ms(p.remote_lease_max),
+            max_run_ms: ms(p.max_run.unwrap_or_default()),
+            min_run_ms: ms(p.min_run.unwrap_or_default()),
+            min_off_ms: ms(p.min_off.unwrap_or_default()),
+            max_starts_per_hour: p.max_starts_per_hour.unwrap_or_default(),
+            remote_lease_max_ms: ms(p.remote_lease_max.unwrap_or_default()),
             interlocks,
             auto,
         });
@@ -1036,6 +1233,44 @@ decoder = "layout"
     }
 
     #[test]
+    fn a_class_c_setting_out_of_range_is_not_blamed_again_for_what_depends_on_it() {
+        let with = |settings: &str| {
+            edit(&[
+                ("version = 1\n", &format!("version = 1\n{ACTUATOR}")),
+                (
+                    "actuator = { kind = \"simulated\", file = \"relay.jsonl\" }",
+                    &format!("actuator = {{ kind = \"lorawan_class_c\", device = \"A84041000181ABCD\", fport = 1, off_hex = \"030000\", feedback = \"relay\", {settings} }}"),
+                ),
+            ])
+        };
+        let sixty_bytes = "05".repeat(60);
+        for (settings, want) in [
+            // The default refresh, a quarter of this lease, is not said too short as well.
+            (
+                r#"on_hex = "05010078", lease = "10s""#.to_string(),
+                "rules.toml:31:149: pump.0.actuator.lease: must be between 20s and 1h",
+            ),
+            // No payload limit, and no airtime, for an SF that does not exist.
+            (
+                format!(r#"on_hex = "{sixty_bytes}", lease = "2m", spreading_factor = 13"#),
+                "rules.toml:31:286: pump.0.actuator.spreading_factor: must be 7 to 12",
+            ),
+            // A refresh too frequent is not also said to overflow the duty cycle.
+            (
+                r#"on_hex = "05010078", lease = "20s", refresh = "1s", spreading_factor = 12"#.to_string(),
+                "rules.toml:31:166: pump.0.actuator.refresh: refresh every 1s must be at least 5s and at most half the lease (10s): one lost ON must not stop the pump",
+            ),
+            // No duty cycle computed for a frequency outside the band.
+            (
+                r#"on_hex = "05010078", lease = "2m", frequency_hz = 900000000"#.to_string(),
+                "rules.toml:31:170: pump.0.actuator.frequency_hz: must be in the EU868 band (863 to 870 MHz)",
+            ),
+        ] {
+            assert_eq!(errors(&with(&settings)), [want], "{settings}");
+        }
+    }
+
+    #[test]
     fn every_semantic_error_is_reported_at_once_with_its_line() {
         let bad = GOOD
             .replace("reset_at = 0.60", "reset_at = 0.30")
@@ -1046,27 +1281,17 @@ decoder = "layout"
                 "sensor = \"levle\"\n  trip_below",
             )
             .replace("max_step = 0.5", "max_step = 0.5\nmax_stepp = 1");
-        let e = errors(&bad);
-        let joined = e.join("\n");
-        assert!(
-            joined.contains("rules.toml:19:13: sensor.0.max_stepp: unknown field"),
-            "{joined}"
+        // The interlock's sensor is unknown: its hysteresis is checked all the same.
+        assert_eq!(
+            errors(&bad),
+            [
+                "rules.toml:19:13: sensor.0.max_stepp: unknown field `max_stepp`, expected one of `id`, `device`, `field`, `valid_range`, `max_age`, `max_step`, `stuck_samples`",
+                "rules.toml:26:11: pump.0.min_run: must be shorter than max_run (2h)",
+                "rules.toml:33:12: pump.0.interlock.0.sensor: \"levle\" is not a [[sensor]] (known: level)",
+                "rules.toml:35:14: pump.0.interlock.0.reset_at: a trip below 0.4 resets above it: reset_at must be greater than trip_below (hysteresis)",
+                "rules.toml:40:14: pump.0.auto.start_at: mode \"empty\" starts on a high level: start_at must be above stop_at",
+            ]
         );
-        assert!(
-            joined.contains("rules.toml:26:11: pump.0.min_run: must be shorter than max_run"),
-            "{joined}"
-        );
-        assert!(
-            joined.contains(
-                "pump.0.interlock.0.sensor: \"levle\" is not a [[sensor]] (known: level)"
-            ),
-            "{joined}"
-        );
-        assert!(
-            joined.contains("pump.0.auto.start_at: mode \"empty\" starts on a high level"),
-            "{joined}"
-        );
-        assert_eq!(e.len(), 4, "{joined}");
     }
 
     #[test]
@@ -1113,5 +1338,120 @@ decoder = "layout"
             e.contains("sensor.1.device: \"0000000000000001\" is not a [[device]]"),
             "{e}"
         );
+    }
+
+    /// `GOOD` with each replacement made (each must apply).
+    fn edit(replacements: &[(&str, &str)]) -> String {
+        let mut text = GOOD.to_string();
+        for (from, to) in replacements {
+            assert!(text.contains(from), "{from:?} is not in GOOD");
+            text = text.replacen(from, to, 1);
+        }
+        text
+    }
+
+    #[test]
+    fn a_layout_type_that_does_not_exist_is_one_error_on_its_field() {
+        assert_eq!(
+            errors(&edit(&[("type = \"u16\"", "type = \"u17\"")])),
+            [
+                "rules.toml:9:10: device.0.field.0.type: unknown variant `u17`, expected one of `u8`, `i8`, `u16`, `i16`, `u32`, `i32`, `f32`"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_duration_that_does_not_parse_is_one_error_on_its_field() {
+        assert_eq!(
+            errors(&edit(&[("max_age = \"25m\"", "max_age = \"8 parsecs\"")])),
+            [
+                "rules.toml:17:11: sensor.0.max_age: \"8 parsecs\" is not a duration like \"500ms\", \"30s\" or \"2h\" (unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations))"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_interlock_on_an_unknown_sensor_still_has_its_hysteresis_checked() {
+        assert_eq!(
+            errors(&edit(&[
+                ("sensor = \"level\"\n  trip_below", "sensor = \"levle\"\n  trip_below"),
+                ("reset_at = 0.60", "reset_at = 0.30"),
+                ("sensor = \"level\"\n  mode", "sensor = \"lvl\"\n  mode"),
+                ("start_at = 2.5", "start_at = 0.5"),
+            ])),
+            [
+                "rules.toml:32:12: pump.0.interlock.0.sensor: \"levle\" is not a [[sensor]] (known: level)",
+                "rules.toml:34:14: pump.0.interlock.0.reset_at: a trip below 0.4 resets above it: reset_at must be greater than trip_below (hysteresis)",
+                "rules.toml:37:12: pump.0.auto.sensor: \"lvl\" is not a [[sensor]] (known: level)",
+                "rules.toml:39:14: pump.0.auto.start_at: mode \"empty\" starts on a high level: start_at must be above stop_at",
+            ]
+        );
+    }
+
+    /// Replacements made in `GOOD`, and the errors the file must give, exactly.
+    type Case = (
+        &'static [(&'static str, &'static str)],
+        &'static [&'static str],
+    );
+
+    /// One mistake, one error: a refused value is neither "missing" nor checked again, and what
+    /// depends on it (a sensor on its device, a threshold on its sensor's range, `min_run` on
+    /// `max_run`) is not blamed for it.
+    #[test]
+    fn each_mistake_is_reported_once_and_invents_no_other() {
+        let cases: [Case; 11] = [
+            (
+                &[("valid_range = [0.0, 4.0]", "valid_range = [0.0, \"x\"]")],
+                &["rules.toml:16:21: sensor.0.valid_range.1: invalid type: string \"x\", expected a number"],
+            ),
+            (
+                &[("valid_range = [0.0, 4.0]", "valid_range = [4.0, 0.0]")],
+                &["rules.toml:16:15: sensor.0.valid_range: [4, 0] is not a range (low first, both numbers)"],
+            ),
+            (
+                &[("decoder = \"layout\"", "decoder = \"cayene\"")],
+                &["rules.toml:5:11: device.0.decoder: unknown variant `cayene`, expected `layout` or `cayenne_lpp`"],
+            ),
+            (
+                &[("dev_eui = \"70B3D57ED0001A01\"", "dev_eui = 5")],
+                &["rules.toml:4:11: device.0.dev_eui: invalid type: integer `5`, expected a string"],
+            ),
+            (
+                &[("id = \"level\"", "id = 5")],
+                &["rules.toml:13:6: sensor.0.id: invalid type: integer `5`, expected a string"],
+            ),
+            (
+                &[("name = \"water_level_m\"", "name = [\"water_level_m\"]")],
+                &["rules.toml:7:10: device.0.field.0.name: invalid type: sequence, expected a string"],
+            ),
+            (
+                &[("kind = \"simulated\"", "kind = \"relay\"")],
+                &["rules.toml:23:21: pump.0.actuator.kind: unknown variant `relay`, expected one of `gpio`, `simulated`, `lorawan_class_c`"],
+            ),
+            (
+                &[("trip_below = 0.40", "trip_below = \"low\"")],
+                &["rules.toml:33:16: pump.0.interlock.0.trip_below: invalid type: string \"low\", expected a number"],
+            ),
+            (
+                &[("max_run = \"2h\"", "max_run = \"0s\"")],
+                &["rules.toml:24:11: pump.0.max_run: must be between 1s and 7d"],
+            ),
+            (
+                &[("mode = \"empty\"", "mode = \"drain\"")],
+                &["rules.toml:38:10: pump.0.auto.mode: unknown variant `drain`, expected `empty` or `fill`"],
+            ),
+            // Keys really missing are each named, on their table, and hide nothing either.
+            (
+                &[("  offset = 0\n  type = \"u16\"\n", ""), ("reset_at = 0.60", "reset_at = 0.30")],
+                &[
+                    "rules.toml:6:3: device.0.field.0: missing field `offset`",
+                    "rules.toml:6:3: device.0.field.0: missing field `type`",
+                    "rules.toml:32:14: pump.0.interlock.0.reset_at: a trip below 0.4 resets above it: reset_at must be greater than trip_below (hysteresis)",
+                ],
+            ),
+        ];
+        for (replacements, want) in cases {
+            assert_eq!(errors(&edit(replacements)), want, "{replacements:?}");
+        }
     }
 }

@@ -559,6 +559,21 @@ impl Stage {
             Ok(r) => r,
             Err(answer) => {
                 tracing::warn!(request_id = %answer.request_id, reason = ?answer.reason, "rules: central request refused");
+                // Audited like every refusal, `state` too: a request this gateway could not
+                // take (another gateway's, malformed, incomplete) is worth a record whatever
+                // it asked; only a `state` that was answered changes and records nothing.
+                self.send_audit(Audit {
+                    at_ms: now,
+                    subject: answer.pump.clone().unwrap_or_default(),
+                    action: "command",
+                    reasons: vec![central::audit_reason(
+                        answer.action.as_deref(),
+                        &answer.request_id,
+                        answer.requested_by.as_deref(),
+                        answer.reason.as_deref(),
+                    )],
+                    inputs: vec![],
+                });
                 self.send(Body::Pump(
                     serde_json::to_value(&answer).unwrap_or_default(),
                 ));
@@ -628,23 +643,16 @@ impl Stage {
         } else {
             "accepted"
         };
-        let who = req
-            .requested_by
-            .clone()
-            .unwrap_or_else(|| "(not said)".into());
         if req.action != Action::State {
             self.send_audit(Audit {
                 at_ms: now,
                 subject: pump.clone(),
                 action: "command",
-                reasons: vec![format!(
-                    "{:?} (request {}) by {who}: {outcome}{}",
-                    req.action,
-                    req.request_id,
-                    refusal
-                        .as_ref()
-                        .map(|r| format!(": {r}"))
-                        .unwrap_or_default()
+                reasons: vec![central::audit_reason(
+                    Some(req.action.name()),
+                    &req.request_id,
+                    req.requested_by.as_deref(),
+                    refusal.as_deref(),
                 )],
                 inputs: vec![],
             });
@@ -652,7 +660,7 @@ impl Stage {
         let answer = central::Answer {
             request_id: req.request_id,
             pump: req.pump,
-            action: Some(req.action),
+            action: Some(req.action.name().to_string()),
             outcome,
             reason: refusal,
             requested_by: req.requested_by,
