@@ -422,11 +422,19 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
         a["reason"].as_str().unwrap().contains("not a pump request"),
         "{a}"
     );
+    // The answer says what was asked, even when it is not an action.
+    assert_eq!(a["action"], "explode", "{a}");
 
-    // Every request but `state` is in the audit, with who asked.
+    // Every request but an answered `state` is in the audit, with who asked; refusals before
+    // the engine saw them too.
     let audits = collector.wait_for("/event/rules", Duration::from_secs(10), |m| {
-        m.iter()
-            .any(|m| String::from_utf8_lossy(&m.payload).contains("request l1"))
+        let text: Vec<String> = m
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.payload).to_string())
+            .collect();
+        ["request l1", "request b1", "request g1"]
+            .iter()
+            .all(|r| text.iter().any(|t| t.contains(r)))
     });
     let commands: Vec<String> = audits
         .iter()
@@ -444,6 +452,18 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
         commands
             .iter()
             .any(|c| c.contains("Lockout (request l1) by ops-anna: accepted")),
+        "{commands:?}"
+    );
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.contains("\"explode\" (request b1)") && c.contains("refused")),
+        "{commands:?}"
+    );
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.contains("(request g1)") && c.contains("not this one")),
         "{commands:?}"
     );
 }
@@ -590,15 +610,17 @@ fn a_wrong_app_s_key_with_the_right_nwk_s_key_never_starts_the_pump() {
         .map(|f| at(300 + f as u64 * 700, SENSOR.uplink(f, 2, &mm)))
         .collect();
     let (_broker, mut agent, dir) = offline_agent(&scenario, &keys);
-    // Every frame is taken (the MIC is right) and read as noise: the first as a high level.
+    // Every frame received, then past min off (2 s) and a few ticks.
+    agent.wait_status("rx", 6, patience(Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_secs(3));
+    let t = relay(dir.path());
+    assert_eq!(t, vec![false], "the pump started on noise\n{}", agent.log());
+    // Every frame was taken (the MIC is right) and read as noise, the first as a high level.
     assert!(
-        agent.wait_log("Unknown -> Unconfirmed", patience(Duration::from_secs(20))),
+        agent.log().contains("Unknown -> Unconfirmed"),
         "{}",
         agent.log()
     );
-    // Past min off (2 s) and the last frame.
-    std::thread::sleep(Duration::from_secs(6));
-    let t = relay(dir.path());
-    assert_eq!(t, vec![false], "the pump started on noise\n{}", agent.log());
+    assert!(!agent.log().contains("frame dropped"), "{}", agent.log());
     agent.sigterm();
 }

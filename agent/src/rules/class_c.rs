@@ -57,17 +57,21 @@ pub fn describe(rules: &super::file::RuleSet) -> Vec<String> {
             super::file::Actuator::LorawanClassC(c) => {
                 let (air, share) = c.refresh_cost();
                 let refresh = c.refresh_period();
+                let worst = c.hour_cost(p.max_starts_per_hour);
                 Some(format!(
-                    "pump {}: LoRaWAN Class C actuator {} on {:.3} MHz SF{}, ON every {} ({} ms on air: {share:.2} % of the hour), confirmed by its \"{}\" field within {}, {} retries; the network server must not send it downlinks",
+                    "pump {}: LoRaWAN Class C actuator {} on {:.3} MHz SF{}, ON every {} ({} ms on air: {share:.2} % of the hour; worst hour with {} starts and every re-send {:.2} %), confirmed by its \"{}\" field within {}, {} retries; {} ms kept for its STOP; the network server must not send it downlinks",
                     p.id,
                     c.device,
                     c.frequency_hz as f64 / 1e6,
                     c.spreading_factor,
                     humantime::format_duration(refresh),
                     air.as_millis(),
+                    p.max_starts_per_hour,
+                    worst.share,
                     c.feedback,
                     humantime::format_duration(c.confirm_within),
-                    c.retries
+                    c.retries,
+                    stop_reserve(c).as_millis()
                 ))
             }
             _ => None,

@@ -187,6 +187,28 @@ impl ClassC {
         1 + 7 + 1 + payload.len() / 2 + 4
     }
 
+    /// The worst hour of this actuator on air, with `max_starts` starts: the refreshes, each
+    /// start's ON and each stop's OFF with all their re-sends, and the OFFs re-sent every
+    /// `confirm_within × 2^retries` (at most 10 min) in an unknown state.
+    pub fn hour_cost(&self, max_starts: u32) -> HourCost {
+        let on = super::class_c::airtime(self.spreading_factor, self.frame_len(&self.on_hex));
+        let off = super::class_c::airtime(self.spreading_factor, self.frame_len(&self.off_hex));
+        let refreshes = (3600.0 / self.refresh_period().as_secs_f64()).ceil() as u32;
+        let sends = max_starts * (1 + self.retries);
+        let alarm_period = (self.confirm_within * 2u32.pow(self.retries.min(16)))
+            .min(Duration::from_secs(600))
+            .max(Duration::from_secs(1));
+        let alarm_offs = (3600.0 / alarm_period.as_secs_f64()).ceil() as u32;
+        let total = on * (refreshes + sends) + off * (sends + alarm_offs);
+        HourCost {
+            refreshes,
+            ons: sends,
+            offs: sends + alarm_offs,
+            total,
+            share: total.as_secs_f64() / 3600.0 * 100.0,
+        }
+    }
+
     /// What the ON refreshes cost: one ON's time on air, and their share of the hour (%).
     pub fn refresh_cost(&self) -> (Duration, f64) {
         let air = super::class_c::airtime(self.spreading_factor, self.frame_len(&self.on_hex));
@@ -195,6 +217,19 @@ impl ClassC {
             air.as_secs_f64() / self.refresh_period().as_secs_f64() * 100.0,
         )
     }
+}
+
+/// A Class C actuator's worst hour on air (`ClassC::hour_cost`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HourCost {
+    pub refreshes: u32,
+    /// Start ONs with their re-sends.
+    pub ons: u32,
+    /// Stop OFFs with their re-sends, and the OFFs of an unknown state.
+    pub offs: u32,
+    pub total: Duration,
+    /// Per cent of the hour.
+    pub share: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -388,7 +423,13 @@ fn parse(path: &Path, text: &str, bytes: &[u8]) -> Result<RuleSet, RuleErrors> {
 /// The Class C actuator's settings, each error on its own key. The duty-cycle arithmetic is
 /// the one of `../shared/docs/pump-safety.md`: the refreshes of one actuator may use at most
 /// half of its sub-band's hourly allowance, so that STOPs and the network server keep room.
-fn check_class_c(c: &ClassC, device: Ref, fields: &[Fields], err: &mut dyn FnMut(&str, String)) {
+fn check_class_c(
+    c: &ClassC,
+    device: Ref,
+    fields: &[Fields],
+    max_starts: Option<u32>,
+    err: &mut dyn FnMut(&str, String),
+) {
     match device {
         Ref::Missing => err(
             "actuator.device",
@@ -510,6 +551,25 @@ fn check_class_c(c: &ClassC, device: Ref, fields: &[Fields], err: &mut dyn FnMut
                     band.name
                 ),
             );
+        } else if let (Some(n), true) = (max_starts, (1..=10).contains(&c.retries)) {
+            // Starts, stops and every re-send too: the worst hour must fit in half the
+            // allowance, or an OFF could find the sub-band spent.
+            let h = c.hour_cost(n);
+            if h.share > allowed / 2.0 {
+                err(
+                    "actuator",
+                    format!(
+                        "its worst hour ({} refreshes, {} ONs and {} OFFs with their re-sends for {n} starts an hour: {} ms) uses {:.2} % of the hour at SF{}; sub-band {} MHz allows {allowed} % and the actuator may take half of it: fewer starts or retries, a lower SF, or refresh less often",
+                        h.refreshes,
+                        h.ons,
+                        h.offs,
+                        h.total.as_millis(),
+                        h.share,
+                        c.spreading_factor,
+                        band.name
+                    ),
+                );
+            }
         }
     }
 }
@@ -910,7 +970,10 @@ fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> Ru
                 let mut c = c.clone();
                 c.device = c.device.to_ascii_lowercase();
                 let device = resolve(&eui_index, &c.device, every_eui_known);
-                check_class_c(&c, device, &fields_of, &mut |k, m| r.err(f(k), m));
+                let max_starts = p.max_starts_per_hour.filter(|n| (1..=60).contains(n));
+                check_class_c(&c, device, &fields_of, max_starts, &mut |k, m| {
+                    r.err(f(k), m)
+                });
                 // One session, one sender: two pumps on one actuator would share its counter.
                 if let Some(other) = class_c_devices.insert(c.device.clone(), id.clone()) {
                     r.err(
@@ -1170,6 +1233,43 @@ decoder = "layout"
   offset = 0
   type = "u8"
 "#;
+
+    #[test]
+    fn the_duty_cycle_check_budgets_starts_stops_and_re_sends_not_only_refreshes() {
+        let with = |actuator: &str, starts: u32| {
+            GOOD.replace("version = 1\n", &format!("version = 1\n{ACTUATOR}"))
+                .replace(
+                    "actuator = { kind = \"simulated\", file = \"relay.jsonl\" }",
+                    actuator,
+                )
+                .replace(
+                    "max_starts_per_hour = 4",
+                    &format!("max_starts_per_hour = {starts}"),
+                )
+        };
+        // SF12 in the 10 % sub-band: two refreshes an hour are 0.06 %, but 60 starts with 10
+        // re-sends each of the ON and of the OFF are 660 of each.
+        let sf12 = r#"actuator = { kind = "lorawan_class_c", device = "A84041000181ABCD", fport = 1, on_hex = "05010078", off_hex = "030000", lease = "1h", refresh = "30m", feedback = "relay", retries = 10, spreading_factor = 12 }"#;
+        let text = with(sf12, 60);
+        let e = parse(Path::new("rules.toml"), &text, text.as_bytes())
+            .unwrap_err()
+            .0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("pump.0.actuator: its worst hour (2 refreshes, 660 ONs and 666 OFFs")
+                && e[0].contains("sub-band 869.4-869.65 MHz allows 10 %"),
+            "{e:?}"
+        );
+        // Four starts an hour with the default three re-sends fit.
+        let text = with(sf12.replace("retries = 10", "retries = 3").as_str(), 4);
+        let s = parse(Path::new("rules.toml"), &text, text.as_bytes()).unwrap();
+        let Actuator::LorawanClassC(c) = &s.pumps[0].actuator else {
+            panic!()
+        };
+        let h = c.hour_cost(4);
+        assert_eq!((h.refreshes, h.ons, h.offs), (2, 16, 16 + 15));
+        assert!(h.share < 5.0, "{h:?}");
+    }
 
     #[test]
     fn a_class_c_actuator_loads_with_its_defaults_and_each_mistake_is_named() {
