@@ -4,8 +4,9 @@
 //! `cargo bench -p lora-edge --bench rules_decode`
 //!
 //! Prints nanoseconds per frame for: a frame of a device the rules do not know (DevAddr lookup
-//! only), an accepted frame (MIC + decryption), a bad-MIC frame, a layout decode and a Cayenne
-//! LPP decode.
+//! only), an accepted frame (MIC + decryption), a bad-MIC frame, the high-bit search of a
+//! session whose counter is not known (near, at the end of the window, and a frame that fails
+//! it all), a layout decode and a Cayenne LPP decode.
 
 use std::hint::black_box;
 use std::os::unix::fs::PermissionsExt;
@@ -93,6 +94,33 @@ fn main() {
     let last = bad.len() - 1;
     bad[last] ^= 1;
     per_frame("bad MIC (two MIC computations)", N, |_| {
+        black_box(sessions.check(black_box(&bad)));
+    });
+    // No counter known for the session (a new session, no fcnt_up): the high 16 bits searched.
+    let near = uplink(70_000, &[0x09, 0xC4]);
+    per_frame("no counter known, found at high bits 1 (2 MICs)", N, |_| {
+        sessions.sessions[0].last_fcnt = None;
+        let v = sessions.check(black_box(&near));
+        assert!(
+            matches!(v, Verdict::Accepted { searched: true, .. }),
+            "{v:?}"
+        );
+    });
+    let far = uplink(0xFF_0001, &[0x09, 0xC4]);
+    per_frame(
+        "no counter known, found at high bits 255 (256 MICs)",
+        2_000,
+        |_| {
+            sessions.sessions[0].last_fcnt = None;
+            let v = sessions.check(black_box(&far));
+            assert!(
+                matches!(v, Verdict::Accepted { searched: true, .. }),
+                "{v:?}"
+            );
+        },
+    );
+    per_frame("no counter known, bad MIC (256 MICs)", 2_000, |_| {
+        sessions.sessions[0].last_fcnt = None;
         black_box(sessions.check(black_box(&bad)));
     });
     let layout = Decoder::Layout(vec![
