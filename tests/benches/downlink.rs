@@ -12,8 +12,6 @@
 //! priority buys.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chirpstack_api::gw;
@@ -45,32 +43,6 @@ fn item(timing: gw::timing::Parameters, ctx: u32, id: u32) -> gw::DownlinkFrameI
 
 fn field(line: &str, key: &str) -> i64 {
     log_field(line, "downlink summary", key).unwrap_or(-1)
-}
-
-/// `per_core` busy threads per core until dropped.
-struct CpuHogs(Arc<AtomicBool>);
-
-impl CpuHogs {
-    fn start(per_core: usize) -> CpuHogs {
-        let stop = Arc::new(AtomicBool::new(false));
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        for _ in 0..cores * per_core {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut x = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-                }
-            });
-        }
-        CpuHogs(stop)
-    }
-}
-
-impl Drop for CpuHogs {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
 }
 
 fn main() {

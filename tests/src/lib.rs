@@ -840,3 +840,29 @@ pub fn assert_all_delivered(collector: &Collector, n: usize, timeout: Duration, 
         &d.order_violations[..d.order_violations.len().min(10)]
     );
 }
+
+/// `per_core` busy threads per core until dropped.
+pub struct CpuHogs(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl CpuHogs {
+    pub fn start(per_core: usize) -> CpuHogs {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        for _ in 0..cores * per_core {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            });
+        }
+        CpuHogs(stop)
+    }
+}
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

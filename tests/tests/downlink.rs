@@ -296,6 +296,41 @@ fn power_is_capped_at_the_legal_eirp_mapped_down_the_gain_table_and_never_sent_l
 }
 
 #[test]
+fn back_to_back_class_c_frames_all_go_out_under_cpu_load() {
+    // One busy thread per core. Each frame is handed over once the one before it has ended:
+    // 15 ms are kept free after each, of which 3 ms of lead are needed, so the downlink thread
+    // has 12 ms to see the end (it had 2 ms, and an SF12 pair failed TOO_LATE once).
+    let _hogs = CpuHogs::start(1);
+    let (r, ctx) = rig(0, "");
+    let ids: Vec<u32> = (80..86).collect();
+    publish_downlinks(
+        r.broker.port,
+        ids.iter()
+            .map(|id| {
+                (
+                    *id,
+                    lora(869_525_000, 14, 9, immediately(), ctx, b"pump-stop"),
+                )
+            })
+            .collect(),
+    );
+    for id in &ids {
+        assert_eq!(
+            ack(&r.collector, *id, patience(Duration::from_secs(15))),
+            vec![gw::TxAckStatus::Ok],
+            "downlink {id}\n{}",
+            r.agent.log()
+        );
+    }
+    let sent = tx_log(r.dir.path());
+    assert_eq!(sent.len(), ids.len(), "{sent:?}");
+    assert!(sent.iter().all(|s| s.replaced.is_none()), "{sent:?}");
+    for s in &sent {
+        assert_on_time(s);
+    }
+}
+
+#[test]
 fn the_duty_cycle_of_a_sub_band_is_enforced() {
     // 863-865 MHz allows 0.1 % of an hour, 3.6 s: one 2.5 s SF12 transmission fits, a second not.
     let (r, ctx) = rig(0, "");

@@ -187,9 +187,10 @@ impl ClassC {
         1 + 7 + 1 + payload.len() / 2 + 4
     }
 
-    /// The worst hour of this actuator on air, with `max_starts` starts: the refreshes, each
-    /// start's ON and each stop's OFF with all their re-sends, and the OFFs re-sent every
-    /// `confirm_within × 2^retries` (at most 10 min) in an unknown state.
+    /// The worst hour of this actuator on air, with `max_starts` starts: the refreshes and each
+    /// start's ON and each stop's OFF with all their re-sends; or, if more, an hour in an
+    /// unknown state (the pump held off: only OFFs, every `confirm_within × 2^retries`, at most
+    /// 10 min apart).
     pub fn hour_cost(&self, max_starts: u32) -> HourCost {
         let on = super::class_c::airtime(self.spreading_factor, self.frame_len(&self.on_hex));
         let off = super::class_c::airtime(self.spreading_factor, self.frame_len(&self.off_hex));
@@ -199,11 +200,12 @@ impl ClassC {
             .min(Duration::from_secs(600))
             .max(Duration::from_secs(1));
         let alarm_offs = (3600.0 / alarm_period.as_secs_f64()).ceil() as u32;
-        let total = on * (refreshes + sends) + off * (sends + alarm_offs);
+        let total = (on * (refreshes + sends) + off * sends).max(off * alarm_offs);
         HourCost {
             refreshes,
             ons: sends,
-            offs: sends + alarm_offs,
+            offs: sends,
+            alarm_offs,
             total,
             share: total.as_secs_f64() / 3600.0 * 100.0,
         }
@@ -225,8 +227,10 @@ pub struct HourCost {
     pub refreshes: u32,
     /// Start ONs with their re-sends.
     pub ons: u32,
-    /// Stop OFFs with their re-sends, and the OFFs of an unknown state.
+    /// Stop OFFs with their re-sends.
     pub offs: u32,
+    /// OFFs in an hour of unknown state (no refreshes nor starts then).
+    pub alarm_offs: u32,
     pub total: Duration,
     /// Per cent of the hour.
     pub share: f64,
@@ -559,10 +563,11 @@ fn check_class_c(
                 err(
                     "actuator",
                     format!(
-                        "its worst hour ({} refreshes, {} ONs and {} OFFs with their re-sends for {n} starts an hour: {} ms) uses {:.2} % of the hour at SF{}; sub-band {} MHz allows {allowed} % and the actuator may take half of it: fewer starts or retries, a lower SF, or refresh less often",
+                        "its worst hour ({} refreshes, {} ONs and {} OFFs with their re-sends for {n} starts an hour, or {} OFFs in an unknown state: {} ms) uses {:.2} % of the hour at SF{}; sub-band {} MHz allows {allowed} % and the actuator may take half of it: fewer starts or retries, a lower SF, or refresh less often",
                         h.refreshes,
                         h.ons,
                         h.offs,
+                        h.alarm_offs,
                         h.total.as_millis(),
                         h.share,
                         c.spreading_factor,
@@ -1256,7 +1261,7 @@ decoder = "layout"
             .0;
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(
-            e[0].contains("pump.0.actuator: its worst hour (2 refreshes, 660 ONs and 666 OFFs")
+            e[0].contains("pump.0.actuator: its worst hour (2 refreshes, 660 ONs and 660 OFFs")
                 && e[0].contains("sub-band 869.4-869.65 MHz allows 10 %"),
             "{e:?}"
         );
@@ -1267,7 +1272,7 @@ decoder = "layout"
             panic!()
         };
         let h = c.hour_cost(4);
-        assert_eq!((h.refreshes, h.ons, h.offs), (2, 16, 16 + 15));
+        assert_eq!((h.refreshes, h.ons, h.offs, h.alarm_offs), (2, 16, 16, 15));
         assert!(h.share < 5.0, "{h:?}");
     }
 
