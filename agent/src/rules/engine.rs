@@ -313,6 +313,12 @@ impl Engine {
             || value < cfg.valid_range[0]
             || value > cfg.valid_range[1]
         {
+            // While a session is not believed yet, agreement must be between readings in a
+            // row: noise between two in-range readings breaks it (a reviewer's wrong AppSKey
+            // had 0.247 and, nine frames of out-of-range noise later, 0.163 "agree").
+            if s.awaiting {
+                s.reference = None;
+            }
             Quality::OutOfRange
         } else if s.awaiting {
             let tolerance = agreement(cfg);

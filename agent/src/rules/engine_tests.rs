@@ -587,8 +587,13 @@ fn a_new_sessions_first_reading_starts_nothing_until_a_second_agrees() {
     // Out of range is bad data, and not a reference either.
     e.reading(0, 25.6, T0 + 14 * M);
     assert_eq!(e.sensor_quality(0).1, Quality::OutOfRange);
-    // Two readings that agree (within max_step of the last in-range one, 3.9): believed.
+    // Agreement is between readings in a row: 3.5 is within max_step of 3.9, but the bad
+    // reading came between them.
     let o = e.reading(0, 3.5, T0 + 15 * M);
+    assert_eq!(e.sensor_quality(0).1, Quality::Unconfirmed);
+    assert!(o.drives.is_empty());
+    // The next one agrees with 3.5: believed.
+    let o = e.reading(0, 3.6, T0 + 16 * M);
     assert_eq!(e.sensor_quality(0).1, Quality::Good);
     assert_eq!(o.drives, vec![Drive { pump: 0, on: true }]);
 }
