@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Instant;
 
 use lora_edge::rules::decoder::{Decoder, Endian, FieldType, LayoutField};
-use lora_edge::rules::lorawan::{load_keys, Sessions, Verdict};
+use lora_edge::rules::lorawan::{load_keys, Found, Sessions, Verdict};
 use lrwn::{
     AES128Key, DevAddr, FCtrl, FRMPayload, FType, MACCommandSet, MACPayload, Major, Payload,
     PhyPayload, FHDR, MHDR,
@@ -102,7 +102,13 @@ fn main() {
         sessions.sessions[0].last_fcnt = None;
         let v = sessions.check(black_box(&near));
         assert!(
-            matches!(v, Verdict::Accepted { searched: true, .. }),
+            matches!(
+                v,
+                Verdict::Accepted {
+                    found: Found::Searched { .. },
+                    ..
+                }
+            ),
             "{v:?}"
         );
     });
@@ -114,7 +120,13 @@ fn main() {
             sessions.sessions[0].last_fcnt = None;
             let v = sessions.check(black_box(&far));
             assert!(
-                matches!(v, Verdict::Accepted { searched: true, .. }),
+                matches!(
+                    v,
+                    Verdict::Accepted {
+                        found: Found::Searched { .. },
+                        ..
+                    }
+                ),
                 "{v:?}"
             );
         },

@@ -191,6 +191,7 @@ fn start_rules(
             downlinks: downlinks.clone(),
             store_path: cfg.store.path.clone(),
         },
+        rules::system_clock(),
     ) {
         Ok(s) => s,
         Err(e) => {

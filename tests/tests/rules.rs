@@ -532,7 +532,7 @@ fn the_keys_files_fcnt_up_makes_older_counters_replays() {
     assert_eq!(wait_relay(dir.path(), 2, &agent)[..2], [false, true]);
     assert!(
         agent.wait_log(
-            "replay: frame counter 69999 was already accepted",
+            "frame counter 69999 is below the keys file's fcnt_up (70000)",
             Duration::from_secs(5)
         ),
         "{}",
@@ -543,6 +543,24 @@ fn the_keys_files_fcnt_up_makes_older_counters_replays() {
         "{}",
         agent.log()
     );
+    agent.sigterm();
+}
+
+#[test]
+fn a_stale_fcnt_up_far_below_the_device_does_not_silence_it() {
+    // fcnt_up copied from the network server long ago: the device is 69 000 frames further.
+    let keys = format!("{}fcnt_up = 1000\n", SENSOR.keys_toml());
+    let (_broker, mut agent, dir) = offline_agent(
+        &[
+            at(500, SENSOR.uplink(70_000, 2, &level(3000))),
+            at(1000, SENSOR.uplink(70_001, 2, &level(3000))),
+        ],
+        &keys,
+    );
+    assert_eq!(wait_relay(dir.path(), 2, &agent)[..2], [false, true]);
+    let log = agent.log();
+    assert!(log.contains("fcnt_up is stale"), "{log}");
+    assert!(!log.contains("MIC check failed"), "{log}");
     agent.sigterm();
 }
 

@@ -60,8 +60,10 @@ pub struct Owned {
     pub reply: SyncSender<Handed>,
     /// When the radio handed over the frame that caused it (logged as the reaction time).
     pub cause: Option<Instant>,
-    /// Airtime this actuator keeps in its sub-band for its STOP and the STOP's re-sends: the
-    /// duty cycle lets nothing else use it (`Scheduler::keep_for_stops`).
+    /// Which of the agent's actuators sent it, and the airtime that actuator keeps in its
+    /// sub-band for its STOP and the STOP's re-sends: the duty cycle lets nothing else use it
+    /// (`Scheduler::keep_for_stops`).
+    pub actuator: usize,
     pub stop_reserve: Duration,
 }
 
@@ -306,7 +308,7 @@ impl Downlinks {
             _ => return answer(Err("no time on air for this packet".into())),
         };
         let freq = c.packet.freq_hz;
-        sched.keep_for_stops(o.tag >> 32, freq, o.stop_reserve);
+        sched.keep_for_stops(o.actuator, freq, o.stop_reserve);
         let pending = Pending {
             origin: Origin::Owned {
                 tag: o.tag,

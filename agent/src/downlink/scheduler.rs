@@ -98,7 +98,7 @@ pub struct Scheduler<T> {
     /// Airtime each of the agent's own actuators keeps in its sub-band for its STOP and the
     /// STOP's re-sends (key: the actuator): only a STOP may use it, so an ON, a refresh or a
     /// network-server downlink never leaves a sub-band without room for the OFF that follows.
-    stop_reserve: std::collections::BTreeMap<u64, (&'static str, Duration)>,
+    stop_reserve: std::collections::BTreeMap<usize, (&'static str, Duration)>,
     /// The last transmission handed to the radio (start, airtime): no longer queued, maybe
     /// still on air; nothing may be scheduled over it.
     handed: Option<(u32, u32)>,
@@ -129,7 +129,7 @@ impl<T> Scheduler<T> {
 
     /// Keeps `airtime` of the sub-band of `freq_hz` for the STOPs of actuator `key` (replacing
     /// what it kept before).
-    pub fn keep_for_stops(&mut self, key: u64, freq_hz: u32, airtime: Duration) {
+    pub fn keep_for_stops(&mut self, key: usize, freq_hz: u32, airtime: Duration) {
         self.stop_reserve
             .insert(key, (sub_band(freq_hz).name, airtime));
     }

@@ -258,6 +258,7 @@ impl super::actuator::Actuator for Actuator {
             tag: tag(self.pump_index, fcnt),
             reply: self.reply.clone(),
             cause,
+            actuator: self.pump_index,
             stop_reserve: self.stop_reserve,
         };
         let sent = self

@@ -142,8 +142,9 @@ pub struct Stage {
     dropped_audited: BTreeMap<usize, u64>,
 }
 
-fn now_ms() -> u64 {
-    unix_ms(SystemTime::now())
+/// The wall clock, as the agent runs the stage with.
+pub fn system_clock() -> Clock {
+    Arc::new(|| unix_ms(SystemTime::now()))
 }
 
 /// How long the stage may go without a turn of its loop before the watchdog stops the pumps.
@@ -173,29 +174,9 @@ fn watchdog(
 
 impl Stage {
     /// Opens the actuators (every pump off), restores the durable state from the store.
-    pub fn new(
-        loaded: Loaded,
-        gateway_id: String,
-        input: Receiver<Input>,
-        audit: SyncSender<Event>,
-        queue: Arc<Queue>,
-        counters: Arc<Counters>,
-        radio: Radio,
-    ) -> Result<(Stage, Watch, actuator::Shared), String> {
-        Self::with_clock(
-            loaded,
-            gateway_id,
-            input,
-            audit,
-            queue,
-            counters,
-            radio,
-            Arc::new(now_ms),
-        )
-    }
-
+    /// `clock`: `system_clock()`, or a test's.
     #[allow(clippy::too_many_arguments)]
-    fn with_clock(
+    pub fn new(
         loaded: Loaded,
         gateway_id: String,
         input: Receiver<Input>,
@@ -398,11 +379,17 @@ impl Stage {
                 fcnt,
                 fport,
                 payload,
-                searched,
+                found,
             } => {
                 let eui = self.sessions.sessions[session].dev_eui.clone();
-                if searched {
-                    tracing::info!(device = %eui, fcnt, "rules: no frame counter was known for this session; found by searching its high bits (set fcnt_up in the keys file to spare the search)");
+                match found {
+                    lorawan::Found::Next => {}
+                    lorawan::Found::Searched { known: None } => {
+                        tracing::info!(device = %eui, fcnt, "rules: no frame counter was known for this session; found by searching its high bits (fcnt_up in the keys file spares the search)")
+                    }
+                    lorawan::Found::Searched { known: Some(k) } => {
+                        tracing::warn!(device = %eui, fcnt, known = k, "rules: the frame counter is more than 65536 above the one kept or the keys file's fcnt_up; found by searching its high bits (frames were missed, or fcnt_up is stale)")
+                    }
                 }
                 let Some(di) = self
                     .engine
@@ -465,36 +452,38 @@ impl Stage {
                 // After acting: a crash in between replays one reading, never a stale action.
                 self.keep_session(session, di);
             }
-            Verdict::Replay { session, fcnt } => self.dropped(
-                session,
-                now,
-                format!("replay: frame counter {fcnt} was already accepted"),
-            ),
-            Verdict::BadMic {
-                session,
-                expected: Some(expected),
-            } => {
-                let last = self.sessions.sessions[session].last_fcnt;
-                self.dropped(
-                    session,
-                    now,
-                    format!(
-                        "MIC check failed at frame counter {expected}, the next after {}: corrupted or forged, or the device has a new session (rejoined, or new keys: put them in the keys file)",
-                        last.map_or("the keys file's fcnt_up".into(), |l| l.to_string())
+            Verdict::Replay { session, fcnt } => {
+                let s = &self.sessions.sessions[session];
+                let why = match (s.last_fcnt, s.fcnt_up) {
+                    (Some(last), _) if fcnt <= last => {
+                        format!("replay: frame counter {fcnt} was already accepted (the last: {last})")
+                    }
+                    (_, floor) => format!(
+                        "frame counter {fcnt} is below the keys file's fcnt_up ({}): a replay, or fcnt_up is set higher than the device's counter",
+                        floor.unwrap_or(0)
                     ),
-                )
+                };
+                self.dropped(session, now, why)
             }
             Verdict::BadMic {
                 session,
-                expected: None,
-            } => self.dropped(
-                session,
-                now,
-                format!(
-                    "MIC check failed at every frame counter up to {}: the NwkSKey in the keys file is not this device's session key (a rejoin gives new keys), or the frame is corrupted or forged",
-                    (lorawan::SEARCH_HIGH_MAX << 16) | 0xFFFF
-                ),
-            ),
+                expected,
+                searched,
+            } => {
+                let expected = expected.map_or(String::new(), |e| {
+                    format!("at frame counter {e} (the next one expected)")
+                });
+                let why = if searched {
+                    format!(
+                        "MIC check failed {expected}{}at every frame counter up to {}: the NwkSKey in the keys file is not this device's session key (a rejoin gives new keys), or the frame is corrupted or forged",
+                        if expected.is_empty() { "" } else { " and " },
+                        lorawan::SEARCH_MAX_FCNT
+                    )
+                } else {
+                    format!("MIC check failed {expected}: corrupted or forged, or the device has a new session (rejoined, or new keys: put them in the keys file)")
+                };
+                self.dropped(session, now, why)
+            }
             Verdict::Malformed { session, why } => {
                 self.dropped(session, now, format!("malformed frame: {why}"))
             }
@@ -554,7 +543,7 @@ impl Stage {
     /// A central request: checked, decided by the engine, answered, audited.
     fn command(&mut self, payload: &[u8]) {
         use central::Action;
-        let now = now_ms();
+        let now = self.now();
         let req = match central::parse(payload, &self.gateway_id) {
             Ok(r) => r,
             Err(answer) => {
@@ -699,7 +688,7 @@ impl Stage {
             })
             .collect();
         let kept = Kept {
-            session: s.id(),
+            session: s.id().to_string(),
             fcnt: s.last_fcnt.unwrap_or(0),
             values,
         };
@@ -905,7 +894,6 @@ remote_lease_max = "1h"
         downlinks_tx: SyncSender<crate::downlink::Input>,
         audit: Receiver<Event>,
         audit_tx: SyncSender<Event>,
-        _input: SyncSender<Input>,
         /// Actuator uplink counter.
         fcnt_up: u32,
     }
@@ -922,7 +910,6 @@ remote_lease_max = "1h"
             .unwrap();
             let (downlinks_tx, downlinks) = std::sync::mpsc::sync_channel(4096);
             let (audit_tx, audit) = std::sync::mpsc::sync_channel(1 << 20);
-            let (_input, _) = std::sync::mpsc::sync_channel(1);
             Bench {
                 dir,
                 clock: Arc::new(AtomicU64::new(1_800_000_000_000)),
@@ -931,7 +918,6 @@ remote_lease_max = "1h"
                 downlinks_tx,
                 audit,
                 audit_tx,
-                _input,
                 fcnt_up: 0,
             }
         }
@@ -947,7 +933,7 @@ remote_lease_max = "1h"
             let loaded = load(&RulesConfig { file, keys_file }).unwrap();
             let (_tx, input) = std::sync::mpsc::sync_channel(1);
             let clock = self.clock.clone();
-            Stage::with_clock(
+            Stage::new(
                 loaded,
                 "0016c001ff10a235".into(),
                 input,
