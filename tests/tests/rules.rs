@@ -624,13 +624,14 @@ fn a_wrong_app_s_key_with_the_right_nwk_s_key_never_starts_the_pump() {
     let keys = SENSOR
         .keys_toml()
         .replace(&hex::encode(SENSOR.app_s_key), &hex::encode(wrong));
+    // The first frame after min off (2 s from start): believed at once, it would start the pump.
     let scenario: Vec<Frame> = (1..=6)
-        .map(|f| at(300 + f as u64 * 700, SENSOR.uplink(f, 2, &mm)))
+        .map(|f| at(3300 + f as u64 * 700, SENSOR.uplink(f, 2, &mm)))
         .collect();
     let (_broker, mut agent, dir) = offline_agent(&scenario, &keys);
-    // Every frame received, then past min off (2 s) and a few ticks.
+    // Every frame received, then a few ticks.
     agent.wait_status("rx", 6, patience(Duration::from_secs(30)));
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(2));
     let t = relay(dir.path());
     assert_eq!(t, vec![false], "the pump started on noise\n{}", agent.log());
     // Every frame was taken (the MIC is right) and read as noise, the first as a high level.
