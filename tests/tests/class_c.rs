@@ -19,6 +19,15 @@ fn at(offset_ms: u64, payload: Vec<u8>) -> Frame {
     f
 }
 
+/// A high level, read twice (a session's first reading is believed once a second agrees): the
+/// pump starts once min off (2 s from boot) has passed.
+fn high_level() -> Vec<Frame> {
+    vec![
+        at(500, SENSOR.uplink(1, 2, &level(3000))),
+        at(1000, SENSOR.uplink(2, 2, &level(3000))),
+    ]
+}
+
 /// Every frame handed to the radio, opened as the actuator would; panics on one it would drop.
 fn handed(dir: &std::path::Path) -> Vec<(Sent, Downlink)> {
     tx_log(dir)
@@ -80,16 +89,13 @@ fn a_dry_run_stops_the_class_c_pump_with_the_broker_down_and_an_unconfirmed_stop
     let broker = Broker::start();
     let proxy = Proxy::start(broker.port);
     proxy.set(Mode::Refuse);
-    let scenario = vec![
-        // High level: demand; the pump starts once min off (2 s from boot) has passed.
-        at(500, SENSOR.uplink(1, 2, &level(3000))),
-        // A second reading agrees: the new session's data is believed.
-        at(1000, SENSOR.uplink(2, 2, &level(3000))),
+    let mut scenario = high_level();
+    scenario.extend([
         // The actuator confirms it runs.
         at(4000, ACTUATOR.uplink(1, 3, &relay_status(true))),
         // Dry run: OFF at once. No status uplink confirms it.
         at(12_000, SENSOR.uplink(3, 2, &level(300))),
-    ];
+    ]);
     // The network server handed the session over at downlink counter 1000.
     let keys = format!("{}fcnt_down = 1000\n", keys_class_c());
     let (mut agent, dir) = setup_with_keys(proxy.port, &scenario, "1s", 2, &keys).start();
@@ -225,13 +231,12 @@ fn a_pump_stop_goes_before_the_network_servers_queued_downlinks() {
     use lora_edge_e2e::commands::{ack, immediately, lora, publish_downlinks};
     let broker = Broker::start();
     let collector = Collector::start(broker.port, "eu868");
-    let scenario = vec![
-        at(500, SENSOR.uplink(1, 2, &level(3000))),
-        at(1000, SENSOR.uplink(2, 2, &level(3000))),
+    let mut scenario = high_level();
+    scenario.extend([
         at(4000, ACTUATOR.uplink(1, 3, &relay_status(true))),
         // Dry run, while the network server's downlinks fill the queue.
         at(12_000, SENSOR.uplink(3, 2, &level(300))),
-    ];
+    ]);
     let (mut agent, dir) = setup(broker.port, &scenario, "30s", 3).start();
     assert!(
         agent.wait_log("subscribed: commands will arrive", Duration::from_secs(20)),
@@ -304,11 +309,7 @@ fn no_on_follows_the_unknown_state_alarms_off() {
     let broker = Broker::start();
     let proxy = Proxy::start(broker.port);
     proxy.set(Mode::Refuse);
-    let scenario = vec![
-        at(500, SENSOR.uplink(1, 2, &level(3000))),
-        at(1000, SENSOR.uplink(2, 2, &level(3000))),
-    ];
-    let setup = setup(proxy.port, &scenario, "2s", 2);
+    let setup = setup(proxy.port, &high_level(), "2s", 2);
     std::fs::write(
         setup.dir.path().join("rules.toml"),
         rules_class_c("2s", 2).replace(
