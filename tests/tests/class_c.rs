@@ -355,3 +355,56 @@ fn no_on_follows_the_unknown_state_alarms_off() {
     );
     assert!(kinds.len() > stop + 1, "the OFF is re-sent: {kinds:?}");
 }
+
+/// A tripped motor protection: the actuator confirms the ON, then reports "stopped" at every
+/// status. The contradiction latches: the pump is not started again when the next "stopped"
+/// status agrees with the OFF (it was, once a second, before: a restart loop on a tripped
+/// pump, up to max_starts_per_hour).
+#[test]
+fn an_actuator_that_contradicts_its_command_holds_the_pump_off_until_reset() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port);
+    proxy.set(Mode::Refuse);
+    let mut scenario = high_level();
+    scenario.push(at(4000, ACTUATOR.uplink(1, 3, &relay_status(true))));
+    scenario.extend((0..14).map(|k| {
+        at(
+            6000 + k as u64 * 1500,
+            ACTUATOR.uplink(2 + k, 3, &relay_status(false)),
+        )
+    }));
+    let (mut agent, dir) = setup(proxy.port, &scenario, "4s", 2).start();
+    assert!(
+        agent.wait_log(
+            "reports stopped while commanded on",
+            patience(Duration::from_secs(30))
+        ),
+        "{}",
+        agent.log()
+    );
+    // The rest of the "stopped" statuses, and a few seconds more.
+    agent.wait_status(
+        "rx",
+        scenario.len() as u64,
+        patience(Duration::from_secs(40)),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    agent.sigterm();
+    let kinds: Vec<&str> = handed(dir.path())
+        .iter()
+        .map(|(_, d)| if d.payload == ON { "on" } else { "off" })
+        .collect();
+    let first_on = kinds.iter().position(|k| *k == "on").expect("an ON");
+    let stop = first_on
+        + kinds[first_on..]
+            .iter()
+            .position(|k| *k == "off")
+            .unwrap_or_else(|| panic!("no OFF after the contradiction: {kinds:?}"));
+    assert!(
+        kinds[stop..].iter().all(|k| *k == "off"),
+        "the pump was started again: {kinds:?}\n{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(log.contains("actuator latched"), "{log}");
+}

@@ -288,6 +288,9 @@ pub enum Step {
     Confirmed(bool),
     /// The pump's state is unknown: alarm, and the engine keeps it off.
     Unknown(String),
+    /// The actuator reported the opposite of a command it had confirmed: alarm, and the engine
+    /// keeps it off until an operator resets it.
+    Contradicted(String),
     /// Known again (a status uplink agrees with the command).
     Known,
 }
@@ -406,7 +409,7 @@ impl Link {
             self.sends = 1;
             self.check_at = now + self.confirm_ms;
             self.unknown = true;
-            out.push(Step::Unknown(format!(
+            out.push(Step::Contradicted(format!(
                 "the actuator reports {} while commanded {}",
                 if running { "running" } else { "stopped" },
                 if self.want { "on" } else { "off" }
@@ -540,7 +543,7 @@ mod tests {
         assert_eq!(l.feedback(true, 2_000), vec![Step::Confirmed(true)]);
         let steps = l.feedback(false, 60_000);
         assert!(
-            matches!(&steps[0], Step::Unknown(w) if w.contains("reports stopped while commanded on"))
+            matches!(&steps[0], Step::Contradicted(w) if w.contains("reports stopped while commanded on"))
         );
         assert_eq!(steps[1], Step::Send(true));
         assert!(l.is_unknown());

@@ -21,6 +21,12 @@ use super::file::{AutoMode, RuleSet, Trip};
 
 const HOUR_MS: u64 = 3_600_000;
 
+/// The latch an actuator sets when its status contradicts a command it had confirmed (a motor
+/// protection tripped, a local switch): the pump stays off until it is reset like an
+/// interlock's latch (`reset_latch` with `"interlock": "actuator"`), not merely until the next
+/// status agrees — which a stopped pump's next status always does.
+pub const ACTUATOR_LATCH: &str = "actuator";
+
 /// Safety checks a test can switch off, one at a time, to prove that the property test catches
 /// each of them (`engine_tests::every_disabled_safety_check_is_caught`). Never set outside tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,7 +236,7 @@ impl Engine {
                     latched: d
                         .latched
                         .into_iter()
-                        .filter(|l| p.interlocks.iter().any(|i| &i.id == l))
+                        .filter(|l| l == ACTUATOR_LATCH || p.interlocks.iter().any(|i| &i.id == l))
                         .collect(),
                     lockout: d.lockout,
                     starts: d
@@ -402,6 +408,29 @@ impl Engine {
         out
     }
 
+    /// The actuator of `pump` reported the opposite of a command it had confirmed: an unknown
+    /// state (as `actuator_fault`) and the actuator latch, kept until reset.
+    pub fn actuator_contradicted(&mut self, pump: usize, why: String, now: u64) -> Outcome {
+        let mut out = Outcome::default();
+        if self.pumps[pump].latched.insert(ACTUATOR_LATCH.into()) {
+            out.durable_changed.push(pump);
+            out.audits.push(Audit {
+                at_ms: now,
+                subject: self.rules.pumps[pump].id.clone(),
+                action: "latch",
+                reasons: vec![format!(
+                    "actuator latched: {why}; the pump stays off until reset_latch \"{ACTUATOR_LATCH}\""
+                )],
+                inputs: vec![],
+            });
+        }
+        let more = self.actuator_fault(pump, Some(why), now);
+        out.drives.extend(more.drives);
+        out.audits.extend(more.audits);
+        out.durable_changed.extend(more.durable_changed);
+        out
+    }
+
     /// An operator's or the central server's command, then a scan.
     pub fn command(
         &mut self,
@@ -484,7 +513,9 @@ impl Engine {
                 if !p.latched.contains(interlock) {
                     return Err(Refusal::NotLatched(interlock.clone()));
                 }
-                if p.tripped.contains_key(interlock) {
+                if p.tripped.contains_key(interlock)
+                    || (interlock == ACTUATOR_LATCH && p.actuator_fault.is_some())
+                {
                     return Err(Refusal::ConditionHolds(interlock.clone()));
                 }
                 p.latched.remove(interlock);
@@ -674,7 +705,11 @@ impl Engine {
         } else if let Some((id, why)) = tripped {
             Some(format!("interlock {id}: {why}"))
         } else if let Some(id) = latched {
-            Some(format!("interlock {id} latched (reset needed)"))
+            Some(if id == ACTUATOR_LATCH {
+                "the actuator contradicted a confirmed command: latched (reset needed)".to_string()
+            } else {
+                format!("interlock {id} latched (reset needed)")
+            })
         } else if p.on
             && now.saturating_sub(p.on_since) >= cfg.max_run_ms
             && !disabled(Fault::NoMaxRun)

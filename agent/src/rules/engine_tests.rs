@@ -629,3 +629,42 @@ fn an_unconfirmed_reading_trips_the_interlocks_it_feeds() {
         .iter()
         .any(|a| a.action == "trip" && a.reasons[0].contains("Unconfirmed")));
 }
+
+#[test]
+fn an_actuator_that_contradicts_its_command_latches_until_reset() {
+    let mut e = engine(false);
+    e.reading(0, 3.0, T0);
+    e.tick(T0 + 11 * M);
+    assert!(e.is_on(0));
+    // A tripped motor protection: the actuator reports stopped while commanded on.
+    let o = e.actuator_contradicted(0, "reports stopped while commanded on".into(), T0 + 12 * M);
+    assert_eq!(o.drives, vec![Drive { pump: 0, on: false }]);
+    assert!(actions(&o).contains(&"latch"), "{:?}", o.audits);
+    assert_eq!(o.durable_changed, vec![0]);
+    // Its next status agrees with the OFF: the unknown state clears, the pump stays off.
+    let o = e.actuator_fault(0, None, T0 + 13 * M);
+    assert!(o.drives.is_empty(), "{:?}", o.audits);
+    assert!(e.reading(0, 3.0, T0 + 30 * M).drives.is_empty());
+    assert!(e.pump_state(0, T0 + 30 * M)["reasons"][0]
+        .as_str()
+        .unwrap()
+        .contains("contradicted"));
+    // A restart keeps the latch.
+    let mut durable = BTreeMap::new();
+    durable.insert("P1".to_string(), e.durable(0));
+    let mut again = Engine::new(rules(false), T0 + 31 * M, &durable);
+    again.reading(0, 3.0, T0 + 31 * M);
+    assert!(again.tick(T0 + 45 * M).drives.is_empty());
+    // Reset: refused while the actuator's state is unknown, taken when it is known again.
+    again.actuator_fault(0, Some("not confirmed".into()), T0 + 46 * M);
+    let latch = || Command::ResetLatch {
+        interlock: ACTUATOR_LATCH.into(),
+    };
+    assert!(matches!(
+        again.command("P1", latch(), T0 + 46 * M),
+        Err((Refusal::ConditionHolds(_), _))
+    ));
+    again.actuator_fault(0, None, T0 + 47 * M);
+    let o = again.command("P1", latch(), T0 + 47 * M).unwrap();
+    assert_eq!(o.drives, vec![Drive { pump: 0, on: true }]);
+}

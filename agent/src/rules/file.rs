@@ -1031,6 +1031,11 @@ fn validate(raw: RawFile, base: &Path, errors: &mut Vec<(String, String)>) -> Ru
                         fi("id"),
                         format!("interlock {id:?} is already defined for this pump"),
                     );
+                } else if id == super::engine::ACTUATOR_LATCH {
+                    r.err(
+                        fi("id"),
+                        format!("{id:?} is the name of the latch an actuator that contradicts its command sets: choose another"),
+                    );
                 }
             }
             let name = r.need(&t, "sensor", &il.sensor);

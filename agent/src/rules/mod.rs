@@ -515,13 +515,14 @@ impl Stage {
         use class_c::Step;
         let id = self.engine.rules().pumps[pi].id.clone();
         for step in steps {
+            let contradicted = matches!(step, Step::Contradicted(_));
             match step {
                 Step::Send(on) => self.repeat(pi, on),
                 Step::Confirmed(running) => {
                     tracing::info!(pump = %id, running, "rules: the actuator confirmed its command");
                 }
-                Step::Unknown(why) => {
-                    tracing::error!(pump = %id, %why, "ALARM: the pump's actuator is in an unknown state; the pump is held off");
+                Step::Unknown(why) | Step::Contradicted(why) => {
+                    tracing::error!(pump = %id, %why, latched = contradicted, "ALARM: the pump's actuator is in an unknown state; the pump is held off");
                     self.send_audit(Audit {
                         at_ms: now,
                         subject: id.clone(),
@@ -529,7 +530,11 @@ impl Stage {
                         reasons: vec![why.clone()],
                         inputs: vec![],
                     });
-                    let out = self.engine.actuator_fault(pi, Some(why), now);
+                    let out = if contradicted {
+                        self.engine.actuator_contradicted(pi, why, now)
+                    } else {
+                        self.engine.actuator_fault(pi, Some(why), now)
+                    };
                     self.apply(out, None);
                 }
                 Step::Known => {
