@@ -1242,6 +1242,16 @@ decoder = "layout"
 "#;
 
     #[test]
+    fn an_interlock_may_not_take_the_actuator_latchs_name() {
+        let e = errors(&GOOD.replace("id = \"dry_run\"", "id = \"actuator\""));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("pump.0.interlock.0.id: \"actuator\" is the name of the latch"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn the_duty_cycle_check_budgets_starts_stops_and_re_sends_not_only_refreshes() {
         let with = |actuator: &str, starts: u32| {
             GOOD.replace("version = 1\n", &format!("version = 1\n{ACTUATOR}"))
