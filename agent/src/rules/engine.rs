@@ -319,12 +319,13 @@ impl Engine {
             || value < cfg.valid_range[0]
             || value > cfg.valid_range[1]
         {
-            // While a session is not believed yet, agreement must be between readings in a
-            // row: noise between two in-range readings breaks it (a reviewer's wrong AppSKey
-            // had 0.247 and, nine frames of out-of-range noise later, 0.163 "agree").
-            if s.awaiting {
-                s.reference = None;
-            }
+            // Bad data puts the sensor back on probation: the next reading is believed only
+            // once another agrees with it, in a row. Noise from a wrong AppSKey is out of range
+            // most of the time, so a session believed by chance (two noisy readings that agree)
+            // is soon doubted again; and noise between two in-range readings cannot make them
+            // "agree" (a reviewer's wrong key had 0.247 and, nine noisy frames later, 0.163).
+            s.awaiting = true;
+            s.reference = None;
             Quality::OutOfRange
         } else if s.awaiting {
             let tolerance = agreement(cfg);

@@ -119,7 +119,11 @@ fn out_of_range_implausible_steps_and_stuck_values_are_bad_data() {
     e.reading(0, 3.0, T0);
     e.reading(0, 9.0, T0 + M);
     assert_eq!(e.sensor_quality(0).1, Quality::OutOfRange);
+    // After bad data, a reading is believed once the next agrees with it.
     e.reading(0, 3.0, T0 + 2 * M);
+    assert_eq!(e.sensor_quality(0).1, Quality::Unconfirmed);
+    e.reading(0, 3.1, T0 + 2 * M + S);
+    assert_eq!(e.sensor_quality(0).1, Quality::Good);
     e.reading(0, 1.5, T0 + 3 * M);
     assert_eq!(e.sensor_quality(0).1, Quality::Implausible);
     let mut e = engine(false);
