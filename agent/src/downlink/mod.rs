@@ -35,6 +35,9 @@ const MIN_HANDOFF_LEAD_US: i64 = 3_000;
 /// How often a packet waiting for the TX buffer looks again (commands are taken in between).
 const TX_BUSY_POLL: Duration = Duration::from_micros(500);
 
+/// Packets whose hand-off time has come (start, packet, duty-cycle charge), in start order.
+type Due = VecDeque<(u32, Pending, Option<scheduler::Charge>)>;
+
 enum HandOff {
     Sent,
     NotSent,
@@ -185,14 +188,16 @@ impl Downlinks {
         let mut timings = Timings::default();
         // Packets whose hand-off time has come, waiting for the TX buffer to be free: the stage
         // keeps taking commands meanwhile (a STOP must not queue behind that wait).
-        let mut due: VecDeque<(u32, Pending, Option<scheduler::Charge>)> = VecDeque::new();
+        let mut due = Due::new();
         loop {
             // The wrapper answers without calling the library while the radio is stopped.
             let clock = self.hal.clock().ok();
             if clock.is_none() && !(sched.is_empty() && due.is_empty()) {
-                for p in due.drain(..).map(|(_, p, _)| p).chain(sched.cancel_all()) {
-                    self.cancelled(p, "the radio stopped before its hand-off");
-                }
+                self.cancel_all(
+                    &mut sched,
+                    &mut due,
+                    "the radio stopped before its hand-off",
+                );
             }
             let wait = if due.is_empty() {
                 clock
@@ -206,9 +211,7 @@ impl Downlinks {
                 while let Ok(input) = self.input.try_recv() {
                     self.refuse_at_stop(input);
                 }
-                for p in due.drain(..).map(|(_, p, _)| p).chain(sched.cancel_all()) {
-                    self.cancelled(p, "the agent is shutting down");
-                }
+                self.cancel_all(&mut sched, &mut due, "the agent is shutting down");
                 timings.log();
                 return;
             }
@@ -226,9 +229,7 @@ impl Downlinks {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     // Every accepted downlink gets exactly one answer, these too.
-                    for p in due.drain(..).map(|(_, p, _)| p).chain(sched.cancel_all()) {
-                        self.cancelled(p, "the agent is shutting down");
-                    }
+                    self.cancel_all(&mut sched, &mut due, "the agent is shutting down");
                     timings.log();
                     return;
                 }
@@ -562,6 +563,19 @@ impl Downlinks {
             HandOff::Sent
         } else {
             HandOff::NotSent
+        }
+    }
+
+    /// Everything scheduled or due that will not go out now: answered, its airtime given back.
+    fn cancel_all(&self, sched: &mut Scheduler<Pending>, due: &mut Due, why: &str) {
+        for (_, p, charge) in due.drain(..) {
+            if let Some(c) = charge {
+                sched.refund(c);
+            }
+            self.cancelled(p, why);
+        }
+        for p in sched.cancel_all() {
+            self.cancelled(p, why);
         }
     }
 
