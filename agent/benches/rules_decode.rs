@@ -135,6 +135,17 @@ fn main() {
         sessions.sessions[0].last_fcnt = None;
         black_box(sessions.check(black_box(&bad)));
     });
+    // A counter kept from an earlier run (or fcnt_up), not yet confirmed in this one: a bad
+    // frame is searched for on both sides of it (511 MICs).
+    let mut restarted = Sessions::new(load_keys(&keys).unwrap());
+    restarted.sessions[0].last_fcnt = Some(0x0080_0000);
+    per_frame(
+        "counter kept, not confirmed yet, bad MIC (513 MICs)",
+        2_000,
+        |_| {
+            black_box(restarted.check(black_box(&bad)));
+        },
+    );
     let layout = Decoder::Layout(vec![
         LayoutField {
             name: "water_level_m".into(),

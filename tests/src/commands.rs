@@ -105,3 +105,28 @@ pub fn publish_downlinks(port: u16, downlinks: Vec<(u32, gw::DownlinkFrameItem)>
             .collect(),
     );
 }
+
+/// Publishes a pump request and waits for its answer on `event/pump`.
+pub fn ask_pump(
+    broker: &crate::Broker,
+    collector: &Collector,
+    id: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let mut req = body;
+    req["requestId"] = id.into();
+    crate::publish(
+        broker.port,
+        &format!("eu868/gateway/{GATEWAY_ID}/command/pump"),
+        serde_json::to_vec(&req).unwrap(),
+    );
+    let find = |m: &[Msg]| {
+        m.iter()
+            .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
+            .find(|a| a["requestId"] == id)
+    };
+    let msgs = collector.wait_for("/event/pump", Duration::from_secs(10), |m| {
+        find(m).is_some()
+    });
+    find(&msgs).unwrap_or_else(|| panic!("no answer to request {id}"))
+}

@@ -408,3 +408,79 @@ fn an_actuator_that_contradicts_its_command_holds_the_pump_off_until_reset() {
     let log = agent.log();
     assert!(log.contains("actuator latched"), "{log}");
 }
+
+/// The contradiction latch across a restart: killed while the actuator is silent, the agent
+/// does not know its state, so the centre's `reset_latch` is refused until a status confirms a
+/// command (a reviewer reset it right after a restart and the pump started at once).
+#[test]
+fn the_actuator_latch_is_not_reset_after_a_restart_before_the_actuator_is_heard() {
+    use lora_edge_e2e::commands::ask_pump;
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let mut scenario = high_level();
+    scenario.push(at(4000, ACTUATOR.uplink(1, 3, &relay_status(true))));
+    scenario.push(at(6000, ACTUATOR.uplink(2, 3, &relay_status(false))));
+    let (mut agent, dir) = setup(broker.port, &scenario, "30s", 2).start();
+    assert!(
+        agent.wait_log("actuator latched", patience(Duration::from_secs(30))),
+        "{}",
+        agent.log()
+    );
+    let reset = serde_json::json!({"pump": "P1", "action": "reset_latch", "interlock": "actuator"});
+    agent.sigkill();
+    // The next life: the level is still high; the actuator says nothing at first.
+    std::fs::write(
+        dir.path().join("scenario.csv"),
+        scenario_csv(&[
+            at(500, SENSOR.uplink(3, 2, &level(3000))),
+            at(1000, SENSOR.uplink(4, 2, &level(3000))),
+            at(12_000, ACTUATOR.uplink(3, 3, &relay_status(false))),
+        ]),
+    )
+    .unwrap();
+    agent.start_again();
+    assert!(
+        agent.wait_log_count(
+            "subscribed: commands will arrive",
+            2,
+            patience(Duration::from_secs(20))
+        ) >= 2
+    );
+    let a = ask_pump(&broker, &collector, "r1", reset.clone());
+    assert_eq!(a["outcome"], "refused", "{a}");
+    let sent_before = handed(dir.path()).len();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        handed(dir.path())[sent_before..]
+            .iter()
+            .all(|(_, d)| d.payload != ON),
+        "an ON after a refused reset"
+    );
+    // The actuator's status confirms the boot OFF: the reset is taken, the pump starts.
+    assert!(
+        agent.wait_log(
+            "rules: the actuator confirmed its command pump=P1 running=false",
+            patience(Duration::from_secs(30))
+        ),
+        "{}",
+        agent.log()
+    );
+    let a = ask_pump(&broker, &collector, "r2", reset);
+    assert_eq!(a["outcome"], "accepted", "{a}");
+    let until = Instant::now() + patience(Duration::from_secs(10));
+    while !handed(dir.path())[sent_before..]
+        .iter()
+        .any(|(_, d)| d.payload == ON)
+        && Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        handed(dir.path())[sent_before..]
+            .iter()
+            .any(|(_, d)| d.payload == ON),
+        "no ON after the reset\n{}",
+        agent.log()
+    );
+    agent.sigterm();
+}

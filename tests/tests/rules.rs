@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use prost::Message;
 
+use lora_edge_e2e::commands::ask_pump;
 use lora_edge_e2e::lorawan::{level, RULES, SENSOR, SENSOR_REJOINED, VECTOR};
 use lora_edge_e2e::pki;
 use lora_edge_e2e::*;
@@ -230,31 +231,6 @@ fn check_names_rule_and_keys_file_mistakes_with_their_lines() {
     );
 }
 
-/// Publishes a pump request and waits for its answer on `event/pump`.
-fn ask(
-    broker: &Broker,
-    collector: &Collector,
-    id: &str,
-    body: serde_json::Value,
-) -> serde_json::Value {
-    let mut req = body;
-    req["requestId"] = id.into();
-    publish(
-        broker.port,
-        &format!("eu868/gateway/{GATEWAY_ID}/command/pump"),
-        serde_json::to_vec(&req).unwrap(),
-    );
-    let find = |m: &[Msg]| {
-        m.iter()
-            .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
-            .find(|a| a["requestId"] == id)
-    };
-    let msgs = collector.wait_for("/event/pump", Duration::from_secs(10), |m| {
-        find(m).is_some()
-    });
-    find(&msgs).unwrap_or_else(|| panic!("no answer to request {id}"))
-}
-
 fn unix_ms_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -286,7 +262,7 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
     std::thread::sleep(Duration::from_millis(4500));
     let in_a_minute = unix_ms_now() + 60_000;
 
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "s1",
@@ -296,7 +272,7 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
     assert_eq!(a["pumps"][0]["on"], false, "{a}");
     assert_eq!(a["sensors"][0]["quality"], "good", "{a}");
 
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "r1",
@@ -309,7 +285,7 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
     );
     assert_eq!(a["pumps"][0]["lease"]["run"], true, "{a}");
     std::thread::sleep(Duration::from_millis(1200)); // min run 1 s
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "t1",
@@ -321,7 +297,7 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
         "{a}"
     );
     // Min off after the stop: a run is refused with it, and not kept for later.
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "m1",
@@ -335,7 +311,7 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
     );
 
     // Refusals, each with its reason.
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "u1",
@@ -350,7 +326,7 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
         "{a}"
     );
     // A lease that expired before it arrived (replayed after a reconnect).
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "x1",
@@ -363,7 +339,7 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
             .contains("expired before it arrived"),
         "{a}"
     );
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "l1",
@@ -371,21 +347,21 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
     );
     assert_eq!(a["outcome"], "accepted", "{a}");
     std::thread::sleep(Duration::from_millis(4200)); // past min off: only the lockout remains
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "l2",
         serde_json::json!({"pump": "P1", "action": "run", "expiresAt": in_a_minute}),
     );
     assert_eq!(a["reason"], "lockout", "{a}");
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "l3",
         serde_json::json!({"pump": "P1", "action": "release"}),
     );
     assert_eq!(a["outcome"], "accepted", "{a}");
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "c1",
@@ -395,7 +371,7 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
         a["reason"].as_str().unwrap().contains("is not latched"),
         "{a}"
     );
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "g1",
@@ -405,7 +381,7 @@ fn central_requests_are_answered_with_the_outcome_or_a_precise_refusal() {
         a["reason"].as_str().unwrap().contains("not this one"),
         "{a}"
     );
-    let a = ask(
+    let a = ask_pump(
         &broker,
         &collector,
         "b1",

@@ -147,12 +147,17 @@ impl FCntDown {
 }
 
 /// The tag of an own downlink: which pump, which counter.
-pub fn tag(pump: usize, fcnt: u32) -> u64 {
-    ((pump as u64) << 32) | fcnt as u64
+/// The tag of an own downlink: which pump, which counter, ON or OFF.
+pub fn tag(pump: usize, fcnt: u32, on: bool) -> u64 {
+    ((on as u64) << 63) | (((pump as u64) & 0x7FFF_FFFF) << 32) | fcnt as u64
 }
 
-pub fn untag(tag: u64) -> (usize, u32) {
-    ((tag >> 32) as usize, tag as u32)
+pub fn untag(tag: u64) -> (usize, u32, bool) {
+    (
+        ((tag >> 32) & 0x7FFF_FFFF) as usize,
+        tag as u32,
+        tag >> 63 == 1,
+    )
 }
 
 /// A Class C actuator: `set` builds, numbers and hands a frame to the downlink stage. Callable
@@ -255,7 +260,7 @@ impl super::actuator::Actuator for Actuator {
         let owned = Owned {
             item: self.item(phy),
             first: !on,
-            tag: tag(self.pump_index, fcnt),
+            tag: tag(self.pump_index, fcnt, on),
             reply: self.reply.clone(),
             cause,
             actuator: self.pump_index,
@@ -304,6 +309,11 @@ const NOT_SENT_RETRY_MS: u64 = 2_000;
 #[derive(Debug, Clone)]
 pub struct Link {
     refresh_ms: u64,
+    /// The actuator's own timeout: it stops by itself this long after the last ON it received.
+    lease_ms: u64,
+    /// When an ON last reached the radio: a "stopped" status more than a lease after it is the
+    /// actuator's lease ending, which the agent caused, not a contradiction.
+    on_handed_at: Option<u64>,
     confirm_ms: u64,
     retries: u32,
     /// What the engine last commanded.
@@ -321,6 +331,8 @@ impl Link {
     pub fn new(spec: &ClassC) -> Link {
         Link {
             refresh_ms: spec.refresh_period().as_millis() as u64,
+            lease_ms: spec.lease.as_millis() as u64,
+            on_handed_at: None,
             confirm_ms: spec.confirm_within.as_millis() as u64,
             retries: spec.retries,
             want: false,
@@ -347,6 +359,11 @@ impl Link {
         self.sends = 1;
         self.check_at = now + self.confirm_ms;
         self.next_refresh = on.then_some(now + self.refresh_ms);
+    }
+
+    /// An ON reached the radio.
+    pub fn on_handed(&mut self, now: u64) {
+        self.on_handed_at = Some(now);
     }
 
     /// The downlink stage did not send a frame (radio stopped, duty cycle, queue full):
@@ -409,11 +426,26 @@ impl Link {
             self.sends = 1;
             self.check_at = now + self.confirm_ms;
             self.unknown = true;
-            out.push(Step::Contradicted(format!(
+            let lease_ran_out = self.want
+                && !running
+                && self
+                    .on_handed_at
+                    .is_none_or(|t| now.saturating_sub(t) >= self.lease_ms);
+            let what = format!(
                 "the actuator reports {} while commanded {}",
                 if running { "running" } else { "stopped" },
                 if self.want { "on" } else { "off" }
-            )));
+            );
+            out.push(if lease_ran_out {
+                // No ON reached the radio for a whole lease (duty cycle, radio down): the
+                // actuator stopped as it must. Unknown, not latched.
+                Step::Unknown(format!(
+                    "{what}: its lease ran out, no ON having reached the radio for {} s",
+                    self.lease_ms / 1000
+                ))
+            } else {
+                Step::Contradicted(what)
+            });
             out.push(Step::Send(self.want));
         }
         // Otherwise: a status sent before the command took effect; the confirmation is
@@ -538,6 +570,7 @@ mod tests {
     fn feedback_that_contradicts_a_confirmed_command_is_an_alarm_and_an_early_one_is_not() {
         let mut l = Link::new(&spec());
         l.commanded(true, 0);
+        l.on_handed(40);
         // A status sent before the ON arrived: still waiting.
         assert!(l.feedback(false, 100).is_empty());
         assert_eq!(l.feedback(true, 2_000), vec![Step::Confirmed(true)]);
@@ -547,6 +580,22 @@ mod tests {
         );
         assert_eq!(steps[1], Step::Send(true));
         assert!(l.is_unknown());
+    }
+
+    #[test]
+    fn an_actuator_stopped_by_its_own_lease_is_unknown_not_a_contradiction() {
+        // The refreshes did not reach the radio (the duty cycle refused them): the actuator
+        // stops at the end of its 120 s lease, as it must.
+        let mut l = Link::new(&spec());
+        l.commanded(true, 0);
+        l.on_handed(40);
+        assert_eq!(l.feedback(true, 2_000), vec![Step::Confirmed(true)]);
+        let steps = l.feedback(false, 130_000);
+        assert!(
+            matches!(&steps[0], Step::Unknown(w) if w.contains("its lease ran out")),
+            "{steps:?}"
+        );
+        assert_eq!(steps[1], Step::Send(true));
     }
 
     #[test]

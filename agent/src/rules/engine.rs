@@ -231,6 +231,11 @@ impl Engine {
             .iter()
             .map(|p| {
                 let d = durable.get(&p.id).cloned().unwrap_or_default();
+                // A contradiction latch kept from before a restart: the actuator's state is
+                // unknown until a status confirms a command (its latch cannot be reset before).
+                let actuator_fault = d.latched.contains(ACTUATOR_LATCH).then(|| {
+                    "the actuator latched before the agent started; no status has confirmed a command since".to_string()
+                });
                 PumpState {
                     off_since: now,
                     latched: d
@@ -239,6 +244,7 @@ impl Engine {
                         .filter(|l| l == ACTUATOR_LATCH || p.interlocks.iter().any(|i| &i.id == l))
                         .collect(),
                     lockout: d.lockout,
+                    actuator_fault,
                     starts: d
                         .starts
                         .into_iter()
@@ -337,8 +343,8 @@ impl Engine {
                 }
                 reference => {
                     why = match reference {
-                        Some(r) => format!(": a new session's reading disagrees with the one before ({r}) by more than {tolerance}; waiting for one that agrees"),
-                        None => format!(": a new session's first reading; believed once another agrees within {tolerance}"),
+                        Some(r) => format!(": disagrees with the reading before ({r}) by more than {tolerance}; waiting for two in a row that agree (a new session, or after bad data)"),
+                        None => format!(": the first reading of a new session or after bad data; believed once the next agrees within {tolerance}"),
                     };
                     s.reference = Some(value);
                     Quality::Unconfirmed

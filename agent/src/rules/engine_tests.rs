@@ -659,11 +659,17 @@ fn an_actuator_that_contradicts_its_command_latches_until_reset() {
     let mut again = Engine::new(rules(false), T0 + 31 * M, &durable);
     again.reading(0, 3.0, T0 + 31 * M);
     assert!(again.tick(T0 + 45 * M).drives.is_empty());
-    // Reset: refused while the actuator's state is unknown, taken when it is known again.
-    again.actuator_fault(0, Some("not confirmed".into()), T0 + 46 * M);
+    // Reset: refused while the actuator's state is unknown — after the restart too, until a
+    // status has confirmed a command — and taken when it is known again.
     let latch = || Command::ResetLatch {
         interlock: ACTUATOR_LATCH.into(),
     };
+    assert!(matches!(
+        again.command("P1", latch(), T0 + 45 * M),
+        Err((Refusal::ConditionHolds(_), _))
+    ));
+    again.actuator_fault(0, None, T0 + 45 * M + S);
+    again.actuator_fault(0, Some("not confirmed".into()), T0 + 46 * M);
     assert!(matches!(
         again.command("P1", latch(), T0 + 46 * M),
         Err((Refusal::ConditionHolds(_), _))

@@ -58,14 +58,12 @@ pub struct Session {
 }
 
 /// Until a frame confirms a session's counter in this run, the high 16 bits of the counter are
-/// searched up to this (counters below 2^24: 16.7 million frames, 318 years at one every 10
-/// minutes). Each candidate is one AES-CMAC; a frame that matches none costs them all. The
-/// search widens a forger's odds against the 32-bit MIC from 2^-32 to 2^-24 per frame, until
-/// the session's first accepted frame.
+/// searched this far on each side of the known counter's (from 0 when none is known): 2^24
+/// frames, 318 years at one every 10 minutes. Each candidate is one AES-CMAC; a frame that
+/// matches none costs them all. The search widens a forger's odds against the 32-bit MIC from
+/// 2^-32 to 2^-24 (2^-23 with a known counter) per frame, until the session's first accepted
+/// frame.
 pub const SEARCH_HIGH_MAX: u32 = 0xFF;
-
-/// The highest counter the search reaches.
-pub const SEARCH_MAX_FCNT: u32 = (SEARCH_HIGH_MAX << 16) | 0xFFFF;
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -274,12 +272,12 @@ pub enum Verdict {
         fcnt: u32,
     },
     /// The MIC matches no counter tried: corrupted, forged, or keys that do not match the
-    /// device's session. `expected`: the next counter, when one was known; `searched`: every
-    /// counter up to `SEARCH_MAX_FCNT` was tried too.
+    /// device's session. `expected`: the next counter, when one was known; `searched`: the
+    /// lowest and highest counter of the window that was searched too, if it was.
     BadMic {
         session: usize,
         expected: Option<u32>,
-        searched: bool,
+        searched: Option<(u32, u32)>,
     },
     Malformed {
         session: usize,
@@ -341,7 +339,7 @@ impl Sessions {
         first_bad.unwrap_or(Verdict::BadMic {
             session: candidates[0],
             expected: None,
-            searched: false,
+            searched: None,
         })
     }
 
@@ -397,14 +395,20 @@ impl Sessions {
                 return Verdict::BadMic {
                     session: si,
                     expected: (next > last).then_some(next),
-                    searched: false,
+                    searched: None,
                 };
             }
         }
         // No counter confirmed by a frame in this run: none known, or one kept from an earlier
         // run or the keys file's `fcnt_up` that the device may be far from (more than 65 536
-        // frames missed, a stale `fcnt_up`). The 16 bits on air under each high part in turn.
-        for high in 0..=SEARCH_HIGH_MAX {
+        // frames missed, a stale `fcnt_up`, set too high). The 16 bits on air under each high
+        // part around the known one in turn.
+        let base = last.map_or(0, |l| l >> 16);
+        let (lo, hi) = (
+            base.saturating_sub(SEARCH_HIGH_MAX),
+            (base + SEARCH_HIGH_MAX).min(0xFFFF),
+        );
+        for high in lo..=hi {
             let fcnt = (high << 16) | on_air;
             if tried.contains(&Some(fcnt)) || !mic_ok(&mut p, fcnt) {
                 continue;
@@ -417,7 +421,7 @@ impl Sessions {
         Verdict::BadMic {
             session: si,
             expected: tried[0].filter(|n| last.is_some_and(|l| *n > l)),
-            searched: true,
+            searched: Some((lo << 16, (hi << 16) | 0xFFFF)),
         }
     }
 
@@ -567,7 +571,7 @@ mod tests {
                 session: 0,
                 // The next counter after 131 073 with 300 000's 16 low bits.
                 expected: Some(131_072 + (300_000 & 0xFFFF)),
-                searched: false
+                searched: None
             }
         );
     }
@@ -606,6 +610,31 @@ mod tests {
             accepted_at(s.check(&frame)),
             (200_000, Found::Searched { known: Some(5) })
         );
+        // The window is around the known counter: past 2^24 too.
+        let mut s = vector();
+        s.sessions[0].fcnt_up = Some(20_000_000);
+        let frame = uplink(&s.sessions[0], 20_100_000, b"x");
+        assert_eq!(
+            accepted_at(s.check(&frame)),
+            (
+                20_100_000,
+                Found::Searched {
+                    known: Some(19_999_999)
+                }
+            )
+        );
+        // With no counter known, a device past 2^24 is outside the window, and the verdict
+        // says which window was searched.
+        let mut s = vector();
+        let frame = uplink(&s.sessions[0], (1 << 24) + 5, b"x");
+        assert_eq!(
+            s.check(&frame),
+            Verdict::BadMic {
+                session: 0,
+                expected: None,
+                searched: Some((0, 0xFF_FFFF))
+            }
+        );
         // An fcnt_up set far too high: the device's frames are found below it, replays (not
         // "bad MIC").
         let mut s = vector();
@@ -631,7 +660,7 @@ mod tests {
             Verdict::BadMic {
                 session: 0,
                 expected: None,
-                searched: true
+                searched: Some((0, 0xFF_FFFF))
             }
         );
         s.sessions[0].last_fcnt = Some(3);
@@ -640,7 +669,7 @@ mod tests {
             Verdict::BadMic {
                 session: 0,
                 expected: Some(5),
-                searched: true
+                searched: Some((0, 0xFF_FFFF))
             }
         );
     }
@@ -701,7 +730,7 @@ mod tests {
             Verdict::BadMic {
                 session: 0,
                 expected: None,
-                searched: true
+                searched: Some((0, 0xFF_FFFF))
             }
         );
         let mut other = hex::decode(PHY).unwrap();
@@ -727,7 +756,13 @@ mod tests {
     fn arbitrary_bytes_with_our_devaddr_never_panic() {
         let mut s = vector();
         let mut rng = fastrand::Rng::with_seed(3);
-        for _ in 0..20_000 {
+        for i in 0..20_000 {
+            // The first ones with the counter unknown (each searched: 256 MICs), the rest with
+            // a counter confirmed in this run.
+            if i == 1_000 {
+                s.sessions[0].last_fcnt = Some(10);
+                s.sessions[0].verified = true;
+            }
             let n = rng.usize(0..40);
             let mut b: Vec<u8> = (0..n).map(|_| rng.u8(..)).collect();
             if b.len() >= 5 {

@@ -473,14 +473,12 @@ impl Stage {
                 let expected = expected.map_or(String::new(), |e| {
                     format!("at frame counter {e} (the next one expected)")
                 });
-                let why = if searched {
-                    format!(
-                        "MIC check failed {expected}{}at every frame counter up to {}: the NwkSKey in the keys file is not this device's session key (a rejoin gives new keys), or the frame is corrupted or forged",
+                let why = match searched {
+                    Some((lo, hi)) => format!(
+                        "MIC check failed {expected}{}at every frame counter from {lo} to {hi}: the NwkSKey in the keys file is not this device's session key (a rejoin gives new keys), the frame is corrupted or forged, or the device's counter is outside that window (set fcnt_up in the keys file)",
                         if expected.is_empty() { "" } else { " and " },
-                        lorawan::SEARCH_MAX_FCNT
-                    )
-                } else {
-                    format!("MIC check failed {expected}: corrupted or forged, or the device has a new session (rejoined, or new keys: put them in the keys file)")
+                    ),
+                    None => format!("MIC check failed {expected}: corrupted or forged, or the device has a new session (rejoined, or new keys: put them in the keys file)"),
                 };
                 self.dropped(session, now, why)
             }
@@ -492,13 +490,17 @@ impl Stage {
 
     /// What the downlink stage did with a Class C frame.
     fn handed(&mut self, h: crate::downlink::Handed) {
-        let (pi, fcnt) = class_c::untag(h.tag);
+        let (pi, fcnt, on) = class_c::untag(h.tag);
         let Some(id) = self.engine.rules().pumps.get(pi).map(|p| p.id.clone()) else {
             return;
         };
         match h.result {
             Ok(start) => {
-                tracing::debug!(pump = %id, fcnt_down = fcnt, start, "rules: Class C frame handed to the radio")
+                tracing::debug!(pump = %id, fcnt_down = fcnt, on, start, "rules: Class C frame handed to the radio");
+                let now = self.now();
+                if let (true, Some(l)) = (on, self.links[pi].as_mut()) {
+                    l.on_handed(now);
+                }
             }
             Err(why) => {
                 tracing::warn!(pump = %id, fcnt_down = fcnt, %why, "rules: Class C frame not sent; trying again");
@@ -520,6 +522,10 @@ impl Stage {
                 Step::Send(on) => self.repeat(pi, on),
                 Step::Confirmed(running) => {
                     tracing::info!(pump = %id, running, "rules: the actuator confirmed its command");
+                    // Its state is known: a fault the engine still holds (a latch kept from
+                    // before a restart) can now be reset.
+                    let out = self.engine.actuator_fault(pi, None, now);
+                    self.apply(out, None);
                 }
                 Step::Unknown(why) | Step::Contradicted(why) => {
                     tracing::error!(pump = %id, %why, latched = contradicted, "ALARM: the pump's actuator is in an unknown state; the pump is held off");
@@ -971,7 +977,7 @@ remote_lease_max = "1h"
             let mut out = Vec::new();
             while let Ok(input) = self.downlinks.try_recv() {
                 if let crate::downlink::Input::Owned(o) = input {
-                    let (_, fcnt) = class_c::untag(o.tag);
+                    let (_, fcnt, _) = class_c::untag(o.tag);
                     out.push((fcnt, !o.first, *o));
                 }
             }
