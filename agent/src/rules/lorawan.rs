@@ -594,59 +594,54 @@ mod tests {
 
     #[test]
     fn a_stale_fcnt_up_or_kept_counter_far_below_the_device_is_searched_past() {
-        // fcnt_up copied long ago: the device is more than 65 536 frames further.
-        let mut s = vector();
-        s.sessions[0].fcnt_up = Some(1_000);
-        let frame = uplink(&s.sessions[0], 70_000, b"x");
-        assert_eq!(
-            accepted_at(s.check(&frame)),
-            (70_000, Found::Searched { known: Some(999) })
-        );
-        // A counter kept from an earlier run, the gateway off for more than 65 536 frames.
-        let mut s = vector();
-        s.sessions[0].last_fcnt = Some(5);
-        let frame = uplink(&s.sessions[0], 200_000, b"x");
-        assert_eq!(
-            accepted_at(s.check(&frame)),
-            (200_000, Found::Searched { known: Some(5) })
-        );
-        // The window is around the known counter: past 2^24 too.
-        let mut s = vector();
-        s.sessions[0].fcnt_up = Some(20_000_000);
-        let frame = uplink(&s.sessions[0], 20_100_000, b"x");
-        assert_eq!(
-            accepted_at(s.check(&frame)),
+        let found = |known| Found::Searched { known: Some(known) };
+        // (fcnt_up, kept counter, the device's counter, the verdict)
+        let cases = [
+            // fcnt_up copied long ago: the device is more than 65 536 frames further.
+            (Some(1_000), None, 70_000, Ok((70_000, found(999)))),
+            // A counter kept from an earlier run, the gateway off for more than 65 536 frames.
+            (None, Some(5), 200_000, Ok((200_000, found(5)))),
+            // The window is around the known counter: past 2^24 too.
             (
+                Some(20_000_000),
+                None,
                 20_100_000,
-                Found::Searched {
-                    known: Some(19_999_999)
-                }
-            )
-        );
-        // With no counter known, a device past 2^24 is outside the window, and the verdict
-        // says which window was searched.
-        let mut s = vector();
-        let frame = uplink(&s.sessions[0], (1 << 24) + 5, b"x");
-        assert_eq!(
-            s.check(&frame),
-            Verdict::BadMic {
-                session: 0,
-                expected: None,
-                searched: Some((0, 0xFF_FFFF))
+                Ok((20_100_000, found(19_999_999))),
+            ),
+            // An fcnt_up set far too high: the device's frames are found below it, replays
+            // (not "bad MIC").
+            (
+                Some(700_000),
+                None,
+                70_000,
+                Err(Verdict::Replay {
+                    session: 0,
+                    fcnt: 70_000,
+                }),
+            ),
+            // No counter known: a device past 2^24 is outside the window, and the verdict says
+            // which window was searched.
+            (
+                None,
+                None,
+                (1 << 24) + 5,
+                Err(Verdict::BadMic {
+                    session: 0,
+                    expected: None,
+                    searched: Some((0, 0xFF_FFFF)),
+                }),
+            ),
+        ];
+        for (fcnt_up, kept, device, want) in cases {
+            let mut s = vector();
+            s.sessions[0].fcnt_up = fcnt_up;
+            s.sessions[0].last_fcnt = kept;
+            let v = s.check(&uplink(&s.sessions[0], device, b"x"));
+            match want {
+                Ok(at) => assert_eq!(accepted_at(v), at, "{fcnt_up:?} {kept:?} {device}"),
+                Err(verdict) => assert_eq!(v, verdict, "{fcnt_up:?} {kept:?} {device}"),
             }
-        );
-        // An fcnt_up set far too high: the device's frames are found below it, replays (not
-        // "bad MIC").
-        let mut s = vector();
-        s.sessions[0].fcnt_up = Some(700_000);
-        let frame = uplink(&s.sessions[0], 70_000, b"x");
-        assert_eq!(
-            s.check(&frame),
-            Verdict::Replay {
-                session: 0,
-                fcnt: 70_000
-            }
-        );
+        }
     }
 
     #[test]
