@@ -28,11 +28,14 @@ fn high_level() -> Vec<Frame> {
     ]
 }
 
-/// Every frame handed to the radio, opened as the actuator would; panics on one it would drop.
+/// Every frame handed to the radio for the actuator's DevAddr, opened as the actuator would;
+/// panics on one it would drop. (Network-server downlinks to other devices are left out.)
 fn handed(dir: &std::path::Path) -> Vec<(Sent, Downlink)> {
+    let mut addr = ACTUATOR.dev_addr;
+    addr.reverse();
     tx_log(dir)
         .into_iter()
-        .filter(|s| s.result == 0)
+        .filter(|s| s.result == 0 && s.payload.get(1..5) == Some(&addr[..]))
         .map(|s| {
             let d = ACTUATOR
                 .open_downlink(&s.payload, 0)
@@ -483,4 +486,69 @@ fn the_actuator_latch_is_not_reset_after_a_restart_before_the_actuator_is_heard(
         agent.log()
     );
     agent.sigterm();
+}
+
+/// Room for the STOP: network-server downlinks fill the actuator's sub-band (868.7–869.2 MHz,
+/// 0.1 %: 3.6 s an hour) with frames shorter than the OFF, until the duty cycle refuses them;
+/// then the level drops. The OFF still goes out, from the airtime the actuator keeps for its
+/// STOPs. (Without that reserve, what is left is less than one network frame, less than the OFF:
+/// the STOP would be refused.)
+#[test]
+fn a_stop_finds_duty_cycle_room_after_the_network_server_filled_the_sub_band() {
+    use lora_edge_e2e::commands::{ack, immediately, lora, publish_downlinks};
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let mut scenario = high_level();
+    // Dry run, once the sub-band is full.
+    scenario.push(at(30_000, SENSOR.uplink(3, 2, &level(300))));
+    let setup = AgentSetup::new(broker.port).scenario(&scenario);
+    let rules = rules_class_c("10m", 1)
+        .replace(
+            "lease = \"20s\", refresh = \"5s\"",
+            "lease = \"1h\", refresh = \"30m\", frequency_hz = 868900000, spreading_factor = 7",
+        )
+        .replace("max_starts_per_hour = 10", "max_starts_per_hour = 4");
+    std::fs::write(setup.dir.path().join("rules.toml"), rules).unwrap();
+    pki::write(setup.dir.path(), "keys.toml", &keys_class_c(), 0o600);
+    let (mut agent, dir) = setup
+        .config("[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"")
+        .start();
+    let until = Instant::now() + patience(Duration::from_secs(20));
+    while !handed(dir.path()).iter().any(|(_, d)| d.payload == ON) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        handed(dir.path()).iter().any(|(_, d)| d.payload == ON),
+        "the pump never started\n{}",
+        agent.log()
+    );
+    // 10-byte SF7 frames (41 ms on air) in batches the 32-entry queue takes, until refused.
+    let mut id = 1000;
+    let mut refused = false;
+    while !refused && id < 1200 {
+        let batch: Vec<(u32, _)> = (id..id + 20)
+            .map(|i| (i, lora(868_900_000, 14, 7, immediately(), 0, &[0x60; 10])))
+            .collect();
+        publish_downlinks(broker.port, batch);
+        for i in id..id + 20 {
+            let status = ack(&collector, i, patience(Duration::from_secs(10)));
+            refused |= status == vec![chirpstack_api::gw::TxAckStatus::DutyCycleOverflow];
+        }
+        id += 20;
+    }
+    assert!(refused, "the sub-band never filled\n{}", agent.log());
+    // The dry run's OFF.
+    let until = Instant::now() + patience(Duration::from_secs(40));
+    let stopped = || {
+        let frames = handed(dir.path());
+        let last_on = frames.iter().rposition(|(_, d)| d.payload == ON);
+        last_on.is_some_and(|i| frames[i..].iter().any(|(_, d)| d.payload == OFF))
+    };
+    while !stopped() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = agent.log();
+    agent.sigterm();
+    assert!(stopped(), "no OFF after the sub-band filled\n{log}");
+    assert!(!log.contains("Class C frame not sent"), "{log}");
 }
