@@ -298,8 +298,8 @@ fn power_is_capped_at_the_legal_eirp_mapped_down_the_gain_table_and_never_sent_l
 #[test]
 fn back_to_back_class_c_frames_all_go_out_under_cpu_load() {
     // One busy thread per core. Each frame is handed over once the one before it has ended:
-    // 15 ms are kept free after each, of which 3 ms of lead are needed, so the downlink thread
-    // has 12 ms to see the end (it had 2 ms, and an SF12 pair failed TOO_LATE once).
+    // 10 ms are kept free after each, of which 3 ms of lead are needed, so the downlink thread
+    // has 7 ms to see the end (it had 2 ms, and an SF12 pair failed TOO_LATE once).
     // The load is for an agent with real-time scheduling, as on a gateway (and in CI, as root);
     // without it (a user's machine) the frames still go back to back, on an idle CPU.
     let (r, ctx) = rig(0, "");
@@ -557,7 +557,7 @@ fn ten_thousand_downlinks_at_50_per_second_are_each_answered_with_what_the_radio
 fn a_downlink_is_not_handed_over_while_the_previous_one_is_still_programmed() {
     // V2.1.0 has one TX buffer per RF chain and lgw_send checks nothing: a packet handed over
     // while the previous one is still scheduled replaces it, and that one never goes out.
-    // Two SF5 packets 35 ms apart (the scheduler keeps 15 ms free after each, README
+    // Two SF5 packets 35 ms apart (the scheduler keeps 10 ms free after each, README
     // § Downlinks): the second's hand-off time (40 ms ahead) comes before the first has started.
     let (r, ctx) = rig(0, "");
     publish_downlinks(

@@ -20,9 +20,11 @@ pub const IMMEDIATE_DELAY_US: u32 = 80_000;
 pub const GUARD_US: u32 = 1_000;
 /// Kept free after each transmission: the SX1302 has one TX buffer, so the next packet can only
 /// be handed off once the previous one has ended, and a hand-off needs 3 ms of lead. With 5 ms
-/// the downlink thread had 2 ms to see the end (a back-to-back SF12 pair failed TOO_LATE once,
-/// and a loaded Pi has less slack): 15 ms leaves it 13 ms, for 10 ms more between two frames.
-pub const TAIL_US: u32 = 15_000;
+/// the downlink thread had 2 ms to see the end, less `lgw_time_on_air`'s rounding to the ms (a
+/// back-to-back SF12 pair failed TOO_LATE once; a loaded Pi has less slack): 10 ms leaves it
+/// 8 ms. 15 ms was tried: at 50 tiny downlinks a second the reservations then filled the air
+/// and 14 of 3000 were refused QUEUE_FULL (BENCHMARKS.md).
+pub const TAIL_US: u32 = 10_000;
 pub const QUEUE_MAX: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
