@@ -326,11 +326,18 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         input: event_rx,
         appended: appended_tx,
         counters: counters.clone(),
+        commit_interval: cfg.store.commit_interval,
     }
     .spawn()?;
-    if let Opened::MovedAside { to, why } = &opened {
-        tracing::error!(moved_to = %to.display(), %why, "ALARM: the store was unreadable; it was moved aside and a fresh one created");
-        let notice = serde_json::json!({"event": "store_corrupt", "movedTo": to.display().to_string(), "error": why});
+    if let Opened::Damaged { copies, why } = &opened {
+        let copies: Vec<String> = copies.iter().map(|c| c.display().to_string()).collect();
+        tracing::error!(copies = ?copies, %why, "ALARM: the store was damaged: its sound records were kept and go out, the damaged ones are reported lost; a copy of each damaged file is kept for inspection");
+        let lost: Vec<[u64; 2]> = queue
+            .lost_at_open()
+            .iter()
+            .map(|l| [l.first_seq, l.last_seq])
+            .collect();
+        let notice = serde_json::json!({"event": "store_corrupt", "copies": copies, "error": why, "lost": lost});
         let _ = event_tx.send(Event {
             at: SystemTime::now(),
             body: Body::Notice(notice),

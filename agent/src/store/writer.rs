@@ -8,7 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use super::queue::{Eviction, NewRecord, Queue, Unreported};
+use super::queue::{Eviction, NewRecord, Queue};
+use super::unreported::Unreported;
 use crate::events::{unix_ms, Body, Event};
 use crate::ops::counters::Counters;
 
@@ -67,31 +68,14 @@ impl EvictionLog {
     }
 }
 
-/// Reopen attempts after a write failure: at most one a second.
-#[derive(Default)]
-struct Recovery {
-    last: Option<Instant>,
-}
-
-impl Recovery {
-    fn due(&mut self) -> bool {
-        if self
-            .last
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            return false;
-        }
-        self.last = Some(Instant::now());
-        true
-    }
-}
-
 pub struct Writer {
     pub queue: Arc<Queue>,
     pub input: Receiver<Event>,
     /// The last sequence number appended.
     pub appended: watch::Sender<u64>,
     pub counters: Arc<Counters>,
+    /// How often the store is committed (fdatasync of what the broker has not acknowledged).
+    pub commit_interval: Duration,
 }
 
 impl Writer {
@@ -109,11 +93,17 @@ impl Writer {
         let mut unlogged = EvictionLog::default();
         // The store error behind the rejections of the last second, for its log line.
         let mut last_error = None;
-        let mut recovery = Recovery::default();
+        // True while appends fail: the first success after says so.
+        let mut failing = false;
+        let commit_interval = self.commit_interval;
+        let mut next_commit = Instant::now() + commit_interval;
         while open || !batch.is_empty() {
             crate::ops::health::Heartbeats::beat(&self.counters.beats.store);
             if batch.is_empty() {
-                match self.input.recv_timeout(Duration::from_secs(1)) {
+                let wait = next_commit
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_secs(1));
+                match self.input.recv_timeout(wait) {
                     Ok(e) => batch.push(e),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => open = false,
@@ -126,8 +116,14 @@ impl Writer {
                 }
             }
             if !batch.is_empty() {
-                for e in self.append(std::mem::take(&mut batch), &mut last_error, &mut recovery) {
+                for e in self.append(std::mem::take(&mut batch), &mut last_error, &mut failing) {
                     self.evicted(&e, &mut unlogged);
+                }
+            }
+            if Instant::now() >= next_commit {
+                next_commit = Instant::now() + commit_interval;
+                if let Err(e) = self.queue.commit() {
+                    tracing::error!(error = %e, "store: commit (fdatasync) failed");
                 }
             }
             if Instant::now() >= next_age_check {
@@ -198,7 +194,7 @@ impl Writer {
         &self,
         events: Vec<Event>,
         last_error: &mut Option<String>,
-        recovery: &mut Recovery,
+        failing: &mut bool,
     ) -> Vec<Eviction> {
         let first = self.queue.next_seq();
         let uplinks = events
@@ -214,27 +210,18 @@ impl Writer {
                 payload: e.stored(),
             })
             .collect();
-        let mut result = self.queue.append(&records);
-        if result.is_err() && recovery.due() {
-            // After a write failure sled refuses everything until it is reopened: once space
-            // is back, that is what makes appends work again.
-            match self.queue.recover() {
-                Ok(true) => {
-                    tracing::warn!("store: reopened after a write failure; appends resume");
-                    result = self.queue.append(&records);
-                }
-                Ok(false) => {}
-                Err(e) => tracing::debug!(error = %e, "store: reopen failed; retried in a second"),
-            }
-        }
-        match result {
+        match self.queue.append(&records) {
             Ok((range, evictions)) => {
+                if std::mem::take(failing) {
+                    tracing::warn!("store: appends resume after a write failure");
+                }
                 debug_assert_eq!(*range.start(), first);
                 Counters::add(&self.counters.up_accepted, uplinks);
                 self.appended.send_replace(*range.end());
                 evictions
             }
             Err(e) => {
+                *failing = true;
                 Counters::add(&self.counters.store_rejected, records.len() as u64);
                 // Numbered and reported lost like an eviction; logged with the evictions, at
                 // most once a second, with the error.
