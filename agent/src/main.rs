@@ -394,8 +394,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             appended: appended_rx,
             counters: counters.clone(),
             shutdown: shutdown_rx.clone(),
-            downlinks: down_tx,
+            downlinks: Some(down_tx),
             pumps: pump_commands,
+            drain_until: None,
         }
         .run(),
     );
@@ -429,9 +430,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     .await?;
     let _ = stats.await;
     let _ = watchdog.await;
-    let _ = backhaul.await;
-    // The writer ends once every stage that sends it events has ended.
-    tokio::task::spawn_blocking(move || {
+    // The writer ends once every stage that sends it events has ended; meanwhile the backhaul
+    // publishes what they leave (acks of cancelled downlinks, the last audits), for at most
+    // `mqtt.drain_timeout`, then says OFFLINE.
+    let stages = tokio::task::spawn_blocking(move || {
         // The uplink stage and the backhaul held its senders: the rules stage drives the pumps
         // off and ends (before the writer, which takes its last audit records).
         if let Some(r) = rules_stage {
@@ -443,8 +445,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = downlinks.join();
         stopping.store(true, Ordering::Relaxed);
         let _ = writer.join();
-    })
-    .await?;
+    });
+    let _ = backhaul.await;
+    stages.await?;
     tracing::info!("stopped");
     Ok(())
 }

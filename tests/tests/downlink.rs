@@ -625,3 +625,43 @@ fn a_failed_hand_off_is_reported_in_the_ack_not_hidden_behind_an_early_ok() {
         "the HAL refused the first"
     );
 }
+
+/// At SIGTERM a downlink still waiting for its time is cancelled, and the ack that says so is
+/// published before OFFLINE (not left in the store for the next start). Fails with the
+/// backhaul stopping at the signal: the ack is written 3 ms before the exit, never published.
+#[test]
+fn a_downlink_pending_at_shutdown_is_answered_before_offline() {
+    let (mut r, ctx) = rig(0, "");
+    publish(
+        r.broker.port,
+        DOWN,
+        frame(
+            7,
+            vec![lora(868_100_000, 14, 7, delay(5000), ctx, b"\x60later")],
+        ),
+    );
+    // Scheduled well before its time (5 s after the uplink).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(r.agent.sigterm().success());
+    let offline = |m: &Msg| {
+        m.topic.ends_with("/state/conn")
+            && gw::ConnState::decode(m.payload.as_slice()).unwrap().state()
+                == gw::conn_state::State::Offline
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !r.collector.all().iter().any(offline) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let all = r.collector.all();
+    let offline_at = all.iter().position(offline).expect("OFFLINE published");
+    let ack_at = all.iter().position(|m| {
+        m.topic.ends_with("/event/ack")
+            && gw::DownlinkTxAck::decode(m.payload.as_slice())
+                .unwrap()
+                .downlink_id
+                == 7
+    });
+    let ack_at =
+        ack_at.unwrap_or_else(|| panic!("no ack for the pending downlink\n{}", r.agent.log()));
+    assert!(ack_at < offline_at, "the ack came after OFFLINE");
+}

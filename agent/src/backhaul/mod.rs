@@ -72,10 +72,15 @@ pub struct Backhaul {
     pub appended: watch::Receiver<u64>,
     pub counters: Arc<Counters>,
     pub shutdown: watch::Receiver<bool>,
-    /// `command/down` payloads and when they arrived, to the downlink stage.
-    pub downlinks: SyncSender<crate::downlink::Input>,
-    /// `command/pump` payloads, to the rules stage; None: no rules here, not subscribed.
+    /// `command/down` payloads and when they arrived, to the downlink stage; None once
+    /// shutting down (the stage may end).
+    pub downlinks: Option<SyncSender<crate::downlink::Input>>,
+    /// `command/pump` payloads, to the rules stage; None: no rules here, not subscribed, or
+    /// shutting down.
     pub pumps: Option<SyncSender<crate::rules::Input>>,
+    /// Set at the shutdown signal: publish what the store holds until `mqtt.drain_timeout`
+    /// from then, then OFFLINE.
+    pub drain_until: Option<tokio::time::Instant>,
 }
 
 enum SessionEnd {
@@ -128,6 +133,10 @@ impl Backhaul {
             self.counters.backhaul_up.store(false, Relaxed);
             match end {
                 SessionEnd::Shutdown => return,
+                SessionEnd::Lost(why) if self.drain_until.is_some() => {
+                    tracing::warn!(%why, backlog = self.queue.backlog().records, "backhaul lost while shutting down: the rest goes at the next start");
+                    return;
+                }
                 SessionEnd::Lost(why) => {
                     let was_up = outage_since.is_none();
                     if was_up {
@@ -161,7 +170,10 @@ impl Backhaul {
                             (until - tokio::time::Instant::now()).min(Duration::from_secs(1));
                         tokio::select! {
                             _ = tokio::time::sleep(step) => {}
-                            _ = self.shutdown.changed() => return,
+                            _ = self.shutdown.changed() => {
+                                self.stop_intake();
+                                return;
+                            }
                         }
                     }
                     backoff = (backoff * 2).min(self.cfg.reconnect_max);
@@ -247,11 +259,12 @@ impl Backhaul {
             let mut ticked = false;
             tokio::select! {
                 biased;
-                _ = self.shutdown.changed() => {
-                    if connected {
-                        self.goodbye(&client, &mut link, topics).await;
+                _ = self.shutdown.changed(), if self.drain_until.is_none() => {
+                    self.stop_intake();
+                    if !connected {
+                        return SessionEnd::Shutdown;
                     }
-                    return SessionEnd::Shutdown;
+                    self.drain_until = Some(tokio::time::Instant::now() + self.cfg.drain_timeout);
                 }
                 ev = link.next() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -367,6 +380,26 @@ impl Backhaul {
                     to_ack = None;
                 }
             }
+            if let Some(until) = self.drain_until {
+                // Done when the writer has ended (nothing more will be appended) and the
+                // broker has everything, or when the time is up.
+                let drained =
+                    !store_wakes && inflight.outstanding() == 0 && cursor >= self.queue.next_seq();
+                if drained || tokio::time::Instant::now() >= until {
+                    if let Some(seq) = to_ack.take() {
+                        let _ = self.queue.ack_upto(seq);
+                    }
+                    if !drained {
+                        tracing::warn!(
+                            unpublished = self.queue.next_seq().saturating_sub(cursor),
+                            in_flight = inflight.outstanding(),
+                            "shutdown: mqtt.drain_timeout reached; the rest stays in the store for the next start"
+                        );
+                    }
+                    self.goodbye(&client, &mut link, topics).await;
+                    return SessionEnd::Shutdown;
+                }
+            }
             if connected && (idle || window.saturating_sub(inflight.outstanding()) >= batch) {
                 if let Err(why) = self.fill(
                     &client,
@@ -380,6 +413,12 @@ impl Backhaul {
                 }
             }
         }
+    }
+
+    /// No more commands to the stages: their inputs close, so they can end.
+    fn stop_intake(&mut self) {
+        self.downlinks = None;
+        self.pumps = None;
     }
 
     /// One incoming command: admitted by the per-topic rate limit, then handed to its stage.
@@ -402,9 +441,14 @@ impl Backhaul {
             }
         } else if topic == topics.under("command/down") {
             tracing::debug!(bytes = payload.len(), "command/down received");
-            if let Err(TrySendError::Full(_)) = self.downlinks.try_send(
-                crate::downlink::Input::Network(payload.to_vec(), Instant::now()),
-            ) {
+            let Some(downlinks) = &self.downlinks else {
+                tracing::info!("command/down while shutting down: not scheduled");
+                return;
+            };
+            if let Err(TrySendError::Full(_)) = downlinks.try_send(crate::downlink::Input::Network(
+                payload.to_vec(),
+                Instant::now(),
+            )) {
                 Counters::add(&self.counters.tx_dropped, 1);
                 tracing::warn!("command/down: the downlink stage is saturated; command dropped");
             }

@@ -203,6 +203,10 @@ pub struct MqttConfig {
     /// Messages per second at most (metered backhauls); 0 = as fast as the broker acknowledges.
     #[serde(default)]
     pub max_rate_per_s: u32,
+    /// At shutdown, how long what is already queued (acks of cancelled downlinks, the last
+    /// audits) may take to be published before OFFLINE.
+    #[serde(default = "default_drain_timeout", with = "duration")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for MqttConfig {
@@ -238,6 +242,9 @@ fn default_keep_alive() -> Duration {
 }
 fn default_inflight() -> u16 {
     64
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_ack_timeout() -> Duration {
     Duration::from_secs(15)
@@ -502,6 +509,12 @@ impl Config {
             out.push(invalid(
                 "mqtt.keep_alive",
                 "must be between 5s and 65535s (18h12m15s)",
+            ));
+        }
+        if m.drain_timeout > Duration::from_secs(60) {
+            out.push(invalid(
+                "mqtt.drain_timeout",
+                "must be at most 60s (systemd stops the unit after 90 s)",
             ));
         }
         let hour = Duration::from_secs(3600);
