@@ -15,6 +15,7 @@ pub mod backhaul;
 pub mod config;
 pub mod downlink;
 pub mod events;
+pub mod files;
 pub mod ops;
 pub mod radio;
 pub mod realtime;

@@ -84,6 +84,12 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Check(args) => match config::check(&args.config, &args.set, Some(linked())) {
+            // The store answers for its own place: what `run` would refuse, `check` refuses.
+            Ok((cfg, _)) if lora_edge::store::check_path(&cfg.store.path).is_err() => {
+                let why = lora_edge::store::check_path(&cfg.store.path).unwrap_err();
+                eprintln!("{why}\n1 error(s) in the configuration");
+                ExitCode::FAILURE
+            }
             Ok((cfg, notes)) => {
                 for note in notes {
                     println!("{note}");

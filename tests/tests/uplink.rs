@@ -362,6 +362,58 @@ fn check_explains_a_broken_config_with_file_line_and_field() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// `check` refuses the store places `run` refuses, and reads no configuration without bound.
+#[test]
+fn check_refuses_what_run_refuses_about_the_store_and_reads_nothing_unbounded() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sim.toml"), "").unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[radio]\nbackend = \"simulator\"\nsimulator = \"sim.toml\"\n",
+    )
+    .unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "precious").unwrap();
+    let others = dir.path().join("others");
+    std::fs::create_dir(&others).unwrap();
+    std::fs::write(others.join("thesis.odt"), "x").unwrap();
+    let check = |sets: &[String], config: &std::path::Path| {
+        let mut c = std::process::Command::new(agent_binary());
+        c.arg("check").arg("-c").arg(config);
+        for s in sets {
+            c.arg("--set").arg(s);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let store = |p: &std::path::Path| vec![format!("store.path=\"{}\"", p.display())];
+    let (ok, err) = check(&store(&file), &good);
+    assert!(!ok && err.contains("is a file, not a directory"), "{err}");
+    let (ok, err) = check(&store(&others), &good);
+    assert!(!ok && err.contains("thesis.odt"), "{err}");
+    let (ok, err) = check(&store(&dir.path().join("fresh/store")), &good);
+    assert!(ok, "a place that can be created: {err}");
+    // The same refusals from `run`, before anything is touched.
+    let out = std::process::Command::new(agent_binary())
+        .args(["run", "-c"])
+        .arg(&good)
+        .arg("--set")
+        .arg(&store(&file)[0])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    // A device reports a size of 0 and never ends: refused, not read forever.
+    let (ok, err) = check(&[], std::path::Path::new("/dev/zero"));
+    assert!(!ok && err.contains("not a regular file"), "{err}");
+    let (ok, err) = check(&["store.join_request_max_age=\"0s\"".to_string()], &good);
+    assert!(!ok && err.contains("between 1s and 60s"), "{err}");
+}
+
 #[test]
 fn the_shipped_configs_pass_check() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

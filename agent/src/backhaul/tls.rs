@@ -44,7 +44,9 @@ fn problem(field: &'static str, message: impl Into<String>) -> FileProblem {
 }
 
 fn read_file(field: &'static str, path: &Path) -> Result<Vec<u8>, FileProblem> {
-    std::fs::read(path).map_err(|e| problem(field, format!("{}: {e}", path.display())))
+    // A CA bundle of the system is a few hundred KiB.
+    crate::files::read_bounded(path, 8 << 20)
+        .map_err(|e| problem(field, format!("{}: {e}", path.display())))
 }
 
 fn read_certs(

@@ -61,6 +61,14 @@ pub enum Linked {
 /// and parsing a huge one costs seconds and gigabytes.
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
 
+/// Reads a text file of at most `MAX_FILE_BYTES`, whatever its reported size (a device such as
+/// /dev/zero reports 0 and never ends).
+pub fn read_capped(path: &std::path::Path) -> std::io::Result<String> {
+    let bytes = crate::files::read_bounded(path, MAX_FILE_BYTES)?;
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::other("not UTF-8 text: is this a configuration file?"))
+}
+
 /// Fields whose value is never printed, whatever is wrong with it.
 pub const SECRET_FIELDS: [&str; 1] = ["mqtt.password"];
 
@@ -111,21 +119,7 @@ fn load_with(
     let mut sources = Vec::new();
     let mut merged = toml::Table::new();
     for path in files {
-        match std::fs::metadata(path) {
-            Ok(m) if m.len() > MAX_FILE_BYTES => {
-                errors.push(ConfigError {
-                    origin: path.display().to_string(),
-                    field: None,
-                    message: format!(
-                        "{} bytes: a configuration file may not exceed {MAX_FILE_BYTES} bytes",
-                        m.len()
-                    ),
-                });
-                continue;
-            }
-            _ => {}
-        }
-        let text = match std::fs::read_to_string(path) {
+        let text = match read_capped(path) {
             Ok(t) => t,
             Err(e) => {
                 errors.push(ConfigError {
@@ -436,7 +430,7 @@ pub(crate) fn deserialize_all<T: serde::de::DeserializeOwned>(
                     let message = if secret(&field) {
                         hide_values(&type_message(&inner))
                     } else {
-                        type_message(&inner)
+                        with_range(&field, type_message(&inner))
                     };
                     problems.push((field.clone(), message));
                 }
@@ -464,6 +458,25 @@ fn unknown_field(message: &str) -> Option<&str> {
         .strip_prefix("unknown field `")?
         .split_once('`')
         .map(|(k, _)| k)
+}
+
+/// Keys whose valid range is narrower than their type's: a wrong value names that range, not
+/// the type's (validated in `Config::problems` with the same bounds).
+const NARROWER: [(&str, &str); 4] = [
+    ("store.max_size_mib", "a whole number from 16 to 1048576"),
+    ("mqtt.inflight", "a whole number from 1 to 1000"),
+    ("mqtt.command_rate_per_s", "a whole number from 1 to 10000"),
+    ("mqtt.max_rate_per_s", "a whole number from 0 to 4294967295"),
+];
+
+fn with_range(field: &str, message: String) -> String {
+    match NARROWER.iter().find(|(k, _)| *k == field) {
+        Some((_, range)) => match message.find("expected a whole number") {
+            Some(at) => format!("{}expected {range}", &message[..at]),
+            None => message,
+        },
+        None => message,
+    }
 }
 
 /// serde's message, first line, with Rust type names said as a technician would read them.
@@ -830,7 +843,7 @@ mod tests {
         let e = errors(&[f], &[]);
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(
-            e[0].contains("mqtt.inflight: invalid value: integer `-3`, expected a whole number from 0 to 65535"),
+            e[0].contains("mqtt.inflight: invalid value: integer `-3`, expected a whole number from 1 to 1000"),
             "{e:?}"
         );
     }
@@ -870,7 +883,23 @@ mod tests {
             ),
             (
                 "store.join_request_max_age=\"10m\"",
-                "store.join_request_max_age: must be at most 60s",
+                "store.join_request_max_age: must be between 1s and 60s",
+            ),
+            (
+                "store.join_request_max_age=\"0s\"",
+                "store.join_request_max_age: must be between 1s and 60s",
+            ),
+            (
+                "store.max_size_mib=-1",
+                "store.max_size_mib: invalid value: integer `-1`, expected a whole number from 16 to 1048576",
+            ),
+            (
+                "mqtt.inflight=70000",
+                "mqtt.inflight: invalid value: integer `70000`, expected a whole number from 1 to 1000",
+            ),
+            (
+                "mqtt.server=\"tcp://h:99999\"",
+                "mqtt.server: \"tcp://h:99999\": port 99999 is out of range (1 to 65535)",
             ),
             (
                 "stats.interval=\"2h\"",

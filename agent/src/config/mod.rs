@@ -539,7 +539,7 @@ impl Config {
         if s.max_size_mib < 16 {
             out.push(invalid(
                 "store.max_size_mib",
-                "must be at least 16: sled keeps about 8 MiB of log segments for itself",
+                "must be at least 16 (the store's journal and its outage backlog in segments of 1 MiB or more)",
             ));
         } else if s.max_size_mib > MAX_STORE_MIB {
             out.push(invalid(
@@ -557,10 +557,13 @@ impl Config {
                  could end",
             ));
         }
-        if s.join_request_max_age > Duration::from_secs(60) {
+        if s.join_request_max_age < Duration::from_secs(1)
+            || s.join_request_max_age > Duration::from_secs(60)
+        {
             out.push(invalid(
                 "store.join_request_max_age",
-                "must be at most 60s (a JoinAccept is sent 5 or 6 s after the request)",
+                "must be between 1s and 60s (a JoinAccept is sent 5 or 6 s after the request; \
+                 0 would drop every join-request, live ones included)",
             ));
         }
         if s.commit_interval.is_zero() || s.commit_interval > Duration::from_secs(10) {
@@ -633,9 +636,13 @@ pub fn parse_server(s: &str) -> Result<Server, String> {
             if tls { 8883 } else { 1883 }
         )
     })?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("{s:?}: port {port:?} is not a number"))?;
+    let port: u16 = port.parse().map_err(|_| {
+        if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+            format!("{s:?}: port {port} is out of range (1 to 65535)")
+        } else {
+            format!("{s:?}: port {port:?} is not a number")
+        }
+    })?;
     if port == 0 {
         return Err(format!("{s:?}: port 0 is not a port"));
     }

@@ -54,7 +54,8 @@ fn group_name(gid: u32) -> Option<String> {
 /// Reads a secret file after `check_mode`, at most 64 KiB.
 pub fn read(path: &Path) -> Result<Vec<u8>, String> {
     check_mode(path)?;
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = crate::files::read_bounded(path, 64 * 1024)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     if bytes.len() > 64 * 1024 {
         return Err(format!(
             "{}: {} bytes, more than a secret file holds (64 KiB at most)",

@@ -351,16 +351,8 @@ fn ms(d: Duration) -> u64 {
 
 /// Reads and validates a rule file. Relative actuator files are relative to it.
 pub fn load(path: &Path) -> Result<RuleSet, RuleErrors> {
-    let bytes =
-        std::fs::read(path).map_err(|e| RuleErrors(vec![format!("{}: {e}", path.display())]))?;
-    if bytes.len() as u64 > crate::config::MAX_FILE_BYTES {
-        return Err(RuleErrors(vec![format!(
-            "{}: {} bytes: a rule file may not exceed {} bytes",
-            path.display(),
-            bytes.len(),
-            crate::config::MAX_FILE_BYTES
-        )]));
-    }
+    let bytes = crate::files::read_bounded(path, crate::config::MAX_FILE_BYTES)
+        .map_err(|e| RuleErrors(vec![format!("{}: {e}", path.display())]))?;
     let text = String::from_utf8(bytes.clone())
         .map_err(|_| RuleErrors(vec![format!("{}: not UTF-8 text", path.display())]))?;
     parse(path, &text, &bytes)
