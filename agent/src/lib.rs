@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! radio (thread: lgw_receive) → uplink (CRC filter, UplinkFrame; rules go here)
-//!   → store::Writer (number, encode, append to sled, flush) → backhaul (MQTT, PUBACK → ack)
+//!   → store::Writer (number, encode, append to the log; commit) → backhaul (MQTT, PUBACK → ack)
 //! ```
 //! Downlink path: `backhaul` (command/down) → `downlink` (validate, schedule, hand-off to the
 //! radio at the right counter) → acks through the store like every event.

@@ -754,7 +754,7 @@ mod tests {
     }
 
     #[test]
-    fn a_store_budget_too_small_for_sled_is_refused_with_the_reason() {
+    fn a_store_budget_too_small_for_its_segments_is_refused_with_the_reason() {
         let dir = tmp();
         let d = dir.path();
         let f = write(d, "a.toml", "[store]\nmax_size_mib = 8\n");

@@ -270,8 +270,8 @@ impl super::actuator::Actuator for Actuator {
             .downlinks
             .try_send(DownInput::Owned(Box::new(owned)))
             .map_err(|e| format!("the downlink stage did not take the frame: {e}"));
-        // The fallback for a destroyed numbering file; after the hand-over, as a sled flush
-        // costs milliseconds a STOP need not wait for (the file already holds the number).
+        // The fallback for a destroyed numbering file; after the hand-over, so that a STOP
+        // never waits for the store (the file already holds the number).
         if let Err(e) = self.queue.state_put(
             &format!("fcntdown/{}", self.spec.device),
             &fcnt.to_be_bytes(),

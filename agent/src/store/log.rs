@@ -173,6 +173,15 @@ fn next_sound(b: &[u8], from: usize, lo: u64, hi: u64) -> Option<usize> {
     None
 }
 
+/// The records of one append that go into one file.
+struct Chunk {
+    file: u64,
+    offset: u64,
+    bytes: Vec<u8>,
+    /// (seq, offset, size) of each record.
+    index: Vec<(u64, u32, u32)>,
+}
+
 /// Consecutive records of one file.
 #[derive(Debug)]
 struct Run {
@@ -410,37 +419,42 @@ impl Log {
             return Err(io::Error::other("no segment ready for the append"));
         }
         // Each file's share written with one call; the index changes only once all succeeded.
-        let mut plan: Vec<(u64, u64, Vec<u8>, Vec<(u64, u32, u32)>)> = Vec::new();
+        let mut plan: Vec<Chunk> = Vec::new();
         let mut head = self.head;
         let mut spares = self.spare.clone();
         for (i, r) in records.iter().enumerate() {
             let size = sizes[i];
-            let room = head.map_or(0, |(id, off)| self.files[&id].size.saturating_sub(off));
-            if size > room || head.is_none() {
-                let id = spares.remove(0);
-                head = Some((id, 0));
-                plan.push((id, 0, Vec::new(), Vec::new()));
-            } else if plan.last().is_none_or(|p| p.0 != head.expect("set").0) {
-                let (id, off) = head.expect("set");
-                plan.push((id, off, Vec::new(), Vec::new()));
+            let (id, off) = match head {
+                Some((id, off)) if size <= self.files[&id].size.saturating_sub(off) => (id, off),
+                _ => (spares.remove(0), 0),
+            };
+            if plan.last().is_none_or(|c| c.file != id) {
+                plan.push(Chunk {
+                    file: id,
+                    offset: off,
+                    bytes: Vec::new(),
+                    index: Vec::new(),
+                });
             }
-            let (id, off) = head.as_mut().expect("set");
-            let p = plan.last_mut().expect("pushed");
+            let c = plan.last_mut().expect("pushed");
             let seq = first + i as u64;
-            p.3.push((seq, *off as u32, size as u32));
-            encode(seq, r, &mut p.2);
-            *off += size;
-            debug_assert_eq!(p.0, *id);
+            c.index.push((seq, off as u32, size as u32));
+            encode(seq, r, &mut c.bytes);
+            head = Some((id, off + size));
         }
-        for (id, off, buf, _) in &plan {
-            let seg = &self.files[id];
-            if off + buf.len() as u64 > seg.size {
+        for c in &plan {
+            let seg = &self.files[&c.file];
+            let end = c.offset + c.bytes.len() as u64;
+            if end > seg.size {
                 // Only a record larger than a segment: its file grows (and may fail).
-                seg.file.set_len(off + buf.len() as u64)?;
+                seg.file.set_len(end)?;
             }
-            seg.file.write_all_at(buf, *off)?;
+            seg.file.write_all_at(&c.bytes, c.offset)?;
         }
-        for (id, _, _, index) in plan {
+        for Chunk {
+            file: id, index, ..
+        } in plan
+        {
             self.spare.retain(|s| *s != id);
             let seg = self.files.get_mut(&id).expect("planned");
             seg.size = seg

@@ -1,10 +1,9 @@
 //! Sequence numbers that never go backwards, whatever happens to the store.
 //!
 //! The central side drops duplicates by (gateway id, seq): a number handed out twice makes it
-//! drop a real frame. sled cannot be trusted to remember the last number: it treats a damaged
-//! log entry as a torn write and cuts its log there without an error (rolling the metadata
-//! back), a corrupt store is replaced by a fresh one, and an operator may delete the directory.
-//! So the numbering lives in a small file beside the store (`<store.path>.seq`), outside sled:
+//! drop a real frame. The log cannot be trusted to remember the last number: a power cut takes
+//! its unsynced tail, damage takes records, and an operator may delete the directory. So the
+//! numbering lives in a small file beside the store (`<store.path>.seq`), outside it:
 //!
 //! - `reserved`: every number up to it may have been handed out. Raised in blocks, written and
 //!   **fsynced before** a number of the new block is used, so even a power cut cannot bring it
