@@ -83,6 +83,9 @@ pub struct Backhaul {
     pub drain_until: Option<tokio::time::Instant>,
 }
 
+const BUSY_TICK: Duration = Duration::from_millis(50);
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
 enum SessionEnd {
     Shutdown,
     Lost(String),
@@ -252,8 +255,9 @@ impl Backhaul {
         let down_topic = topics.under("command/down");
         let mut to_ack: Option<u64> = None;
         let mut store_wakes = true;
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // 50 ms while something is pending (a CONNACK, PUBACKs, a rate budget, a drain); once a
+        // second otherwise: an idle gateway wakes for its traffic, not for a timer.
+        let mut next_tick = tokio::time::Instant::now() + BUSY_TICK;
 
         loop {
             let mut ticked = false;
@@ -349,8 +353,13 @@ impl Backhaul {
                     // The writer is gone (shutting down): stop listening, the tick still runs.
                     store_wakes = changed.is_ok();
                 }
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(next_tick) => {
                     ticked = true;
+                    let busy = !connected
+                        || inflight.outstanding() > 0
+                        || self.cfg.max_rate_per_s > 0
+                        || self.drain_until.is_some();
+                    next_tick = tokio::time::Instant::now() + if busy { BUSY_TICK } else { IDLE_TICK };
                     crate::ops::health::Heartbeats::beat(&self.counters.beats.backhaul);
                     let now = Instant::now();
                     if !connected && started.elapsed() > self.cfg.connect_timeout {
@@ -399,6 +408,10 @@ impl Backhaul {
                     self.goodbye(&client, &mut link, topics).await;
                     return SessionEnd::Shutdown;
                 }
+            }
+            if inflight.outstanding() > 0 && next_tick > tokio::time::Instant::now() + BUSY_TICK {
+                // Publishes went out while the tick idled: watch their PUBACKs closely again.
+                next_tick = tokio::time::Instant::now() + BUSY_TICK;
             }
             if connected && (idle || window.saturating_sub(inflight.outstanding()) >= batch) {
                 if let Err(why) = self.fill(
