@@ -86,6 +86,28 @@ impl Writer {
     }
 
     fn run(self) {
+        // The commit (fdatasync, milliseconds to tens of them on an SD card) runs beside the
+        // appends, so that frames keep being accepted while it waits for the card.
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let committer = {
+            let queue = self.queue.clone();
+            let interval = self.commit_interval;
+            std::thread::Builder::new()
+                .name("store-commit".into())
+                .spawn(move || loop {
+                    match stop_rx.recv_timeout(interval) {
+                        Err(RecvTimeoutError::Timeout) => {
+                            if let Err(e) = queue.commit() {
+                                tracing::error!(error = %e, "store: commit (fdatasync) failed");
+                            }
+                        }
+                        _ => return,
+                    }
+                })
+        };
+        if let Err(e) = &committer {
+            tracing::error!(error = %e, "store: the commit thread could not start: nothing is synced before shutdown, a power cut may lose more than store.commit_interval");
+        }
         let mut batch: Vec<Event> = Vec::with_capacity(MAX_BATCH);
         let mut next_age_check = Instant::now();
         let mut open = true;
@@ -95,15 +117,10 @@ impl Writer {
         let mut last_error = None;
         // True while appends fail: the first success after says so.
         let mut failing = false;
-        let commit_interval = self.commit_interval;
-        let mut next_commit = Instant::now() + commit_interval;
         while open || !batch.is_empty() {
             crate::ops::health::Heartbeats::beat(&self.counters.beats.store);
             if batch.is_empty() {
-                let wait = next_commit
-                    .saturating_duration_since(Instant::now())
-                    .min(Duration::from_secs(1));
-                match self.input.recv_timeout(wait) {
+                match self.input.recv_timeout(Duration::from_secs(1)) {
                     Ok(e) => batch.push(e),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => open = false,
@@ -120,12 +137,6 @@ impl Writer {
                     self.evicted(&e, &mut unlogged);
                 }
             }
-            if Instant::now() >= next_commit {
-                next_commit = Instant::now() + commit_interval;
-                if let Err(e) = self.queue.commit() {
-                    tracing::error!(error = %e, "store: commit (fdatasync) failed");
-                }
-            }
             if Instant::now() >= next_age_check {
                 next_age_check = Instant::now() + Duration::from_secs(1);
                 match self.queue.evict_expired(unix_ms(SystemTime::now())) {
@@ -138,6 +149,10 @@ impl Writer {
             }
         }
         unlogged.flush(last_error.take());
+        drop(stop_tx);
+        if let Ok(c) = committer {
+            let _ = c.join();
+        }
         if let Err(e) = self.queue.sync() {
             tracing::error!(error = %e, "store: final sync");
         }
