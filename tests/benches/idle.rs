@@ -1,10 +1,11 @@
 //! What a gateway costs while it idles: CPU of the agent at a low frame rate, per thread, with
 //! the broker up (a gateway spends most of its life like this).
 //!
-//! `cargo build --release -p lora-edge && cargo bench -p lora-edge-e2e --bench idle [-- <rate> <seconds>]`
-//! (default 1 frame/s for 120 s). Set `LORA_EDGE_BIN` to measure another build. CPU = user +
-//! system ticks from /proc (10 ms resolution: run long enough); the simulated concentrator
-//! runs inside the agent and is counted.
+//! `cargo build --release -p lora-edge && cargo bench -p lora-edge-e2e --bench idle [-- rate:seconds ...]`
+//! (default 1:120 100:30 1000:10, the cases of the comparison with ChirpStack's forwarder). Set
+//! `LORA_EDGE_BIN` to measure another build. CPU = user + system ticks from /proc (10 ms
+//! resolution: run long enough); the simulated concentrator runs inside the agent and is
+//! counted; the broker's CPU is printed beside it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -39,13 +40,8 @@ fn per_thread(pid: u32) -> BTreeMap<String, f64> {
     out
 }
 
-fn main() {
-    let args: Vec<f64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let rate = args.first().copied().unwrap_or(1.0);
-    let seconds = args.get(1).copied().unwrap_or(120.0);
+/// One case: `rate` frames/s for `seconds`, a fresh broker and agent.
+fn case(rate: f64, seconds: f64, threads: bool) {
     let broker = Broker::start();
     let arrivals = subscribe_uplinks(broker.port);
     let (mut agent, _dir) = AgentSetup::new(broker.port)
@@ -55,24 +51,65 @@ fn main() {
         .config("[stats]\ninterval = \"30s\"")
         .start();
     let pid = agent.pid().unwrap();
-    wait_until(Duration::from_secs(30), || {
-        arrivals.count.load(std::sync::atomic::Ordering::Relaxed) > 0
-    });
+    let bpid = broker.pid().unwrap();
+    let count = || arrivals.count.load(std::sync::atomic::Ordering::Relaxed);
+    wait_until(Duration::from_secs(30), || count() > 0);
     std::thread::sleep(Duration::from_secs(2));
-    let (before, c0, t0) = (per_thread(pid), cpu_seconds(pid), Instant::now());
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    let (after, c1) = (per_thread(pid), cpu_seconds(pid));
-    let elapsed = t0.elapsed().as_secs_f64();
-    println!(
-        "lora-edge idle benchmark: {rate} frames/s for {elapsed:.0} s: {:.3} % of a core ({:.2} s per 1000 frames)",
-        (c1 - c0) * 100.0 / elapsed,
-        (c1 - c0) * 1000.0 / (rate * elapsed)
+    let (before, c0, b0, n0, t0) = (
+        per_thread(pid),
+        cpu_seconds(pid),
+        cpu_seconds(bpid),
+        count(),
+        Instant::now(),
     );
-    for (name, c) in &after {
-        let d = c - before.get(name).copied().unwrap_or(0.0);
-        if d > 0.0 {
-            println!("  thread {name:<16} {:.3} % of a core", d * 100.0 / elapsed);
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let (after, c1, b1, n1) = (
+        per_thread(pid),
+        cpu_seconds(pid),
+        cpu_seconds(bpid),
+        count(),
+    );
+    let elapsed = t0.elapsed().as_secs_f64();
+    let frames = (n1 - n0).max(1) as f64;
+    println!(
+        "{rate:>6} frames/s for {elapsed:>4.0} s: {:>6} delivered, agent {:.3} s per 1000 frames = {:.3} % of a core, peak RSS {:.1} MB; broker {:.2} s",
+        n1 - n0,
+        (c1 - c0) * 1000.0 / frames,
+        (c1 - c0) * 100.0 / elapsed,
+        peak_rss(pid) as f64 / 1e6,
+        b1 - b0,
+    );
+    if threads {
+        for (name, c) in &after {
+            let d = c - before.get(name).copied().unwrap_or(0.0);
+            if d > 0.0 {
+                println!(
+                    "    thread {name:<16} {:.3} % of a core",
+                    d * 100.0 / elapsed
+                );
+            }
         }
     }
     let _ = agent.sigterm();
+}
+
+fn main() {
+    // `rate:seconds` cases after `--`; default the three of the comparison with ChirpStack's
+    // forwarder.
+    let cases: Vec<(f64, f64)> = std::env::args()
+        .skip(1)
+        .filter_map(|a| {
+            let (r, s) = a.split_once(':')?;
+            Some((r.parse().ok()?, s.parse().ok()?))
+        })
+        .collect();
+    let cases = if cases.is_empty() {
+        vec![(1.0, 120.0), (100.0, 30.0), (1000.0, 10.0)]
+    } else {
+        cases
+    };
+    println!("lora-edge at steady rates, broker up (release binary, simulated concentrator in the agent, Mosquitto on loopback)");
+    for (rate, seconds) in cases {
+        case(rate, seconds, rate <= 10.0);
+    }
 }

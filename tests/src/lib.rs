@@ -97,6 +97,11 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// The broker's process id while it runs (benchmarks read its CPU).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn start() -> Broker {
         Broker::start_with(|_| String::new())
     }
