@@ -886,6 +886,10 @@ mod tests {
                 "store.join_request_max_age: must be between 1s and 60s",
             ),
             (
+                "radio.idle_poll_interval=\"1ms\"",
+                "radio.idle_poll_interval: must be between radio.poll_interval and 200ms",
+            ),
+            (
                 "store.join_request_max_age=\"0s\"",
                 "store.join_request_max_age: must be between 1s and 60s",
             ),

@@ -97,6 +97,10 @@ pub struct RadioConfig {
     pub simulator: Option<PathBuf>,
     #[serde(default = "default_poll", with = "duration")]
     pub poll_interval: Duration,
+    /// The polling period after 100 ms without any frame: an idle gateway wakes less often,
+    /// and the first frame after a silence waits at most this long in the concentrator.
+    #[serde(default = "default_idle_poll", with = "duration")]
+    pub idle_poll_interval: Duration,
     #[serde(default)]
     pub antenna_gain_dbi: f32,
     #[serde(default = "yes")]
@@ -144,6 +148,9 @@ fn default_gpio_chip() -> String {
 }
 fn default_poll() -> Duration {
     Duration::from_millis(10)
+}
+fn default_idle_poll() -> Duration {
+    Duration::from_millis(40)
 }
 fn default_watchdog() -> Duration {
     Duration::from_secs(30)
@@ -430,6 +437,14 @@ impl Config {
             out.push(invalid(
                 "radio.poll_interval",
                 "must be between 1ms and 1s (10ms is usual)",
+            ));
+        } else if r.idle_poll_interval < r.poll_interval
+            || r.idle_poll_interval > Duration::from_millis(200)
+        {
+            out.push(invalid(
+                "radio.idle_poll_interval",
+                "must be between radio.poll_interval and 200ms (the concentrator buffers the \
+                 frames of a silence's end meanwhile)",
             ));
         }
         // The HAL extends its 27-bit counter only if polled at least every ~134 s.

@@ -200,10 +200,12 @@ impl Downlinks {
                 );
             }
             let wait = if due.is_empty() {
+                // Nothing scheduled: only the stop flag to look at, less often.
+                let cap = Duration::from_millis(if sched.is_empty() { 250 } else { 100 });
                 clock
                     .and_then(|c| sched.next_handoff_in(c.counter))
-                    .unwrap_or(Duration::from_millis(100))
-                    .min(Duration::from_millis(100))
+                    .unwrap_or(cap)
+                    .min(cap)
             } else {
                 TX_BUSY_POLL
             };
