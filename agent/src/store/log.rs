@@ -703,15 +703,7 @@ fn preallocate(file: &File, size: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rec(i: u64, size: usize) -> NewRecord {
-        NewRecord {
-            kind: 1,
-            flags: 0,
-            at_ms: 1_000 + i,
-            payload: vec![i as u8; size],
-        }
-    }
+    use crate::store::tests::rec;
 
     fn bytes_of(records: &[(u64, NewRecord)]) -> Vec<u8> {
         let mut b = Vec::new();

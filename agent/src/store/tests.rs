@@ -20,7 +20,7 @@ fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
-fn rec(i: u64, size: usize) -> NewRecord {
+pub(super) fn rec(i: u64, size: usize) -> NewRecord {
     NewRecord {
         kind: 1,
         flags: 0,
