@@ -132,19 +132,28 @@ pub fn scan(b: &[u8], plausible: std::ops::RangeInclusive<u64>) -> Scanned {
         // a damaged record; anything else is the end of the contents unless a sound record of
         // a higher number follows (damage that hit the header itself).
         let after = last.map_or(*plausible.start(), |l| l + 1);
-        let damaged_header =
-            header(&b[off..]).is_some_and(|h| h.seq >= after && h.seq <= *plausible.end());
+        let damaged_header = header(&b[off..])
+            .map(|h| h.seq)
+            .filter(|seq| *seq >= after && *seq <= *plausible.end());
         let next = next_sound(b, off + 1, after, *plausible.end());
+        // Damage counts where it may have taken a number still to deliver (from the start of
+        // `plausible`): damage among delivered records is old news.
+        let matters = |first_unsound: u64| first_unsound >= *plausible.start();
         match (damaged_header, next) {
             (_, Some(at)) => {
-                out.damaged += 1;
+                let next_seq = header(&b[at..]).expect("sound").seq;
+                if next_seq > *plausible.start() {
+                    out.damaged += 1;
+                }
                 off = at;
             }
-            (true, None) => {
-                out.damaged += 1;
+            (Some(seq), None) => {
+                if matters(seq) {
+                    out.damaged += 1;
+                }
                 break;
             }
-            (false, None) => {
+            (None, None) => {
                 // A file is written from its start: anything there but a record or the zeros
                 // of a fresh file is damage (the whole file overwritten, say).
                 if off == 0 && b[..RECORD_HEADER].iter().any(|x| *x != 0) {
@@ -309,12 +318,15 @@ impl Log {
         }
         opened.top = log.runs.back().map_or(0, Run::last_seq);
         let used: std::collections::BTreeSet<u64> = log.runs.iter().map(|r| r.file).collect();
-        log.spare = log
+        let unused: Vec<u64> = log
             .files
             .keys()
             .copied()
             .filter(|id| !used.contains(id))
             .collect();
+        for id in unused {
+            log.release(id);
+        }
         Ok((log, opened))
     }
 
@@ -426,6 +438,9 @@ impl Log {
             let size = sizes[i];
             let (id, off) = match head {
                 Some((id, off)) if size <= self.files[&id].size.saturating_sub(off) => (id, off),
+                _ if spares.is_empty() => {
+                    return Err(io::Error::other("no segment ready for the append"));
+                }
                 _ => (spares.remove(0), 0),
             };
             if plan.last().is_none_or(|c| c.file != id) {
@@ -642,8 +657,37 @@ impl Log {
             // The head keeps taking records: not a spare.
             return;
         }
+        if self
+            .files
+            .get(&file)
+            .is_some_and(|s| s.size < self.segment_bytes)
+        {
+            // Shorter than a segment (cut short by a kill, or made for a smaller budget):
+            // `files_needed` counts a spare as a whole segment, so it goes.
+            if let Some(seg) = self.files.remove(&file) {
+                let _ = std::fs::remove_file(&seg.path);
+            }
+            return;
+        }
         if !self.spare.contains(&file) {
             self.spare.push(file);
+        }
+    }
+
+    /// Deletes the files among `paths` that hold no record (damaged old contents, already
+    /// copied for inspection): their damage is not met again at the next start.
+    pub fn discard_spares(&mut self, paths: &[PathBuf]) {
+        let ids: Vec<u64> = self
+            .spare
+            .iter()
+            .copied()
+            .filter(|id| paths.contains(&self.files[id].path))
+            .collect();
+        for id in ids {
+            self.spare.retain(|s| *s != id);
+            if let Some(seg) = self.files.remove(&id) {
+                let _ = std::fs::remove_file(&seg.path);
+            }
         }
     }
 

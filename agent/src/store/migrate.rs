@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use super::log::Log;
 use super::queue::{NewRecord, QueueOptions, StoreError, JOURNAL_FILES};
 use super::state::State;
-use super::unreported::Unreported;
+use super::unreported::{Ledger, Unreported};
 
 const META_KEY: &[u8] = b"\xffmeta";
 const UNREPORTED_KEY: &[u8] = b"\xffunreported";
@@ -112,7 +112,6 @@ pub(super) fn from_sled(
     damaged: &mut Vec<PathBuf>,
     why: &mut Vec<String>,
 ) -> Result<(), StoreError> {
-    let old = sled_files(store);
     let v2 = match read_v2(store) {
         Ok(v) => v,
         Err(e) => {
@@ -122,7 +121,7 @@ pub(super) fn from_sled(
                 .join("damaged")
                 .join(format!("sled-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
-            for p in &old {
+            for p in &sled_files(store) {
                 if let Some(n) = p.file_name() {
                     let _ = std::fs::rename(p, dir.join(n));
                 }
@@ -175,12 +174,13 @@ pub(super) fn from_sled(
     }
     let mut unreported = v2.unreported.unwrap_or_default();
     unreported.done = unreported.done.max(v2.acked);
-    unreported.save(store, true)?;
+    Ledger::open(store).0.save(&unreported, true)?;
     std::fs::write(
         store.join("lora-edge-queue"),
         b"lora-edge durable queue, format 3\n",
     )?;
-    remove(&old);
+    // Listed again: sled writes a snapshot file when the database closes.
+    remove(&sled_files(store));
     tracing::warn!(
         records = v2.records.len(),
         state_values = v2.state.len(),

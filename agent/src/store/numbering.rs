@@ -139,8 +139,14 @@ pub struct Numbering {
 
 impl Numbering {
     /// The file beside the store directory.
+    /// `<store>.seq` beside the store directory, however the path is written (`store/` and
+    /// `store/.` name the same directory: the file must not land inside it).
     pub fn path_for(store: &Path) -> PathBuf {
-        let mut p = store.as_os_str().to_owned();
+        let normal: PathBuf = store
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect();
+        let mut p = normal.into_os_string();
         p.push(".seq");
         PathBuf::from(p)
     }

@@ -25,7 +25,7 @@ use super::log::{record_size, Log};
 use super::numbering::Numbering;
 use super::space::{free_bytes, Room, Space};
 use super::state::State;
-use super::unreported::Unreported;
+use super::unreported::{Ledger, Unreported};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -141,6 +141,7 @@ pub(super) struct Inner {
     pub(super) log: Log,
     pub(super) numbering: Numbering,
     pub(super) unreported: Unreported,
+    pub(super) ledger: Ledger,
     /// Changed since the file was last fsynced.
     pub(super) unreported_unsynced: bool,
     /// Changed since the file was last written (a write that failed on a full disk).
@@ -274,7 +275,10 @@ impl Queue {
 
     /// The bytes the store's directory holds against its budget.
     fn used(&self, inner: &Inner) -> u64 {
-        inner.log.allocated() + inner.state.disk_bytes() + inner.damaged_copies_bytes
+        inner.log.allocated()
+            + inner.state.disk_bytes()
+            + inner.ledger.disk_bytes()
+            + inner.damaged_copies_bytes
     }
 
     /// Evicts every record of the oldest file holding some, so that the file can be reused.
@@ -312,7 +316,8 @@ impl Queue {
 
     /// Writes the unreported file; a failure (a full disk) is retried at the next commit.
     fn save_unreported(&self, inner: &mut Inner, durable: bool) {
-        match inner.unreported.save(&self.opts.path, durable) {
+        let g = &mut *inner;
+        match g.ledger.save(&g.unreported, durable) {
             Ok(()) => {
                 inner.unreported_unsaved = false;
                 inner.unreported_unsynced = !durable;

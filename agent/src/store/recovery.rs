@@ -24,7 +24,7 @@ use super::numbering::{Found, Numbering};
 use super::queue::{Eviction, Inner, Loss, Opened, Queue, QueueOptions, StoreError, JOURNAL_FILES};
 use super::space::Space;
 use super::state::State;
-use super::unreported::Unreported;
+use super::unreported::{Ledger, Unreported};
 
 /// Written in the store directory once it holds a store.
 const MARKER: &str = "lora-edge-queue";
@@ -42,8 +42,7 @@ fn is_ours(name: &str) -> bool {
             | DAMAGED_DIR
             | "state.log"
             | "state.log.new"
-            | "unreported.json"
-            | "unreported.json.new"
+            | super::unreported::FILE
     ) || is_sled_file(name)
 }
 
@@ -123,6 +122,31 @@ fn writable(path: &Path) -> Result<(), StoreError> {
 
 /// Checks what `open` would refuse before it touches anything: for `lora-edge check`.
 pub fn check_path(path: &Path) -> Result<(), String> {
+    // The numbering file beside the store: writable if there, creatable if not.
+    let seq = Numbering::path_for(path);
+    let seq_ok = match std::fs::metadata(&seq) {
+        Ok(m) if !m.is_file() => Err("is not a regular file".to_string()),
+        Ok(_) => nix::unistd::access(&seq, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::R_OK)
+            .map_err(|e| format!("cannot be written by this user (uid {}): {}", nix::unistd::getuid(), e.desc())),
+        Err(_) => match seq.parent().filter(|p| p.exists()) {
+            Some(dir) => writable(dir).map_err(|_| {
+                format!(
+                    "cannot be created: {} is not writable by this user (uid {}); create the file as root for that user (`install -o <user> -m 0600 /dev/null {}`)",
+                    dir.display(),
+                    nix::unistd::getuid(),
+                    seq.display()
+                )
+            }),
+            None => Ok(()),
+        },
+    };
+    seq_ok.map_err(|why| {
+        format!(
+            "store.path {}: its numbering file {} {why}",
+            path.display(),
+            seq.display()
+        )
+    })?;
     match std::fs::metadata(path) {
         Ok(_) => prepare_dir(path).map_err(|e| e.to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -239,10 +263,13 @@ impl Queue {
         }
         let marker = opts.path.join(MARKER);
         let created = !marker.exists();
-        let mut unreported = match Unreported::load(&opts.path) {
+        let (mut ledger, loaded) = Ledger::open(&opts.path);
+        let mut ledger_damaged = false;
+        let mut unreported = match loaded {
             Ok(u) => u.unwrap_or_default(),
             Err(e) => {
-                why.push(format!("{e} (the gaps it described are reported lost)"));
+                why.push(e);
+                ledger_damaged = true;
                 Unreported::default()
             }
         };
@@ -303,7 +330,7 @@ impl Queue {
         // Every number handed out above `done` is held, or accounted for, or lost.
         let issued = marks.map_or(0, |m| m.issued);
         let top = scanned.top.max(issued);
-        let reason = if !damaged_files.is_empty() {
+        let reason = if !damaged_files.is_empty() || ledger_damaged {
             "store_corrupt"
         } else if created {
             "store_missing"
@@ -342,9 +369,18 @@ impl Queue {
         log.drop_upto(acked);
         unreported.settle(acked);
         numbering.reserve(next_seq - 1)?;
-        unreported.save(&opts.path, true)?;
+        // On a full disk this may fail (the first time only, when the file is allocated):
+        // the next commit tries again; the store opens all the same.
+        let unsaved = match ledger.save(&unreported, true) {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "store: the unreported numbers could not be written yet; retried at each commit");
+                true
+            }
+        };
 
         let (copies, damaged_copies_bytes) = keep_copies(&opts.path, &damaged_files);
+        log.discard_spares(&damaged_files);
         let opened = if why.is_empty() {
             Opened::Clean
         } else {
@@ -359,8 +395,9 @@ impl Queue {
                 log,
                 numbering,
                 unreported,
-                unreported_unsynced: false,
-                unreported_unsaved: false,
+                ledger,
+                unreported_unsynced: unsaved,
+                unreported_unsaved: unsaved,
                 state,
                 next_seq,
                 acked,

@@ -1,20 +1,28 @@
 //! Numbers the centre must hear of as lost, and the numbers below which the log holds
-//! nothing to send, in one small file (`<store>/unreported.json`).
+//! nothing to send, in one small file (`<store>/unreported`).
 //!
-//! What it guarantees: replaced whole (written beside, renamed over), so a kill leaves the old
-//! or the new version, never a mix; `fsync`ed before an evicted segment is reused (so a power
-//! cut cannot bring back evicted records that were reported lost) and at the next commit
-//! otherwise. A file that cannot be read is reported as such at start, and the gaps in the log
-//! are then reported lost by the recovery instead.
+//! What it guarantees:
+//! - Written **in place** into a file allocated once (two slots, each with a generation and a
+//!   CRC, written alternately): saving needs no new block, so it works on a full disk, and a
+//!   torn or damaged slot leaves the other one.
+//! - `fsync`ed before an evicted segment is reused (so a power cut cannot bring back evicted
+//!   records that were reported lost) and at the next commit otherwise.
+//! - A file whose two slots are unreadable is reported as damage at start; the recovery then
+//!   reports the log's gaps lost instead of trusting a watermark it cannot read.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{self, Write};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::queue::Eviction;
 
-const FILE: &str = "unreported.json";
+pub const FILE: &str = "unreported";
+const MAGIC: [u8; 4] = *b"LEu1";
+/// magic, generation (8), length (4), CRC (4).
+const SLOT_HEADER: usize = 4 + 8 + 4 + 4;
+const SLOT: u64 = 64 * 1024;
 
 /// Evicted sequence numbers not yet reported to the centre, as sorted, merged ranges.
 ///
@@ -72,38 +80,6 @@ impl Unreported {
         self.in_flight.retain(|seq, _| *seq > acked);
         self.never_stored.retain(|(_, b)| *b > acked);
     }
-
-    pub fn path_for(store: &Path) -> PathBuf {
-        store.join(FILE)
-    }
-
-    /// Reads the file: Ok(None) if there is none, Err if it cannot be read or parsed.
-    pub(super) fn load(store: &Path) -> Result<Option<Unreported>, String> {
-        match std::fs::read(Self::path_for(store)) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| format!("{FILE}: {e}")),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{FILE}: {e}")),
-        }
-    }
-
-    /// Replaces the file; with `durable`, also fsyncs it and its directory.
-    pub(super) fn save(&self, store: &Path, durable: bool) -> io::Result<()> {
-        let path = Self::path_for(store);
-        let tmp = store.join(format!("{FILE}.new"));
-        let mut f = File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(self).map_err(io::Error::other)?)?;
-        if durable {
-            f.sync_data()?;
-        }
-        drop(f);
-        std::fs::rename(&tmp, &path)?;
-        if durable {
-            File::open(store)?.sync_all()?;
-        }
-        Ok(())
-    }
 }
 
 fn merged(ranges: &[(u64, u64)], first: u64, last: u64) -> Vec<(u64, u64)> {
@@ -118,4 +94,152 @@ fn merged(ranges: &[(u64, u64)], first: u64, last: u64) -> Vec<(u64, u64)> {
         }
     }
     out
+}
+
+/// The file and the generation of its newest slot.
+pub(super) struct Ledger {
+    path: PathBuf,
+    file: Option<File>,
+    generation: u64,
+}
+
+fn slot_of(b: &[u8]) -> Option<(u64, Unreported)> {
+    if b.len() < SLOT_HEADER || b[0..4] != MAGIC {
+        return None;
+    }
+    let generation = u64::from_be_bytes(b[4..12].try_into().ok()?);
+    let len = u32::from_be_bytes(b[12..16].try_into().ok()?) as usize;
+    let crc = u32::from_be_bytes(b[16..20].try_into().ok()?);
+    let body = b.get(SLOT_HEADER..SLOT_HEADER + len)?;
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    Some((generation, serde_json::from_slice(body).ok()?))
+}
+
+impl Ledger {
+    pub fn path_for(store: &Path) -> PathBuf {
+        store.join(FILE)
+    }
+
+    /// Opens the file: the newest sound slot (None if there is no file yet), or Err if the file
+    /// exists and neither slot can be read.
+    pub fn open(store: &Path) -> (Ledger, Result<Option<Unreported>, String>) {
+        let path = Self::path_for(store);
+        let mut ledger = Ledger {
+            path: path.clone(),
+            file: None,
+            generation: 0,
+        };
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return (ledger, Ok(None)),
+            Err(e) => return (ledger, Err(format!("{FILE}: {e}"))),
+        };
+        ledger.file = OpenOptions::new().read(true).write(true).open(&path).ok();
+        let slots = [0, SLOT as usize].map(|at| bytes.get(at..).and_then(slot_of));
+        let newest = slots.into_iter().flatten().max_by_key(|(g, _)| *g);
+        match newest {
+            Some((g, u)) => {
+                ledger.generation = g;
+                (ledger, Ok(Some(u)))
+            }
+            None => (
+                ledger,
+                Err(format!(
+                    "{FILE}: neither copy is readable (damaged); the gaps it described are reported lost"
+                )),
+            ),
+        }
+    }
+
+    /// Writes `u` into the older slot; with `durable`, fdatasyncs it. The file is allocated the
+    /// first time (which is the only time this can fail for want of space).
+    pub fn save(&mut self, u: &Unreported, durable: bool) -> io::Result<()> {
+        if self.file.is_none() {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&self.path)?;
+            if f.metadata()?.len() < 2 * SLOT {
+                use std::os::fd::AsFd;
+                nix::fcntl::fallocate(
+                    f.as_fd(),
+                    nix::fcntl::FallocateFlags::empty(),
+                    0,
+                    (2 * SLOT) as i64,
+                )
+                .or_else(|e| match e {
+                    nix::errno::Errno::EOPNOTSUPP => f.set_len(2 * SLOT).map_err(|_| e),
+                    e => Err(e),
+                })
+                .map_err(io::Error::from)?;
+            }
+            self.file = Some(f);
+        }
+        let body = serde_json::to_vec(u).map_err(io::Error::other)?;
+        if (SLOT_HEADER + body.len()) as u64 > SLOT {
+            return Err(io::Error::other(format!(
+                "{} bytes of unreported ranges: more than a slot holds",
+                body.len()
+            )));
+        }
+        let generation = self.generation + 1;
+        let mut b = Vec::with_capacity(SLOT_HEADER + body.len());
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&generation.to_be_bytes());
+        b.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        b.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        b.extend_from_slice(&body);
+        let file = self.file.as_ref().expect("opened above");
+        file.write_all_at(&b, (generation % 2) * SLOT)?;
+        if durable {
+            file.sync_data()?;
+        }
+        self.generation = generation;
+        Ok(())
+    }
+
+    pub fn disk_bytes(&self) -> u64 {
+        if self.file.is_some() {
+            2 * SLOT
+        } else {
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flipped_byte_falls_back_to_the_other_copy_and_both_damaged_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut l, got) = Ledger::open(dir.path());
+        assert_eq!(got, Ok(None));
+        let mut u = Unreported {
+            done: 150,
+            ..Unreported::default()
+        };
+        l.save(&u, true).unwrap();
+        u.done = 200;
+        l.save(&u, false).unwrap();
+        let (_, got) = Ledger::open(dir.path());
+        assert_eq!(got.unwrap().unwrap().done, 200);
+        // "done":200 -> "done":300 in the newest slot: its CRC fails, the older copy is used.
+        let path = Ledger::path_for(dir.path());
+        let mut b = std::fs::read(&path).unwrap();
+        let at = b.windows(10).position(|w| w == b"\"done\":200").unwrap();
+        b[at + 7] = b'3';
+        std::fs::write(&path, &b).unwrap();
+        let (_, got) = Ledger::open(dir.path());
+        assert_eq!(got.unwrap().unwrap().done, 150);
+        let at = b.windows(10).position(|w| w == b"\"done\":150").unwrap();
+        b[at + 7] = b'9';
+        std::fs::write(&path, &b).unwrap();
+        assert!(Ledger::open(dir.path()).1.unwrap_err().contains("damaged"));
+    }
 }
