@@ -82,7 +82,15 @@ impl Writer {
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || self.run())
+            .spawn(move || {
+                // Without its writer the agent would run on, accepting nothing and counting
+                // nothing: better to end and be restarted (what was accepted is in the page
+                // cache; the panic hook has driven the pumps off).
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run())).is_err() {
+                    tracing::error!("ALARM: the store writer failed (panic, logged above): the agent exits so that the service manager restarts it");
+                    std::process::exit(70);
+                }
+            })
     }
 
     fn run(self) {
