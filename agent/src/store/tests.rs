@@ -426,6 +426,15 @@ fn flipped_bytes_lose_only_the_records_they_touch() {
     }
 }
 
+/// Flips a bit in the payload of the `index`-th record (0-based) of the first segment, records
+/// of `append_n` (10-byte payloads).
+fn flip_in_payload(store: &Path, index: u64) {
+    let f = &segments(store)[0];
+    let mut b = std::fs::read(f).unwrap();
+    b[(index * record_size(10)) as usize + 35] ^= 0x10;
+    std::fs::write(f, b).unwrap();
+}
+
 #[test]
 fn a_record_damaged_after_opening_is_skipped_and_reported_once() {
     let dir = tmp();
@@ -433,11 +442,7 @@ fn a_record_damaged_after_opening_is_skipped_and_reported_once() {
     let (q, _) = Queue::open(o.clone()).unwrap();
     append_n(&q, 10);
     q.commit().unwrap();
-    let f = &segments(&o.path)[0];
-    let mut b = std::fs::read(f).unwrap();
-    // Record 4's payload.
-    b[3 * record_size(10) as usize + 35] ^= 0x10;
-    std::fs::write(f, b).unwrap();
+    flip_in_payload(&o.path, 3);
     let got: Vec<u64> = q.read_from(1, 100).unwrap().iter().map(|r| r.seq).collect();
     assert_eq!(got, vec![1, 2, 3, 5, 6, 7, 8, 9, 10]);
     q.read_from(1, 100).unwrap();
@@ -853,10 +858,7 @@ fn damage_reported_once_is_not_reported_again_once_delivered() {
         append_n(&q, 50);
         q.sync().unwrap();
     }
-    let f = &segments(&o.path)[0];
-    let mut b = std::fs::read(f).unwrap();
-    b[10 * record_size(10) as usize + 35] ^= 0x10;
-    std::fs::write(f, b).unwrap();
+    flip_in_payload(&o.path, 10);
     {
         let (q, opened) = Queue::open(o.clone()).unwrap();
         assert!(matches!(opened, Opened::Damaged { .. }));
