@@ -391,7 +391,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     .spawn()?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let backhaul = tokio::spawn(
+    let mut backhaul = tokio::spawn(
         Backhaul {
             cfg: cfg.mqtt.clone(),
             gateway_id: gateway_id.clone(),
@@ -423,7 +423,15 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
-    stop_signal().await;
+    tokio::select! {
+        _ = stop_signal() => {}
+        ended = &mut backhaul => {
+            // The backhaul ends only at shutdown: anything else is a panic (logged by the hook,
+            // pumps driven off). Running on without it would buffer until the disk is full.
+            tracing::error!(error = ?ended.err(), "ALARM: the backhaul failed: the agent exits so that the service manager restarts it");
+            std::process::exit(70);
+        }
+    }
     tracing::info!("shutting down");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // Radio first, so every frame it read is accepted before the store closes.
