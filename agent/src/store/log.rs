@@ -660,10 +660,11 @@ impl Log {
         if self
             .files
             .get(&file)
-            .is_some_and(|s| s.size < self.segment_bytes)
+            .is_some_and(|s| s.size != self.segment_bytes)
         {
-            // Shorter than a segment (cut short by a kill, or made for a smaller budget):
-            // `files_needed` counts a spare as a whole segment, so it goes.
+            // Not a segment of this budget (cut short by a kill, made for another budget, grown
+            // for an oversized record): `files_needed` counts a spare as one segment, and the
+            // budget counts what is allocated, so it goes.
             if let Some(seg) = self.files.remove(&file) {
                 let _ = std::fs::remove_file(&seg.path);
             }

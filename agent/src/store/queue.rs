@@ -38,6 +38,8 @@ pub enum StoreError {
     NotAStore(PathBuf, String),
     #[error("cannot create the store directory {0}: {1}")]
     CannotCreate(PathBuf, String),
+    #[error("the store directory {0} {1}")]
+    NotWritable(PathBuf, String),
     #[error("the store's filesystem is full ({free} bytes free): events refused for now")]
     DiskFull { free: u64 },
     #[error("a store written by lora-edge {0} could not be carried over: {1}")]
@@ -50,7 +52,7 @@ impl StoreError {
     pub fn is_setup(&self) -> bool {
         matches!(
             self,
-            StoreError::NotAStore(..) | StoreError::CannotCreate(..)
+            StoreError::NotAStore(..) | StoreError::CannotCreate(..) | StoreError::NotWritable(..)
         )
     }
 }

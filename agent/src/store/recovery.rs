@@ -105,7 +105,7 @@ pub(super) fn prepare_dir(path: &Path) -> Result<(), StoreError> {
 fn writable(path: &Path) -> Result<(), StoreError> {
     match nix::unistd::access(path, nix::unistd::AccessFlags::W_OK) {
         Ok(()) => Ok(()),
-        Err(e) => Err(StoreError::CannotCreate(
+        Err(e) => Err(StoreError::NotWritable(
             path.to_path_buf(),
             format!(
                 "cannot be written by this user (uid {}): {}",
@@ -266,6 +266,12 @@ impl Queue {
         let (mut ledger, loaded) = Ledger::open(&opts.path);
         let mut ledger_damaged = false;
         let mut unreported = match loaded {
+            Ok(None) if !created => {
+                // A store of this format always has it: deleted, so what it said is unknown.
+                why.push(format!("{}: missing", super::unreported::FILE));
+                ledger_damaged = true;
+                Unreported::default()
+            }
             Ok(u) => u.unwrap_or_default(),
             Err(e) => {
                 why.push(e);
@@ -298,10 +304,6 @@ impl Queue {
                 state.damaged()
             ));
         }
-        if created {
-            std::fs::write(&marker, MARKER_TEXT)?;
-        }
-
         // Notices the log no longer holds give their ranges back.
         let held: BTreeSet<u64> = unreported
             .in_flight
@@ -378,6 +380,10 @@ impl Queue {
                 true
             }
         };
+        // After the unreported file: a store with the marker always has one.
+        if created {
+            std::fs::write(&marker, MARKER_TEXT)?;
+        }
 
         let (copies, damaged_copies_bytes) = keep_copies(&opts.path, &damaged_files);
         log.discard_spares(&damaged_files);

@@ -919,3 +919,50 @@ fn a_store_opens_with_its_backlog_on_a_full_disk() {
     assert_eq!(q.backlog().records, 310);
     assert_eq!(q.unreported_evictions().ranges, vec![(301, 305)]);
 }
+
+/// A budget lowered between two runs: the segments made for the larger one go once they hold
+/// nothing, and the store comes back within the new budget.
+#[test]
+fn segments_of_a_larger_earlier_budget_go_once_delivered() {
+    let dir = tmp();
+    let mut o = opts(dir.path());
+    o.max_disk_bytes = 4096 << 20;
+    {
+        let (q, _) = Queue::open(o.clone()).unwrap();
+        let r = append_n(&q, 1000);
+        q.ack_upto(*r.end()).unwrap();
+    }
+    o.max_disk_bytes = 16 << 20;
+    let (q, _) = Queue::open(o.clone()).unwrap();
+    let r = append_n(&q, 1000);
+    q.ack_upto(*r.end()).unwrap();
+    assert!(q.disk_bytes() <= 16 << 20, "{}", q.disk_bytes());
+    assert!(segments(&o.path)
+        .iter()
+        .all(|p| std::fs::metadata(p).unwrap().len() == 1 << 20));
+}
+
+/// The unreported-numbers file deleted while stopped: what it said is unknown, so the gaps are
+/// reported as damage, not as a power cut.
+#[test]
+fn a_deleted_unreported_file_is_damage() {
+    let dir = tmp();
+    let o = opts(dir.path());
+    {
+        let (q, _) = Queue::open(o.clone()).unwrap();
+        append_n(&q, 10);
+        q.reject(5).unwrap();
+        append_n(&q, 10);
+    }
+    std::fs::remove_file(o.path.join("unreported")).unwrap();
+    let (q, opened) = Queue::open(o.clone()).unwrap();
+    assert!(matches!(opened, Opened::Damaged { .. }), "{opened:?}");
+    assert_eq!(
+        q.lost_at_open(),
+        &[Loss {
+            first_seq: 11,
+            last_seq: 15,
+            reason: "store_corrupt"
+        }]
+    );
+}
