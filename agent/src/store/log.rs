@@ -491,11 +491,11 @@ impl Log {
     /// The files holding records numbered above `acked` written since their last sync, marked
     /// synced: the caller `fdatasync`s them (outside its lock). Files whose unsynced records
     /// are all acknowledged are marked synced without one.
-    pub fn take_unsynced(&mut self, acked: u64) -> Vec<Arc<File>> {
+    pub fn take_unsynced(&mut self, acked: u64) -> Vec<(PathBuf, Arc<File>)> {
         let mut out = Vec::new();
         for seg in self.files.values_mut() {
             if seg.unsynced_top > acked {
-                out.push(seg.file.clone());
+                out.push((seg.path.clone(), seg.file.clone()));
             }
             if seg.unsynced_top != 0 {
                 seg.unsynced_top = 0;
@@ -505,7 +505,7 @@ impl Log {
     }
 
     /// Every file written since its last sync, whatever it holds (a clean stop).
-    pub fn take_all_unsynced(&mut self) -> Vec<Arc<File>> {
+    pub fn take_all_unsynced(&mut self) -> Vec<(PathBuf, Arc<File>)> {
         self.take_unsynced(0)
     }
 

@@ -159,7 +159,7 @@ pub(super) fn from_sled(
             }
             i = j;
         }
-        for f in log.take_all_unsynced() {
+        for (_, f) in log.take_all_unsynced() {
             f.sync_data()?;
         }
         Ok(())

@@ -42,8 +42,6 @@ pub enum StoreError {
     NotWritable(PathBuf, String),
     #[error("the store's filesystem is full ({free} bytes free): events refused for now")]
     DiskFull { free: u64 },
-    #[error("a store written by lora-edge {0} could not be carried over: {1}")]
-    Migration(String, String),
 }
 
 impl StoreError {
@@ -166,6 +164,9 @@ pub struct Queue {
     pub(super) numbering_damaged: bool,
     /// Held for the queue's life: a second agent on the same store is refused.
     pub(super) _lock: nix::fcntl::Flock<File>,
+    /// Where tests keep the segment files as of their last sync (`witness_synced`).
+    #[cfg(test)]
+    pub(super) witness: Mutex<Option<PathBuf>>,
 }
 
 fn io(e: std::io::Error) -> StoreError {
@@ -213,14 +214,22 @@ impl Queue {
     ) -> Result<(std::ops::RangeInclusive<u64>, Vec<Eviction>), StoreError> {
         let mut inner = self.inner();
         let evictions = self.make_room(&mut inner, records)?;
-        let first = inner.next_seq;
+        Ok((Self::write(&mut inner, records)?, evictions))
+    }
+
+    /// Numbers and writes records the room was made for: the numbers are reserved (fsynced)
+    /// before, marked issued after.
+    fn write(
+        g: &mut Inner,
+        records: &[NewRecord],
+    ) -> Result<std::ops::RangeInclusive<u64>, StoreError> {
+        let first = g.next_seq;
         let top = first + records.len() as u64 - 1;
-        let g = &mut *inner;
         g.numbering.reserve(top).map_err(io)?;
         g.log.append(first, records).map_err(io)?;
         g.next_seq = top + 1;
         g.numbering.issued(top).map_err(io)?;
-        Ok((first..=top, evictions))
+        Ok(first..=top)
     }
 
     /// Makes the spare segments the records need ready: allocated, or freed by evicting the
@@ -449,14 +458,8 @@ impl Queue {
                 break notice;
             }
         };
-        let seq = inner.next_seq;
         let g = &mut *inner;
-        g.numbering.reserve(seq).map_err(io)?;
-        g.log
-            .append(seq, std::slice::from_ref(&notice))
-            .map_err(io)?;
-        g.next_seq = seq + 1;
-        g.numbering.issued(seq).map_err(io)?;
+        let seq = *Self::write(g, std::slice::from_ref(&notice))?.start();
         let ranges = std::mem::take(&mut g.unreported.ranges);
         g.unreported.records = 0;
         g.unreported.bytes = 0;
@@ -496,35 +499,45 @@ impl Queue {
     /// records the broker has not acknowledged, the state if it changed, and the unreported
     /// numbers. Returns how many files were synced.
     pub fn commit(&self) -> Result<usize, StoreError> {
+        self.sync_files(false)
+    }
+
+    /// Syncs what the commit would (`all`: every file written since its last sync, whatever
+    /// it holds), outside the queue's lock.
+    fn sync_files(&self, all: bool) -> Result<usize, StoreError> {
         let (files, state) = {
             let mut inner = self.inner();
-            let acked = inner.acked;
-            let files = inner.log.take_unsynced(acked);
+            let bound = if all { 0 } else { inner.acked };
+            let files = inner.log.take_unsynced(bound);
             let state = inner.state.take_unsynced();
-            if inner.unreported_unsynced || inner.unreported_unsaved {
+            if all || inner.unreported_unsynced || inner.unreported_unsaved {
                 self.save_unreported(&mut inner, true);
             }
             (files, state)
         };
-        let n = files.len() + state.is_some() as usize;
-        for f in files.iter().map(|f| &**f).chain(state.as_ref()) {
+        for (_path, f) in &files {
             f.sync_data().map_err(io)?;
+            #[cfg(test)]
+            self.witness_synced(_path);
         }
-        Ok(n)
+        if let Some(s) = &state {
+            s.sync_data().map_err(io)?;
+        }
+        Ok(files.len() + state.is_some() as usize)
+    }
+
+    /// Tests see what a power cut would keep: a copy of each segment file as of its last sync.
+    #[cfg(test)]
+    fn witness_synced(&self, path: &std::path::Path) {
+        if let Some(dir) = self.witness.lock().unwrap().as_ref() {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::copy(path, dir.join(path.file_name().unwrap())).unwrap();
+        }
     }
 
     /// Forces everything to stable storage (used at shutdown).
     pub fn sync(&self) -> Result<(), StoreError> {
-        let (files, state) = {
-            let mut inner = self.inner();
-            let files = inner.log.take_all_unsynced();
-            let state = inner.state.take_unsynced();
-            self.save_unreported(&mut inner, true);
-            (files, state)
-        };
-        for f in files.iter().map(|f| &**f).chain(state.as_ref()) {
-            f.sync_data().map_err(io)?;
-        }
+        self.sync_files(true)?;
         // Every number handed out is in the store now: the next start continues right after
         // the last one instead of after the reservation.
         let mut inner = self.inner();

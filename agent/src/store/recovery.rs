@@ -415,6 +415,8 @@ impl Queue {
             lost_at_open,
             numbering_damaged,
             _lock: lock,
+            #[cfg(test)]
+            witness: Mutex::new(None),
         };
         Ok((q, opened))
     }
