@@ -47,6 +47,7 @@ fn remove(paths: &[PathBuf]) {
 
 struct V2 {
     acked: u64,
+    evicted: u64,
     unreported: Option<Unreported>,
     records: Vec<(u64, NewRecord)>,
     state: Vec<(String, Vec<u8>)>,
@@ -66,6 +67,7 @@ fn read_v2(store: &Path) -> Result<V2, String> {
         return Err("its metadata is unreadable".into());
     }
     let acked = u64::from_be_bytes(meta[8..16].try_into().expect("8 bytes"));
+    let evicted = u64::from_be_bytes(meta[32..40].try_into().expect("8 bytes"));
     let unreported = tree
         .get(UNREPORTED_KEY)
         .map_err(|e| e.to_string())?
@@ -99,6 +101,7 @@ fn read_v2(store: &Path) -> Result<V2, String> {
     }
     Ok(V2 {
         acked,
+        evicted,
         unreported,
         records,
         state,
@@ -174,6 +177,7 @@ pub(super) fn from_sled(
     }
     let mut unreported = v2.unreported.unwrap_or_default();
     unreported.done = unreported.done.max(v2.acked);
+    unreported.evicted_total = v2.evicted;
     Ledger::open(store).0.save(&unreported, true)?;
     std::fs::write(
         store.join("lora-edge-queue"),

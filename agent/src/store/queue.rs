@@ -149,7 +149,6 @@ pub(super) struct Inner {
     pub(super) state: State,
     pub(super) next_seq: u64,
     pub(super) acked: u64,
-    pub(super) evicted: u64,
     pub(super) space: Space,
     /// Bytes of kept copies of damaged files (counted in the budget).
     pub(super) damaged_copies_bytes: u64,
@@ -201,7 +200,7 @@ impl Queue {
     }
 
     pub fn evicted_total(&self) -> u64 {
-        self.inner().evicted
+        self.inner().unreported.evicted_total
     }
 
     /// Appends (accepted: in the page cache) and returns the sequence numbers given, after
@@ -315,7 +314,7 @@ impl Queue {
             bytes: cut.bytes,
             reason,
         };
-        inner.evicted += cut.records;
+        inner.unreported.evicted_total += cut.records;
         // Evicted records count as done: a later ack below them changes nothing.
         inner.acked = inner.acked.max(last);
         inner.unreported.add(&e);

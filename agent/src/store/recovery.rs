@@ -407,7 +407,6 @@ impl Queue {
                 state,
                 next_seq,
                 acked,
-                evicted: 0,
                 space: Space::default(),
                 damaged_copies_bytes,
                 damaged_read: BTreeSet::new(),

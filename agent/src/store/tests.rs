@@ -300,6 +300,11 @@ fn unreported_evictions_survive_a_reopen_and_are_reported_exactly_once() {
         q.evict_expired(1_003 + 3_600_000).unwrap();
     }
     let (q, _) = Queue::open(opts(d)).unwrap();
+    assert_eq!(
+        q.evicted_total(),
+        3,
+        "store_evicted_total is kept across restarts"
+    );
     let u = q.unreported_evictions();
     assert_eq!((u.ranges, u.records), (vec![(1, 3)], 3));
     assert_eq!(u.reasons, vec!["max_age".to_string()]);
@@ -655,7 +660,7 @@ fn a_store_of_the_earlier_sled_format_is_carried_over() {
             t.insert(seq.to_be_bytes(), v).unwrap();
         }
         let mut meta = Vec::new();
-        for v in [10u64, 4, 4, 0, 0] {
+        for v in [10u64, 4, 4, 0, 7] {
             meta.extend_from_slice(&v.to_be_bytes());
         }
         t.insert(b"\xffmeta", meta).unwrap();
@@ -687,6 +692,7 @@ fn a_store_of_the_earlier_sled_format_is_carried_over() {
     assert_eq!(got[0].at_ms, 1_005);
     assert_eq!(q.state_get("pump/p1").unwrap().unwrap(), b"latched");
     assert_eq!(q.unreported_evictions().ranges, vec![(8, 8)]);
+    assert_eq!(q.evicted_total(), 7);
     assert_eq!(append_n(&q, 1), 10..=10);
     assert!(!o.path.join("db").exists(), "sled's files are gone");
     drop(q);

@@ -44,6 +44,9 @@ pub struct Unreported {
     /// damage.
     #[serde(default)]
     pub(super) never_stored: Vec<(u64, u64)>,
+    /// Records evicted over the store's life (`store_evicted_total`), kept across restarts.
+    #[serde(default)]
+    pub(super) evicted_total: u64,
 }
 
 impl Unreported {
