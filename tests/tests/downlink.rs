@@ -631,7 +631,7 @@ fn a_failed_hand_off_is_reported_in_the_ack_not_hidden_behind_an_early_ok() {
 /// backhaul stopping at the signal: the ack is written 3 ms before the exit, never published.
 #[test]
 fn a_downlink_pending_at_shutdown_is_answered_before_offline() {
-    let (mut r, ctx) = rig(0, "");
+    let (mut r, ctx) = rig(0, "[stats]\ninterval = \"1s\"");
     publish(
         r.broker.port,
         DOWN,
@@ -640,8 +640,20 @@ fn a_downlink_pending_at_shutdown_is_answered_before_offline() {
             vec![lora(868_100_000, 14, 7, delay(5000), ctx, b"\x60later")],
         ),
     );
-    // Scheduled well before its time (5 s after the uplink).
-    std::thread::sleep(Duration::from_millis(1500));
+    // Taken by the downlink stage (its time is 5 s after the uplink, far ahead).
+    let taken = |m: &[Msg]| {
+        m.iter().any(|s| {
+            gw::GatewayStats::decode(s.payload.as_slice())
+                .unwrap()
+                .metadata
+                .get("tx_received_total")
+                .is_some_and(|v| v == "1")
+        })
+    };
+    let stats = r
+        .collector
+        .wait_for("/event/stats", Duration::from_secs(10), taken);
+    assert!(taken(&stats), "{}", r.agent.log());
     assert!(r.agent.sigterm().success());
     let offline = |m: &Msg| {
         m.topic.ends_with("/state/conn")

@@ -209,7 +209,7 @@ fn sigkill_at_random_moments_with_the_backhaul_up_or_down_loses_nothing_accepted
             assert!(prev <= t, "seq {seq}: a device's frames out of order");
         }
     }
-    assert!(top > 5_000, "{top} numbers: the rounds carried traffic");
+    assert!(top > 1_000, "{top} numbers: the rounds carried traffic");
 }
 
 #[test]
