@@ -15,6 +15,7 @@ fn main() {
     let Some(dir) = std::env::var_os("LORAGW_DIR") else {
         println!("cargo:rustc-env=LORAGW_LINKED=simulator");
         println!("cargo:rustc-env=LORAGW_SOURCE=simulated concentrator");
+        println!("cargo:rustc-env=LORAGW_VARIANT=simulator");
         // The simulator exports the fork's I2C calls (it imitates either library).
         println!("cargo:rustc-cfg=loragw_i2c_setters");
         return;
@@ -45,6 +46,9 @@ fn main() {
     let lib = std::fs::read(&archive).unwrap_or_default();
     if lib.windows(16).any(|w| w == b"lgw_i2c_set_path") {
         println!("cargo:rustc-cfg=loragw_i2c_setters");
+        println!("cargo:rustc-env=LORAGW_VARIANT=v2.1.0r9");
+    } else {
+        println!("cargo:rustc-env=LORAGW_VARIANT=v2.1.0");
     }
     println!(
         "cargo:rustc-link-search=native={}",

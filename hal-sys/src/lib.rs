@@ -38,6 +38,11 @@ pub unsafe fn i2c_set_temperature_sensor(
     return None;
 }
 
+/// Which sx1302_hal the symbols come from: `"v2.1.0"` (Semtech's upstream, found without
+/// ChirpStack's I2C calls), `"v2.1.0r9"` (ChirpStack's fork, which has them) or `"simulator"`
+/// (which imitates either, as its file says).
+pub const VARIANT: &str = env!("LORAGW_VARIANT");
+
 /// Where the linked library came from: the `LORAGW_DIR` it was built from, or
 /// `"simulated concentrator"`.
 pub const SOURCE: &str = env!("LORAGW_SOURCE");

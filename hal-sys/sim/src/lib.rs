@@ -93,7 +93,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Faults {
     /// The first N calls to `lgw_start` fail.
@@ -109,6 +109,40 @@ pub struct Faults {
     /// The first N calls to `lgw_send` fail.
     #[serde(default)]
     pub send_failures: u32,
+    /// What the SPI bus does at `lgw_start` (each prints the library's own lines).
+    #[serde(default)]
+    pub spi: Spi,
+    /// The SX1302 answers, but the SX1250's image calibration reports an error.
+    #[serde(default)]
+    pub radio_calibration_error: bool,
+    /// Whether the I2C device the library opens for the temperature sensor exists.
+    #[serde(default = "yes")]
+    pub i2c_device: bool,
+    /// `lgw_start` takes this long before it succeeds or fails (real starts take seconds).
+    #[serde(default)]
+    pub start_delay_ms: u64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// The SPI link to the concentrator as `lgw_start` finds it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Spi {
+    #[default]
+    Ok,
+    /// The device file (e.g. `/dev/spidev0.0`) cannot be opened: SPI not enabled.
+    NoDevice,
+    /// Every read returns 0x00: nothing answers on the bus.
+    #[serde(rename = "answers_0x00")]
+    Answers00,
+    /// Every read returns 0xFF: nothing answers on the bus (pulled-up MISO).
+    #[serde(rename = "answers_0xff")]
+    AnswersFf,
 }
 
 fn default_eui() -> String {
@@ -187,7 +221,16 @@ fn log(msg: &str) {
 /// What the real library prints (its `printf`s, on stdout) for the same event.
 fn print(msg: &str) {
     println!("{msg}");
+    #[cfg(test)]
+    PRINTED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(msg.to_string());
 }
+
+/// Lines printed, for the tests that pin them.
+#[cfg(test)]
+static PRINTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 impl Running {
     fn counter(&self) -> u32 {
@@ -342,15 +385,9 @@ pub extern "C" fn lgw_start() -> c_int {
                 return ERR;
             }
         };
-        if !cfg.temperature_sensor && cfg.library == Library::Upstream {
-            // V2.1.0 probes the STTS751 at its two addresses and gives up.
-            print("ERROR: failed to configure the temperature sensor");
-            return ERR;
+        if cfg.faults.start_delay_ms > 0 {
+            std::thread::sleep(Duration::from_millis(cfg.faults.start_delay_ms));
         }
-        // Upstream probes for the sensor itself; the fork opens it only where it was told to.
-        let sensor_open = cfg.temperature_sensor
-            && (cfg.library == Library::Upstream
-                || (s.setup.i2c_path.is_some() && s.setup.i2c_temp_sensor_addr.is_some()));
         if s.start_calls <= cfg.faults.start_failures {
             log(&format!(
                 "lgw_start: injected failure {}/{}",
@@ -358,6 +395,13 @@ pub extern "C" fn lgw_start() -> c_int {
             ));
             return ERR;
         }
+        if let Err(()) = library_start_sequence(&cfg) {
+            return ERR;
+        }
+        // Upstream probes for the sensor itself; the fork opens it only where it was told to.
+        let sensor_open = cfg.temperature_sensor
+            && (cfg.library == Library::Upstream
+                || (s.setup.i2c_path.is_some() && s.setup.i2c_temp_sensor_addr.is_some()));
         let frames = match &cfg.scenario {
             Some(p) => match std::fs::read_to_string(p)
                 .map_err(|e| e.to_string())
@@ -398,6 +442,73 @@ pub extern "C" fn lgw_start() -> c_int {
         });
         OK
     })
+}
+
+/// What V2.1.0's `lgw_start` prints (release build, no DEBUG_*) on the way, and where it gives
+/// up: `lgw_connect` (loragw_reg.c, loragw_com.c), the radio calibration and setup
+/// (loragw_sx1302.c, loragw_sx1250.c), the timestamp mode (loragw_sx1302_timestamp.c) and the
+/// temperature sensor probe (loragw_hal.c, addresses from loragw_stts751.h).
+fn library_start_sequence(cfg: &SimConfig) -> Result<(), ()> {
+    let faults = &cfg.faults;
+    // loragw_com.c lgw_com_open: printed before the device is opened; a failed open() is only
+    // reported with DEBUG_SPI.
+    print("Opening SPI communication interface");
+    let version: u8 = match faults.spi {
+        Spi::NoDevice => return Err(()),
+        Spi::Answers00 => 0x00,
+        Spi::AnswersFf => 0xFF,
+        Spi::Ok => 0x10,
+    };
+    // loragw_reg.c lgw_connect: the version register, whatever it reads.
+    print(&format!(
+        "Note: chip version is 0x{version:02X} (v{}.{})",
+        version >> 4,
+        version & 0x0F
+    ));
+    match faults.spi {
+        // sx1250_calibrate: GET_DEVICE_ERRORS reads 0x00, no error bit; then sx1250_setup's
+        // GET_STATUS reads 0x00, not STANDBY_RC (lgw_start: "failed to setup radio 0").
+        Spi::Answers00 => {
+            print("ERROR: Failed to set SX1250_0 in STANDBY_RC mode");
+            print("ERROR: failed to setup radio 0");
+            return Err(());
+        }
+        // sx1250_calibrate: GET_DEVICE_ERRORS reads 0xFF, the image calibration error bit set;
+        // sx1302_radio_calibrate and lgw_start each say so.
+        Spi::AnswersFf => {
+            print("ERROR: sx1250 Image Calibration Error");
+            print("ERROR: radio calibration failed");
+            print("ERROR: radio calibration failed");
+            return Err(());
+        }
+        _ if faults.radio_calibration_error => {
+            print("ERROR: sx1250 Image Calibration Error");
+            print("ERROR: radio calibration failed");
+            print("ERROR: radio calibration failed");
+            return Err(());
+        }
+        _ => {}
+    }
+    // sx1302_init -> timestamp_counter_mode(false).
+    print("INFO: using legacy timestamp");
+    if cfg.library == Library::Upstream {
+        // lgw_start: the STTS751 is probed at 0x39, 0x3B and 0x38 on I2C_DEVICE (/dev/i2c-1).
+        if !faults.i2c_device {
+            print("ERROR: failed to open I2C for temperature sensor on port 0x39");
+            return Err(());
+        }
+        if !cfg.temperature_sensor {
+            for port in [0x39, 0x3B, 0x38] {
+                print(&format!(
+                    "INFO: no temperature sensor found on port 0x{port:02X}"
+                ));
+            }
+            print("ERROR: no temperature sensor found.");
+            return Err(());
+        }
+        print("INFO: found temperature sensor on port 0x39");
+    }
+    Ok(())
 }
 
 #[no_mangle]
@@ -490,9 +601,7 @@ impl Sim {
             self.delivered += 1;
             n += 1;
         }
-        if n > 0 {
-            print(&format!("INFO: nb pkt found:{n} left:0"));
-        }
+        // V2.1.0 prints "INFO: nb pkt found" only when built with DEBUG_HAL.
         n as c_int
     }
 }
@@ -817,6 +926,130 @@ mod library_behaviour {
             ERR,
             "and has no temperature"
         );
+        lgw_stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What `lgw_start` prints with this simulator file.
+    fn start_prints(dir: &Path, sim: &str) -> (c_int, Vec<String>) {
+        configure(dir, sim);
+        PRINTED.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let code = lgw_start();
+        lgw_stop();
+        let printed = std::mem::take(&mut *PRINTED.lock().unwrap_or_else(|p| p.into_inner()));
+        (code, printed)
+    }
+
+    #[test]
+    fn v2_1_0_lgw_start_prints_what_the_library_prints_for_each_failure() {
+        let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = std::env::temp_dir().join(format!("sx1302-sim-start-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let open = "Opening SPI communication interface"; // loragw_com.c lgw_com_open
+        let v10 = "Note: chip version is 0x10 (v1.0)"; // loragw_reg.c lgw_connect
+        let legacy = "INFO: using legacy timestamp"; // loragw_sx1302_timestamp.c
+        let cases: [(&str, c_int, &[&str]); 7] = [
+            // loragw_hal.c lgw_start: the STTS751 found at its first address.
+            (
+                "",
+                OK,
+                &[
+                    open,
+                    v10,
+                    legacy,
+                    "INFO: found temperature sensor on port 0x39",
+                ],
+            ),
+            // loragw_spi.c lgw_spi_open: a failed open() says nothing without DEBUG_SPI.
+            ("[faults]\nspi = \"no_device\"", ERR, &[open]),
+            // loragw_sx1250.c sx1250_setup: GET_STATUS reads 0x00, not STANDBY_RC; then
+            // loragw_hal.c lgw_start "failed to setup radio 0".
+            (
+                "[faults]\nspi = \"answers_0x00\"",
+                ERR,
+                &[
+                    open,
+                    "Note: chip version is 0x00 (v0.0)",
+                    "ERROR: Failed to set SX1250_0 in STANDBY_RC mode",
+                    "ERROR: failed to setup radio 0",
+                ],
+            ),
+            // loragw_sx1250.c sx1250_calibrate: the error bit of GET_DEVICE_ERRORS set (0xFF);
+            // loragw_sx1302.c sx1302_radio_calibrate and lgw_start each say so.
+            (
+                "[faults]\nspi = \"answers_0xff\"",
+                ERR,
+                &[
+                    open,
+                    "Note: chip version is 0xFF (v15.15)",
+                    "ERROR: sx1250 Image Calibration Error",
+                    "ERROR: radio calibration failed",
+                    "ERROR: radio calibration failed",
+                ],
+            ),
+            (
+                "[faults]\nradio_calibration_error = true",
+                ERR,
+                &[
+                    open,
+                    v10,
+                    "ERROR: sx1250 Image Calibration Error",
+                    "ERROR: radio calibration failed",
+                    "ERROR: radio calibration failed",
+                ],
+            ),
+            // loragw_hal.c lgw_start: I2C_PORT_TEMP_SENSOR = {0x39, 0x3B, 0x38}
+            // (loragw_stts751.h), each probed, then "no temperature sensor found.".
+            (
+                "temperature_sensor = false",
+                ERR,
+                &[
+                    open,
+                    v10,
+                    legacy,
+                    "INFO: no temperature sensor found on port 0x39",
+                    "INFO: no temperature sensor found on port 0x3B",
+                    "INFO: no temperature sensor found on port 0x38",
+                    "ERROR: no temperature sensor found.",
+                ],
+            ),
+            // loragw_hal.c lgw_start: i2c_linuxdev_open fails at the first address.
+            (
+                "[faults]\ni2c_device = false",
+                ERR,
+                &[
+                    open,
+                    v10,
+                    legacy,
+                    "ERROR: failed to open I2C for temperature sensor on port 0x39",
+                ],
+            ),
+        ];
+        for (sim, code, lines) in cases {
+            assert_eq!(
+                start_prints(&dir, sim),
+                (code, lines.iter().map(|l| l.to_string()).collect()),
+                "{sim}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn v2_1_0_lgw_receive_prints_nothing_without_debug_hal() {
+        let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = std::env::temp_dir().join(format!("sx1302-sim-rx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        configure(&dir, "synthetic_rate_hz = 1000.0\n");
+        assert_eq!(lgw_start(), OK);
+        std::thread::sleep(Duration::from_millis(20));
+        PRINTED.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut rx = vec![sys::lgw_pkt_rx_s::default(); 16];
+        // SAFETY: 16 writable packets.
+        let n = unsafe { lgw_receive(16, rx.as_mut_ptr()) };
+        assert!(n > 0);
+        // loragw_hal.c lgw_receive: "INFO: nb pkt found" is a DEBUG_PRINTF.
+        assert!(PRINTED.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
         lgw_stop();
         let _ = std::fs::remove_dir_all(&dir);
     }
