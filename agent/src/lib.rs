@@ -16,6 +16,7 @@ pub mod config;
 pub mod downlink;
 pub mod events;
 pub mod files;
+pub mod identity;
 pub mod ops;
 pub mod radio;
 pub mod realtime;

@@ -101,10 +101,13 @@ fn main() -> ExitCode {
                     );
                 }
                 println!(
-                    "ok: gateway {}, board {}, backend {:?}, plan {}, mqtt {}, store {}",
-                    cfg.gateway.id.as_deref().unwrap_or("(concentrator EUI)"),
+                    "ok: gateway {}, board {}, backend {:?}, HAL {}, plan {}, mqtt {}, store {}",
+                    cfg.gateway.id.as_deref().unwrap_or(
+                        "(not set: kept from an earlier start, else the concentrator's EUI, else derived from this machine)"
+                    ),
                     cfg.radio.board,
                     cfg.radio.backend,
+                    lora_edge::radio::diagnosis::Variant::of_build().describe(),
                     cfg.region.plan,
                     cfg.mqtt.server,
                     cfg.store.path.display()
@@ -215,10 +218,71 @@ fn start_rules(
     Ok((Some((tx, watch)), Some(handle)))
 }
 
+/// The gateway ID (identity.rs), or None if the agent was stopped while waiting for it.
+async fn choose_identity(
+    cfg: &Config,
+    queue: &Queue,
+    eui_rx: &mut watch::Receiver<Option<u64>>,
+) -> Option<String> {
+    use lora_edge::identity::{self, Source};
+    if let Some(id) = &cfg.gateway.id {
+        tracing::info!(source = Source::Configured.describe(), "gateway identity");
+        return Some(id.to_lowercase());
+    }
+    let remembered = queue
+        .state_get(identity::STATE_KEY)
+        .ok()
+        .flatten()
+        .and_then(|b| identity::parse_remembered(&b));
+    let (id, source) = match remembered {
+        Some(id) => (id, Source::Remembered),
+        None => {
+            tracing::info!(wait = ?cfg.gateway.eui_wait, "gateway.id not set: waiting for the concentrator's EUI");
+            let eui = tokio::select! {
+                eui = tokio::time::timeout(cfg.gateway.eui_wait, eui_rx.wait_for(Option::is_some)) => {
+                    eui.ok().and_then(|r| r.ok().and_then(|e| *e))
+                }
+                _ = stop_signal() => return None,
+            };
+            match eui {
+                Some(eui) => (format!("{eui:016x}"), Source::ConcentratorEui),
+                None => match identity::derived() {
+                    Some(derived) => {
+                        tracing::warn!(
+                            "the concentrator gave no EUI within gateway.eui_wait: the gateway \
+                             comes up under an identity derived from this machine, kept from now \
+                             on (set gateway.id to choose one)"
+                        );
+                        derived
+                    }
+                    None => {
+                        // Nothing stable to derive it from: only the radio can name the gateway.
+                        tracing::error!("ALARM: no gateway identity: gateway.id is not set, the concentrator gives no EUI, and this machine has no global MAC address or machine-id; waiting for the concentrator");
+                        let eui = tokio::select! {
+                            eui = eui_rx.wait_for(Option::is_some) => eui.ok().and_then(|e| *e)?,
+                            _ = stop_signal() => return None,
+                        };
+                        (format!("{eui:016x}"), Source::ConcentratorEui)
+                    }
+                },
+            }
+        }
+    };
+    if source != Source::Remembered {
+        if let Err(e) = queue.state_put(identity::STATE_KEY, id.as_bytes()) {
+            tracing::warn!(error = %e, "the gateway identity could not be kept in the store");
+        }
+    }
+    tracing::info!(gateway_id = %id, source = source.describe(), "gateway identity");
+    Some(id)
+}
+
 /// The radio backend this binary links.
 fn linked() -> config::Linked {
-    match Concentrator::linked() {
-        "simulator" => config::Linked::Simulator,
+    use lora_edge::radio::diagnosis::Variant;
+    match (Concentrator::linked(), Variant::of_build()) {
+        ("simulator", _) => config::Linked::Simulator,
+        (_, Variant::Upstream) => config::Linked::LibloragwUpstream,
         _ => config::Linked::Libloragw,
     }
 }
@@ -310,19 +374,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     .spawn()?;
 
-    let gateway_id = match &cfg.gateway.id {
-        Some(id) => id.to_lowercase(),
-        None => {
-            tracing::info!("gateway.id not set: waiting for the concentrator's EUI");
-            tokio::select! {
-                eui = eui_rx.wait_for(Option::is_some) => format!("{:016x}", eui?.expect("is some")),
-                _ = stop_signal() => {
-                    stop_radio.store(true, Ordering::Relaxed);
-                    let _ = tokio::task::spawn_blocking(move || radio.join()).await;
-                    return Ok(());
-                }
-            }
-        }
+    let Some(gateway_id) = choose_identity(&cfg, &queue, &mut eui_rx).await else {
+        stop_radio.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || radio.join()).await;
+        return Ok(());
     };
     tracing::info!(gateway_id = %gateway_id, store = %cfg.store.path.display(), "lora-edge starting");
 

@@ -260,6 +260,11 @@ impl Collector {
         self.msgs.lock().unwrap().clone()
     }
 
+    /// Forgets what was received so far.
+    pub fn clear(&self) {
+        self.msgs.lock().unwrap().clear();
+    }
+
     pub fn on(&self, suffix: &str) -> Vec<Msg> {
         self.all()
             .into_iter()
@@ -669,11 +674,12 @@ impl Agent {
             .arg("-c")
             .arg(&self.config)
             .args(&self.extra)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("LORA_EDGE_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // A test's own RUST_LOG wins.
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

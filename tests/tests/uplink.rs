@@ -433,15 +433,45 @@ fn the_shipped_configs_pass_check() {
         "demo.toml: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The gateway config is for a gateway build; on this (simulator) build its only problem
-    // is that.
-    let out = check("config/lora-edge.toml");
+    // The gateway config serves both packages: without `radio.backend`, a binary runs the
+    // backend it links. On this (simulator) build it wants the simulator file beside it, as
+    // the lora-edge-sim package ships it.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("lora-edge.toml");
+    std::fs::copy(root.join("config/lora-edge.toml"), &cfg).unwrap();
+    let run_check = || {
+        std::process::Command::new(agent_binary())
+            .arg("check")
+            .arg("-c")
+            .arg(&cfg)
+            .arg("--set")
+            .arg(format!(
+                "store.path={:?}",
+                dir.path().join("store").display().to_string()
+            ))
+            .output()
+            .unwrap()
+    };
+    let out = run_check();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success()
-            && err.contains("radio.backend: \"sx1302\" needs a gateway build")
+            && err.contains("radio.simulator:")
+            && err.contains("simulator.toml does not exist")
             && err.contains("1 error(s)"),
-        "lora-edge.toml: {err}"
+        "lora-edge.toml without its simulator file: {err}"
+    );
+    std::fs::write(
+        dir.path().join("simulator.toml"),
+        "synthetic_rate_hz = 1.0\n",
+    )
+    .unwrap();
+    let out = run_check();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("backend Simulator"),
+        "lora-edge.toml with its simulator file: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

@@ -101,7 +101,20 @@ fn conn_state(gateway_id: &str, online: bool, encoding: Encoding) -> Vec<u8> {
         } as i32,
         ..Default::default()
     };
-    crate::events::wire(&state, encoding)
+    match encoding {
+        // proto3's JSON mapping leaves out a field at its default value, and OFFLINE is 0: a
+        // person (or a script) watching the broker looks for the word.
+        Encoding::Json => {
+            let mut v = serde_json::to_value(&state).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.entry("state").or_insert_with(|| {
+                    serde_json::Value::from(gw::conn_state::State::Offline.as_str_name())
+                });
+            }
+            serde_json::to_vec(&v).unwrap_or_default()
+        }
+        Encoding::Protobuf => crate::events::wire(&state, encoding),
+    }
 }
 
 /// A connection error in words an operator can act on.
@@ -126,13 +139,17 @@ impl Backhaul {
         let mut backoff = self.cfg.reconnect_min;
         // Outlives sessions: a reconnect does not refill it.
         let mut intake = Intake::new(self.cfg.command_rate_per_s);
-        let mut outage_since: Option<Instant> = Some(Instant::now());
+        // The wait for the first session is not an outage (a clean start would count one).
+        let mut outage_since: Option<Instant> = None;
+        let mut first_session = true;
         tracing::info!(server = %self.cfg.server, "backhaul: connecting");
         // Sessions in a row that the broker accepted and closed within a second.
         let mut short_sessions = 0u32;
         loop {
             let connected_at = Instant::now();
-            let end = self.session(&topics, &mut outage_since, &mut intake).await;
+            let end = self
+                .session(&topics, &mut outage_since, &mut first_session, &mut intake)
+                .await;
             self.counters.backhaul_up.store(false, Relaxed);
             match end {
                 SessionEnd::Shutdown => return,
@@ -141,7 +158,7 @@ impl Backhaul {
                     return;
                 }
                 SessionEnd::Lost(why) => {
-                    let was_up = outage_since.is_none();
+                    let was_up = outage_since.is_none() && !first_session;
                     if was_up {
                         outage_since = Some(Instant::now());
                     }
@@ -236,6 +253,7 @@ impl Backhaul {
         &mut self,
         topics: &Topics,
         outage_since: &mut Option<Instant>,
+        first_session: &mut bool,
         intake: &mut Intake,
     ) -> SessionEnd {
         let mut window = self.cfg.inflight as usize;
@@ -283,6 +301,9 @@ impl Backhaul {
                         self.counters.backhaul_up.store(true, Relaxed);
                         let backlog = self.queue.backlog().records;
                         match outage_since.take() {
+                            _ if std::mem::take(first_session) => {
+                                tracing::info!(connect_ms = started.elapsed().as_millis() as u64, backlog, "backhaul up");
+                            }
                             Some(since) => {
                                 let ms = since.elapsed().as_millis() as u64;
                                 Counters::add(&self.counters.outages, 1);
@@ -564,6 +585,22 @@ impl Backhaul {
                 Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
                 Ok(_) => {}
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod conn_state_tests {
+    use super::*;
+
+    #[test]
+    fn json_says_offline_and_online_in_words() {
+        for (online, word) in [(false, "OFFLINE"), (true, "ONLINE")] {
+            let v: serde_json::Value =
+                serde_json::from_slice(&conn_state("0016c001ff10a235", online, Encoding::Json))
+                    .unwrap();
+            assert_eq!(v["state"], word, "{v}");
+            assert_eq!(v["gatewayId"], "0016c001ff10a235", "{v}");
         }
     }
 }

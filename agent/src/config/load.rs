@@ -5,7 +5,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::Config;
+use super::{Backend, Config};
 
 /// One problem, located.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,8 +54,14 @@ struct Override {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Linked {
     Simulator,
+    /// ChirpStack's V2.1.0r9 (or a library that needs no temperature sensor).
     Libloragw,
+    /// Semtech's upstream V2.1.0: boards without the STTS751 never start.
+    LibloragwUpstream,
 }
+
+/// The simulator file when `radio.backend` is left out on a simulator build.
+pub const DEFAULT_SIMULATOR_FILE: &str = "simulator.toml";
 
 /// A configuration file larger than this is refused before it is read: a real one is a few KiB,
 /// and parsing a huge one costs seconds and gigabytes.
@@ -219,6 +225,23 @@ fn load_with(
             .and_then(|s| s.path.parent().map(Path::to_path_buf))
             .unwrap_or_else(|| PathBuf::from("."))
     };
+    config.radio.backend = match (config.radio.backend_setting, linked) {
+        (Some(b), _) => b,
+        (None, Some(Linked::Simulator)) => Backend::Simulator,
+        (None, _) => Backend::Sx1302,
+    };
+    // The simulator package ships its simulator file beside the configuration.
+    if config.radio.backend_setting.is_none()
+        && config.radio.backend == Backend::Simulator
+        && config.radio.simulator.is_none()
+    {
+        let dir = files
+            .last()
+            .and_then(|f| f.parent())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        config.radio.simulator = Some(dir.join(DEFAULT_SIMULATOR_FILE));
+    }
     if let Some(sim) = &config.radio.simulator {
         if sim.is_relative() {
             config.radio.simulator = Some(base_of("radio.simulator").join(sim));
@@ -981,6 +1004,58 @@ mod tests {
         let e = errors(std::slice::from_ref(&f), &[]);
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].contains("may not exceed 1048576 bytes"), "{e:?}");
+    }
+
+    #[test]
+    fn without_a_backend_the_binary_runs_the_one_it_links() {
+        let dir = tmp();
+        let cfg = write(
+            dir.path(),
+            "gw.toml",
+            "[radio]\nboard = \"semtech_corecell\"\n",
+        );
+        let on_gw = load(std::slice::from_ref(&cfg), &[], Some(Linked::Libloragw)).unwrap();
+        assert_eq!(on_gw.radio.backend, Backend::Sx1302);
+        // On a simulator build: the simulator file beside the configuration.
+        let e = match load(std::slice::from_ref(&cfg), &[], Some(Linked::Simulator)) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        };
+        assert!(
+            e.len() == 1 && e[0].contains("simulator.toml does not exist"),
+            "{e:?}"
+        );
+        write(dir.path(), "simulator.toml", "");
+        let on_sim = load(std::slice::from_ref(&cfg), &[], Some(Linked::Simulator)).unwrap();
+        assert_eq!(on_sim.radio.backend, Backend::Simulator);
+        assert_eq!(
+            on_sim.radio.simulator.as_deref(),
+            Some(dir.path().join("simulator.toml").as_path())
+        );
+    }
+
+    #[test]
+    fn upstream_libloragw_refuses_a_board_it_can_never_start() {
+        let dir = tmp();
+        let rak = write(dir.path(), "rak.toml", "[radio]\nboard = \"rak5146\"\n");
+        let errors = |l| match load(std::slice::from_ref(&rak), &[], Some(l)) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        };
+        let e = errors(Linked::LibloragwUpstream);
+        assert!(
+            e.len() == 1
+                && e[0].contains(":2:9: radio.board: the RAKwireless RAK5146")
+                && e[0].contains("V2.1.0r9"),
+            "{e:?}"
+        );
+        assert!(errors(Linked::Libloragw).is_empty());
+        let corecell = write(
+            dir.path(),
+            "cc.toml",
+            "[radio]\nboard = \"semtech_corecell\"\n",
+        );
+        assert!(load(&[corecell], &[], Some(Linked::LibloragwUpstream)).is_ok());
     }
 
     #[test]

@@ -47,11 +47,29 @@ pub struct RulesConfig {
     pub keys_file: PathBuf,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
-    /// 16 hex digits; when absent the concentrator's EUI is used.
+    /// 16 hex digits; when absent see `identity.rs` (kept, else the concentrator's EUI within
+    /// `eui_wait`, else derived from the machine).
     pub id: Option<String>,
+    /// Without `id` at the first start: how long to wait for the concentrator's EUI before the
+    /// backhaul comes up under an identity derived from the machine.
+    #[serde(default = "default_eui_wait", with = "duration")]
+    pub eui_wait: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            id: None,
+            eui_wait: default_eui_wait(),
+        }
+    }
+}
+
+fn default_eui_wait() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -74,9 +92,10 @@ fn default_plan() -> String {
     "eu868".into()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
+    #[default]
     Sx1302,
     Simulator,
 }
@@ -84,7 +103,12 @@ pub enum Backend {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RadioConfig {
-    #[serde(default = "default_backend")]
+    /// `radio.backend` as written; left out, the backend this binary links, so that one
+    /// configuration file serves the gateway and the simulator packages.
+    #[serde(rename = "backend", default)]
+    pub backend_setting: Option<Backend>,
+    /// The backend in force: `backend_setting`, or what the binary links (set by `load`).
+    #[serde(skip)]
     pub backend: Backend,
     /// Board profile: rak2287, rak5146, seeed_wm1302, semtech_corecell.
     #[serde(default = "default_board")]
@@ -132,10 +156,6 @@ impl Default for RadioConfig {
 
 fn default_realtime_priority() -> u8 {
     20
-}
-// A gateway is the product: the simulator must be asked for.
-fn default_backend() -> Backend {
-    Backend::Sx1302
 }
 fn default_board() -> String {
     "semtech_corecell".into()
@@ -360,18 +380,41 @@ impl Config {
     /// What this binary cannot do with the configuration: `run` would only find out at the
     /// first radio start (and retry for ever).
     pub fn validate_for(&self, linked: Linked) -> Vec<Invalid> {
-        match (self.radio.backend, linked) {
+        let mut out = Vec::new();
+        // Upstream V2.1.0 never starts a board without the STTS751: retrying for ever is no use.
+        if let (Backend::Sx1302, Linked::LibloragwUpstream, Some(b)) = (
+            self.radio.backend,
+            linked,
+            boards::profile(&self.radio.board),
+        ) {
+            if b.temperature_sensor.is_none() {
+                out.push(invalid(
+                    "radio.board",
+                    format!(
+                        "the {} has no STTS751 temperature sensor and this build links Semtech's \
+                         upstream libloragw V2.1.0, whose lgw_start refuses to start without one: \
+                         build against ChirpStack's sx1302_hal V2.1.0r9 (README: building against \
+                         the real libloragw)",
+                        b.description
+                    ),
+                ));
+            }
+        }
+        out.extend(match (self.radio.backend, linked) {
             (Backend::Sx1302, Linked::Simulator) => vec![invalid(
                 "radio.backend",
                 "\"sx1302\" needs a gateway build: this binary links the simulated concentrator \
                  (README: building against the real libloragw)",
             )],
-            (Backend::Simulator, Linked::Libloragw) => vec![invalid(
-                "radio.backend",
-                "\"simulator\" is not in this build: it links the real libloragw",
-            )],
+            (Backend::Simulator, Linked::Libloragw | Linked::LibloragwUpstream) => {
+                vec![invalid(
+                    "radio.backend",
+                    "\"simulator\" is not in this build: it links the real libloragw",
+                )]
+            }
             _ => vec![],
-        }
+        });
+        out
     }
 
     pub fn validate(&self) -> Vec<Invalid> {
@@ -383,6 +426,13 @@ impl Config {
                     format!("{id:?} is not 16 hexadecimal digits (an EUI-64)"),
                 ));
             }
+        }
+        if self.gateway.eui_wait > Duration::from_secs(120) {
+            out.push(invalid(
+                "gateway.eui_wait",
+                "must be at most 120s: a gateway whose radio does not start must still reach \
+                 the centre soon",
+            ));
         }
         if region::plan(&self.region.plan).is_none() {
             out.push(invalid(

@@ -3,6 +3,41 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::SystemTime;
+
+/// Where the radio stands, for the stats and the log's status line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RadioState {
+    #[default]
+    Starting,
+    Up,
+    Down,
+}
+
+impl RadioState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RadioState::Starting => "starting",
+            RadioState::Up => "up",
+            RadioState::Down => "down",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RadioStatus {
+    pub state: RadioState,
+    /// When the radio last went up or down (a retry while down does not move it).
+    pub since: Option<SystemTime>,
+    /// Start attempts after the first.
+    pub restarts: u64,
+    /// The last failure in the library's own words (or the agent's, for a watchdog).
+    pub last_error: Option<String>,
+    /// The agent's reading of it: a cause name and what to do.
+    pub cause: Option<&'static str>,
+    pub diagnosis: Option<String>,
+    pub concentrator_eui: Option<u64>,
+}
 
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -30,6 +65,9 @@ pub struct Counters {
     pub evicted_events: AtomicU64,
     pub radio_starts: AtomicU64,
     pub radio_failures: AtomicU64,
+    pub radio: Mutex<RadioStatus>,
+    /// Told on every change of `radio`'s state: the stats go out at once.
+    pub radio_changed: tokio::sync::Notify,
     /// f32 bits; NaN when unknown.
     pub temperature_bits: AtomicU32,
     pub backhaul_up: AtomicBool,
@@ -72,6 +110,10 @@ impl Counters {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    pub fn radio_status(&self) -> RadioStatus {
+        self.radio.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     pub fn temperature(&self) -> Option<f32> {

@@ -1,5 +1,6 @@
-//! Every `stats.interval`: a `GatewayStats` event (through the store, like every event) and a
-//! log line. lora-edge's own figures (backlog, evictions, backhaul) go in its metadata.
+//! Every `stats.interval`, and at once when the radio goes up or down or fails otherwise: a
+//! `GatewayStats` event (through the store, like every event) and a log line. lora-edge's own
+//! figures (radio, backlog, evictions, backhaul) go in its metadata.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -24,6 +25,8 @@ pub struct StatsReporter {
     pub shutdown: watch::Receiver<bool>,
 }
 
+const RADIO_REPORT_GAP: Duration = Duration::from_secs(1);
+
 #[derive(Default, Clone, Copy)]
 struct Previous {
     received: u64,
@@ -38,11 +41,20 @@ impl StatsReporter {
         let mut tick = tokio::time::interval(self.interval);
         tick.tick().await;
         let mut prev = Previous::default();
+        let mut last_sent: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = self.counters.radio_changed.notified() => {
+                    // A radio failing over and over changes state every few seconds: at most
+                    // one extra report a second.
+                    if let Some(t) = last_sent {
+                        tokio::time::sleep_until(t + RADIO_REPORT_GAP).await;
+                    }
+                }
                 _ = self.shutdown.changed() => return,
             }
+            last_sent = Some(tokio::time::Instant::now());
             let (stats, next) = self.snapshot(prev);
             prev = next;
             let event = Event {
@@ -122,6 +134,27 @@ impl StatsReporter {
             "backhaul_last_outage_ms",
             c.last_outage_ms.load(Ordering::Relaxed).to_string(),
         );
+        let radio = c.radio_status();
+        put("radio", radio.state.name().to_string());
+        if let Some(since) = radio.since {
+            put(
+                "radio_since",
+                humantime::format_rfc3339_seconds(since).to_string(),
+            );
+        }
+        put("radio_restarts_total", radio.restarts.to_string());
+        if let Some(e) = &radio.last_error {
+            put("radio_last_error", e.clone());
+        }
+        if let Some(cause) = radio.cause {
+            put("radio_cause", cause.to_string());
+        }
+        if let Some(d) = &radio.diagnosis {
+            put("radio_diagnosis", d.clone());
+        }
+        if let Some(eui) = radio.concentrator_eui {
+            put("concentrator_eui", format!("{eui:016x}"));
+        }
         put(
             "radio_starts_total",
             Counters::get(&c.radio_starts).to_string(),
@@ -162,6 +195,8 @@ impl StatsReporter {
             put("concentrator_temperature_c", format!("{t:.1}"));
         }
         tracing::info!(
+            radio = radio.state.name(),
+            radio_cause = radio.cause.unwrap_or(""),
             rx = received,
             accepted = Counters::get(&c.up_accepted),
             forwarded = Counters::get(&c.up_forwarded),

@@ -3,9 +3,13 @@
 //! libloragw keeps one global concentrator and is not thread-safe, so there is one
 //! `Concentrator` per process (`claim`) and every call goes through its mutex. C structs are built
 //! and read here and nowhere else; callers see Rust types and `Result`s.
+//!
+//! `lgw_start` holds that mutex for seconds (calibration). Whether the radio runs is also kept
+//! outside it, so that a downlink or a stats read arriving meanwhile is told "not started" at
+//! once instead of waiting for the start to end.
 
 use std::ffi::{CStr, CString};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sx1302_hal_sys as sys;
@@ -211,6 +215,8 @@ impl Inner {
 
 pub struct Concentrator {
     inner: Mutex<Inner>,
+    /// The running start's identity, 0 while stopped or starting: read without the HAL lock.
+    running: AtomicU64,
 }
 
 static CLAIMED: AtomicBool = AtomicBool::new(false);
@@ -390,7 +396,18 @@ impl Concentrator {
                 started: false,
                 starts: 0,
             }),
+            running: AtomicU64::new(0),
         }))
+    }
+
+    /// The HAL lock, only if the radio runs: nobody waits behind a start to be refused.
+    fn lock_running(&self) -> Result<MutexGuard<'_, Inner>, HalError> {
+        if self.running.load(Ordering::Acquire) == 0 {
+            return Err(HalError::NotStarted);
+        }
+        let g = self.lock();
+        g.running()?;
+        Ok(g)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -405,7 +422,8 @@ impl Concentrator {
     }
 
     /// Which HAL this binary contains, for `--version` and the first log line:
-    /// `libloragw <version> (<LORAGW_DIR>)` or `simulated concentrator (…)`.
+    /// `libloragw <version> <variant> (<LORAGW_DIR>)` or `simulated concentrator (…)`, the
+    /// variant naming upstream V2.1.0 or ChirpStack's V2.1.0r9.
     pub fn describe_linked() -> String {
         // SAFETY: lgw_version_info only returns a pointer to a static string; it reads no
         // state and needs no started radio.
@@ -416,14 +434,14 @@ impl Concentrator {
             // SAFETY: non-null, NUL-terminated, static (checked above).
             unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
         };
+        let variant = super::diagnosis::Variant::of_build().describe();
         match sys::LINKED {
-            "simulator" => format!("{} ({version})", sys::SOURCE),
-            _ => format!("libloragw {version} ({})", sys::SOURCE),
+            "simulator" => format!("{} ({version}; {variant})", sys::SOURCE),
+            _ => format!("libloragw {version} {variant} (from {})", sys::SOURCE),
         }
     }
 
     pub fn version(&self) -> String {
-        let _g = self.lock();
         // SAFETY: lgw_version_info returns a pointer to a static NUL-terminated string.
         let p = unsafe { sys::lgw_version_info() };
         if p.is_null() {
@@ -592,16 +610,20 @@ impl Concentrator {
         check("lgw_start", unsafe { sys::lgw_start() })?;
         g.started = true;
         g.starts += 1;
+        self.running.store(g.starts, Ordering::Release);
         Ok(())
     }
 
     /// The current start's identity, or None while the concentrator is stopped.
     pub fn running(&self) -> Option<u64> {
-        let g = self.lock();
-        g.started.then_some(g.starts)
+        match self.running.load(Ordering::Acquire) {
+            0 => None,
+            start => Some(start),
+        }
     }
 
     pub fn stop(&self) -> Result<(), HalError> {
+        self.running.store(0, Ordering::Release);
         let mut g = self.lock();
         g.started = false;
         // SAFETY: no arguments; safe to call whether or not started.
@@ -611,8 +633,7 @@ impl Concentrator {
     /// Appends the frames waiting in the concentrator to `out`; returns how many were read and
     /// how many were malformed (and dropped). A full batch means more may be waiting.
     pub fn receive(&self, out: &mut Vec<RxPacket>) -> Result<(usize, usize), HalError> {
-        let mut g = self.lock();
-        g.running()?;
+        let mut g = self.lock_running()?;
         let n = g.rx.len().min(255) as u8;
         // SAFETY: `rx` holds `n` initialised, writable lgw_pkt_rx_s.
         let got = unsafe { sys::lgw_receive(n, g.rx.as_mut_ptr()) };
@@ -638,8 +659,7 @@ impl Concentrator {
     /// Hands a packet over, only to the start its timing was computed against.
     pub fn send(&self, pkt: &TxPacket, start: u64) -> Result<SendOutcome, HalError> {
         let mut c = pkt.to_c()?;
-        let g = self.lock();
-        g.running()?;
+        let g = self.lock_running()?;
         if g.starts != start {
             return Err(HalError::Restarted);
         }
@@ -656,8 +676,7 @@ impl Concentrator {
 
     pub fn tx_status(&self, rf_chain: u8) -> Result<TxStatus, HalError> {
         let mut code = 0u8;
-        let g = self.lock();
-        g.running()?;
+        let _g = self.lock_running()?;
         // SAFETY: `code` is a writable byte.
         check("lgw_status", unsafe {
             sys::lgw_status(rf_chain, sys::TX_STATUS as u8, &mut code)
@@ -679,8 +698,7 @@ impl Concentrator {
     /// The 1 MHz counter now, with the start it belongs to.
     pub fn clock(&self) -> Result<Clock, HalError> {
         let mut v = 0u32;
-        let g = self.lock();
-        g.running()?;
+        let g = self.lock_running()?;
         // SAFETY: `v` is a writable u32.
         check("lgw_get_instcnt", unsafe { sys::lgw_get_instcnt(&mut v) })?;
         Ok(Clock {
@@ -691,8 +709,7 @@ impl Concentrator {
 
     pub fn eui(&self) -> Result<u64, HalError> {
         let mut v = 0u64;
-        let g = self.lock();
-        g.running()?;
+        let _g = self.lock_running()?;
         // SAFETY: `v` is a writable u64.
         check("lgw_get_eui", unsafe { sys::lgw_get_eui(&mut v) })?;
         Ok(v)
@@ -700,8 +717,7 @@ impl Concentrator {
 
     pub fn temperature(&self) -> Result<f32, HalError> {
         let mut v = 0f32;
-        let g = self.lock();
-        g.running()?;
+        let _g = self.lock_running()?;
         // SAFETY: `v` is a writable f32.
         check("lgw_get_temperature", unsafe {
             sys::lgw_get_temperature(&mut v)
@@ -712,7 +728,7 @@ impl Concentrator {
     /// Time on air in ms, as the HAL computes it.
     pub fn time_on_air_ms(&self, pkt: &TxPacket) -> Result<u32, HalError> {
         let c = pkt.to_c()?;
-        let _g = self.lock();
+        let _g = self.lock_running()?;
         // SAFETY: `c` is a valid struct, only read.
         Ok(unsafe { sys::lgw_time_on_air(&c) })
     }

@@ -10,13 +10,78 @@
 //! goes the same way with target `stderr`, at warn or error, while the agent's own log is
 //! written to the original stderr (`LogWriter`). A line repeated is logged once, then counted,
 //! with a count line at most every 10 s and when another line comes.
+//!
+//! `during` runs a library call and returns what the library printed meanwhile, once the
+//! reader has logged it: the agent's line about a call (a failed start and its diagnosis)
+//! comes after the library's lines, and the diagnosis is made from the library's own words.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 const REPEAT_REPORT: Duration = Duration::from_secs(10);
+
+/// Written to stdout after a call: when the reader sees it, every line the call printed (the
+/// C library's stdout is line-buffered on a terminal) has been logged.
+const MARK: &str = "\u{1e}lora-edge-mark ";
+
+/// How long a call's lines may take to reach the reader: beyond it the agent goes on without
+/// them rather than stall the radio.
+const MARK_WAIT: Duration = Duration::from_millis(500);
+
+/// The lines of the call in progress (`during`), and the marks the reader has seen.
+#[derive(Default)]
+struct Recording {
+    lines: Option<Vec<String>>,
+    marks_seen: u64,
+}
+
+static RECORDING: Mutex<Recording> = Mutex::new(Recording {
+    lines: None,
+    marks_seen: 0,
+});
+static MARK_SEEN: Condvar = Condvar::new();
+static MARKS_SENT: Mutex<u64> = Mutex::new(0);
+
+fn recording() -> std::sync::MutexGuard<'static, Recording> {
+    RECORDING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `call` and returns its result with what the library printed on stdout meanwhile, in
+/// order, after the reader has logged those lines. Without `capture` (no pseudo-terminal), the
+/// lines are not known: empty.
+pub fn during<R>(call: impl FnOnce() -> R) -> (R, Vec<String>) {
+    if LOG_OUT.get().is_none() {
+        return (call(), Vec::new());
+    }
+    // One call recorded at a time (the HAL serialises its calls anyway).
+    let mut sent = MARKS_SENT.lock().unwrap_or_else(|p| p.into_inner());
+    recording().lines = Some(Vec::new());
+    let result = call();
+    *sent += 1;
+    let mark = *sent;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{MARK}{mark}");
+        let _ = out.flush();
+    }
+    let deadline = Instant::now() + MARK_WAIT;
+    let mut r = recording();
+    while r.marks_seen < mark {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            tracing::debug!("libloragw's lines for this call did not arrive in time");
+            break;
+        }
+        r = MARK_SEEN
+            .wait_timeout(r, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    let lines = r.lines.take().unwrap_or_default();
+    (result, lines)
+}
 
 /// The process's stderr as it was before `capture`: where the agent's own log goes.
 static LOG_OUT: OnceLock<std::fs::File> = OnceLock::new();
@@ -89,7 +154,20 @@ fn read_lines(master: OwnedFd, stream: Stream) {
         }
         let text = String::from_utf8_lossy(&buf);
         let line = text.trim_end_matches(['\n', '\r']).trim();
+        if let (Stream::Stdout, Some(n)) = (stream, line.strip_prefix(MARK.trim())) {
+            // Everything printed before the mark is logged (a repeat of the line before is
+            // still being counted) before the caller goes on.
+            let mut r = recording();
+            r.marks_seen = r.marks_seen.max(n.trim().parse().unwrap_or(0));
+            MARK_SEEN.notify_all();
+            continue;
+        }
         if !line.is_empty() {
+            if let Stream::Stdout = stream {
+                if let Some(lines) = recording().lines.as_mut() {
+                    lines.push(line.to_string());
+                }
+            }
             repeats.line(line, Instant::now());
         }
     }

@@ -6,6 +6,7 @@
 //! "succeeds" on a dead SPI link) trips the watchdog and restarts it too.
 
 pub mod boards;
+pub mod diagnosis;
 pub mod hal;
 pub mod library_output;
 pub mod region;
@@ -22,7 +23,7 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use tokio::sync::watch;
 
 use crate::config::{Backend, Config};
-use crate::ops::counters::Counters;
+use crate::ops::counters::{Counters, RadioState};
 use crate::ops::health::Heartbeats;
 use boards::BoardProfile;
 use hal::{BoardConf, Concentrator, IfChainConf, RfChainConf, RxPacket, Setup};
@@ -47,6 +48,8 @@ pub struct RadioSettings {
     pub plan: ChannelPlan,
     pub gpio_chip: String,
     pub com_path: String,
+    /// The SPI device of the board (what a diagnosis checks), whatever the backend.
+    pub spi_path: String,
     pub lorawan_public: bool,
     pub poll_interval: Duration,
     pub idle_poll_interval: Duration,
@@ -73,6 +76,7 @@ impl RadioSettings {
             plan: region::plan(&cfg.region.plan).expect("validated"),
             gpio_chip: r.gpio_chip.clone(),
             com_path,
+            spi_path: r.spi_path.clone(),
             lorawan_public: r.lorawan_public,
             poll_interval: r.poll_interval,
             idle_poll_interval: r.idle_poll_interval,
@@ -145,7 +149,23 @@ impl RadioSettings {
 #[derive(Debug)]
 enum Down {
     Stop,
-    Failed(String),
+    Failed(Failure),
+}
+
+/// A failed start or a radio that went down, with what the library said about it.
+#[derive(Debug)]
+struct Failure {
+    error: String,
+    diagnosis: Option<diagnosis::Diagnosis>,
+}
+
+impl From<String> for Failure {
+    fn from(error: String) -> Failure {
+        Failure {
+            error,
+            diagnosis: None,
+        }
+    }
 }
 
 pub struct Radio {
@@ -173,12 +193,28 @@ impl Radio {
 
     fn run(self) {
         let mut backoff = Duration::from_secs(1);
+        let mut attempts = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             let started = Instant::now();
+            // A radio retrying after a failure is down until it is up: the centre must not
+            // read "starting" for a board that fails every time.
+            self.status(|s| {
+                if s.state != RadioState::Down {
+                    s.state = RadioState::Starting;
+                }
+                s.restarts = attempts;
+            });
+            attempts += 1;
             let down = match self.bring_up() {
                 Ok(_lines) => {
                     Counters::add(&self.counters.radio_starts, 1);
                     tracing::info!(version = %self.hal.version(), "concentrator started");
+                    self.status(|s| {
+                        s.state = RadioState::Up;
+                        s.since = Some(SystemTime::now());
+                        s.cause = None;
+                        s.diagnosis = None;
+                    });
                     let down = self.receive_loop();
                     if let Err(e) = self.hal.stop() {
                         tracing::warn!(error = %e, "stopping the concentrator");
@@ -189,18 +225,57 @@ impl Radio {
             };
             match down {
                 Down::Stop => break,
-                Down::Failed(why) => {
+                Down::Failed(failure) => {
                     Counters::add(&self.counters.radio_failures, 1);
                     if started.elapsed() > STABLE_AFTER {
                         backoff = Duration::from_secs(1);
                     }
-                    tracing::error!(%why, retry_in = ?backoff, "radio down; restarting");
+                    let d = failure.diagnosis.as_ref();
+                    tracing::error!(
+                        why = %failure.error,
+                        library_said = d.and_then(|d| d.library_said.as_deref()).unwrap_or(""),
+                        cause = d.map(|d| d.cause.name()).unwrap_or(""),
+                        diagnosis = d.map(|d| d.advice.as_str()).unwrap_or(""),
+                        retry_in = ?backoff,
+                        "radio down; restarting"
+                    );
+                    self.status(|s| {
+                        if s.state != RadioState::Down || s.since.is_none() {
+                            s.since = Some(SystemTime::now());
+                        }
+                        s.state = RadioState::Down;
+                        s.last_error = Some(
+                            d.and_then(|d| d.library_said.clone())
+                                .unwrap_or_else(|| failure.error.clone()),
+                        );
+                        s.cause = d.map(|d| d.cause.name());
+                        s.diagnosis = d.map(|d| d.advice.clone());
+                    });
+                    // A temperature read before the failure is not the board's now.
+                    self.counters
+                        .temperature_bits
+                        .store(f32::NAN.to_bits(), Ordering::Relaxed);
                     self.sleep(backoff);
                     backoff = (backoff * 2).min(self.settings.restart_backoff_max);
                 }
             }
         }
         tracing::info!("radio stopped");
+    }
+
+    /// Changes the radio's status and tells the stats when its state or error changed.
+    fn status(&self, change: impl FnOnce(&mut crate::ops::counters::RadioStatus)) {
+        let changed = match self.counters.radio.lock() {
+            Ok(mut s) => {
+                let before = (s.state, s.last_error.clone());
+                change(&mut s);
+                before != (s.state, s.last_error.clone())
+            }
+            Err(_) => false,
+        };
+        if changed {
+            self.counters.radio_changed.notify_one();
+        }
     }
 
     fn sleep(&self, d: Duration) {
@@ -211,53 +286,61 @@ impl Radio {
         }
     }
 
-    fn bring_up(&self) -> Result<Option<reset::ResetLines>, String> {
+    fn bring_up(&self) -> Result<Option<reset::ResetLines>, Failure> {
         let lines = match self.settings.backend {
             Backend::Simulator => {
                 if Concentrator::linked() != "simulator" {
-                    return Err(
-                        "backend \"simulator\" but this build links the real libloragw".into(),
-                    );
+                    return Err(Failure::from(
+                        "backend \"simulator\" but this build links the real libloragw".to_string(),
+                    ));
                 }
                 None
             }
             Backend::Sx1302 => {
                 if Concentrator::linked() != "libloragw" {
-                    return Err(
+                    return Err(Failure::from(
                         "backend \"sx1302\" but this build links the simulated concentrator; build with \
                          LORAGW_DIR and --no-default-features (README: gateway builds)"
-                            .into(),
-                    );
+                            .to_string(),
+                    ));
                 }
                 Some(
                     reset::reset(&self.settings.gpio_chip, self.settings.board).map_err(|e| {
-                        format!("board reset through {}: {e}", self.settings.gpio_chip)
+                        Failure::from(format!(
+                            "board reset through {}: {e}",
+                            self.settings.gpio_chip
+                        ))
                     })?,
                 )
             }
         };
-        self.hal
-            .configure_and_start(&self.settings.setup())
-            .map_err(|e| {
-                let board = self.settings.board;
-                match e {
-                    hal::HalError::Call {
-                        call: "lgw_start", ..
-                    } if board.temperature_sensor.is_none() => {
-                        format!(
-                            "{e}; the {} has no STTS751 temperature sensor, and Semtech's \
-                             upstream libloragw V2.1.0 refuses to start without one (the library's own \
-                             reason is in its `libloragw` log line): build against ChirpStack's \
-                             sx1302_hal V2.1.0r9, where the sensor is optional (README: building \
-                             against the real libloragw)",
-                            board.description
-                        )
-                    }
-                    e => e.to_string(),
+        let setup = self.settings.setup();
+        // The library says why only on stdout: its lines are logged before ours, and read.
+        let (started, said) = library_output::during(|| self.hal.configure_and_start(&setup));
+        if let Err(e) = started {
+            let diagnosis = matches!(
+                e,
+                hal::HalError::Call {
+                    call: "lgw_start",
+                    ..
                 }
-            })?;
+            )
+            .then(|| {
+                diagnosis::diagnose(
+                    &said,
+                    diagnosis::Variant::of_build(),
+                    self.settings.board,
+                    &self.settings.spi_path,
+                )
+            });
+            return Err(Failure {
+                error: e.to_string(),
+                diagnosis,
+            });
+        }
         match self.hal.eui() {
             Ok(eui) => {
+                self.status(|s| s.concentrator_eui = Some(eui));
                 self.eui.send_replace(Some(eui));
             }
             Err(e) => tracing::warn!(error = %e, "reading the concentrator EUI"),
@@ -280,7 +363,7 @@ impl Radio {
             batch.clear();
             let (read, malformed) = match self.hal.receive(&mut batch) {
                 Ok(r) => r,
-                Err(e) => return Down::Failed(e.to_string()),
+                Err(e) => return Down::Failed(e.to_string().into()),
             };
             let at = SystemTime::now();
             let handed_over = std::time::Instant::now();
@@ -307,13 +390,16 @@ impl Radio {
                         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                     }
                     Ok(_) => {}
-                    Err(e) => return Down::Failed(e.to_string()),
+                    Err(e) => return Down::Failed(e.to_string().into()),
                 }
                 if now.duration_since(counter_moved_at) > self.settings.watchdog {
-                    return Down::Failed(format!(
-                        "watchdog: the concentrator counter has not moved for {:?} (link lost)",
-                        now.duration_since(counter_moved_at)
-                    ));
+                    return Down::Failed(
+                        format!(
+                            "watchdog: the concentrator counter has not moved for {:?} (link lost)",
+                            now.duration_since(counter_moved_at)
+                        )
+                        .into(),
+                    );
                 }
             }
             if now >= next_temperature {
