@@ -433,7 +433,7 @@ fn version_names_the_hal_inside() {
         .unwrap();
     let v = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && v.contains("HAL: simulated concentrator"),
+        out.status.success() && v.contains("HAL: simulated concentrator") && v.contains("V2.1.0r9"),
         "{v}"
     );
 }
