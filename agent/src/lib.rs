@@ -12,6 +12,7 @@
 //! `ops` reports statistics through the same store; `config` loads and validates everything.
 
 pub mod backhaul;
+pub mod check;
 pub mod config;
 pub mod downlink;
 pub mod events;

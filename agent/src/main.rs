@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
 use lora_edge::backhaul::Backhaul;
+use lora_edge::check;
 use lora_edge::config::{self, Config};
 use lora_edge::downlink::validate::TxLimits;
 use lora_edge::downlink::Downlinks;
@@ -83,24 +84,20 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Check(args) => match config::check(&args.config, &args.set, Some(linked())) {
-            // The store answers for its own place: what `run` would refuse, `check` refuses.
-            Ok((cfg, _)) if lora_edge::store::check_path(&cfg.store.path).is_err() => {
-                let why = lora_edge::store::check_path(&cfg.store.path).unwrap_err();
-                eprintln!("{why}\n1 error(s) in the configuration");
-                ExitCode::FAILURE
-            }
-            Ok((cfg, notes)) => {
-                for note in notes {
-                    println!("{note}");
-                }
-                if cfg.mqtt.password.is_some() {
-                    println!(
+        Command::Check(args) => {
+            match check::configuration(&args.config, &args.set, Some(linked()), check::Depth::Files)
+            {
+                Ok((cfg, notes)) => {
+                    for note in notes {
+                        println!("{note}");
+                    }
+                    if cfg.mqtt.password.is_some() {
+                        println!(
                         "note: mqtt.password is in the configuration; mqtt.password_file (mode \
                          0600) keeps it out of copies of this file"
                     );
-                }
-                println!(
+                    }
+                    println!(
                     "ok: gateway {}, board {}, backend {:?}, HAL {}, plan {}, mqtt {}, store {}",
                     cfg.gateway.id.as_deref().unwrap_or(
                         "(not set: kept from an earlier start, else the concentrator's EUI, else derived from this machine)"
@@ -112,16 +109,22 @@ fn main() -> ExitCode {
                     cfg.mqtt.server,
                     cfg.store.path.display()
                 );
-                ExitCode::SUCCESS
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Run(args) => {
-            let cfg = match config::load(&args.config, &args.set, Some(linked())) {
-                Ok(c) => c,
+            let cfg = match check::configuration(
+                &args.config,
+                &args.set,
+                Some(linked()),
+                check::Depth::Run,
+            ) {
+                Ok((c, _)) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(2);

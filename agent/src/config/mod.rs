@@ -1,6 +1,8 @@
 //! The agent's configuration: one TOML format, typed here, with defaults and units in the
 //! field names. `load` merges files and `--set` overrides and reports every problem with file,
-//! line and field; `validate` checks what serde cannot (board names, ranges, paths).
+//! line and field; `validate` checks what serde cannot (ranges, combinations). Configuration is
+//! data: what a stage makes of its part (a board name, a TLS file, a rule file) is the stage's
+//! to say, and `check.rs` asks them.
 //!
 //! The reference of every key is README.md § Configuration; `config/lora-edge.toml` is the
 //! shipped file.
@@ -14,10 +16,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub(crate) use load::{at, deserialize_all, find_field};
-pub use load::{check, load, ConfigError, ConfigErrors, Linked, MAX_FILE_BYTES, SECRET_FIELDS};
-
-use crate::radio::boards;
-use crate::radio::region;
+pub use load::{
+    load, ConfigError, ConfigErrors, Linked, StageReport, MAX_FILE_BYTES, SECRET_FIELDS,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -368,55 +369,21 @@ pub struct Invalid {
     pub message: String,
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> Invalid {
-    Invalid {
-        field: field.into(),
-        message: message.into(),
+impl Invalid {
+    pub fn new(field: &str, message: impl Into<String>) -> Invalid {
+        Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
     }
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> Invalid {
+    Invalid::new(field, message)
 }
 
 impl Config {
     /// Every semantic problem at once.
-    /// What this binary cannot do with the configuration: `run` would only find out at the
-    /// first radio start (and retry for ever).
-    pub fn validate_for(&self, linked: Linked) -> Vec<Invalid> {
-        let mut out = Vec::new();
-        // Upstream V2.1.0 never starts a board without the STTS751: retrying for ever is no use.
-        if let (Backend::Sx1302, Linked::LibloragwUpstream, Some(b)) = (
-            self.radio.backend,
-            linked,
-            boards::profile(&self.radio.board),
-        ) {
-            if b.temperature_sensor.is_none() {
-                out.push(invalid(
-                    "radio.board",
-                    format!(
-                        "the {} has no STTS751 temperature sensor and this build links Semtech's \
-                         upstream libloragw V2.1.0, whose lgw_start refuses to start without one: \
-                         build against ChirpStack's sx1302_hal V2.1.0r9 (README: building against \
-                         the real libloragw)",
-                        b.description
-                    ),
-                ));
-            }
-        }
-        out.extend(match (self.radio.backend, linked) {
-            (Backend::Sx1302, Linked::Simulator) => vec![invalid(
-                "radio.backend",
-                "\"sx1302\" needs a gateway build: this binary links the simulated concentrator \
-                 (README: building against the real libloragw)",
-            )],
-            (Backend::Simulator, Linked::Libloragw | Linked::LibloragwUpstream) => {
-                vec![invalid(
-                    "radio.backend",
-                    "\"simulator\" is not in this build: it links the real libloragw",
-                )]
-            }
-            _ => vec![],
-        });
-        out
-    }
-
     pub fn validate(&self) -> Vec<Invalid> {
         let mut out = Vec::new();
         if let Some(id) = &self.gateway.id {
@@ -434,55 +401,7 @@ impl Config {
                  the centre soon",
             ));
         }
-        if region::plan(&self.region.plan).is_none() {
-            out.push(invalid(
-                "region.plan",
-                format!(
-                    "unknown channel plan {:?} (known: {})",
-                    self.region.plan,
-                    region::known().join(", ")
-                ),
-            ));
-        }
         let r = &self.radio;
-        if boards::profile(&r.board).is_none() {
-            out.push(invalid(
-                "radio.board",
-                format!(
-                    "unknown board {:?} (known: {})",
-                    r.board,
-                    boards::known().join(", ")
-                ),
-            ));
-        }
-        match r.backend {
-            Backend::Simulator => match &r.simulator {
-                None => out.push(invalid(
-                    "radio.simulator",
-                    "backend \"simulator\" needs a simulator file",
-                )),
-                Some(p) if p.as_os_str().len() > 63 => out.push(invalid(
-                    "radio.simulator",
-                    format!(
-                        "{} is longer than the 63 bytes the HAL's com_path holds",
-                        p.display()
-                    ),
-                )),
-                Some(p) if !p.is_file() => out.push(invalid(
-                    "radio.simulator",
-                    format!("{} does not exist", p.display()),
-                )),
-                _ => {}
-            },
-            Backend::Sx1302 => {
-                if r.spi_path.len() > 63 {
-                    out.push(invalid(
-                        "radio.spi_path",
-                        "longer than the 63 bytes the HAL's com_path holds",
-                    ));
-                }
-            }
-        }
         if r.poll_interval.is_zero() || r.poll_interval > Duration::from_secs(1) {
             out.push(invalid(
                 "radio.poll_interval",

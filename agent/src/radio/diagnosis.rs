@@ -209,9 +209,9 @@ pub fn diagnose(
     let last_error = lines.iter().rev().find(|l| l.starts_with("ERROR")).cloned();
     Diagnosis {
         advice: match &last_error {
-            Some(_) => "lgw_start failed: the library's last error says why".into(),
-            None if lines.is_empty() => "lgw_start failed and the library printed nothing".into(),
-            None => "lgw_start failed without an error line from the library".into(),
+            Some(_) => "the start failed: the library's last error says why".into(),
+            None if lines.is_empty() => "the start failed and the library printed nothing".into(),
+            None => "the start failed without an error line from the library".into(),
         },
         cause: Cause::Other,
         library_said: last_error.or_else(|| lines.last().cloned()),

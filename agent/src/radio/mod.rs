@@ -11,6 +11,7 @@ pub mod hal;
 pub mod library_output;
 pub mod region;
 mod reset;
+pub mod validate;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -233,9 +234,9 @@ impl Radio {
                     let d = failure.diagnosis.as_ref();
                     tracing::error!(
                         why = %failure.error,
-                        library_said = d.and_then(|d| d.library_said.as_deref()).unwrap_or(""),
-                        cause = d.map(|d| d.cause.name()).unwrap_or(""),
-                        diagnosis = d.map(|d| d.advice.as_str()).unwrap_or(""),
+                        library_said = d.and_then(|d| d.library_said.as_deref()),
+                        cause = d.map(|d| d.cause.name()),
+                        diagnosis = d.map(|d| d.advice.as_str()),
                         retry_in = ?backoff,
                         "radio down; restarting"
                     );
