@@ -395,7 +395,8 @@ pub extern "C" fn lgw_start() -> c_int {
             ));
             return ERR;
         }
-        if let Err(()) = library_start_sequence(&cfg) {
+        let told = s.setup.i2c_path.as_ref().and(s.setup.i2c_temp_sensor_addr);
+        if let Err(()) = library_start_sequence(&cfg, told) {
             return ERR;
         }
         // Upstream probes for the sensor itself; the fork opens it only where it was told to.
@@ -447,8 +448,11 @@ pub extern "C" fn lgw_start() -> c_int {
 /// What V2.1.0's `lgw_start` prints (release build, no DEBUG_*) on the way, and where it gives
 /// up: `lgw_connect` (loragw_reg.c, loragw_com.c), the radio calibration and setup
 /// (loragw_sx1302.c, loragw_sx1250.c), the timestamp mode (loragw_sx1302_timestamp.c) and the
-/// temperature sensor probe (loragw_hal.c, addresses from loragw_stts751.h).
-fn library_start_sequence(cfg: &SimConfig) -> Result<(), ()> {
+/// temperature sensor probe (loragw_hal.c, addresses from loragw_stts751.h). ChirpStack's
+/// V2.1.0r9 (brocaar/sx1302_hal, loragw_hal.c) opens the sensor only at the address it was
+/// told (`told`), fails if the I2C device cannot be opened, and goes on without a sensor that
+/// does not answer.
+fn library_start_sequence(cfg: &SimConfig, told: Option<u8>) -> Result<(), ()> {
     let faults = &cfg.faults;
     // loragw_com.c lgw_com_open: printed before the device is opened; a failed open() is only
     // reported with DEBUG_SPI.
@@ -507,6 +511,18 @@ fn library_start_sequence(cfg: &SimConfig) -> Result<(), ()> {
             return Err(());
         }
         print("INFO: found temperature sensor on port 0x39");
+    } else if let Some(addr) = told {
+        if !faults.i2c_device {
+            print(&format!(
+                "ERROR: failed to open I2C for temperature sensor on port 0x{addr:02X}"
+            ));
+            return Err(());
+        }
+        if !cfg.temperature_sensor {
+            print(&format!(
+                "INFO: no temperature sensor found on port 0x{addr:02X}"
+            ));
+        }
     }
     Ok(())
 }
@@ -1026,12 +1042,63 @@ mod library_behaviour {
             ),
         ];
         for (sim, code, lines) in cases {
+            // Upstream probes whatever it was told.
+            lgw_i2c_set_temp_sensor_addr(0x39);
+
             assert_eq!(
                 start_prints(&dir, sim),
                 (code, lines.iter().map(|l| l.to_string()).collect()),
                 "{sim}"
             );
         }
+        // V2.1.0r9 (brocaar/sx1302_hal loragw_hal.c): the sensor only where it was told, a
+        // missing one is no error, a missing I2C device is.
+        let r9 = "library = \"v2.1.0r9\"\n";
+        lgw_i2c_set_temp_sensor_addr(0x39);
+        // SAFETY: a NUL-terminated path.
+        unsafe { lgw_i2c_set_path(c"/dev/i2c-1".as_ptr()) };
+        let r9_cases: [(String, c_int, &[&str]); 3] = [
+            (r9.to_string(), OK, &[open, v10, legacy]),
+            (
+                format!("{r9}temperature_sensor = false"),
+                OK,
+                &[
+                    open,
+                    v10,
+                    legacy,
+                    "INFO: no temperature sensor found on port 0x39",
+                ],
+            ),
+            (
+                format!("{r9}[faults]\ni2c_device = false"),
+                ERR,
+                &[
+                    open,
+                    v10,
+                    legacy,
+                    "ERROR: failed to open I2C for temperature sensor on port 0x39",
+                ],
+            ),
+        ];
+        for (sim, code, lines) in r9_cases {
+            assert_eq!(
+                start_prints(&dir, &sim),
+                (code, lines.iter().map(|l| l.to_string()).collect()),
+                "{sim}"
+            );
+        }
+        with_sim(|s| {
+            s.setup.i2c_path = None;
+            s.setup.i2c_temp_sensor_addr = None;
+        });
+        // Not told: nothing about a sensor at all.
+        assert_eq!(
+            start_prints(&dir, &format!("{r9}temperature_sensor = false")),
+            (
+                OK,
+                vec![open.to_string(), v10.to_string(), legacy.to_string()]
+            )
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
