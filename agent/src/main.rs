@@ -18,6 +18,7 @@ use lora_edge::downlink::validate::TxLimits;
 use lora_edge::downlink::Downlinks;
 use lora_edge::events::{Body, Event};
 use lora_edge::ops::counters::Counters;
+use lora_edge::ops::state::{sha256_hex, HealthReporter};
 use lora_edge::ops::stats::StatsReporter;
 use lora_edge::radio::hal::Concentrator;
 use lora_edge::radio::{Radio, RadioSettings};
@@ -143,7 +144,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(cfg)) {
+            match runtime.block_on(run(cfg, &args.config, &args.set)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -219,6 +220,46 @@ fn start_rules(
     }));
     let handle = stage.spawn(stopping.clone(), cfg.radio.realtime_priority)?;
     Ok((Some((tx, watch)), Some(handle)))
+}
+
+/// What `state/health` says about this process for its whole life.
+fn health_identity(
+    cfg: &Config,
+    gateway_id: &str,
+    files: &[PathBuf],
+    sets: &[String],
+) -> lora_edge::ops::state::Identity {
+    // The files as they are now: what was loaded a moment ago (an edit since is not running).
+    let mut all = Vec::new();
+    let config_files = files
+        .iter()
+        .map(|f| {
+            let bytes =
+                lora_edge::files::read_bounded(f, config::MAX_FILE_BYTES).unwrap_or_default();
+            all.extend_from_slice(&bytes);
+            (f.clone(), sha256_hex(&bytes))
+        })
+        .collect();
+    for set in sets {
+        all.extend_from_slice(format!("\n--set {set}\n").as_bytes());
+    }
+    lora_edge::ops::state::Identity {
+        gateway_id: gateway_id.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        hal: Concentrator::describe_linked(),
+        config_files,
+        config_sha256: sha256_hex(&all),
+        rules_sha256: cfg
+            .rules
+            .as_ref()
+            .and_then(|r| std::fs::read(&r.file).ok())
+            .map(|b| sha256_hex(&b)),
+        certificate_expires: cfg
+            .mqtt
+            .tls
+            .as_ref()
+            .and_then(lora_edge::backhaul::tls::client_certificate_expiry),
+    }
 }
 
 /// The gateway ID (identity.rs), or None if the agent was stopped while waiting for it.
@@ -318,7 +359,7 @@ fn ignore_hangups() {
     }
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
+async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<()> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         hal = %Concentrator::describe_linked(),
@@ -449,6 +490,19 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     .spawn()?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (health_tx, health_rx) = watch::channel(Vec::new());
+    let health = tokio::spawn(
+        HealthReporter {
+            identity: health_identity(&cfg, &gateway_id, files, sets),
+            interval: cfg.stats.interval,
+            counters: counters.clone(),
+            queue: queue.clone(),
+            store_path: cfg.store.path.clone(),
+            output: health_tx,
+            shutdown: shutdown_rx.clone(),
+        }
+        .run(),
+    );
     let mut backhaul = tokio::spawn(
         Backhaul {
             cfg: cfg.mqtt.clone(),
@@ -461,6 +515,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             downlinks: Some(down_tx),
             pumps: pump_commands,
             drain_until: None,
+            health: Some(health_rx),
         }
         .run(),
     );
@@ -501,6 +556,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     })
     .await?;
     let _ = stats.await;
+    let _ = health.await;
     let _ = watchdog.await;
     // The writer ends once every stage that sends it events has ended; meanwhile the backhaul
     // publishes what they leave (acks of cancelled downlinks, the last audits), for at most

@@ -81,6 +81,9 @@ pub struct Backhaul {
     /// Set at the shutdown signal: publish what the store holds until `mqtt.drain_timeout`
     /// from then, then OFFLINE.
     pub drain_until: Option<tokio::time::Instant>,
+    /// The latest retained `state/health` message (ops/state.rs), published at every connect
+    /// and whenever it changes; empty: none yet.
+    pub health: Option<watch::Receiver<Vec<u8>>>,
 }
 
 const BUSY_TICK: Duration = Duration::from_millis(50);
@@ -324,6 +327,12 @@ impl Backhaul {
                         if client.try_publish(topics.under("state/conn"), QoS::AtLeastOnce, true, online).is_ok() {
                             inflight.submitted(None, false, Instant::now());
                         }
+                        if let Some(h) = self.health.as_mut() {
+                            let latest = h.borrow_and_update().clone();
+                            if !latest.is_empty() && client.try_publish(topics.under("state/health"), QoS::AtLeastOnce, true, latest).is_ok() {
+                                inflight.submitted(None, false, Instant::now());
+                            }
+                        }
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if !inflight.written(pkid, Instant::now()) {
@@ -370,6 +379,18 @@ impl Backhaul {
                     Ok(_) => {}
                     Err(e) => return SessionEnd::Lost(describe(&e, &self.cfg, !connected)),
                 },
+                changed = async { self.health.as_mut().expect("guarded").changed().await }, if connected && self.health.is_some() => {
+                    match changed {
+                        Ok(()) => {
+                            let latest = self.health.as_mut().expect("guarded").borrow_and_update().clone();
+                            if client.try_publish(topics.under("state/health"), QoS::AtLeastOnce, true, latest).is_ok() {
+                                inflight.submitted(None, false, Instant::now());
+                            }
+                        }
+                        // The reporter has ended: its last message was published above.
+                        Err(_) => self.health = None,
+                    }
+                }
                 changed = self.appended.changed(), if store_wakes => {
                     // The writer is gone (shutting down): stop listening, the tick still runs.
                     store_wakes = changed.is_ok();

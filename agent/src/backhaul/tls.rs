@@ -286,6 +286,13 @@ pub fn inspect(mqtt: &MqttConfig) -> (Vec<Invalid>, Vec<String>) {
     (problems, notes)
 }
 
+/// When the client certificate expires (Unix seconds), if there is one and it can be read.
+pub fn client_certificate_expiry(tls: &TlsConfig) -> Option<i64> {
+    let path = tls.cert_file.as_ref()?;
+    let chain = read_certs("mqtt.tls.cert_file", path).ok()?;
+    Some(validity(chain.first()?)?.not_after)
+}
+
 /// The client certificate's expiry, if near or past: worth a line at every connect.
 pub fn expiry_warning(tls: &TlsConfig) -> Option<String> {
     let path = tls.cert_file.as_ref()?;

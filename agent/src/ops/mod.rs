@@ -1,6 +1,7 @@
-//! Operations: counters shared by the stages, the periodic statistics they feed, and the
-//! liveness that feeds systemd's watchdog.
+//! Operations: counters shared by the stages, the periodic statistics they feed, the retained
+//! `state/health` message, and the liveness that feeds systemd's watchdog.
 
 pub mod counters;
 pub mod health;
+pub mod state;
 pub mod stats;
