@@ -40,6 +40,11 @@ fn main() {
             missing.join(", ")
         );
     }
+    // A library rebuilt in the same tree (upstream swapped for r9) must be relinked, and its
+    // variant read again.
+    for p in &expected {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
     let archive = dir.join("libloragw/libloragw.a");
     check_architecture(&archive);
     // ChirpStack's fork (V2.1.0r9) has these; upstream V2.1.0 does not.

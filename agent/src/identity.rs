@@ -3,26 +3,28 @@
 //! A gateway whose concentrator does not start is the one the centre most needs to see, so the
 //! backhaul never waits long for the concentrator's EUI. In order:
 //! 1. `gateway.id`, when configured;
-//! 2. the identity this store already used (kept in the store's state): a gateway keeps its
-//!    name whatever its radio does at the next boot;
-//! 3. the concentrator's EUI, if the radio gives it within `gateway.eui_wait`;
+//! 2. the concentrator's EUI, if the radio gives it within `gateway.eui_wait` (the wait ends
+//!    early when the radio's first start fails); it is kept in the store's state with the
+//!    machine it was seen on;
+//! 3. the EUI kept at an earlier start, if it was seen on this machine (the same network
+//!    interface MAC): a gateway keeps its name when its radio dies, and a copy of its SD card
+//!    in another Pi does not take it;
 //! 4. derived from the machine: the EUI-64 of the first network interface (by name) with a
-//!    globally unique MAC address (`FF FE` inserted in its middle, as Semtech's packet
-//!    forwarder scripts do), or, without one, from `/etc/machine-id`.
-//!
-//! Whatever was chosen at 3 or 4 is kept (2) from then on.
+//!    globally unique MAC address, USB modems left out (`FF FE` inserted in its middle, as
+//!    Semtech's packet forwarder scripts do), or, without one, hashed from `/etc/machine-id`.
+//!    Not kept: once the radio names its EUI, the next start uses it.
 
 use std::path::Path;
 
-/// The store state key of the identity in use.
+/// The store state key of the kept concentrator EUI and the machine it was seen on.
 pub const STATE_KEY: &str = "gateway_id";
 
-/// How the identity was chosen, for the log and `check`.
+/// How the identity was chosen, for the log and the health message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Configured,
-    Remembered,
     ConcentratorEui,
+    Kept,
     NetworkInterface,
     MachineId,
 }
@@ -31,17 +33,55 @@ impl Source {
     pub fn describe(self) -> &'static str {
         match self {
             Source::Configured => "gateway.id",
-            Source::Remembered => "kept from an earlier start (store state)",
             Source::ConcentratorEui => "the concentrator's EUI",
+            Source::Kept => "the concentrator's EUI seen on this machine at an earlier start",
             Source::NetworkInterface => "derived from the MAC address of a network interface",
             Source::MachineId => "derived from /etc/machine-id",
         }
     }
 }
 
-/// An identity read back from the store state, if it is one.
-pub fn parse_remembered(bytes: &[u8]) -> Option<String> {
-    let s = std::str::from_utf8(bytes).ok()?.trim().to_lowercase();
+/// The concentrator EUI kept in the store, and the machine it was seen on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    pub eui: String,
+    pub machine: Option<String>,
+}
+
+impl Kept {
+    pub fn encode(&self) -> Vec<u8> {
+        format!(
+            "eui={} machine={}",
+            self.eui,
+            self.machine.as_deref().unwrap_or("-")
+        )
+        .into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Kept> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut eui = None;
+        let mut machine = None;
+        for part in text.split_whitespace() {
+            match part.split_once('=') {
+                Some(("eui", v)) => eui = eui64(v),
+                Some(("machine", "-")) => {}
+                Some(("machine", v)) => machine = Some(eui64(v)?),
+                _ => return None,
+            }
+        }
+        Some(Kept { eui: eui?, machine })
+    }
+
+    /// Whether this kept EUI is this machine's: only then may it name a gateway whose radio
+    /// gives none (a copied store must not).
+    pub fn is_of(&self, machine: Option<&str>) -> bool {
+        matches!((self.machine.as_deref(), machine), (Some(a), Some(b)) if a == b)
+    }
+}
+
+fn eui64(s: &str) -> Option<String> {
+    let s = s.trim().to_lowercase();
     (s.len() == 16 && s.chars().all(|c| c.is_ascii_hexdigit())).then_some(s)
 }
 
@@ -67,6 +107,18 @@ pub fn derived_from(net: &Path, machine_id: &Path) -> Option<(String, Source)> {
     Some((hex::encode(b), Source::MachineId))
 }
 
+/// Drivers of USB modems and phones: many share one fixed MAC address across devices.
+const MODEM_DRIVERS: [&str; 8] = [
+    "cdc_ether",
+    "rndis_host",
+    "cdc_ncm",
+    "huawei_cdc_ncm",
+    "qmi_wwan",
+    "cdc_mbim",
+    "ipheth",
+    "option",
+];
+
 fn from_interfaces(net: &Path) -> Option<String> {
     let mut names: Vec<String> = std::fs::read_dir(net)
         .ok()?
@@ -76,6 +128,14 @@ fn from_interfaces(net: &Path) -> Option<String> {
         .collect();
     names.sort();
     names.into_iter().find_map(|n| {
+        let driver = std::fs::read_link(net.join(&n).join("device/driver")).ok();
+        if driver
+            .as_ref()
+            .and_then(|d| d.file_name())
+            .is_some_and(|d| MODEM_DRIVERS.contains(&d.to_string_lossy().as_ref()))
+        {
+            return None;
+        }
         let text = std::fs::read_to_string(net.join(&n).join("address")).ok()?;
         let mac: Vec<u8> = text
             .trim()
@@ -137,12 +197,45 @@ mod tests {
     }
 
     #[test]
-    fn only_an_eui64_is_remembered() {
+    fn a_usb_modem_never_names_the_gateway() {
+        let d = tempfile::tempdir().unwrap();
+        let net = d.path().join("net");
+        iface(&net, "usb0", "0c:5b:8f:27:9a:64");
+        // As sysfs has it: device/driver, a link to the driver's directory.
+        std::fs::create_dir_all(d.path().join("drivers/cdc_ether")).unwrap();
+        std::fs::create_dir_all(net.join("usb0/device")).unwrap();
+        std::os::unix::fs::symlink(
+            d.path().join("drivers/cdc_ether"),
+            net.join("usb0/device/driver"),
+        )
+        .unwrap();
+        iface(&net, "wlan0", "b8:27:eb:00:00:02");
         assert_eq!(
-            parse_remembered(b"B827EBFFFE123456"),
-            Some("b827ebfffe123456".into())
+            derived_from(&net, &d.path().join("none")),
+            Some(("b827ebfffe000002".into(), Source::NetworkInterface))
         );
-        assert_eq!(parse_remembered(b"b827eb"), None);
-        assert_eq!(parse_remembered(&[0xff; 16]), None);
+    }
+
+    #[test]
+    fn a_kept_eui_names_only_the_machine_it_was_seen_on() {
+        let k = Kept {
+            eui: "0016c001ff10a235".into(),
+            machine: Some("b827ebfffe123456".into()),
+        };
+        let back = Kept::decode(&k.encode()).unwrap();
+        assert_eq!(back, k);
+        assert!(k.is_of(Some("b827ebfffe123456")));
+        assert!(!k.is_of(Some("b827ebfffe654321")), "a copied SD card");
+        assert!(!k.is_of(None));
+        let nowhere = Kept {
+            machine: None,
+            ..k.clone()
+        };
+        assert!(
+            !nowhere.is_of(None),
+            "unknown machines are not the same machine"
+        );
+        assert_eq!(Kept::decode(b"B827EBFFFE123456"), None, "another format");
+        assert_eq!(Kept::decode(&[0xff; 16]), None);
     }
 }

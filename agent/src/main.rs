@@ -262,63 +262,81 @@ fn health_identity(
     }
 }
 
-/// The gateway ID (identity.rs), or None if the agent was stopped while waiting for it.
+/// The gateway ID (identity.rs) and how it was chosen, or None if the agent was stopped while
+/// waiting for it.
 async fn choose_identity(
     cfg: &Config,
     queue: &Queue,
+    counters: &Counters,
     eui_rx: &mut watch::Receiver<Option<u64>>,
-) -> Option<String> {
-    use lora_edge::identity::{self, Source};
+) -> Option<(String, lora_edge::identity::Source)> {
+    use lora_edge::identity::{self, Kept, Source};
+    use lora_edge::ops::counters::RadioState;
     if let Some(id) = &cfg.gateway.id {
-        tracing::info!(source = Source::Configured.describe(), "gateway identity");
-        return Some(id.to_lowercase());
+        return Some((id.to_lowercase(), Source::Configured));
     }
-    let remembered = queue
+    let machine = identity::derived();
+    tracing::info!(wait = ?cfg.gateway.eui_wait, "gateway.id not set: waiting for the concentrator's EUI");
+    // The EUI, or the radio's first failure, or the end of the wait.
+    let until = tokio::time::Instant::now() + cfg.gateway.eui_wait;
+    let eui = loop {
+        if let Some(eui) = *eui_rx.borrow() {
+            break Some(eui);
+        }
+        if counters.radio_status().state == RadioState::Down || tokio::time::Instant::now() >= until
+        {
+            break None;
+        }
+        tokio::select! {
+            _ = eui_rx.changed() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            _ = stop_signal() => return None,
+        }
+    };
+    if let Some(eui) = eui {
+        let id = format!("{eui:016x}");
+        keep_eui(queue, &id, machine.as_ref().map(|(m, _)| m.as_str()));
+        return Some((id, Source::ConcentratorEui));
+    }
+    let kept = queue
         .state_get(identity::STATE_KEY)
         .ok()
         .flatten()
-        .and_then(|b| identity::parse_remembered(&b));
-    let (id, source) = match remembered {
-        Some(id) => (id, Source::Remembered),
-        None => {
-            tracing::info!(wait = ?cfg.gateway.eui_wait, "gateway.id not set: waiting for the concentrator's EUI");
+        .and_then(|b| Kept::decode(&b));
+    match (kept, machine) {
+        (Some(k), Some((m, _))) if k.is_of(Some(&m)) => Some((k.eui, Source::Kept)),
+        (kept, Some((m, source))) => {
+            tracing::warn!(
+                kept_elsewhere = kept.map(|k| k.eui),
+                "the concentrator gave no EUI: the gateway comes up under an identity derived \
+                 from this machine, until a start where the radio names its EUI (set gateway.id \
+                 to choose one)"
+            );
+            Some((m, source))
+        }
+        (_, None) => {
+            // Nothing stable to derive it from: only the radio can name the gateway.
+            tracing::error!("ALARM: no gateway identity: gateway.id is not set, the concentrator gives no EUI, and this machine has no global MAC address or machine-id; waiting for the concentrator");
             let eui = tokio::select! {
-                eui = tokio::time::timeout(cfg.gateway.eui_wait, eui_rx.wait_for(Option::is_some)) => {
-                    eui.ok().and_then(|r| r.ok().and_then(|e| *e))
-                }
+                eui = eui_rx.wait_for(Option::is_some) => eui.ok().and_then(|e| *e)?,
                 _ = stop_signal() => return None,
             };
-            match eui {
-                Some(eui) => (format!("{eui:016x}"), Source::ConcentratorEui),
-                None => match identity::derived() {
-                    Some(derived) => {
-                        tracing::warn!(
-                            "the concentrator gave no EUI within gateway.eui_wait: the gateway \
-                             comes up under an identity derived from this machine, kept from now \
-                             on (set gateway.id to choose one)"
-                        );
-                        derived
-                    }
-                    None => {
-                        // Nothing stable to derive it from: only the radio can name the gateway.
-                        tracing::error!("ALARM: no gateway identity: gateway.id is not set, the concentrator gives no EUI, and this machine has no global MAC address or machine-id; waiting for the concentrator");
-                        let eui = tokio::select! {
-                            eui = eui_rx.wait_for(Option::is_some) => eui.ok().and_then(|e| *e)?,
-                            _ = stop_signal() => return None,
-                        };
-                        (format!("{eui:016x}"), Source::ConcentratorEui)
-                    }
-                },
-            }
-        }
-    };
-    if source != Source::Remembered {
-        if let Err(e) = queue.state_put(identity::STATE_KEY, id.as_bytes()) {
-            tracing::warn!(error = %e, "the gateway identity could not be kept in the store");
+            let id = format!("{eui:016x}");
+            keep_eui(queue, &id, None);
+            Some((id, Source::ConcentratorEui))
         }
     }
-    tracing::info!(gateway_id = %id, source = source.describe(), "gateway identity");
-    Some(id)
+}
+
+/// Keeps the concentrator's EUI with the machine it was seen on, for a start without radio.
+fn keep_eui(queue: &Queue, eui: &str, machine: Option<&str>) {
+    let kept = lora_edge::identity::Kept {
+        eui: eui.to_string(),
+        machine: machine.map(str::to_string),
+    };
+    if let Err(e) = queue.state_put(lora_edge::identity::STATE_KEY, &kept.encode()) {
+        tracing::warn!(error = %e, "the concentrator's EUI could not be kept in the store");
+    }
 }
 
 /// The radio backend this binary links.
@@ -418,11 +436,37 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
     }
     .spawn()?;
 
-    let Some(gateway_id) = choose_identity(&cfg, &queue, &mut eui_rx).await else {
+    let Some((gateway_id, id_source)) = choose_identity(&cfg, &queue, &counters, &mut eui_rx).await
+    else {
         stop_radio.store(true, Ordering::Relaxed);
         let _ = tokio::task::spawn_blocking(move || radio.join()).await;
         return Ok(());
     };
+    tracing::info!(gateway_id = %gateway_id, source = id_source.describe(), "gateway identity");
+    if id_source != lora_edge::identity::Source::Configured {
+        // The radio may name its EUI later: kept for the next start, and said now if it is not
+        // the name in use.
+        let (queue, machine, in_use) = (
+            queue.clone(),
+            lora_edge::identity::derived().map(|(m, _)| m),
+            gateway_id.clone(),
+        );
+        let mut eui_rx = eui_rx.clone();
+        tokio::spawn(async move {
+            let Ok(eui) = eui_rx
+                .wait_for(Option::is_some)
+                .await
+                .map(|e| e.unwrap_or(0))
+            else {
+                return;
+            };
+            let eui = format!("{eui:016x}");
+            if eui != in_use {
+                keep_eui(&queue, &eui, machine.as_deref());
+                tracing::warn!(gateway_id = %in_use, concentrator_eui = %eui, "the gateway runs under an identity that is not its concentrator's EUI; the next start uses the EUI (set gateway.id to choose)");
+            }
+        });
+    }
     tracing::info!(gateway_id = %gateway_id, store = %cfg.store.path.display(), "lora-edge starting");
 
     let (appended_tx, appended_rx) = watch::channel(queue.next_seq().saturating_sub(1));
@@ -489,6 +533,16 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
     }
     .spawn()?;
 
+    let (exec_tx, exec_rx) = sync_channel(lora_edge::exec::QUEUE);
+    let exec = lora_edge::exec::Exec {
+        commands: cfg.commands.clone(),
+        gateway_id: gateway_id.clone(),
+        encoding: cfg.mqtt.encoding,
+        input: exec_rx,
+        output: event_tx.clone(),
+    }
+    .spawn()?;
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (health_tx, health_rx) = watch::channel(Vec::new());
     let health = tokio::spawn(
@@ -516,6 +570,7 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
             pumps: pump_commands,
             drain_until: None,
             health: Some(health_rx),
+            exec: Some(exec_tx),
         }
         .run(),
     );
@@ -571,6 +626,9 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
         // input: it is told to stop instead.
         stop_downlinks.store(true, Ordering::Relaxed);
         let _ = downlinks.join();
+        // Its input closes when the backhaul stops taking commands; a command running ends at
+        // its timeout at the latest.
+        let _ = exec.join();
         stopping.store(true, Ordering::Relaxed);
         let _ = writer.join();
     });

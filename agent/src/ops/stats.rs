@@ -194,9 +194,18 @@ impl StatsReporter {
         if let Some(t) = c.temperature() {
             put("concentrator_temperature_c", format!("{t:.1}"));
         }
+        let down = radio.state == crate::ops::counters::RadioState::Down;
         tracing::info!(
             radio = radio.state.name(),
-            radio_cause = radio.cause.unwrap_or(""),
+            radio_since = radio
+                .since
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            radio_restarts = radio.restarts,
+            radio_cause = radio.cause,
+            radio_last_error = radio.last_error.as_deref(),
+            radio_diagnosis = radio.diagnosis.as_deref().filter(|_| down),
+            concentrator_eui = radio.concentrator_eui.map(|e| format!("{e:016x}")),
+            temperature_c = c.temperature(),
             rx = received,
             accepted = Counters::get(&c.up_accepted),
             forwarded = Counters::get(&c.up_forwarded),

@@ -71,6 +71,8 @@ pub enum Cause {
     NoI2cDevice,
     /// No STTS751 answered on I2C.
     NoTemperatureSensor,
+    /// The board could not be reset through its GPIO lines (before the library is called).
+    BoardReset,
     /// Something else; the library's last error says what.
     Other,
 }
@@ -83,6 +85,7 @@ impl Cause {
             Cause::RadioCalibration => "radio_calibration",
             Cause::NoI2cDevice => "no_i2c_device",
             Cause::NoTemperatureSensor => "no_temperature_sensor",
+            Cause::BoardReset => "board_reset",
             Cause::Other => "other",
         }
     }

@@ -155,8 +155,9 @@ fn read_lines(master: OwnedFd, stream: Stream) {
         let text = String::from_utf8_lossy(&buf);
         let line = text.trim_end_matches(['\n', '\r']).trim();
         if let (Stream::Stdout, Some(n)) = (stream, line.strip_prefix(MARK.trim())) {
-            // Everything printed before the mark is logged (a repeat of the line before is
-            // still being counted) before the caller goes on.
+            // Everything printed before the mark is logged, a repeat's count too, before the
+            // caller goes on.
+            repeats.flush();
             let mut r = recording();
             r.marks_seen = r.marks_seen.max(n.trim().parse().unwrap_or(0));
             MARK_SEEN.notify_all();

@@ -307,10 +307,21 @@ impl Radio {
                 }
                 Some(
                     reset::reset(&self.settings.gpio_chip, self.settings.board).map_err(|e| {
-                        Failure::from(format!(
-                            "board reset through {}: {e}",
-                            self.settings.gpio_chip
-                        ))
+                        let error = format!("board reset through {}: {e}", self.settings.gpio_chip);
+                        Failure {
+                            diagnosis: Some(diagnosis::Diagnosis {
+                                cause: diagnosis::Cause::BoardReset,
+                                library_said: None,
+                                advice: format!(
+                                    "the concentrator could not be reset through {}: the service \
+                                     user needs the gpio group (the package adds it); on a Pi 5 \
+                                     with an early image the header's chip is /dev/gpiochip4 \
+                                     (radio.gpio_chip)",
+                                    self.settings.gpio_chip
+                                ),
+                            }),
+                            error,
+                        }
                     })?,
                 )
             }
@@ -387,8 +398,6 @@ impl Radio {
                     Ok(c) if Some(c) != last_counter => {
                         last_counter = Some(c);
                         counter_moved_at = now;
-                        // systemd's watchdog is fed by real progress of the radio, not a timer.
-                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                     }
                     Ok(_) => {}
                     Err(e) => return Down::Failed(e.to_string().into()),
@@ -403,7 +412,9 @@ impl Radio {
                     );
                 }
             }
-            if now >= next_temperature {
+            // A board without the sensor has no temperature: asking ChirpStack's r9 prints an
+            // ERROR line each time (its stts751_get_temperature on fd -1).
+            if self.settings.board.temperature_sensor.is_some() && now >= next_temperature {
                 next_temperature = now + Duration::from_secs(10);
                 if let Ok(t) = self.hal.temperature() {
                     self.counters

@@ -835,12 +835,17 @@ pub unsafe extern "C" fn lgw_get_temperature(temperature: *mut f32) -> c_int {
         return ERR;
     };
     with_sim(|s| match s.running.as_ref() {
-        // No sensor, or the fork not told where it is: no temperature.
         Some(run) if run.sensor_open => {
             *out = run.cfg.temperature_c;
             OK
         }
-        _ => ERR,
+        // No sensor open (r9 not told where it is, or it did not answer): loragw_stts751.c
+        // stts751_get_temperature is called with fd -1 and says so.
+        Some(_) => {
+            print("ERROR: invalid I2C file descriptor");
+            ERR
+        }
+        None => ERR,
     })
 }
 
