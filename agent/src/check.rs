@@ -2,7 +2,7 @@
 //! reloads to come: SIGHUP, an MQTT apply). The configuration is data and checks only its own
 //! values (`config`); each stage is asked here about its part: the radio (board, channel plan,
 //! backend and library variant of this build), the backhaul (TLS files, secrets), the rules
-//! (rule and keys files), the store (its place on disk). Imports run one way: this module uses
+//! (rule and keys files), the exec stage (its programs), the store (its place on disk). Imports run one way: this module uses
 //! config and the stages; none of them uses it.
 
 use std::path::PathBuf;
@@ -66,6 +66,7 @@ fn stage_files(cfg: &Config, report: &mut StageReport) {
             Err(lines) => report.located.extend(lines),
         }
     }
+    report.invalid.extend(crate::exec::check(&cfg.commands));
     // The store answers for its own place: what `run` would refuse, `check` refuses.
     if let Err(why) = crate::store::check_path(&cfg.store.path) {
         report.invalid.push(Invalid::new("store.path", why));
@@ -388,7 +389,7 @@ mod tests {
         let e = errors(std::slice::from_ref(&f), &["nosuch.key=1"]);
         assert_eq!(
             e,
-            vec!["--set nosuch.key=1: nosuch: unknown field `nosuch`, expected one of `gateway`, `region`, `radio`, `mqtt`, `store`, `stats`, `rules`".to_string()]
+            vec!["--set nosuch.key=1: nosuch: unknown field `nosuch`, expected one of `gateway`, `region`, `radio`, `mqtt`, `store`, `stats`, `rules`, `commands`".to_string()]
         );
     }
 

@@ -24,6 +24,8 @@ pub enum Kind {
     Rules = 6,
     /// Answers to central pump requests, JSON on `event/pump`.
     Pump = 7,
+    /// Answers to `command/exec`: ChirpStack's `GatewayCommandExecResponse` on `event/exec`.
+    Exec = 8,
 }
 
 impl Kind {
@@ -35,6 +37,7 @@ impl Kind {
             5 => Kind::Buffer,
             6 => Kind::Rules,
             7 => Kind::Pump,
+            8 => Kind::Exec,
             _ => return None,
         })
     }
@@ -48,6 +51,7 @@ impl Kind {
             Kind::Buffer => "event/buffer",
             Kind::Rules => "event/rules",
             Kind::Pump => "event/pump",
+            Kind::Exec => "event/exec",
         }
     }
 }
@@ -73,6 +77,8 @@ pub enum Body {
     Rules(serde_json::Value),
     /// An answer to a central pump request.
     Pump(serde_json::Value),
+    /// The outcome of a `command/exec` request.
+    Exec(gw::GatewayCommandExecResponse),
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +102,7 @@ impl Event {
             Body::Notice(_) => Kind::Buffer,
             Body::Rules(_) => Kind::Rules,
             Body::Pump(_) => Kind::Pump,
+            Body::Exec(_) => Kind::Exec,
         }
     }
 
@@ -116,6 +123,7 @@ impl Event {
             Body::Uplink(f) => StoredUplink::from_frame(*f).encode_to_vec(),
             Body::Stats(s) => s.encode_to_vec(),
             Body::Ack(a) => a.encode_to_vec(),
+            Body::Exec(r) => r.encode_to_vec(),
             Body::Notice(v) | Body::Rules(v) | Body::Pump(v) => {
                 serde_json::to_vec(&v).unwrap_or_default()
             }
@@ -161,6 +169,11 @@ pub fn publishable(
         Kind::Ack => {
             let a = gw::DownlinkTxAck::decode(stored).map_err(|e| bad(e.to_string()))?;
             wire(&a, encoding)
+        }
+        Kind::Exec => {
+            let r =
+                gw::GatewayCommandExecResponse::decode(stored).map_err(|e| bad(e.to_string()))?;
+            wire(&r, encoding)
         }
         Kind::Buffer | Kind::Rules | Kind::Pump => {
             let mut v: serde_json::Value =

@@ -16,6 +16,7 @@ pub mod check;
 pub mod config;
 pub mod downlink;
 pub mod events;
+pub mod exec;
 pub mod files;
 pub mod identity;
 pub mod ops;

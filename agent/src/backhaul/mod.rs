@@ -81,6 +81,8 @@ pub struct Backhaul {
     /// Set at the shutdown signal: publish what the store holds until `mqtt.drain_timeout`
     /// from then, then OFFLINE.
     pub drain_until: Option<tokio::time::Instant>,
+    /// `command/exec` payloads, to the exec stage; None once shutting down.
+    pub exec: Option<SyncSender<Vec<u8>>>,
     /// The latest retained `state/health` message (ops/state.rs), published at every connect
     /// and whenever it changes; empty: none yet.
     pub health: Option<watch::Receiver<Vec<u8>>>,
@@ -273,7 +275,6 @@ impl Backhaul {
         let mut tokens = self.cfg.max_rate_per_s as f64;
         let mut last_refill = Instant::now();
         let started = Instant::now();
-        let down_topic = topics.under("command/down");
         let mut to_ack: Option<u64> = None;
         let mut store_wakes = true;
         // 50 ms while something is pending (a CONNACK, PUBACKs, a rate budget, a drain); once a
@@ -316,10 +317,11 @@ impl Backhaul {
                             None => tracing::debug!(backlog, "backhaul: session started"),
                         }
                         // One SUBSCRIBE, one SUBACK: "subscribed" means every command topic.
-                        let mut filters = vec![Filter::new(down_topic.clone(), QoS::AtLeastOnce)];
-                        if self.pumps.is_some() {
-                            filters.push(Filter::new(topics.under("command/pump"), QoS::AtLeastOnce));
-                        }
+                        let filters: Vec<Filter> = self
+                            .command_topics(topics)
+                            .into_iter()
+                            .map(|t| Filter::new(t, QoS::AtLeastOnce))
+                            .collect();
                         if let Err(e) = client.try_subscribe_many(filters) {
                             return SessionEnd::Lost(format!("subscribe: {e}"));
                         }
@@ -358,8 +360,7 @@ impl Backhaul {
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                        let names = std::iter::once(down_topic.clone())
-                            .chain(self.pumps.is_some().then(|| topics.under("command/pump")));
+                        let names = self.command_topics(topics);
                         for (code, topic) in ack.return_codes.iter().zip(names) {
                             if !matches!(code, SubscribeReasonCode::Success(_)) {
                                 tracing::error!(%topic, reason = ?code, "the broker refused the subscription: these commands will not arrive");
@@ -474,6 +475,19 @@ impl Backhaul {
     fn stop_intake(&mut self) {
         self.downlinks = None;
         self.pumps = None;
+        self.exec = None;
+    }
+
+    /// The command topics subscribed to, in one SUBSCRIBE (in this order).
+    fn command_topics(&self, topics: &Topics) -> Vec<String> {
+        let mut t = vec![topics.under("command/down")];
+        if self.pumps.is_some() {
+            t.push(topics.under("command/pump"));
+        }
+        if self.exec.is_some() {
+            t.push(topics.under("command/exec"));
+        }
+        t
     }
 
     /// One incoming command: admitted by the per-topic rate limit, then handed to its stage.
@@ -506,6 +520,18 @@ impl Backhaul {
             )) {
                 Counters::add(&self.counters.tx_dropped, 1);
                 tracing::warn!("command/down: the downlink stage is saturated; command dropped");
+            }
+        } else if topic == topics.under("command/exec") {
+            let Some(exec) = &self.exec else {
+                tracing::info!("command/exec while shutting down: not run");
+                return;
+            };
+            if let Err(TrySendError::Full(_)) = exec.try_send(payload.to_vec()) {
+                Counters::add(&self.counters.commands_refused, 1);
+                tracing::warn!(
+                    waiting = crate::exec::QUEUE,
+                    "command/exec: requests are already waiting for the one running; request dropped, not answered"
+                );
             }
         } else {
             tracing::debug!(%topic, "message on a topic lora-edge does not handle");

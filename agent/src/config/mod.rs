@@ -37,6 +37,37 @@ pub struct Config {
     pub stats: StatsConfig,
     /// Local pump-safety rules; absent: none.
     pub rules: Option<RulesConfig>,
+    /// Commands the centre may run with `command/exec`, by name; nothing else runs.
+    #[serde(default)]
+    pub commands: std::collections::BTreeMap<String, CommandConfig>,
+}
+
+/// One command of the `command/exec` allow-list. The centre names it; what runs is fixed here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandConfig {
+    /// The program (an absolute path) and its arguments, exactly.
+    pub argv: Vec<String>,
+    /// Killed (with its process group) after this long.
+    #[serde(default = "default_command_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// stdout and stderr are each cut at this many bytes.
+    #[serde(default = "default_command_output")]
+    pub max_output_bytes: usize,
+    /// Whether the request's stdin is given to the program (otherwise a request with stdin is
+    /// refused).
+    #[serde(default)]
+    pub stdin: bool,
+    /// Environment variables the request may set; a request setting another is refused.
+    #[serde(default)]
+    pub allow_env: Vec<String>,
+}
+
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_command_output() -> usize {
+    64 * 1024
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -431,6 +462,47 @@ impl Config {
                 "radio.antenna_gain_dbi",
                 "must be between -10 and 30 dBi",
             ));
+        }
+        for (name, c) in &self.commands {
+            let field = format!("commands.{name}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+            {
+                out.push(invalid(
+                    &field,
+                    "a command name is letters, digits, '-', '_' or '.'",
+                ));
+            }
+            match c.argv.first() {
+                None => out.push(invalid(&format!("{field}.argv"), "is empty")),
+                Some(p) if !p.starts_with('/') => out.push(invalid(
+                    &format!("{field}.argv"),
+                    format!("{p:?}: the program must be an absolute path (no PATH search)"),
+                )),
+                _ => {}
+            }
+            if c.timeout < Duration::from_secs(1) || c.timeout > Duration::from_secs(600) {
+                out.push(invalid(
+                    &format!("{field}.timeout"),
+                    "must be between 1s and 10m",
+                ));
+            }
+            if !(1..=1 << 20).contains(&c.max_output_bytes) {
+                out.push(invalid(
+                    &format!("{field}.max_output_bytes"),
+                    "must be between 1 and 1048576",
+                ));
+            }
+            for v in &c.allow_env {
+                if v.is_empty() || v.contains(['=', '\0']) {
+                    out.push(invalid(
+                        &format!("{field}.allow_env"),
+                        format!("{v:?} is not a variable name"),
+                    ));
+                }
+            }
         }
         let m = &self.mqtt;
         match parse_server(&m.server) {

@@ -126,8 +126,10 @@ impl HealthReporter {
                 "concentrator_eui": radio.concentrator_eui.map(|e| format!("{e:016x}")),
                 "temperature_c": c.temperature(),
             },
+            // Whether the backhaul is up is `state/conn`'s to say: a retained "up" here would be
+            // read as true while the gateway is gone, and is stale in the message sent at
+            // connect.
             "backhaul": {
-                "up": c.backhaul_up.load(Ordering::Relaxed),
                 "outages_total": Counters::get(&c.outages),
                 "last_outage_ms": c.last_outage_ms.load(Ordering::Relaxed),
             },
@@ -166,7 +168,7 @@ fn state_key(report: &Value) -> String {
         pick(&report["radio"]["state"]),
         pick(&report["radio"]["cause"]),
         pick(&report["radio"]["last_error"]),
-        pick(&report["backhaul"]["up"]),
+        pick(&report["backhaul"]["outages_total"]),
         pick(&report["rules"]),
     ])
     .to_string()
@@ -184,7 +186,7 @@ mod tests {
 
     #[test]
     fn a_count_is_not_a_change_of_state_but_the_radio_is() {
-        let a = json!({"state": "running", "radio": {"state": "up", "cause": null}, "backhaul": {"up": true}, "rules": {}, "uptime_s": 1});
+        let a = json!({"state": "running", "radio": {"state": "up", "cause": null}, "backhaul": {"outages_total": 0}, "rules": {}, "uptime_s": 1});
         let mut b = a.clone();
         b["uptime_s"] = json!(2);
         assert_eq!(state_key(&a), state_key(&b));
