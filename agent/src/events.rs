@@ -26,6 +26,8 @@ pub enum Kind {
     Pump = 7,
     /// Answers to `command/exec`: ChirpStack's `GatewayCommandExecResponse` on `event/exec`.
     Exec = 8,
+    /// Answers to lora-edge's own `command/ops` requests, JSON on `event/ops`.
+    Ops = 9,
 }
 
 impl Kind {
@@ -38,6 +40,7 @@ impl Kind {
             6 => Kind::Rules,
             7 => Kind::Pump,
             8 => Kind::Exec,
+            9 => Kind::Ops,
             _ => return None,
         })
     }
@@ -52,6 +55,7 @@ impl Kind {
             Kind::Rules => "event/rules",
             Kind::Pump => "event/pump",
             Kind::Exec => "event/exec",
+            Kind::Ops => "event/ops",
         }
     }
 }
@@ -79,6 +83,8 @@ pub enum Body {
     Pump(serde_json::Value),
     /// The outcome of a `command/exec` request.
     Exec(gw::GatewayCommandExecResponse),
+    /// An answer to a `command/ops` request.
+    Ops(serde_json::Value),
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +109,7 @@ impl Event {
             Body::Rules(_) => Kind::Rules,
             Body::Pump(_) => Kind::Pump,
             Body::Exec(_) => Kind::Exec,
+            Body::Ops(_) => Kind::Ops,
         }
     }
 
@@ -124,7 +131,7 @@ impl Event {
             Body::Stats(s) => s.encode_to_vec(),
             Body::Ack(a) => a.encode_to_vec(),
             Body::Exec(r) => r.encode_to_vec(),
-            Body::Notice(v) | Body::Rules(v) | Body::Pump(v) => {
+            Body::Notice(v) | Body::Rules(v) | Body::Pump(v) | Body::Ops(v) => {
                 serde_json::to_vec(&v).unwrap_or_default()
             }
         }
@@ -175,7 +182,7 @@ pub fn publishable(
                 gw::GatewayCommandExecResponse::decode(stored).map_err(|e| bad(e.to_string()))?;
             wire(&r, encoding)
         }
-        Kind::Buffer | Kind::Rules | Kind::Pump => {
+        Kind::Buffer | Kind::Rules | Kind::Pump | Kind::Ops => {
             let mut v: serde_json::Value =
                 serde_json::from_slice(stored).map_err(|e| bad(e.to_string()))?;
             let o = v

@@ -545,9 +545,22 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (health_tx, health_rx) = watch::channel(Vec::new());
+    let identity = health_identity(&cfg, &gateway_id, files, sets);
+    let (ops_tx, ops_rx) = sync_channel(lora_edge::ops::requests::QUEUE);
+    let ops = lora_edge::ops::requests::Requests {
+        config: serde_json::to_value(config::redacted(&cfg.source)).unwrap_or_default(),
+        config_files: identity.config_files.clone(),
+        rules_file: cfg.rules.as_ref().map(|r| r.file.clone()),
+        queue: queue.clone(),
+        counters: counters.clone(),
+        health: health_rx.clone(),
+        input: ops_rx,
+        output: event_tx.clone(),
+    }
+    .spawn()?;
     let health = tokio::spawn(
         HealthReporter {
-            identity: health_identity(&cfg, &gateway_id, files, sets),
+            identity,
             interval: cfg.stats.interval,
             counters: counters.clone(),
             queue: queue.clone(),
@@ -571,6 +584,7 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
             drain_until: None,
             health: Some(health_rx),
             exec: Some(exec_tx),
+            ops: Some(ops_tx),
         }
         .run(),
     );
@@ -629,6 +643,7 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
         // Its input closes when the backhaul stops taking commands; a command running ends at
         // its timeout at the latest.
         let _ = exec.join();
+        let _ = ops.join();
         stopping.store(true, Ordering::Relaxed);
         let _ = writer.join();
     });

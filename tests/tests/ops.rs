@@ -200,3 +200,88 @@ fn command_exec_runs_only_the_allow_list_and_answers_every_request() {
         "{log}"
     );
 }
+
+#[test]
+fn ops_requests_are_answered_with_secrets_redacted_and_every_refusal_said() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let (agent, dir) = AgentSetup::new(broker.port)
+        .config("[mqtt]\nusername = \"gw\"\npassword = \"s3cret-Loire\"")
+        .start();
+    assert!(
+        agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)),
+        "{}",
+        agent.log()
+    );
+    let topic = format!("eu868/gateway/{GATEWAY_ID}/command/ops");
+    for req in [
+        r#"{"id":"c1","op":"config"}"#,
+        r#"{"id":"r1","op":"rules"}"#,
+        r#"{"id":"b1","op":"backlog"}"#,
+        r#"{"id":"h1","op":"health"}"#,
+        r#"{"id":"a1","op":"apply"}"#,
+        r#"{"id":"u1","op":"format-the-disk"}"#,
+        r#"{"op":"config"}"#,
+        "not json at all",
+    ] {
+        publish(broker.port, &topic, req.as_bytes().to_vec());
+    }
+    let until = Instant::now() + patience(Duration::from_secs(20));
+    let answers = loop {
+        let a: Vec<Value> = collector
+            .on("/event/ops")
+            .iter()
+            .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+            .collect();
+        if a.len() >= 8 || Instant::now() > until {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(answers.len(), 8, "{answers:?}\n{}", agent.log());
+    let by = |id: &str| {
+        answers
+            .iter()
+            .find(|a| a["id"] == id)
+            .unwrap_or_else(|| panic!("no answer {id}: {answers:?}"))
+            .clone()
+    };
+    let c = by("c1");
+    assert_eq!(c["ok"], true, "{c}");
+    assert_eq!(c["result"]["config"]["mqtt"]["password"], "(hidden)", "{c}");
+    assert_eq!(c["result"]["config"]["mqtt"]["username"], "gw", "{c}");
+    let raw: String = collector
+        .on("/event/ops")
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert!(
+        !raw.contains("s3cret-Loire"),
+        "the password left the gateway"
+    );
+    let files = c["result"]["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2, "agent.toml and extra.toml: {c}");
+    assert_eq!(
+        files[0]["sha256"].as_str().unwrap(),
+        sha256sum(&dir.path().join("agent.toml"))
+    );
+    assert!(by("r1")["error"].as_str().unwrap().contains("no rules"));
+    let b = by("b1");
+    assert_eq!(b["ok"], true, "{b}");
+    assert!(b["result"]["next_seq"].as_u64().unwrap() >= 1, "{b}");
+    assert_eq!(by("h1")["result"]["gateway_id"], GATEWAY_ID);
+    assert!(by("a1")["error"].as_str().unwrap().contains("not built"));
+    assert!(by("u1")["error"].as_str().unwrap().contains("unknown op"));
+    let no_id: Vec<&Value> = answers.iter().filter(|a| a["id"].is_null()).collect();
+    assert_eq!(no_id.len(), 2, "{no_id:?}");
+    assert!(no_id
+        .iter()
+        .any(|a| a["error"].as_str().unwrap().starts_with("not JSON")));
+    assert!(no_id
+        .iter()
+        .any(|a| a["error"].as_str().unwrap().contains("needs an \"id\"")));
+    assert!(
+        answers.iter().all(|a| a["seq"].as_u64().is_some()),
+        "stored, numbered"
+    );
+}

@@ -83,6 +83,8 @@ pub struct Backhaul {
     pub drain_until: Option<tokio::time::Instant>,
     /// `command/exec` payloads, to the exec stage; None once shutting down.
     pub exec: Option<SyncSender<Vec<u8>>>,
+    /// `command/ops` payloads, to the ops requests stage; None once shutting down.
+    pub ops: Option<SyncSender<Vec<u8>>>,
     /// The latest retained `state/health` message (ops/state.rs), published at every connect
     /// and whenever it changes; empty: none yet.
     pub health: Option<watch::Receiver<Vec<u8>>>,
@@ -476,6 +478,7 @@ impl Backhaul {
         self.downlinks = None;
         self.pumps = None;
         self.exec = None;
+        self.ops = None;
     }
 
     /// The command topics subscribed to, in one SUBSCRIBE (in this order).
@@ -486,6 +489,9 @@ impl Backhaul {
         }
         if self.exec.is_some() {
             t.push(topics.under("command/exec"));
+        }
+        if self.ops.is_some() {
+            t.push(topics.under("command/ops"));
         }
         t
     }
@@ -531,6 +537,17 @@ impl Backhaul {
                 tracing::warn!(
                     waiting = crate::exec::QUEUE,
                     "command/exec: requests are already waiting for the one running; request dropped, not answered"
+                );
+            }
+        } else if topic == topics.under("command/ops") {
+            let Some(ops) = &self.ops else {
+                tracing::info!("command/ops while shutting down: not answered");
+                return;
+            };
+            if let Err(TrySendError::Full(_)) = ops.try_send(payload.to_vec()) {
+                Counters::add(&self.counters.commands_refused, 1);
+                tracing::warn!(
+                    "command/ops: too many requests waiting; request dropped, not answered"
                 );
             }
         } else {

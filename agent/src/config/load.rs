@@ -78,6 +78,30 @@ pub fn read_capped(path: &std::path::Path) -> std::io::Result<String> {
 /// Fields whose value is never printed, whatever is wrong with it.
 pub const SECRET_FIELDS: [&str; 1] = ["mqtt.password"];
 
+/// `table` with the value of every secret field replaced: what may be shown to the centre.
+pub fn redacted(table: &toml::Table) -> toml::Table {
+    fn hide(t: &mut toml::Table, path: &[&str]) {
+        match path {
+            [] => {}
+            [last] => {
+                if t.contains_key(*last) {
+                    t.insert(last.to_string(), toml::Value::String("(hidden)".into()));
+                }
+            }
+            [first, rest @ ..] => {
+                if let Some(next) = t.get_mut(*first).and_then(|v| v.as_table_mut()) {
+                    hide(next, rest);
+                }
+            }
+        }
+    }
+    let mut t = table.clone();
+    for field in SECRET_FIELDS {
+        hide(&mut t, &field.split('.').collect::<Vec<_>>());
+    }
+    t
+}
+
 fn is_secret(field: &str) -> bool {
     SECRET_FIELDS.contains(&field)
 }
@@ -199,6 +223,7 @@ fn load_with(
     // serde stops at the first problem: `deserialize_all` reports it, takes the offending key out
     // (its default applies) and goes again, so that every unknown key and every wrong type is
     // reported at once.
+    let source = merged.clone();
     let (config, problems) = deserialize_all::<Config>(merged, is_secret);
     let mut typed: Vec<ConfigError> = problems
         .into_iter()
@@ -211,6 +236,7 @@ fn load_with(
     let Some(mut config) = config else {
         return Err(ConfigErrors(typed));
     };
+    config.source = source;
     let reported: Vec<String> = typed.iter().filter_map(|e| e.field.clone()).collect();
 
     // Paths in a file are relative to that file.

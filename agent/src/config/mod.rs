@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 pub(crate) use load::{at, deserialize_all, find_field};
 pub use load::{
-    load, ConfigError, ConfigErrors, Linked, StageReport, MAX_FILE_BYTES, SECRET_FIELDS,
+    load, redacted, ConfigError, ConfigErrors, Linked, StageReport, MAX_FILE_BYTES, SECRET_FIELDS,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,6 +40,10 @@ pub struct Config {
     /// Commands the centre may run with `command/exec`, by name; nothing else runs.
     #[serde(default)]
     pub commands: std::collections::BTreeMap<String, CommandConfig>,
+    /// The files and `--set`s merged, as written (set by `load`): what the centre is shown,
+    /// secrets redacted (`redacted`).
+    #[serde(skip)]
+    pub source: toml::Table,
 }
 
 /// One command of the `command/exec` allow-list. The centre names it; what runs is fixed here.

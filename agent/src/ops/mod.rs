@@ -3,5 +3,6 @@
 
 pub mod counters;
 pub mod health;
+pub mod requests;
 pub mod state;
 pub mod stats;
