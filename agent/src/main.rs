@@ -361,15 +361,29 @@ async fn stop_signal() {
     }
 }
 
-/// SIGHUP would end the process (its default action). Until configuration reload exists, it is
-/// logged and ignored, so that a `systemctl reload` or a closed terminal does not stop a gateway.
-fn ignore_hangups() {
+/// Set once the stages run: what SIGHUP reloads with.
+static RELOADER: std::sync::OnceLock<Arc<lora_edge::ops::requests::Reloader>> =
+    std::sync::OnceLock::new();
+
+/// SIGHUP (`systemctl reload`): the files on disk checked as `check` does; the rules run in
+/// place of the running ones (pump states kept); other changes named (a restart applies them); a
+/// broken file changes nothing. Before the stages run, and for its default action (ending the
+/// process), it is ignored.
+fn handle_hangups() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::hangup()) {
         Ok(mut hup) => {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    tracing::warn!("SIGHUP ignored: configuration reload is not supported yet (restart to apply a new configuration)");
+                    let Some(reloader) = RELOADER.get().cloned() else {
+                        tracing::warn!("SIGHUP while starting: ignored");
+                        continue;
+                    };
+                    match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                        Ok(Ok(done)) => tracing::info!(%done, "SIGHUP: reloaded"),
+                        Ok(Err(why)) => tracing::error!("SIGHUP: nothing changed: {why}"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: the reload failed"),
+                    }
                 }
             });
         }
@@ -383,7 +397,7 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
         hal = %Concentrator::describe_linked(),
         "lora-edge"
     );
-    ignore_hangups();
+    handle_hangups();
     // Before the first call into the library: its output goes to our log.
     if let Err(e) = lora_edge::radio::library_output::capture() {
         tracing::warn!(error = %e, "libloragw's output is not captured (no pseudo-terminal)");
@@ -506,6 +520,15 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
         &down_tx,
     )?;
     let pump_commands = rules_input.as_ref().map(|(tx, _)| tx.clone());
+    let rules_control = match (&cfg.rules, &pump_commands) {
+        (Some(rc), Some(stage)) => Some(lora_edge::ops::rules_change::RulesControl {
+            cfg: rc.clone(),
+            // Validated by check.
+            public_key: rc.public_key_bytes().ok().flatten(),
+            stage: stage.clone(),
+        }),
+        _ => None,
+    };
     let uplinks = Uplinks {
         input: radio_rx,
         rules: rules_input,
@@ -547,6 +570,14 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
     let (health_tx, health_rx) = watch::channel(Vec::new());
     let identity = health_identity(&cfg, &gateway_id, files, sets);
     let (ops_tx, ops_rx) = sync_channel(lora_edge::ops::requests::QUEUE);
+    let reloader = Arc::new(lora_edge::ops::requests::Reloader {
+        files: files.to_vec(),
+        sets: sets.to_vec(),
+        linked: Some(linked()),
+        running: cfg.source.clone(),
+        rules: std::sync::Mutex::new(rules_control),
+    });
+    let _ = RELOADER.set(reloader.clone());
     let ops = lora_edge::ops::requests::Requests {
         config: serde_json::to_value(config::redacted(&cfg.source)).unwrap_or_default(),
         config_files: identity.config_files.clone(),
@@ -554,6 +585,7 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
         queue: queue.clone(),
         counters: counters.clone(),
         health: health_rx.clone(),
+        reloader,
         input: ops_rx,
         output: event_tx.clone(),
     }
@@ -630,6 +662,10 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
     // The writer ends once every stage that sends it events has ended; meanwhile the backhaul
     // publishes what they leave (acks of cancelled downlinks, the last audits), for at most
     // `mqtt.drain_timeout`, then says OFFLINE.
+    // The rule changes hold a sender of the rules stage's input: let it end.
+    if let Some(r) = RELOADER.get() {
+        r.close();
+    }
     let stages = tokio::task::spawn_blocking(move || {
         // The uplink stage and the backhaul held its senders: the rules stage drives the pumps
         // off and ends (before the writer, which takes its last audit records).

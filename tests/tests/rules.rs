@@ -612,3 +612,241 @@ fn a_wrong_app_s_key_with_the_right_nwk_s_key_never_starts_the_pump() {
     assert!(!agent.log().contains("frame dropped"), "{}", agent.log());
     agent.sigterm();
 }
+
+/// The rules' sensor state as the health message says it, once it holds `needle`.
+fn wait_sensor(collector: &Collector, needle: &str, agent: &Agent) {
+    let until = std::time::Instant::now() + patience(Duration::from_secs(30));
+    while std::time::Instant::now() < until {
+        let seen = collector.on("/state/health").iter().any(|m| {
+            serde_json::from_slice::<serde_json::Value>(&m.payload)
+                .map(|v| {
+                    v["rules"]["sensor_wet_well_level"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains(needle)
+                })
+                .unwrap_or(false)
+        });
+        if seen {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the sensor never read {needle}\n{}", agent.log());
+}
+
+#[test]
+fn sighup_runs_a_changed_threshold_without_touching_the_running_pump_and_a_broken_file_changes_nothing(
+) {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let scenario = vec![
+        at(500, SENSOR.uplink(1, 2, &level(3000))),
+        at(1000, SENSOR.uplink(2, 2, &level(3010))),
+        // Falling, still above stop_at 1.0: the pump runs on.
+        at(3000, SENSOR.uplink(3, 2, &level(1200))),
+    ];
+    let setup = AgentSetup::new(broker.port).scenario(&scenario);
+    std::fs::write(setup.dir.path().join("rules.toml"), RULES).unwrap();
+    pki::write(setup.dir.path(), "keys.toml", &SENSOR.keys_toml(), 0o600);
+    let (agent, dir) = setup
+        .config("[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"")
+        .start();
+    assert_eq!(wait_relay(dir.path(), 2, &agent), vec![false, true]);
+    wait_sensor(&collector, "1.2", &agent);
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.pid().unwrap() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+
+    // A broken file: refused, with its line; the pump runs on.
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        RULES.replace("stop_at = 1.0", "stop_at = \"high\""),
+    )
+    .unwrap();
+    hup();
+    assert!(
+        agent.wait_log("SIGHUP: nothing changed", Duration::from_secs(10)),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("rules.toml:"),
+        "located: {}",
+        agent.log()
+    );
+    assert_eq!(relay(dir.path()), vec![false, true]);
+
+    // The technician raises stop_at to 1.5: the running pump is not restarted, and the next
+    // scan stops it (1.2 is below 1.5).
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        RULES.replace("stop_at = 1.0", "stop_at = 1.5"),
+    )
+    .unwrap();
+    hup();
+    assert!(
+        agent.wait_log("SIGHUP: reloaded", Duration::from_secs(10)),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(wait_relay(dir.path(), 3, &agent), vec![false, true, false]);
+    let audits = collector.wait_for("/event/rules", Duration::from_secs(10), |m| {
+        m.iter()
+            .any(|m| String::from_utf8_lossy(&m.payload).contains("\"reload\""))
+    });
+    let reload: serde_json::Value = audits
+        .iter()
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap())
+        .find(|v| v["action"] == "reload")
+        .unwrap();
+    assert!(
+        reload["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("pump states kept"),
+        "{reload}"
+    );
+}
+
+/// Runs openssl (the test's own signer, not the agent's code).
+fn openssl(dir: &std::path::Path, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn a_rule_file_from_the_centre_runs_only_signed_and_rolls_back() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let setup = AgentSetup::new(broker.port);
+    let d = setup.dir.path().to_path_buf();
+    openssl(
+        &d,
+        &["genpkey", "-algorithm", "ed25519", "-out", "signing.pem"],
+    );
+    openssl(
+        &d,
+        &[
+            "pkey",
+            "-in",
+            "signing.pem",
+            "-pubout",
+            "-outform",
+            "DER",
+            "-out",
+            "pub.der",
+        ],
+    );
+    let public = String::from_utf8(openssl(&d, &["base64", "-A", "-in", "pub.der"])).unwrap();
+    let sign = |text: &str| {
+        std::fs::write(d.join("candidate.toml"), text).unwrap();
+        openssl(
+            &d,
+            &[
+                "pkeyutl",
+                "-sign",
+                "-inkey",
+                "signing.pem",
+                "-rawin",
+                "-in",
+                "candidate.toml",
+                "-out",
+                "sig.bin",
+            ],
+        );
+        String::from_utf8(openssl(&d, &["base64", "-A", "-in", "sig.bin"])).unwrap()
+    };
+    std::fs::write(d.join("rules.toml"), RULES).unwrap();
+    pki::write(&d, "keys.toml", &SENSOR.keys_toml(), 0o600);
+    let (agent, dir) = setup
+        .config(&format!(
+            "[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"\npublic_key = \"{public}\""
+        ))
+        .start();
+    assert!(
+        agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)),
+        "{}",
+        agent.log()
+    );
+    let topic = format!("eu868/gateway/{GATEWAY_ID}/command/ops");
+    let raised = RULES.replace("stop_at = 1.0", "stop_at = 1.5");
+    let good_sig = sign(&raised);
+    let other_shape = RULES.replace("id = \"P1\"", "id = \"P2\"");
+    let other_sig = sign(&other_shape);
+    let ask = |id: &str, body: serde_json::Value| {
+        let mut v = body;
+        v["id"] = id.into();
+        publish(broker.port, &topic, serde_json::to_vec(&v).unwrap());
+        let until = std::time::Instant::now() + patience(Duration::from_secs(15));
+        loop {
+            let found = collector
+                .on("/event/ops")
+                .iter()
+                .filter_map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
+                .find(|a| a["id"] == id);
+            if let Some(a) = found {
+                return a;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "no answer to {id}\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let on_disk = || std::fs::read_to_string(dir.path().join("rules.toml")).unwrap();
+
+    // Unsigned, or signed for other bytes: refused, nothing written.
+    let a = ask("u", serde_json::json!({"op": "apply", "rules": raised}));
+    assert!(a["error"].as_str().unwrap().contains("signed"), "{a}");
+    let a = ask(
+        "w",
+        serde_json::json!({"op": "apply", "rules": raised, "signature": other_sig}),
+    );
+    assert!(
+        a["error"].as_str().unwrap().contains("does not match"),
+        "{a}"
+    );
+    assert_eq!(on_disk(), RULES);
+    // Signed but another shape: refused by the running stage, nothing written.
+    let a = ask(
+        "s",
+        serde_json::json!({"op": "apply", "rules": other_shape, "signature": other_sig}),
+    );
+    assert!(a["error"].as_str().unwrap().contains("restart"), "{a}");
+    assert_eq!(on_disk(), RULES);
+    assert!(!dir.path().join("rules.toml.new").exists());
+    // Signed, same shape: runs, then is the file on disk; the old one kept.
+    let a = ask(
+        "g",
+        serde_json::json!({"op": "apply", "rules": raised, "signature": good_sig}),
+    );
+    assert_eq!(a["ok"], true, "{a}\n{}", agent.log());
+    assert_eq!(on_disk(), raised);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("rules.toml.prev")).unwrap(),
+        RULES
+    );
+    let r = ask("r", serde_json::json!({"op": "rules"}));
+    assert_eq!(r["result"]["text"], raised.as_str());
+    // Roll back: the old one runs and is on disk again.
+    let b = ask("b", serde_json::json!({"op": "rollback"}));
+    assert_eq!(b["ok"], true, "{b}");
+    assert_eq!(on_disk(), RULES);
+    assert_ne!(b["result"]["rules_sha256"], a["result"]["rules_sha256"]);
+}

@@ -81,6 +81,35 @@ pub struct RulesConfig {
     pub file: PathBuf,
     /// Session keys of the devices the rules read; refused if others can read it.
     pub keys_file: PathBuf,
+    /// Ed25519 public key (base64: the 32 raw bytes, or the DER `openssl pkey -pubout
+    /// -outform DER` writes) that a rule file sent by the centre must be signed with.
+    #[serde(default)]
+    pub public_key: Option<String>,
+}
+
+/// The DER prefix of an Ed25519 SubjectPublicKeyInfo before the 32 key bytes.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+impl RulesConfig {
+    /// The 32 bytes of `public_key`, if set.
+    pub fn public_key_bytes(&self) -> Result<Option<Vec<u8>>, String> {
+        use base64::Engine;
+        let Some(text) = &self.public_key else {
+            return Ok(None);
+        };
+        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(text.trim().trim_end_matches('='))
+            .map_err(|e| format!("not base64: {e}"))?;
+        match bytes.len() {
+            32 => Ok(Some(bytes)),
+            44 if bytes[..12] == ED25519_SPKI_PREFIX => Ok(Some(bytes[12..].to_vec())),
+            n => Err(format!(
+                "{n} bytes: an Ed25519 public key is 32 bytes (or their 44-byte DER form)"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -466,6 +495,11 @@ impl Config {
                 "radio.antenna_gain_dbi",
                 "must be between -10 and 30 dBi",
             ));
+        }
+        if let Some(r) = &self.rules {
+            if let Err(why) = r.public_key_bytes() {
+                out.push(invalid("rules.public_key", why));
+            }
         }
         for (name, c) in &self.commands {
             let field = format!("commands.{name}");

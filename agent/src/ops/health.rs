@@ -48,13 +48,25 @@ impl Heartbeats {
     }
 }
 
+/// The watchdog's period, as libsystemd's `sd_watchdog_enabled` reads it: `WATCHDOG_USEC`,
+/// for this process if `WATCHDOG_PID` says so or is not set. (The sd-notify crate also
+/// requires `WATCHDOG_PID`.)
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then_some(usec)
+}
+
 /// Feeds systemd's watchdog while every stage makes progress; returns at shutdown.
 pub async fn feed_watchdog(counters: Arc<Counters>, mut shutdown: watch::Receiver<bool>) {
     let beats = &counters.beats;
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+    let Some(usec) = watchdog_usec() else {
         return;
-    }
+    };
     let timeout = Duration::from_micros(usec);
     // A stage is stalled when it has not beaten for half the watchdog's time.
     let limit = timeout / 2;

@@ -4,5 +4,6 @@
 pub mod counters;
 pub mod health;
 pub mod requests;
+pub mod rules_change;
 pub mod state;
 pub mod stats;

@@ -7,10 +7,17 @@
 //!   left out take their defaults), secrets redacted, with the files' sha256;
 //! - `rules`: the rule file as running (its text and sha256; never the keys file);
 //! - `backlog`: what the store holds and has lost;
-//! - `health`: the current `state/health` message.
+//! - `health`: the current `state/health` message;
+//! - `reload`: the configuration and rule files on disk checked as `lora-edge check` does; the
+//!   rules run in place of the running ones (`rules_change.rs`: pump states kept), other
+//!   changed keys are named (they take effect at the next restart); a broken file changes
+//!   nothing and the answer says why (SIGHUP does the same);
+//! - `apply` with `"rules"` (the rule file's text, and `"signature"` when
+//!   `rules.public_key` is set): checked, run, then written in place of the rule file;
+//! - `rollback`: the previous rule file.
 //!
-//! Changing the configuration or the rules from the centre (apply, reload, roll back, confirm)
-//! is not built yet: such a request is answered with an error saying so.
+//! Applying a configuration from the centre (and confirm-or-revert) is not built yet: such a
+//! request is answered with an error saying so.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -28,8 +35,80 @@ use crate::store::Queue;
 /// Requests waiting (the backhaul drops beyond this, and counts).
 pub const QUEUE: usize = 16;
 
-const OPS: [&str; 4] = ["config", "rules", "backlog", "health"];
-const NOT_YET: [&str; 4] = ["apply", "reload", "rollback", "confirm"];
+const OPS: [&str; 7] = [
+    "config", "rules", "backlog", "health", "reload", "apply", "rollback",
+];
+const NOT_YET: [&str; 1] = ["confirm"];
+
+/// Reading the files on disk again (SIGHUP and `reload`), with what the process runs.
+pub struct Reloader {
+    pub files: Vec<PathBuf>,
+    pub sets: Vec<String>,
+    pub linked: Option<crate::config::Linked>,
+    /// The configuration as running (`Config::source`), to tell what changed on disk.
+    pub running: toml::Table,
+    /// Taken away at shutdown (`close`): it holds a sender of the rules stage's input, which
+    /// ends when every sender is gone.
+    pub rules: std::sync::Mutex<Option<super::rules_change::RulesControl>>,
+}
+
+impl Reloader {
+    /// No more rule changes: the rules stage may end.
+    pub fn close(&self) {
+        if let Ok(mut r) = self.rules.lock() {
+            *r = None;
+        }
+    }
+
+    /// Runs `f` with the rules' control, if the stage runs.
+    fn with_rules<T>(
+        &self,
+        f: impl FnOnce(&super::rules_change::RulesControl) -> Result<T, String>,
+    ) -> Option<Result<T, String>> {
+        let guard = self.rules.lock().ok()?;
+        guard.as_ref().map(f)
+    }
+
+    pub fn reload(&self) -> Result<Value, String> {
+        let (cfg, _) = crate::check::configuration(
+            &self.files,
+            &self.sets,
+            self.linked,
+            crate::check::Depth::Files,
+        )
+        .map_err(|e| {
+            format!(
+                "the files on disk do not pass check; the running configuration and rules stay:\n{e}"
+            )
+        })?;
+        let mut changed: Vec<String> = Vec::new();
+        let keys: std::collections::BTreeSet<&String> =
+            cfg.source.keys().chain(self.running.keys()).collect();
+        for k in keys {
+            if k != "rules" && cfg.source.get(k) != self.running.get(k) {
+                changed.push(k.clone());
+            }
+        }
+        if cfg.source.get("rules") != self.running.get("rules") {
+            changed
+                .push("rules (its keys: the files it names are reloaded only at a restart)".into());
+        }
+        let rules =
+            match (self.with_rules(|r| r.reload()), &cfg.rules) {
+                (Some(r), _) => Some(r?),
+                (None, Some(_)) => return Err(
+                    "the rules stage is not running (its files did not load at start, or rules \
+                     were added): a restart starts it"
+                        .into(),
+                ),
+                (None, None) => None,
+            };
+        Ok(json!({
+            "rules_sha256": rules,
+            "restart_needed_for": changed,
+        }))
+    }
+}
 
 pub struct Requests {
     /// The configuration as running, secrets redacted (`config::redacted`), as JSON.
@@ -40,6 +119,7 @@ pub struct Requests {
     pub queue: Arc<Queue>,
     pub counters: Arc<Counters>,
     pub health: watch::Receiver<Vec<u8>>,
+    pub reloader: Arc<Reloader>,
     pub input: Receiver<Vec<u8>>,
     pub output: SyncSender<Event>,
 }
@@ -79,7 +159,7 @@ impl Requests {
         let result = if id.is_null() {
             Err("the request needs an \"id\" (a string of at most 64 characters, or a number) to be answered by".to_string())
         } else {
-            self.run(&op)
+            self.run(&op, &request)
         };
         match result {
             Ok(result) => {
@@ -93,7 +173,7 @@ impl Requests {
         }
     }
 
-    fn run(&self, op: &str) -> Result<Value, String> {
+    fn run(&self, op: &str, request: &Value) -> Result<Value, String> {
         match op {
             "config" => Ok(json!({
                 "config": self.config,
@@ -131,9 +211,31 @@ impl Requests {
             }
             "health" => serde_json::from_slice(&self.health.borrow())
                 .map_err(|_| "no health message yet".to_string()),
+            "reload" => self.reloader.reload(),
+            "apply" => {
+                let Some(text) = request["rules"].as_str() else {
+                    return Err(
+                        "apply takes \"rules\" (a rule file's text); applying a configuration \
+                         from the centre is not built in this version"
+                            .into(),
+                    );
+                };
+                self.reloader
+                    .with_rules(|c| c.apply(text, request["signature"].as_str()))
+                    .ok_or(
+                        "the rules stage is not running on this gateway (no rules configured, \
+                         or their files did not load at start)",
+                    )?
+                    .map(|sha| json!({"rules_sha256": sha}))
+            }
+            "rollback" => self
+                .reloader
+                .with_rules(|c| c.rollback())
+                .ok_or("the rules stage is not running on this gateway")?
+                .map(|sha| json!({"rules_sha256": sha})),
             op if NOT_YET.contains(&op) => Err(format!(
-                "\"{op}\" is not built in this version: configuration and rule changes from the \
-                 centre are not supported yet"
+                "\"{op}\" is not built in this version: confirm-or-revert comes with applying a \
+                 configuration from the centre"
             )),
             op => Err(format!("unknown op {op:?} (known: {})", OPS.join(", "))),
         }

@@ -21,6 +21,18 @@ fn rules(latch: bool) -> RuleSet {
 
 /// `short`: min run and min off of one minute, so that the starts per hour limit is what binds.
 fn rules_with(latch: bool, short: bool) -> RuleSet {
+    let dir = tempfile::tempdir().unwrap();
+    rules_in(dir.path(), &text_with(latch, short))
+}
+
+/// A rule file in `dir` (its actuator's relay file is relative to it).
+fn rules_in(dir: &std::path::Path, text: &str) -> RuleSet {
+    let p = dir.join("rules.toml");
+    std::fs::write(&p, text).unwrap();
+    file::load(&p).unwrap()
+}
+
+fn text_with(latch: bool, short: bool) -> String {
     // The file tests' valid file, with stuck detection, a wider step and the latch as asked.
     let mut text = file::tests::GOOD
         .replace("max_step = 0.5", "max_step = 1.0\nstuck_samples = 5")
@@ -37,10 +49,7 @@ fn rules_with(latch: bool, short: bool) -> RuleSet {
             .replace("min_run = \"2m\"", "min_run = \"1m\"")
             .replace("min_off = \"10m\"", "min_off = \"1m\"");
     }
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("rules.toml");
-    std::fs::write(&p, text).unwrap();
-    file::load(&p).unwrap()
+    text
 }
 
 fn engine(latch: bool) -> Engine {
@@ -677,4 +686,91 @@ fn an_actuator_that_contradicts_its_command_latches_until_reset() {
     again.actuator_fault(0, None, T0 + 47 * M);
     let o = again.command("P1", latch(), T0 + 47 * M).unwrap();
     assert_eq!(o.drives, vec![Drive { pump: 0, on: true }]);
+}
+
+/// An engine on `text` in `dir`, and a way to load changed versions of it beside it.
+fn engine_in(dir: &std::path::Path, text: &str) -> Engine {
+    Engine::new(rules_in(dir, text), T0, &BTreeMap::new())
+}
+
+#[test]
+fn a_reload_keeps_a_running_pump_running_and_a_new_threshold_applies_at_the_next_scan() {
+    let d = tempfile::tempdir().unwrap();
+    let base = text_with(false, false);
+    let mut e = engine_in(d.path(), &base);
+    e.reading(0, 3.0, T0);
+    e.tick(T0 + 11 * M);
+    assert!(e.is_on(0));
+    // Falling, still above the running file's stop_at 1.0: it runs on.
+    e.reading(0, 2.2, T0 + 11 * M + 20 * S);
+    e.reading(0, 1.4, T0 + 11 * M + 40 * S);
+    let o = e.reading(0, 1.2, T0 + 11 * M + 60 * S);
+    assert!(
+        o.drives.is_empty() && e.is_on(0),
+        "1.2 is above stop_at 1.0"
+    );
+    // The technician raises stop_at to 1.5.
+    e.reload(rules_in(
+        d.path(),
+        &base.replace("stop_at = 1.0", "stop_at = 1.5"),
+    ))
+    .unwrap();
+    assert!(e.is_on(0), "the reload itself drives nothing");
+    // The next scan stops it, with the new threshold (after min run, 2 min from the start).
+    let o = e.tick(T0 + 14 * M);
+    assert_eq!(
+        o.drives,
+        vec![Drive { pump: 0, on: false }],
+        "{:?}",
+        o.audits
+    );
+}
+
+#[test]
+fn a_reload_of_another_shape_is_refused_and_the_running_rules_stay() {
+    let d = tempfile::tempdir().unwrap();
+    let base = text_with(false, false);
+    let mut e = engine_in(d.path(), &base);
+    e.reading(0, 3.0, T0);
+    e.tick(T0 + 11 * M);
+    assert!(e.is_on(0));
+    let hash = e.rules().hash.clone();
+    for (text, says) in [
+        (base.replace("id = \"P1\"", "id = \"P2\""), "pumps"),
+        (
+            base.replace("relay.jsonl", "other-relay.jsonl"),
+            "actuator changed",
+        ),
+        (
+            base.replace("id = \"level\"", "id = \"niveau\"")
+                .replace("sensor = \"level\"", "sensor = \"niveau\""),
+            "sensors",
+        ),
+    ] {
+        let why = e.reload(rules_in(d.path(), &text)).unwrap_err();
+        assert!(why.contains(says) && why.contains("restart"), "{why}");
+        assert_eq!(e.rules().hash, hash);
+        assert!(e.is_on(0));
+    }
+}
+
+#[test]
+fn a_reload_forgets_the_latch_of_an_interlock_that_no_longer_exists() {
+    let d = tempfile::tempdir().unwrap();
+    let base = text_with(true, false);
+    let mut e = engine_in(d.path(), &base);
+    e.reading(0, 3.0, T0);
+    e.tick(T0 + 11 * M);
+    // Dry run trips and latches.
+    e.reading(0, 2.2, T0 + 11 * M + 20 * S);
+    e.reading(0, 1.4, T0 + 11 * M + 40 * S);
+    e.reading(0, 0.8, T0 + 11 * M + 50 * S);
+    e.reading(0, 0.35, T0 + 12 * M);
+    assert!(e.durable(0).latched.contains("dry_run"));
+    e.reload(rules_in(
+        d.path(),
+        &base.replace("id = \"dry_run\"", "id = \"dry_run_v2\""),
+    ))
+    .unwrap();
+    assert!(e.durable(0).latched.is_empty(), "{:?}", e.durable(0));
 }

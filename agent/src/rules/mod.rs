@@ -97,6 +97,9 @@ pub enum Input {
     Frame(Frame),
     /// A `command/pump` payload from the backhaul.
     Command(Vec<u8>),
+    /// A new rule file to run in place of this one (`Engine::reload`); the answer says whether
+    /// it runs (the new sha256) or why not.
+    Reload(Box<RuleSet>, SyncSender<Result<String, String>>),
 }
 
 /// What the Class C actuators need from the rest of the agent.
@@ -338,6 +341,9 @@ impl Stage {
             {
                 Ok(Input::Frame(frame)) => self.frame(frame),
                 Ok(Input::Command(payload)) => self.command(&payload),
+                Ok(Input::Reload(rules, answer)) => {
+                    let _ = answer.send(self.reload(*rules));
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -356,6 +362,30 @@ impl Stage {
 
     fn now(&self) -> u64 {
         (self.clock)()
+    }
+
+    /// A new rule file of the same shape in place of the running one, every pump's state
+    /// kept; audited, and scanned at once.
+    fn reload(&mut self, rules: RuleSet) -> Result<String, String> {
+        let now = self.now();
+        let before = self.engine.rules().hash.clone();
+        let after = rules.hash.clone();
+        if let Err(why) = self.engine.reload(rules) {
+            tracing::warn!(%why, sha256 = %after, "rules: a new rule file was refused; the running one stays");
+            return Err(why);
+        }
+        self.send_audit(Audit {
+            at_ms: now,
+            subject: "rules".into(),
+            action: "reload",
+            reasons: vec![format!(
+                "rule file {before} replaced by {after}; pump states kept"
+            )],
+            inputs: vec![],
+        });
+        let out = self.engine.tick(now);
+        self.apply(out, None);
+        Ok(after)
     }
 
     /// The 1 s tick: staleness, leases, max run; Class C refreshes and confirmations.
@@ -941,7 +971,12 @@ remote_lease_max = "1h"
             std::fs::write(&file, rules).unwrap();
             std::fs::write(&keys_file, keys).unwrap();
             std::fs::set_permissions(&keys_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-            let loaded = load(&RulesConfig { file, keys_file }).unwrap();
+            let loaded = load(&RulesConfig {
+                file,
+                keys_file,
+                public_key: None,
+            })
+            .unwrap();
             let (_tx, input) = std::sync::mpsc::sync_channel(1);
             let clock = self.clock.clone();
             Stage::new(
