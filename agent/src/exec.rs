@@ -69,7 +69,7 @@ impl Exec {
         let request = match decode(payload, self.encoding) {
             Ok(r) => r,
             Err(why) => {
-                tracing::warn!(%why, bytes = payload.len(), "command/exec: undecodable request, not answered");
+                tracing::warn!(why = ?why, bytes = payload.len(), "command/exec: undecodable request, not answered");
                 return None;
             }
         };
@@ -81,18 +81,18 @@ impl Exec {
         let started = Instant::now();
         match self.allowed(&request) {
             Err(why) => {
-                tracing::warn!(exec_id = request.exec_id, command = %request.command, %why, "command/exec refused");
+                tracing::warn!(exec_id = request.exec_id, command = ?request.command, why = ?why, "command/exec refused");
                 response.error = why;
             }
             Ok(c) => {
                 let out = run(c, &request);
                 tracing::info!(
                     exec_id = request.exec_id,
-                    command = %request.command,
+                    command = ?request.command,
                     ms = started.elapsed().as_millis() as u64,
                     stdout_bytes = out.stdout.len(),
                     stderr_bytes = out.stderr.len(),
-                    error = %out.error,
+                    error = ?out.error,
                     "command/exec ran"
                 );
                 response.stdout = out.stdout;
@@ -246,8 +246,19 @@ fn run(c: &CommandConfig, r: &gw::GatewayCommandExecRequest) -> Outcome {
             }
         }
     };
-    let (out, out_total) = stdout.and_then(|h| h.join().ok()).unwrap_or_default();
-    let (err, err_total) = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+    // What it left running in its group (a `cmd &`) goes with it: it would hold the pipes
+    // open and the answer with them. A program that left the group (setsid) escapes this;
+    // its output is then cut at the deadline below.
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let grace = deadline.max(Instant::now()) + OUTPUT_GRACE;
+    let (out, out_total, out_open) = collect(stdout, grace);
+    let (err, err_total, err_open) = collect(stderr, grace);
+    if out_open || err_open {
+        errors.push("its output was still open (a process it started left its group): cut".into());
+    }
     if let Some(s) = status {
         if !s.success() {
             errors.push(match s.code() {
@@ -268,11 +279,30 @@ fn run(c: &CommandConfig, r: &gw::GatewayCommandExecRequest) -> Outcome {
     }
 }
 
-/// Reads a stream to its end, keeping the first `cap` bytes; returns them with the total.
+/// After the deadline, how long the output may take to be read to its end.
+const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+
+/// What a reader kept, by `until`: (bytes, total, still open). A reader past `until` is left
+/// to end by itself (when the last holder of the pipe exits).
+fn collect(
+    reader: Option<std::sync::mpsc::Receiver<(Vec<u8>, usize)>>,
+    until: Instant,
+) -> (Vec<u8>, usize, bool) {
+    let Some(rx) = reader else {
+        return (Vec::new(), 0, false);
+    };
+    match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+        Ok((kept, total)) => (kept, total, false),
+        Err(_) => (Vec::new(), 0, true),
+    }
+}
+
+/// Reads a stream to its end, keeping the first `cap` bytes; sends them with the total.
 fn reader(
     mut s: impl Read + Send + 'static,
     cap: usize,
-) -> std::thread::JoinHandle<(Vec<u8>, usize)> {
+) -> std::sync::mpsc::Receiver<(Vec<u8>, usize)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::spawn(move || {
         let mut kept = Vec::new();
         let mut total = 0usize;
@@ -288,8 +318,9 @@ fn reader(
                 }
             }
         }
-        (kept, total)
-    })
+        let _ = tx.send((kept, total));
+    });
+    rx
 }
 
 #[cfg(test)]
@@ -356,6 +387,27 @@ mod tests {
             last = alive();
         }
         assert_eq!(last, None, "the grandchild {pid} survived");
+    }
+
+    #[test]
+    fn what_a_command_leaves_running_in_its_group_goes_with_it() {
+        // The shell ends at once; its background sleep would hold stdout open for 300 s.
+        let c = entry(&["/bin/sh", "-c", "sleep 300 & echo started"]);
+        let out = run(&c, &request("x"));
+        assert_eq!(
+            (out.stdout.as_slice(), out.error.as_str()),
+            (&b"started\n"[..], "")
+        );
+    }
+
+    #[test]
+    fn a_process_that_left_the_group_does_not_hold_the_answer() {
+        // setsid: out of reach of the group's kill; it holds stdout for 3 s past a 1 s timeout.
+        let mut c = entry(&["/bin/sh", "-c", "setsid sleep 3 & sleep 30"]);
+        c.timeout = Duration::from_secs(1);
+        let out = run(&c, &request("x"));
+        assert!(out.error.contains("timed out after 1s"), "{}", out.error);
+        assert!(out.error.contains("still open"), "{}", out.error);
     }
 
     #[test]

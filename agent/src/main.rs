@@ -249,11 +249,6 @@ fn health_identity(
         hal: Concentrator::describe_linked(),
         config_files,
         config_sha256: sha256_hex(&all),
-        rules_sha256: cfg
-            .rules
-            .as_ref()
-            .and_then(|r| std::fs::read(&r.file).ok())
-            .map(|b| sha256_hex(&b)),
         certificate_expires: cfg
             .mqtt
             .tls
@@ -523,9 +518,16 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
     let rules_control = match (&cfg.rules, &pump_commands) {
         (Some(rc), Some(stage)) => Some(lora_edge::ops::rules_change::RulesControl {
             cfg: rc.clone(),
+            gateway_id: gateway_id.clone(),
             // Validated by check.
             public_key: rc.public_key_bytes().ok().flatten(),
             stage: stage.clone(),
+            queue: queue.clone(),
+            // What the stage loaded a moment ago.
+            running: std::sync::Mutex::new(
+                lora_edge::files::read_bounded(&rc.file, config::MAX_FILE_BYTES)
+                    .unwrap_or_default(),
+            ),
         }),
         _ => None,
     };

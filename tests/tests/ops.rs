@@ -131,7 +131,8 @@ fn command_exec_runs_only_the_allow_list_and_answers_every_request() {
              [commands.upper]\nargv = [\"/usr/bin/tr\", \"a-z\", \"A-Z\"]\nstdin = true\n\
              [commands.env]\nargv = [\"/usr/bin/env\"]\nallow_env = [\"SITE\"]\n\
              [commands.slow]\nargv = [\"/bin/sleep\", \"60\"]\ntimeout = \"1s\"\n\
-             [commands.chatty]\nargv = [\"/bin/sh\", \"-c\", \"head -c 5000 /dev/zero; exit 4\"]\nmax_output_bytes = 100\n",
+             [commands.chatty]\nargv = [\"/bin/sh\", \"-c\", \"head -c 5000 /dev/zero; exit 4\"]\nmax_output_bytes = 100\n\
+             [commands.fds]\nargv = [\"/bin/ls\", \"-l\", \"/proc/self/fd\"]\n",
         )
         .start();
     assert!(
@@ -162,14 +163,15 @@ fn command_exec_runs_only_the_allow_list_and_answers_every_request() {
     ask(6, "hello", b"unexpected", &[]);
     ask(7, "slow", b"", &[]);
     ask(8, "chatty", b"", &[]);
+    ask(9, "fds", b"", &[]);
     publish(broker.port, &topic, b"\xff\x00 not a request".to_vec());
 
     let until = Instant::now() + patience(Duration::from_secs(30));
-    while exec_responses(&collector).len() < 8 && Instant::now() < until {
+    while exec_responses(&collector).len() < 9 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(100));
     }
     let r = exec_responses(&collector);
-    assert_eq!(r.len(), 8, "{r:?}\n{}", agent.log());
+    assert_eq!(r.len(), 9, "{r:?}\n{}", agent.log());
     assert!(r.values().all(|x| x.gateway_id == GATEWAY_ID));
     assert_eq!(
         (r[&1].stdout.as_slice(), r[&1].error.as_str()),
@@ -194,6 +196,15 @@ fn command_exec_runs_only_the_allow_list_and_answers_every_request() {
         r[&8].error,
         "exit status 4; stdout cut at 100 of 5000 bytes"
     );
+    // Neither the agent's log nor the library's terminal reaches the program (what the test
+    // runner itself leaves open, a jobserver pipe, is no business of the agent's: systemd
+    // starts it with none).
+    let fds = String::from_utf8_lossy(&r[&9].stdout).to_string();
+    assert!(
+        fds.contains("/proc/self/fd") || fds.contains("total"),
+        "{fds}"
+    );
+    assert!(!fds.contains("ptmx") && !fds.contains("agent.log"), "{fds}");
     let log = agent.log();
     assert!(
         log.contains("command/exec refused") && log.contains("undecodable request"),
@@ -283,5 +294,54 @@ fn ops_requests_are_answered_with_secrets_redacted_and_every_refusal_said() {
     assert!(
         answers.iter().all(|a| a["seq"].as_u64().is_some()),
         "stored, numbered"
+    );
+}
+
+#[test]
+fn an_answer_larger_than_the_broker_takes_is_skipped_and_said_and_the_rest_flows() {
+    use chirpstack_api::gw;
+    use prost::Message;
+    // The README advises a broker-side max_packet_size; the agent learns it from the CONNACK.
+    let broker = Broker::start_with(|_| "max_packet_size 200000\n".into());
+    let collector = Collector::start(broker.port, "eu868");
+    let (agent, _dir) = AgentSetup::new(broker.port)
+        .sim("synthetic_rate_hz = 5.0")
+        .config(
+            "[commands.flood]\nargv = [\"/bin/sh\", \"-c\", \"head -c 300000 /dev/zero\"]\n\
+             max_output_bytes = 1048576\n",
+        )
+        .start();
+    assert!(
+        agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)),
+        "{}",
+        agent.log()
+    );
+    let r = gw::GatewayCommandExecRequest {
+        command: "flood".into(),
+        exec_id: 1,
+        ..Default::default()
+    };
+    publish(
+        broker.port,
+        &format!("eu868/gateway/{GATEWAY_ID}/command/exec"),
+        r.encode_to_vec(),
+    );
+    assert!(
+        agent.wait_log("larger than the broker accepts", Duration::from_secs(20)),
+        "{}",
+        agent.log()
+    );
+    // The uplinks behind it still go out (before: every session ended at that record).
+    let before = collector.on("/event/up").len();
+    let after = collector.wait_for("/event/up", Duration::from_secs(20), |m| {
+        m.len() > before + 10
+    });
+    assert!(after.len() > before + 10, "{}", agent.log());
+    assert!(
+        !agent
+            .log()
+            .contains("greater than the broker's maximum packet size"),
+        "{}",
+        agent.log()
     );
 }

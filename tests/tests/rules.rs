@@ -729,7 +729,7 @@ fn openssl(dir: &std::path::Path, args: &[&str]) -> Vec<u8> {
 }
 
 #[test]
-fn a_rule_file_from_the_centre_runs_only_signed_and_rolls_back() {
+fn a_rule_file_from_the_centre_runs_only_signed_for_this_gateway_and_never_twice() {
     let broker = Broker::start();
     let collector = Collector::start(broker.port, "eu868");
     let setup = AgentSetup::new(broker.port);
@@ -752,8 +752,13 @@ fn a_rule_file_from_the_centre_runs_only_signed_and_rolls_back() {
         ],
     );
     let public = String::from_utf8(openssl(&d, &["base64", "-A", "-in", "pub.der"])).unwrap();
-    let sign = |text: &str| {
-        std::fs::write(d.join("candidate.toml"), text).unwrap();
+    // What the centre signs: "lora-edge rules\n<gateway>\n<serial>\n" and the file's bytes.
+    let sign = |gateway: &str, serial: u64, text: &str| {
+        std::fs::write(
+            d.join("candidate"),
+            format!("lora-edge rules\n{gateway}\n{serial}\n{text}"),
+        )
+        .unwrap();
         openssl(
             &d,
             &[
@@ -763,7 +768,7 @@ fn a_rule_file_from_the_centre_runs_only_signed_and_rolls_back() {
                 "signing.pem",
                 "-rawin",
                 "-in",
-                "candidate.toml",
+                "candidate",
                 "-out",
                 "sig.bin",
             ],
@@ -784,9 +789,7 @@ fn a_rule_file_from_the_centre_runs_only_signed_and_rolls_back() {
     );
     let topic = format!("eu868/gateway/{GATEWAY_ID}/command/ops");
     let raised = RULES.replace("stop_at = 1.0", "stop_at = 1.5");
-    let good_sig = sign(&raised);
     let other_shape = RULES.replace("id = \"P1\"", "id = \"P2\"");
-    let other_sig = sign(&other_shape);
     let ask = |id: &str, body: serde_json::Value| {
         let mut v = body;
         v["id"] = id.into();
@@ -810,31 +813,40 @@ fn a_rule_file_from_the_centre_runs_only_signed_and_rolls_back() {
         }
     };
     let on_disk = || std::fs::read_to_string(dir.path().join("rules.toml")).unwrap();
+    let error = |a: &serde_json::Value| a["error"].as_str().unwrap_or_default().to_string();
 
-    // Unsigned, or signed for other bytes: refused, nothing written.
-    let a = ask("u", serde_json::json!({"op": "apply", "rules": raised}));
-    assert!(a["error"].as_str().unwrap().contains("signed"), "{a}");
+    // Unsigned; signed for another gateway; signed for other bytes: refused, nothing written.
+    let a = ask(
+        "u",
+        serde_json::json!({"op": "apply", "rules": raised, "serial": 1}),
+    );
+    assert!(error(&a).contains("signed"), "{a}");
+    let s = sign("0016c001ff10ffff", 1, &raised);
+    let a = ask(
+        "g2",
+        serde_json::json!({"op": "apply", "rules": raised, "serial": 1, "signature": s}),
+    );
+    assert!(error(&a).contains("does not match"), "{a}");
+    let s = sign(GATEWAY_ID, 1, &other_shape);
     let a = ask(
         "w",
-        serde_json::json!({"op": "apply", "rules": raised, "signature": other_sig}),
+        serde_json::json!({"op": "apply", "rules": raised, "serial": 1, "signature": s}),
     );
-    assert!(
-        a["error"].as_str().unwrap().contains("does not match"),
-        "{a}"
-    );
+    assert!(error(&a).contains("does not match"), "{a}");
     assert_eq!(on_disk(), RULES);
     // Signed but another shape: refused by the running stage, nothing written.
     let a = ask(
         "s",
-        serde_json::json!({"op": "apply", "rules": other_shape, "signature": other_sig}),
+        serde_json::json!({"op": "apply", "rules": other_shape, "serial": 1, "signature": s}),
     );
-    assert!(a["error"].as_str().unwrap().contains("restart"), "{a}");
+    assert!(error(&a).contains("restart"), "{a}");
     assert_eq!(on_disk(), RULES);
     assert!(!dir.path().join("rules.toml.new").exists());
     // Signed, same shape: runs, then is the file on disk; the old one kept.
+    let good = sign(GATEWAY_ID, 1, &raised);
     let a = ask(
         "g",
-        serde_json::json!({"op": "apply", "rules": raised, "signature": good_sig}),
+        serde_json::json!({"op": "apply", "rules": raised, "serial": 1, "signature": good}),
     );
     assert_eq!(a["ok"], true, "{a}\n{}", agent.log());
     assert_eq!(on_disk(), raised);
@@ -844,9 +856,100 @@ fn a_rule_file_from_the_centre_runs_only_signed_and_rolls_back() {
     );
     let r = ask("r", serde_json::json!({"op": "rules"}));
     assert_eq!(r["result"]["text"], raised.as_str());
-    // Roll back: the old one runs and is on disk again.
+    // The health message names the file that runs now.
+    let sha = a["result"]["rules_sha256"].as_str().unwrap().to_string();
+    let until = std::time::Instant::now() + patience(Duration::from_secs(10));
+    while !collector.on("/state/health").iter().any(|m| {
+        serde_json::from_slice::<serde_json::Value>(&m.payload)
+            .map(|v| v["rules_sha256"] == sha.as_str())
+            .unwrap_or(false)
+    }) {
+        assert!(
+            std::time::Instant::now() < until,
+            "health never named {sha}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The same signed message again (captured on the broker): a replay, refused.
+    let a = ask(
+        "replay",
+        serde_json::json!({"op": "apply", "rules": raised, "serial": 1, "signature": good}),
+    );
+    assert!(error(&a).contains("not greater"), "{a}");
+    // An unsigned rollback on a gateway that takes only signed files: refused.
+    let b = ask("b", serde_json::json!({"op": "rollback"}));
+    assert!(error(&b).contains("signed"), "{b}");
+    assert_eq!(on_disk(), raised);
+    // The previous file, signed with the next serial: runs.
+    let back = sign(GATEWAY_ID, 2, RULES);
+    let a = ask(
+        "g3",
+        serde_json::json!({"op": "apply", "rules": RULES, "serial": 2, "signature": back}),
+    );
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(on_disk(), RULES);
+}
+
+#[test]
+fn without_a_key_rollback_returns_to_the_file_that_ran_before() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let setup = AgentSetup::new(broker.port);
+    std::fs::write(setup.dir.path().join("rules.toml"), RULES).unwrap();
+    pki::write(setup.dir.path(), "keys.toml", &SENSOR.keys_toml(), 0o600);
+    let (agent, dir) = setup
+        .config("[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"")
+        .start();
+    assert!(agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)));
+    let topic = format!("eu868/gateway/{GATEWAY_ID}/command/ops");
+    let ask = |id: &str, body: serde_json::Value| {
+        let mut v = body;
+        v["id"] = id.into();
+        publish(broker.port, &topic, serde_json::to_vec(&v).unwrap());
+        let until = std::time::Instant::now() + patience(Duration::from_secs(15));
+        loop {
+            if let Some(a) = collector
+                .on("/event/ops")
+                .iter()
+                .filter_map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
+                .find(|a| a["id"] == id)
+            {
+                return a;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "no answer to {id}\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let on_disk = || std::fs::read_to_string(dir.path().join("rules.toml")).unwrap();
+    // A technician's edit of another shape on disk, refused by SIGHUP: it never ran.
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        RULES.replace("id = \"P1\"", "id = \"P2\""),
+    )
+    .unwrap();
+    let r = ask("re", serde_json::json!({"op": "reload"}));
+    assert!(r["error"].as_str().unwrap().contains("restart"), "{r}");
+    let r = ask("ru", serde_json::json!({"op": "rules"}));
+    assert_eq!(
+        r["result"]["text"], RULES,
+        "the running file, not the edit: {r}"
+    );
+    // An apply keeps the file that ran (not the edit) as the previous one.
+    let raised = RULES.replace("stop_at = 1.0", "stop_at = 1.5");
+    let a = ask("a", serde_json::json!({"op": "apply", "rules": raised}));
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("rules.toml.prev")).unwrap(),
+        RULES
+    );
     let b = ask("b", serde_json::json!({"op": "rollback"}));
     assert_eq!(b["ok"], true, "{b}");
     assert_eq!(on_disk(), RULES);
-    assert_ne!(b["result"]["rules_sha256"], a["result"]["rules_sha256"]);
+    let b2 = ask("b2", serde_json::json!({"op": "rollback"}));
+    assert_eq!(b2["ok"], true, "{b2}");
+    assert_eq!(on_disk(), raised, "a second rollback undoes the first");
 }

@@ -91,6 +91,9 @@ pub struct Backhaul {
 }
 
 const BUSY_TICK: Duration = Duration::from_millis(50);
+/// A PUBLISH's bytes besides its topic and payload, at most: fixed header (5), topic length
+/// (2), packet id (2), properties (a few).
+const PUBLISH_OVERHEAD: usize = 16;
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
 enum SessionEnd {
@@ -274,6 +277,8 @@ impl Backhaul {
         let mut inflight = Inflight::default();
         let mut cursor = self.queue.acked() + 1;
         let mut connected = false;
+        // The broker's Maximum Packet Size (MQTT 5 CONNACK), if it says one.
+        let mut broker_max_packet: Option<usize> = None;
         let mut tokens = self.cfg.max_rate_per_s as f64;
         let mut last_refill = Instant::now();
         let started = Instant::now();
@@ -298,6 +303,11 @@ impl Backhaul {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         // rumqttc turns a refusing CONNACK into an error: this one accepted us.
                         connected = true;
+                        broker_max_packet = ack
+                            .properties
+                            .as_ref()
+                            .and_then(|p| p.max_packet_size)
+                            .map(|m| m as usize);
                         if let Some(max) = ack.properties.as_ref().and_then(|p| p.receive_max) {
                             if (max as usize) < window {
                                 tracing::info!(receive_maximum = max, "backhaul: the broker allows fewer publishes in flight than mqtt.inflight");
@@ -466,6 +476,7 @@ impl Backhaul {
                     &mut cursor,
                     &mut tokens,
                     window,
+                    broker_max_packet,
                 ) {
                     return SessionEnd::Lost(why);
                 }
@@ -556,6 +567,7 @@ impl Backhaul {
     }
 
     /// Submits records from the cursor until the window (or the rate budget) is full.
+    #[allow(clippy::too_many_arguments)]
     fn fill(
         &self,
         client: &AsyncClient,
@@ -564,6 +576,7 @@ impl Backhaul {
         cursor: &mut u64,
         tokens: &mut f64,
         window: usize,
+        broker_max_packet: Option<usize>,
     ) -> Result<(), String> {
         let limited = self.cfg.max_rate_per_s > 0;
         loop {
@@ -622,8 +635,24 @@ impl Backhaul {
                         continue;
                     }
                 };
+                let topic = topics.under(kind.topic());
+                // A record the broker refuses for its size would end every session at the same
+                // place, for ever: skipped, said and counted instead.
+                let packet = payload.len() + topic.len() + PUBLISH_OVERHEAD;
+                if let Some(max) = broker_max_packet.filter(|m| packet > *m) {
+                    tracing::error!(
+                        seq = r.seq,
+                        kind = ?kind,
+                        bytes = packet,
+                        broker_max = max,
+                        "ALARM: a stored event is larger than the broker accepts (its maximum packet size): skipped unsent"
+                    );
+                    Counters::add(&self.counters.store_unreadable, 1);
+                    inflight.skipped(r.seq, now);
+                    continue;
+                }
                 client
-                    .try_publish(topics.under(kind.topic()), QoS::AtLeastOnce, false, payload)
+                    .try_publish(topic, QoS::AtLeastOnce, false, payload)
                     .map_err(|e| format!("submit: {e}"))?;
                 inflight.submitted(Some(r.seq), kind == Kind::Up, now);
                 if limited {

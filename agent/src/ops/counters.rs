@@ -88,6 +88,8 @@ pub struct Counters {
     pub rules_input_dropped: AtomicU64,
     /// Frames of rule devices dropped by the session check (replay, MIC, malformed).
     pub rules_frames_dropped: AtomicU64,
+    /// sha256 of the rule file the rules stage runs; None: no rules running.
+    pub rules_sha256: Mutex<Option<String>>,
     /// Pump and sensor states for the stats (`pump_<id>`, `sensor_<id>`).
     pub rules_state: Mutex<std::collections::BTreeMap<String, String>>,
     /// Progress of the stages the systemd watchdog watches.

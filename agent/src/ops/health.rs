@@ -68,6 +68,13 @@ pub async fn feed_watchdog(counters: Arc<Counters>, mut shutdown: watch::Receive
         return;
     };
     let timeout = Duration::from_micros(usec);
+    // Each stage gets the limit to make its first beat: a stage that never beat is not stalled
+    // the moment the feeder starts.
+    for b in [&beats.radio, &beats.store, &beats.backhaul] {
+        if b.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            Heartbeats::beat(b);
+        }
+    }
     // A stage is stalled when it has not beaten for half the watchdog's time.
     let limit = timeout / 2;
     let mut tick = tokio::time::interval(timeout / 4);

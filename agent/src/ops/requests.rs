@@ -155,7 +155,13 @@ impl Requests {
             Value::Number(n) => Value::Number(n.clone()),
             _ => Value::Null,
         };
-        let op = request["op"].as_str().unwrap_or_default().to_string();
+        // Echoed in the answer: bounded, so that a huge "op" cannot make a huge answer.
+        let op: String = request["op"]
+            .as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(64)
+            .collect();
         let result = if id.is_null() {
             Err("the request needs an \"id\" (a string of at most 64 characters, or a number) to be answered by".to_string())
         } else {
@@ -163,11 +169,11 @@ impl Requests {
         };
         match result {
             Ok(result) => {
-                tracing::info!(%id, %op, "command/ops answered");
+                tracing::info!(%id, op = ?op, "command/ops answered");
                 json!({"id": id, "op": op, "ok": true, "result": result})
             }
             Err(error) => {
-                tracing::warn!(%id, %op, %error, "command/ops refused");
+                tracing::warn!(%id, op = ?op, error = ?error, "command/ops refused");
                 json!({"id": id, "op": op, "ok": false, "error": error})
             }
         }
@@ -186,10 +192,18 @@ impl Requests {
                 let Some(path) = &self.rules_file else {
                     return Err("no rules are configured on this gateway".into());
                 };
-                let bytes = crate::files::read_bounded(path, crate::config::MAX_FILE_BYTES)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                // What runs, not what an edit left on disk (the stage may have refused it).
+                let (bytes, running) = match self.reloader.with_rules(|c| Ok(c.running_text())) {
+                    Some(Ok(text)) => (text, true),
+                    _ => (
+                        crate::files::read_bounded(path, crate::config::MAX_FILE_BYTES)
+                            .map_err(|e| format!("{}: {e}", path.display()))?,
+                        false,
+                    ),
+                };
                 Ok(json!({
                     "path": path.display().to_string(),
+                    "running": running,
                     "sha256": super::state::sha256_hex(&bytes),
                     "text": String::from_utf8_lossy(&bytes),
                 }))
@@ -221,7 +235,13 @@ impl Requests {
                     );
                 };
                 self.reloader
-                    .with_rules(|c| c.apply(text, request["signature"].as_str()))
+                    .with_rules(|c| {
+                        c.apply(
+                            text,
+                            request["signature"].as_str(),
+                            request["serial"].as_u64(),
+                        )
+                    })
                     .ok_or(
                         "the rules stage is not running on this gateway (no rules configured, \
                          or their files did not load at start)",

@@ -32,7 +32,6 @@ pub struct Identity {
     pub config_files: Vec<(PathBuf, String)>,
     /// sha256 of the configuration as run: every file's bytes in order, then each `--set`.
     pub config_sha256: String,
-    pub rules_sha256: Option<String>,
     /// The client certificate's expiry, Unix seconds.
     pub certificate_expires: Option<i64>,
 }
@@ -115,7 +114,8 @@ impl HealthReporter {
             "uptime_s": started.elapsed().as_secs(),
             "config_sha256": id.config_sha256,
             "config_files": id.config_files.iter().map(|(p, h)| json!({"path": p.display().to_string(), "sha256": h})).collect::<Vec<_>>(),
-            "rules_sha256": id.rules_sha256,
+            // The rule file the stage runs now (a reload changes it).
+            "rules_sha256": c.rules_sha256.lock().ok().and_then(|r| r.clone()),
             "radio": {
                 "state": radio.state.name(),
                 "since": radio.since.map(unix_s),
@@ -148,9 +148,10 @@ impl HealthReporter {
             "downlinks": {
                 "received_total": Counters::get(&c.tx_received),
                 "emitted_total": Counters::get(&c.tx_emitted),
-                "refused_total": Counters::get(&c.commands_refused),
                 "status": status,
             },
+            // Commands of any topic refused by the rate limit or dropped by a full stage.
+            "commands_refused_total": Counters::get(&c.commands_refused),
             "duty_cycle_pct": duty,
             "rules": rules,
             "certificate_expires": id.certificate_expires.map(|t| {

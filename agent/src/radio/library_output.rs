@@ -115,7 +115,11 @@ enum Stream {
 /// Points the process's stdout and stderr at pseudo-terminals read by logging threads; the
 /// agent's log keeps the original stderr.
 pub fn capture() -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    // Close-on-exec, like every descriptor here: a command the centre runs (exec.rs) must not
+    // inherit the agent's log or the library's terminal (it could write lines into either).
     let original = nix::unistd::dup(std::io::stderr())?;
+    fcntl(&original, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
     let _ = LOG_OUT.set(std::fs::File::from(original));
     // A panic message written to fd 2 now would reach the log through a thread that may not
     // get to run before the process ends: log it directly.
@@ -124,6 +128,7 @@ pub fn capture() -> std::io::Result<()> {
     }));
     for stream in [Stream::Stdout, Stream::Stderr] {
         let pty = nix::pty::openpty(None, None)?;
+        fcntl(&pty.master, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
         match stream {
             Stream::Stdout => nix::unistd::dup2_stdout(&pty.slave)?,
             Stream::Stderr => nix::unistd::dup2_stderr(&pty.slave)?,

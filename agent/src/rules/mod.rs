@@ -331,6 +331,7 @@ impl Stage {
             "rules: running; every pump off until the rules say otherwise"
         );
         self.publish_state();
+        self.publish_hash();
         let mut next_tick = Instant::now() + Duration::from_secs(1);
         loop {
             self.heartbeat
@@ -356,6 +357,9 @@ impl Stage {
             }
         }
         actuator::all_off(&self.actuators, "the agent is stopping");
+        if let Ok(mut h) = self.counters.rules_sha256.lock() {
+            *h = None;
+        }
         // Ended on purpose: nothing for the watchdog to do.
         self.heartbeat.store(u64::MAX, Ordering::Relaxed);
     }
@@ -383,9 +387,17 @@ impl Stage {
             )],
             inputs: vec![],
         });
+        self.publish_hash();
         let out = self.engine.tick(now);
         self.apply(out, None);
         Ok(after)
+    }
+
+    /// The running rule file's sha256, for the health message.
+    fn publish_hash(&self) {
+        if let Ok(mut h) = self.counters.rules_sha256.lock() {
+            *h = Some(self.engine.rules().hash.clone());
+        }
     }
 
     /// The 1 s tick: staleness, leases, max run; Class C refreshes and confirmations.
