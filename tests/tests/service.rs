@@ -18,11 +18,13 @@ fn under_systemd_the_agent_is_ready_and_feeds_the_watchdog_through_a_backhaul_ou
     let mut setup = AgentSetup::new(free_port());
     setup.env = vec![
         ("NOTIFY_SOCKET".into(), path.display().to_string()),
-        ("WATCHDOG_USEC".into(), "2000000".into()),
+        // The stages beat at least once a second when idle: a watchdog of a few seconds (the
+        // unit has 30 s) leaves them room; 2 s would leave none.
+        ("WATCHDOG_USEC".into(), "6000000".into()),
     ];
     let (mut agent, _d) = setup.start();
     let mut messages: Vec<String> = Vec::new();
-    // Six pings (three seconds of progress at one every 0.5 s), however slowly the machine
+    // Six pings (nine seconds of progress at one every 1.5 s), however slowly the machine
     // starts the agent; a watchdog no longer fed never gets there.
     let until = Instant::now() + Duration::from_secs(30);
     let mut buf = [0u8; 512];
@@ -36,7 +38,7 @@ fn under_systemd_the_agent_is_ready_and_feeds_the_watchdog_through_a_backhaul_ou
     let pings = messages.iter().filter(|m| m.contains("WATCHDOG=1")).count();
     let log = agent.log();
     assert_eq!(ready, 1, "{messages:?}\n{log}");
-    // One every 0.5 s: a quarter of the 2 s watchdog.
+    // One every 1.5 s: a quarter of the 6 s watchdog.
     assert!(
         pings >= 6,
         "{pings} watchdog pings in 30 s: {messages:?}\n{log}"
