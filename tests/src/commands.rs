@@ -130,3 +130,38 @@ pub fn ask_pump(
     });
     find(&msgs).unwrap_or_else(|| panic!("no answer to request {id}"))
 }
+
+/// Publishes a `command/ops` request (JSON, `id` set to `id`) and returns its answer from
+/// `event/ops`, as the collector received it.
+pub fn ops_request(
+    c: &Collector,
+    port: u16,
+    id: &str,
+    body: serde_json::Value,
+    agent: &crate::Agent,
+) -> serde_json::Value {
+    let mut v = body;
+    v["id"] = id.into();
+    crate::publish(
+        port,
+        &format!("eu868/gateway/{}/command/ops", crate::GATEWAY_ID),
+        serde_json::to_vec(&v).unwrap(),
+    );
+    let until = std::time::Instant::now() + crate::patience(Duration::from_secs(15));
+    loop {
+        if let Some(a) = c
+            .on("/event/ops")
+            .iter()
+            .filter_map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
+            .find(|a| a["id"] == id)
+        {
+            return a;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no answer to {id}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use prost::Message;
 
-use lora_edge_e2e::commands::ask_pump;
+use lora_edge_e2e::commands::{ask_pump, ops_request};
 use lora_edge_e2e::lorawan::{level, RULES, SENSOR, SENSOR_REJOINED, VECTOR};
 use lora_edge_e2e::pki;
 use lora_edge_e2e::*;
@@ -787,31 +787,10 @@ fn a_rule_file_from_the_centre_runs_only_signed_for_this_gateway_and_never_twice
         "{}",
         agent.log()
     );
-    let topic = format!("eu868/gateway/{GATEWAY_ID}/command/ops");
     let raised = RULES.replace("stop_at = 1.0", "stop_at = 1.5");
     let other_shape = RULES.replace("id = \"P1\"", "id = \"P2\"");
-    let ask = |id: &str, body: serde_json::Value| {
-        let mut v = body;
-        v["id"] = id.into();
-        publish(broker.port, &topic, serde_json::to_vec(&v).unwrap());
-        let until = std::time::Instant::now() + patience(Duration::from_secs(15));
-        loop {
-            let found = collector
-                .on("/event/ops")
-                .iter()
-                .filter_map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
-                .find(|a| a["id"] == id);
-            if let Some(a) = found {
-                return a;
-            }
-            assert!(
-                std::time::Instant::now() < until,
-                "no answer to {id}\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let ask =
+        |id: &str, body: serde_json::Value| ops_request(&collector, broker.port, id, body, &agent);
     let on_disk = || std::fs::read_to_string(dir.path().join("rules.toml")).unwrap();
     let error = |a: &serde_json::Value| a["error"].as_str().unwrap_or_default().to_string();
 
@@ -901,29 +880,8 @@ fn without_a_key_rollback_returns_to_the_file_that_ran_before() {
         .config("[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"")
         .start();
     assert!(agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)));
-    let topic = format!("eu868/gateway/{GATEWAY_ID}/command/ops");
-    let ask = |id: &str, body: serde_json::Value| {
-        let mut v = body;
-        v["id"] = id.into();
-        publish(broker.port, &topic, serde_json::to_vec(&v).unwrap());
-        let until = std::time::Instant::now() + patience(Duration::from_secs(15));
-        loop {
-            if let Some(a) = collector
-                .on("/event/ops")
-                .iter()
-                .filter_map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
-                .find(|a| a["id"] == id)
-            {
-                return a;
-            }
-            assert!(
-                std::time::Instant::now() < until,
-                "no answer to {id}\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let ask =
+        |id: &str, body: serde_json::Value| ops_request(&collector, broker.port, id, body, &agent);
     let on_disk = || std::fs::read_to_string(dir.path().join("rules.toml")).unwrap();
     // A technician's edit of another shape on disk, refused by SIGHUP: it never ran.
     std::fs::write(

@@ -688,19 +688,21 @@ fn an_actuator_that_contradicts_its_command_latches_until_reset() {
     assert_eq!(o.drives, vec![Drive { pump: 0, on: true }]);
 }
 
-/// An engine on `text` in `dir`, and a way to load changed versions of it beside it.
-fn engine_in(dir: &std::path::Path, text: &str) -> Engine {
-    Engine::new(rules_in(dir, text), T0, &BTreeMap::new())
+/// An engine on `text` in `dir` (changed versions load beside it), its pump started by a high
+/// level once min off has run.
+fn running_in(dir: &std::path::Path, text: &str) -> Engine {
+    let mut e = Engine::new(rules_in(dir, text), T0, &BTreeMap::new());
+    e.reading(0, 3.0, T0);
+    e.tick(T0 + 11 * M);
+    assert!(e.is_on(0));
+    e
 }
 
 #[test]
 fn a_reload_keeps_a_running_pump_running_and_a_new_threshold_applies_at_the_next_scan() {
     let d = tempfile::tempdir().unwrap();
     let base = text_with(false, false);
-    let mut e = engine_in(d.path(), &base);
-    e.reading(0, 3.0, T0);
-    e.tick(T0 + 11 * M);
-    assert!(e.is_on(0));
+    let mut e = running_in(d.path(), &base);
     // Falling, still above the running file's stop_at 1.0: it runs on.
     e.reading(0, 2.2, T0 + 11 * M + 20 * S);
     e.reading(0, 1.4, T0 + 11 * M + 40 * S);
@@ -730,10 +732,7 @@ fn a_reload_keeps_a_running_pump_running_and_a_new_threshold_applies_at_the_next
 fn a_reload_of_another_shape_is_refused_and_the_running_rules_stay() {
     let d = tempfile::tempdir().unwrap();
     let base = text_with(false, false);
-    let mut e = engine_in(d.path(), &base);
-    e.reading(0, 3.0, T0);
-    e.tick(T0 + 11 * M);
-    assert!(e.is_on(0));
+    let mut e = running_in(d.path(), &base);
     let hash = e.rules().hash.clone();
     for (text, says) in [
         (base.replace("id = \"P1\"", "id = \"P2\""), "pumps"),
@@ -758,9 +757,7 @@ fn a_reload_of_another_shape_is_refused_and_the_running_rules_stay() {
 fn a_reload_forgets_the_latch_of_an_interlock_that_no_longer_exists() {
     let d = tempfile::tempdir().unwrap();
     let base = text_with(true, false);
-    let mut e = engine_in(d.path(), &base);
-    e.reading(0, 3.0, T0);
-    e.tick(T0 + 11 * M);
+    let mut e = running_in(d.path(), &base);
     // Dry run trips and latches.
     e.reading(0, 2.2, T0 + 11 * M + 20 * S);
     e.reading(0, 1.4, T0 + 11 * M + 40 * S);
