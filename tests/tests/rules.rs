@@ -654,6 +654,18 @@ fn sighup_runs_a_changed_threshold_without_touching_the_running_pump_and_a_broke
         .start();
     assert_eq!(wait_relay(dir.path(), 2, &agent), vec![false, true]);
     wait_sensor(&collector, "1.2", &agent);
+    // The health message carries each pump's state in full.
+    let health: Vec<serde_json::Value> = collector
+        .on("/state/health")
+        .iter()
+        .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+        .collect();
+    let p1 = &health.last().unwrap()["pumps"]["P1"];
+    assert_eq!(p1["on"], true, "{p1}");
+    assert!(
+        p1["latched"].is_array() && p1["tripped"].is_object() && p1["reasons"].is_array(),
+        "{p1}"
+    );
     let hup = || {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(agent.pid().unwrap() as i32),

@@ -90,6 +90,9 @@ pub struct Counters {
     pub rules_frames_dropped: AtomicU64,
     /// sha256 of the rule file the rules stage runs; None: no rules running.
     pub rules_sha256: Mutex<Option<String>>,
+    /// Each pump's state in full (on, why, lockout, latches, trips, lease, starts, actuator),
+    /// by pump id, for the health message.
+    pub pumps: Mutex<std::collections::BTreeMap<String, serde_json::Value>>,
     /// Pump and sensor states for the stats (`pump_<id>`, `sensor_<id>`).
     pub rules_state: Mutex<std::collections::BTreeMap<String, String>>,
     /// Progress of the stages the systemd watchdog watches.

@@ -154,6 +154,7 @@ impl HealthReporter {
             "commands_refused_total": Counters::get(&c.commands_refused),
             "duty_cycle_pct": duty,
             "rules": rules,
+            "pumps": c.pumps.lock().map(|p| p.clone()).unwrap_or_default(),
             "certificate_expires": id.certificate_expires.map(|t| {
                 unix_s(SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
             }),
@@ -171,6 +172,7 @@ fn state_key(report: &Value) -> String {
         pick(&report["radio"]["last_error"]),
         pick(&report["backhaul"]["outages_total"]),
         pick(&report["rules"]),
+        pick(&report["pumps"]),
     ])
     .to_string()
 }

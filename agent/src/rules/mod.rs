@@ -851,8 +851,19 @@ impl Stage {
         self.publish_state();
     }
 
-    /// Pump and sensor states for the stats.
+    /// Pump and sensor states for the stats and the health message.
     fn publish_state(&self) {
+        if let Ok(mut pumps) = self.counters.pumps.lock() {
+            let now = self.now();
+            for (pi, p) in self.engine.rules().pumps.iter().enumerate() {
+                let mut v = self.engine.pump_state(pi, now);
+                if let (Some(l), Some(o)) = (&self.links[pi], v.as_object_mut()) {
+                    o.insert("actuatorConfirmed".into(), l.is_confirmed().into());
+                    o.insert("actuatorUnknown".into(), l.is_unknown().into());
+                }
+                pumps.insert(p.id.clone(), v);
+            }
+        }
         let Ok(mut state) = self.counters.rules_state.lock() else {
             return;
         };
