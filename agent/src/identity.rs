@@ -13,11 +13,23 @@
 //!    globally unique MAC address, USB modems left out (`FF FE` inserted in its middle, as
 //!    Semtech's packet forwarder scripts do), or, without one, hashed from `/etc/machine-id`.
 //!    Not kept: once the radio names its EUI, the next start uses it.
+//! 5. with none of these (a bare container): a random locally administered EUI-64, kept in the
+//!    store.
 
 use std::path::Path;
 
 /// The store state key of the kept concentrator EUI and the machine it was seen on.
 pub const STATE_KEY: &str = "gateway_id";
+
+/// The store state key of a random identity, for a machine with nothing to derive one from.
+pub const RANDOM_KEY: &str = "gateway_id_random";
+
+/// A random, locally administered EUI-64.
+pub fn random() -> String {
+    let mut b = fastrand::u64(..).to_be_bytes();
+    b[0] = (b[0] | 0x02) & !0x01;
+    hex::encode(b)
+}
 
 /// How the identity was chosen, for the log and the health message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +39,8 @@ pub enum Source {
     Kept,
     NetworkInterface,
     MachineId,
+    /// Random, kept in the store: nothing else was there to name the gateway.
+    Random,
 }
 
 impl Source {
@@ -37,6 +51,9 @@ impl Source {
             Source::Kept => "the concentrator's EUI seen on this machine at an earlier start",
             Source::NetworkInterface => "derived from the MAC address of a network interface",
             Source::MachineId => "derived from /etc/machine-id",
+            Source::Random => {
+                "random, kept in the store (nothing on this machine to derive one from)"
+            }
         }
     }
 }
@@ -214,6 +231,14 @@ mod tests {
             derived_from(&net, &d.path().join("none")),
             Some(("b827ebfffe000002".into(), Source::NetworkInterface))
         );
+    }
+
+    #[test]
+    fn a_random_identity_is_a_local_individual_eui64() {
+        let a = random();
+        assert_eq!(a.len(), 16);
+        assert_eq!(u8::from_str_radix(&a[..2], 16).unwrap() & 0x03, 0x02);
+        assert_ne!(a, random());
     }
 
     #[test]

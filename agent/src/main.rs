@@ -309,16 +309,31 @@ async fn choose_identity(
             );
             Some((m, source))
         }
+        // Nothing to tell this machine by (no global MAC, no machine-id: a bare container).
+        (Some(k), None) if k.machine.is_none() => Some((k.eui, Source::Kept)),
         (_, None) => {
-            // Nothing stable to derive it from: only the radio can name the gateway.
-            tracing::error!("ALARM: no gateway identity: gateway.id is not set, the concentrator gives no EUI, and this machine has no global MAC address or machine-id; waiting for the concentrator");
-            let eui = tokio::select! {
-                eui = eui_rx.wait_for(Option::is_some) => eui.ok().and_then(|e| *e)?,
-                _ = stop_signal() => return None,
-            };
-            let id = format!("{eui:016x}");
-            keep_eui(queue, &id, None);
-            Some((id, Source::ConcentratorEui))
+            let id = queue
+                .state_get(identity::RANDOM_KEY)
+                .ok()
+                .flatten()
+                .and_then(|b| Kept::decode(&b))
+                .map(|k| k.eui)
+                .unwrap_or_else(|| {
+                    let id = identity::random();
+                    let kept = Kept {
+                        eui: id.clone(),
+                        machine: None,
+                    };
+                    if let Err(e) = queue.state_put(identity::RANDOM_KEY, &kept.encode()) {
+                        tracing::warn!(error = %e, "the gateway identity could not be kept in the store");
+                    }
+                    id
+                });
+            tracing::warn!(
+                gateway_id = %id,
+                "the concentrator gave no EUI and this machine has neither a global MAC address nor a machine-id: the gateway comes up under a random identity kept in its store (set gateway.id to choose one)"
+            );
+            Some((id, Source::Random))
         }
     }
 }
