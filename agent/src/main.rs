@@ -54,8 +54,7 @@ enum Command {
     Check(ConfigArgs),
 }
 
-/// Frames between the radio and the uplink stage, and events waiting for the store.
-const RADIO_QUEUE: usize = 8192;
+/// Events waiting for the store (frames wait in the radio's hand-off before that).
 const EVENT_QUEUE: usize = 8192;
 /// Downlink commands waiting for validation (a burst of 1000 must all be answered).
 const DOWNLINK_QUEUE: usize = 4096;
@@ -446,14 +445,14 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
     let hal = Concentrator::claim()?;
 
     let stop_radio = Arc::new(AtomicBool::new(false));
-    let (radio_tx, radio_rx) = sync_channel(RADIO_QUEUE);
+    let (attach_tx, attach_rx) = sync_channel::<Box<dyn lora_edge::radio::FrameSink>>(1);
     let (event_tx, event_rx) = sync_channel::<Event>(EVENT_QUEUE);
     let (eui_tx, mut eui_rx) = watch::channel(None);
     let radio_settings = RadioSettings::from_config(&cfg);
     let radio = Radio {
         settings: radio_settings.clone(),
         hal: hal.clone(),
-        out: radio_tx,
+        attach: attach_rx,
         counters: counters.clone(),
         stop: stop_radio.clone(),
         eui: eui_tx,
@@ -520,6 +519,7 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
     let stop_downlinks = Arc::new(AtomicBool::new(false));
     // Before the rules: their Class C actuators send through the downlink stage.
     let (down_tx, down_rx) = sync_channel(DOWNLINK_QUEUE);
+    let wake_downlinks = down_tx.clone();
     let (rules_input, rules_stage) = start_rules(
         &cfg,
         &gateway_id,
@@ -546,8 +546,8 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
         }),
         _ => None,
     };
+    // The uplink stage runs on the radio's thread from here on.
     let uplinks = Uplinks {
-        input: radio_rx,
         rules: rules_input,
         output: event_tx.clone(),
         filter: CrcFilter {
@@ -556,8 +556,9 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
             forward_missing: cfg.radio.forward_crc_missing,
         },
         counters: counters.clone(),
-    }
-    .spawn()?;
+        held: None,
+    };
+    let _ = attach_tx.send(Box::new(uplinks));
 
     let downlinks = Downlinks {
         input: down_rx,
@@ -670,7 +671,6 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
     let _ = shutdown_tx.send(true);
     tokio::task::spawn_blocking(move || {
         let _ = radio.join();
-        let _ = uplinks.join();
     })
     .await?;
     let _ = stats.await;
@@ -692,6 +692,7 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
         // Class C actuators (held by the panic hook too) keep senders of the downlink stage's
         // input: it is told to stop instead.
         stop_downlinks.store(true, Ordering::Relaxed);
+        let _ = wake_downlinks.try_send(lora_edge::downlink::Input::Wake);
         let _ = downlinks.join();
         // Its input closes when the backhaul stops taking commands; a command running ends at
         // its timeout at the latest.

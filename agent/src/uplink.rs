@@ -1,9 +1,11 @@
 //! The uplink stage: radio frames in, accepted uplink events out.
 //!
-//! Applies the CRC filters and turns each frame into a ChirpStack `UplinkFrame` carrying all the
-//! radio metadata. The pump-safety rules will sit in this stage (radio → rules → store).
+//! Applies the CRC filters, gives the rules stage the frames it reads, and turns each frame into
+//! a ChirpStack `UplinkFrame` carrying all the radio metadata, for the store. It runs on the
+//! radio's thread (a [`FrameSink`]) and never waits there: while the store's queue is full it
+//! holds one event and gives the radio's frames back to wait in order.
 
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -13,7 +15,7 @@ use chirpstack_api::pbjson_types::Timestamp;
 use crate::events::{Body, Event};
 use crate::ops::counters::Counters;
 use crate::radio::hal::{CodeRate, CrcStatus, Modulation};
-use crate::radio::Received;
+use crate::radio::{FrameSink, Received};
 use crate::rules;
 
 #[derive(Debug, Clone, Copy)]
@@ -34,51 +36,75 @@ impl CrcFilter {
 }
 
 pub struct Uplinks {
-    pub input: Receiver<Received>,
     pub output: SyncSender<Event>,
     pub filter: CrcFilter,
     pub counters: Arc<Counters>,
     /// The rules stage, and the DevAddrs it reads.
     pub rules: Option<(SyncSender<rules::Input>, rules::Watch)>,
+    /// An event the store's queue had no room for, sent before any other.
+    pub held: Option<Event>,
 }
 
 impl Uplinks {
-    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("uplink".into())
-            .spawn(move || self.run())
-    }
-
-    fn run(self) {
-        for r in self.input.iter() {
-            if r.packet.crc == CrcStatus::Ok {
-                Counters::add(&self.counters.rx_crc_ok, 1);
-                if let Some((tx, watch)) = &self.rules {
-                    if watch.wants(&r.packet.payload) {
-                        let copy = rules::Input::Frame(rules::Frame {
-                            phy: r.packet.payload.clone(),
-                            received: r.handed_over,
-                        });
-                        // Never waits: the uplink path must not depend on the rules stage.
-                        if tx.try_send(copy).is_err() {
-                            Counters::add(&self.counters.rules_input_dropped, 1);
-                        }
+    /// The frame's event for the store, if the filters forward it (counted and given to the
+    /// rules stage either way).
+    fn event(&self, r: &Received) -> Option<Event> {
+        if r.packet.crc == CrcStatus::Ok {
+            Counters::add(&self.counters.rx_crc_ok, 1);
+            if let Some((tx, watch)) = &self.rules {
+                if watch.wants(&r.packet.payload) {
+                    let copy = rules::Input::Frame(rules::Frame {
+                        phy: r.packet.payload.clone(),
+                        received: r.handed_over,
+                    });
+                    // Never waits: the uplink path must not depend on the rules stage.
+                    if tx.try_send(copy).is_err() {
+                        Counters::add(&self.counters.rules_input_dropped, 1);
                     }
                 }
             }
-            if !self.filter.forwards(r.packet.crc) {
-                Counters::add(&self.counters.rx_filtered, 1);
-                continue;
+        }
+        if !self.filter.forwards(r.packet.crc) {
+            Counters::add(&self.counters.rx_filtered, 1);
+            return None;
+        }
+        Some(Event {
+            at: r.at,
+            body: Body::Uplink(Box::new(uplink_frame(r))),
+        })
+    }
+}
+
+impl FrameSink for Uplinks {
+    fn ready(&mut self) -> bool {
+        if let Some(e) = self.held.take() {
+            if let Err(TrySendError::Full(e)) = self.output.try_send(e) {
+                self.held = Some(e);
+                return false;
             }
-            let event = Event {
-                at: r.at,
-                body: Body::Uplink(Box::new(uplink_frame(&r))),
-            };
-            // Blocking here is right: the radio never waits on us (it counts what it cannot hand
-            // over), and waiting keeps frames in order while the store catches up.
-            if self.output.send(event).is_err() {
-                return;
+        }
+        true
+    }
+
+    fn offer(&mut self, r: Received) -> Result<(), Received> {
+        if !self.ready() {
+            return Err(r);
+        }
+        if let Some(e) = self.event(&r) {
+            // Disconnected: the store has closed, the agent is stopping.
+            if let Err(TrySendError::Full(e)) = self.output.try_send(e) {
+                self.held = Some(e);
             }
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, r: Option<Received>) {
+        if let Some(e) = self.held.take() {
+            let _ = self.output.send(e);
+        }
+        if let Some(e) = r.and_then(|r| self.event(&r)) {
+            let _ = self.output.send(e);
         }
     }
 }

@@ -40,6 +40,19 @@ fn per_thread(pid: u32) -> BTreeMap<String, f64> {
     out
 }
 
+/// CPU seconds the scheduler ran the process's threads (`/proc/<pid>/task/*/schedstat`):
+/// nanoseconds, where the tick counts of `/proc/<pid>/stat` round each thread to 10 ms.
+fn sched_seconds(pid: u32) -> f64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
+}
+
 /// One case: `rate` frames/s for `seconds`, a fresh broker and agent.
 fn case(rate: f64, seconds: f64, threads: bool) {
     let broker = Broker::start();
@@ -55,16 +68,18 @@ fn case(rate: f64, seconds: f64, threads: bool) {
     let count = || arrivals.count.load(std::sync::atomic::Ordering::Relaxed);
     wait_until(Duration::from_secs(30), || count() > 0);
     std::thread::sleep(Duration::from_secs(2));
-    let (before, c0, b0, n0, t0) = (
+    let (before, s0, c0, b0, n0, t0) = (
         per_thread(pid),
+        sched_seconds(pid),
         cpu_seconds(pid),
         cpu_seconds(bpid),
         count(),
         Instant::now(),
     );
     std::thread::sleep(Duration::from_secs_f64(seconds));
-    let (after, c1, b1, n1) = (
+    let (after, s1, c1, b1, n1) = (
         per_thread(pid),
+        sched_seconds(pid),
         cpu_seconds(pid),
         cpu_seconds(bpid),
         count(),
@@ -72,10 +87,12 @@ fn case(rate: f64, seconds: f64, threads: bool) {
     let elapsed = t0.elapsed().as_secs_f64();
     let frames = (n1 - n0).max(1) as f64;
     println!(
-        "{rate:>6} frames/s for {elapsed:>4.0} s: {:>6} delivered, agent {:.3} s per 1000 frames = {:.3} % of a core, peak RSS {:.1} MB; broker {:.2} s",
+        "{rate:>6} frames/s for {elapsed:>4.0} s: {:>6} delivered, agent {:.3} s per 1000 frames = {:.3} % of a core (schedstat: {:.3} s, {:.3} %), peak RSS {:.1} MB; broker {:.2} s",
         n1 - n0,
         (c1 - c0) * 1000.0 / frames,
         (c1 - c0) * 100.0 / elapsed,
+        (s1 - s0) * 1000.0 / frames,
+        (s1 - s0) * 100.0 / elapsed,
         peak_rss(pid) as f64 / 1e6,
         b1 - b0,
     );

@@ -90,7 +90,11 @@ pub struct Backhaul {
     pub health: Option<watch::Receiver<Vec<u8>>>,
 }
 
-const BUSY_TICK: Duration = Duration::from_millis(50);
+/// The tick while something is pending (a CONNACK, PUBACKs, a drain): what it watches for is
+/// seconds long (`connect_timeout`, `ack_timeout`).
+const BUSY_TICK: Duration = Duration::from_millis(250);
+/// The tick while `mqtt.max_rate_per_s` meters the publishes: the budget refills at each.
+const RATE_TICK: Duration = Duration::from_millis(50);
 /// A PUBLISH's bytes besides its topic and payload, at most: fixed header (5), topic length
 /// (2), packet id (2), properties (a few).
 const PUBLISH_OVERHEAD: usize = 16;
@@ -284,9 +288,14 @@ impl Backhaul {
         let started = Instant::now();
         let mut to_ack: Option<u64> = None;
         let mut store_wakes = true;
-        // 50 ms while something is pending (a CONNACK, PUBACKs, a rate budget, a drain); once a
+        // Often while something is pending (a CONNACK, PUBACKs, a rate budget, a drain); once a
         // second otherwise: an idle gateway wakes for its traffic, not for a timer.
-        let mut next_tick = tokio::time::Instant::now() + BUSY_TICK;
+        let busy_tick = if self.cfg.max_rate_per_s > 0 {
+            RATE_TICK
+        } else {
+            BUSY_TICK
+        };
+        let mut next_tick = tokio::time::Instant::now() + busy_tick;
 
         loop {
             let mut ticked = false;
@@ -414,7 +423,7 @@ impl Backhaul {
                         || inflight.outstanding() > 0
                         || self.cfg.max_rate_per_s > 0
                         || self.drain_until.is_some();
-                    next_tick = tokio::time::Instant::now() + if busy { BUSY_TICK } else { IDLE_TICK };
+                    next_tick = tokio::time::Instant::now() + if busy { busy_tick } else { IDLE_TICK };
                     crate::ops::health::Heartbeats::beat(&self.counters.beats.backhaul);
                     let now = Instant::now();
                     if !connected && started.elapsed() > self.cfg.connect_timeout {
@@ -464,9 +473,9 @@ impl Backhaul {
                     return SessionEnd::Shutdown;
                 }
             }
-            if inflight.outstanding() > 0 && next_tick > tokio::time::Instant::now() + BUSY_TICK {
+            if inflight.outstanding() > 0 && next_tick > tokio::time::Instant::now() + busy_tick {
                 // Publishes went out while the tick idled: watch their PUBACKs closely again.
-                next_tick = tokio::time::Instant::now() + BUSY_TICK;
+                next_tick = tokio::time::Instant::now() + busy_tick;
             }
             if connected && (idle || window.saturating_sub(inflight.outstanding()) >= batch) {
                 if let Err(why) = self.fill(

@@ -186,7 +186,7 @@ pub struct RadioConfig {
     pub simulator: Option<PathBuf>,
     #[serde(default = "default_poll", with = "duration")]
     pub poll_interval: Duration,
-    /// The polling period after 100 ms without any frame: an idle gateway wakes less often,
+    /// The polling period after 30 ms without any frame: an idle gateway wakes less often,
     /// and the first frame after a silence waits at most this long in the concentrator.
     #[serde(default = "default_idle_poll", with = "duration")]
     pub idle_poll_interval: Duration,
@@ -235,7 +235,7 @@ fn default_poll() -> Duration {
     Duration::from_millis(10)
 }
 fn default_idle_poll() -> Duration {
-    Duration::from_millis(40)
+    Duration::from_millis(100)
 }
 fn default_watchdog() -> Duration {
     Duration::from_secs(30)

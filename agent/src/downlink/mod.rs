@@ -50,6 +50,8 @@ pub enum Input {
     /// A `command/down` payload, with when it arrived.
     Network(Vec<u8>, Instant),
     Owned(Box<Owned>),
+    /// Look at the stop flag now (an idle stage waits up to a second otherwise).
+    Wake,
 }
 
 /// A frame built by the agent, sent "immediately" (Class C).
@@ -200,8 +202,9 @@ impl Downlinks {
                 );
             }
             let wait = if due.is_empty() {
-                // Nothing scheduled: only the stop flag to look at, less often.
-                let cap = Duration::from_millis(if sched.is_empty() { 250 } else { 100 });
+                // Nothing scheduled: only the stop flag to look at (`Input::Wake` comes with
+                // it): an idle gateway does not wake for it.
+                let cap = Duration::from_millis(if sched.is_empty() { 5000 } else { 100 });
                 clock
                     .and_then(|c| sched.next_handoff_in(c.counter))
                     .unwrap_or(cap)
@@ -270,6 +273,7 @@ impl Downlinks {
                 sample(&mut timings.to_decision_us, at.elapsed().as_micros() as u32);
             }
             Input::Owned(o) => self.owned(sched, *o),
+            Input::Wake => {}
         }
     }
 
@@ -282,6 +286,7 @@ impl Downlinks {
                     result: Err("the agent is shutting down".into()),
                 });
             }
+            Input::Wake => {}
         }
     }
 

@@ -4,6 +4,11 @@
 //! It runs on its own thread because HAL calls block (calibration takes seconds). A start or
 //! receive failure restarts the radio with back-off; a counter that stops advancing (the HAL
 //! "succeeds" on a dead SPI link) trips the watchdog and restarts it too.
+//!
+//! The stage behind it (a [`FrameSink`], the uplink stage) runs on this thread too, once it is
+//! attached: one thread wake-up per frame fewer, which is most of a frame's CPU. Until then (it
+//! needs the gateway's identity, which may wait for the concentrator's EUI), and while the
+//! store's queue is full, frames wait here, up to [`WAITING_MAX`]; more are counted dropped.
 
 pub mod boards;
 pub mod diagnosis;
@@ -19,7 +24,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::collections::VecDeque;
+use std::sync::mpsc::Receiver;
 
 use tokio::sync::watch;
 
@@ -39,8 +45,74 @@ pub struct Received {
     pub handed_over: std::time::Instant,
 }
 
-/// Without a frame this long, the radio is polled at `idle_poll_interval`.
-const IDLE_AFTER: Duration = Duration::from_millis(100);
+/// Without a frame this long, the radio is polled at `idle_poll_interval`. Short: at a low
+/// rate each frame would otherwise cost this many fast polls.
+const IDLE_AFTER: Duration = Duration::from_millis(30);
+
+/// Frames read but not yet taken by the stage behind, at most (a few minutes at a busy site).
+pub const WAITING_MAX: usize = 8192;
+
+/// The stage frames are handed to, run on the radio's thread: it must never wait.
+pub trait FrameSink: Send {
+    /// Whether it can take a frame now (what it holds from before has gone on).
+    fn ready(&mut self) -> bool;
+    /// Takes a frame without waiting; gives it back when it cannot take it now.
+    fn offer(&mut self, r: Received) -> Result<(), Received>;
+    /// Takes what it holds and the frame, waiting as long as it takes (the radio has stopped).
+    fn deliver(&mut self, r: Option<Received>);
+}
+
+/// The radio's end of the hand-off: frames wait here until the sink is attached and can take
+/// them, in order.
+struct Handoff {
+    attach: Receiver<Box<dyn FrameSink>>,
+    sink: Option<Box<dyn FrameSink>>,
+    waiting: VecDeque<Received>,
+    counters: Arc<Counters>,
+}
+
+impl Handoff {
+    fn push(&mut self, r: Received) {
+        if self.waiting.len() >= WAITING_MAX {
+            // Never wait on the stages behind: a stalled store must not stall the radio.
+            Counters::add(&self.counters.rx_dropped, 1);
+        } else {
+            self.waiting.push_back(r);
+        }
+    }
+
+    /// Hands on what waits, as far as the sink takes it now.
+    fn pass(&mut self) {
+        if self.sink.is_none() {
+            self.sink = self.attach.try_recv().ok();
+        }
+        let Some(sink) = self.sink.as_mut() else {
+            return;
+        };
+        if !sink.ready() {
+            return;
+        }
+        while let Some(r) = self.waiting.pop_front() {
+            if let Err(r) = sink.offer(r) {
+                self.waiting.push_front(r);
+                return;
+            }
+        }
+    }
+
+    /// At stop: everything read is handed on (the store stays open until the radio has ended).
+    fn finish(&mut self) {
+        if self.sink.is_none() {
+            self.sink = self.attach.try_recv().ok();
+        }
+        if let Some(sink) = self.sink.as_mut() {
+            sink.deliver(None);
+            for r in self.waiting.drain(..) {
+                sink.deliver(Some(r));
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct RadioSettings {
@@ -172,7 +244,8 @@ impl From<String> for Failure {
 pub struct Radio {
     pub settings: RadioSettings,
     pub hal: Arc<Concentrator>,
-    pub out: SyncSender<Received>,
+    /// The stage behind, sent once it exists (see the module's comment).
+    pub attach: Receiver<Box<dyn FrameSink>>,
     pub counters: Arc<Counters>,
     pub stop: Arc<AtomicBool>,
     /// The concentrator's EUI, published after its first start.
@@ -188,11 +261,36 @@ impl Radio {
             .name("radio".into())
             .spawn(move || {
                 crate::realtime::raise_current_thread("radio", self.settings.realtime_priority);
-                self.run()
+                let mut handoff = Handoff {
+                    attach: self.attach,
+                    sink: None,
+                    waiting: VecDeque::new(),
+                    counters: self.counters.clone(),
+                };
+                let radio = Running {
+                    settings: self.settings,
+                    hal: self.hal,
+                    counters: self.counters,
+                    stop: self.stop,
+                    eui: self.eui,
+                };
+                radio.run(&mut handoff);
+                handoff.finish();
             })
     }
+}
 
-    fn run(self) {
+/// The radio on its thread (what `Radio` gives it but the hand-off).
+struct Running {
+    settings: RadioSettings,
+    hal: Arc<Concentrator>,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    eui: watch::Sender<Option<u64>>,
+}
+
+impl Running {
+    fn run(&self, handoff: &mut Handoff) {
         let mut backoff = Duration::from_secs(1);
         let mut attempts = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
@@ -216,7 +314,7 @@ impl Radio {
                         s.cause = None;
                         s.diagnosis = None;
                     });
-                    let down = self.receive_loop();
+                    let down = self.receive_loop(handoff);
                     if let Err(e) = self.hal.stop() {
                         tracing::warn!(error = %e, "stopping the concentrator");
                     }
@@ -256,7 +354,7 @@ impl Radio {
                     self.counters
                         .temperature_bits
                         .store(f32::NAN.to_bits(), Ordering::Relaxed);
-                    self.sleep(backoff);
+                    self.sleep(backoff, handoff);
                     backoff = (backoff * 2).min(self.settings.restart_backoff_max);
                 }
             }
@@ -279,10 +377,11 @@ impl Radio {
         }
     }
 
-    fn sleep(&self, d: Duration) {
+    fn sleep(&self, d: Duration, handoff: &mut Handoff) {
         let until = Instant::now() + d;
         while Instant::now() < until && !self.stop.load(Ordering::Relaxed) {
             Heartbeats::beat(&self.counters.beats.radio);
+            handoff.pass();
             std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
         }
     }
@@ -360,7 +459,7 @@ impl Radio {
         Ok(lines)
     }
 
-    fn receive_loop(&self) -> Down {
+    fn receive_loop(&self, handoff: &mut Handoff) -> Down {
         let mut batch = Vec::with_capacity(64);
         let mut last_counter = self.hal.counter().ok();
         let mut counter_moved_at = Instant::now();
@@ -382,15 +481,13 @@ impl Radio {
             Counters::add(&self.counters.rx_received, read as u64);
             Counters::add(&self.counters.rx_malformed, malformed as u64);
             for packet in batch.drain(..) {
-                if let Err(TrySendError::Full(_)) = self.out.try_send(Received {
+                handoff.push(Received {
                     packet,
                     at,
                     handed_over,
-                }) {
-                    // Never wait on the stages behind: a stalled store must not stall the radio.
-                    Counters::add(&self.counters.rx_dropped, 1);
-                }
+                });
             }
+            handoff.pass();
             let now = Instant::now();
             if now >= next_check {
                 next_check = now + Duration::from_secs(1);

@@ -504,6 +504,11 @@ impl Log {
         out
     }
 
+    /// Whether a file holds records above `acked` not synced yet.
+    pub fn has_unsynced(&self, acked: u64) -> bool {
+        self.files.values().any(|seg| seg.unsynced_top > acked)
+    }
+
     /// Every file written since its last sync, whatever it holds (a clean stop).
     pub fn take_all_unsynced(&mut self) -> Vec<(PathBuf, Arc<File>)> {
         self.take_unsynced(0)

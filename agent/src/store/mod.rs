@@ -11,9 +11,10 @@
 //! - `space`: where a segment comes from (allocated, or evicted at the budget or on a full
 //!   disk);
 //! - `numbering`: numbers never reused; `unreported`: losses the centre has not heard of;
-//! - `state`: other stages' small durable values;
+//! - `state`: other stages' small durable values; `commit`: when the commit thread syncs;
 //! - `recovery` and `migrate`: opening, salvaging and carrying over an earlier format.
 
+mod commit;
 mod log;
 mod migrate;
 pub mod numbering;

@@ -166,6 +166,8 @@ pub struct Queue {
     /// Where tests keep the segment files as of their last sync (`witness_synced`).
     #[cfg(test)]
     pub(super) witness: Mutex<Option<PathBuf>>,
+    /// Wakes the commit thread when there is something to sync.
+    pub(super) bell: super::commit::CommitBell,
 }
 
 fn io(e: std::io::Error) -> StoreError {
@@ -487,7 +489,33 @@ impl Queue {
     /// start history): kept across a kill once this returns, across a power cut after the next
     /// commit (module `state`).
     pub fn state_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.inner().state.put(key, value).map_err(io)
+        self.inner().state.put(key, value).map_err(io)?;
+        self.bell.ring_later();
+        Ok(())
+    }
+
+    /// Whether a commit would sync anything: records the broker has not acknowledged, the
+    /// state, the unreported numbers.
+    pub fn needs_commit(&self) -> bool {
+        let inner = self.inner();
+        inner.log.has_unsynced(inner.acked)
+            || inner.state.is_unsynced()
+            || inner.unreported_unsynced
+            || inner.unreported_unsaved
+    }
+
+    /// Has the commit thread sync now (`needs_commit` said so).
+    pub fn commit_soon(&self) {
+        self.bell.ring_now();
+    }
+
+    /// The commit thread's wait: true when a commit is wanted, false once `close_commits`.
+    pub fn wait_commit(&self) -> bool {
+        self.bell.wait(self.opts.commit_interval)
+    }
+
+    pub fn close_commits(&self) {
+        self.bell.close();
     }
 
     pub fn state_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {

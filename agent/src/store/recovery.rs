@@ -396,6 +396,7 @@ impl Queue {
             }
         };
         let q = Queue {
+            bell: Default::default(),
             opts: opts.clone(),
             inner: Mutex::new(Inner {
                 log,

@@ -185,6 +185,10 @@ impl State {
     }
 
     /// The file to fdatasync if a put happened since the last commit.
+    pub fn is_unsynced(&self) -> bool {
+        self.dirty
+    }
+
     pub fn take_unsynced(&mut self) -> Option<File> {
         if !self.dirty {
             return None;

@@ -96,20 +96,17 @@ impl Writer {
     fn run(self) {
         // The commit (fdatasync, milliseconds to tens of them on an SD card) runs beside the
         // appends, so that frames keep being accepted while it waits for the card.
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        // It waits for the writer's word (`store/commit.rs`): records not acknowledged one
+        // interval after they were appended, or a changed state.
         let committer = {
             let queue = self.queue.clone();
-            let interval = self.commit_interval;
             std::thread::Builder::new()
                 .name("store-commit".into())
-                .spawn(move || loop {
-                    match stop_rx.recv_timeout(interval) {
-                        Err(RecvTimeoutError::Timeout) => {
-                            if let Err(e) = queue.commit() {
-                                tracing::error!(error = %e, "store: commit (fdatasync) failed");
-                            }
+                .spawn(move || {
+                    while queue.wait_commit() {
+                        if let Err(e) = queue.commit() {
+                            tracing::error!(error = %e, "store: commit (fdatasync) failed");
                         }
-                        _ => return,
                     }
                 })
         };
@@ -125,10 +122,16 @@ impl Writer {
         let mut last_error = None;
         // True while appends fail: the first success after says so.
         let mut failing = false;
+        // When to look whether what was appended is still unacknowledged (then commit).
+        let mut commit_due: Option<Instant> = None;
         while open || !batch.is_empty() {
             crate::ops::health::Heartbeats::beat(&self.counters.beats.store);
             if batch.is_empty() {
-                match self.input.recv_timeout(Duration::from_secs(1)) {
+                let until = commit_due.map_or(next_age_check, |d| d.min(next_age_check));
+                match self
+                    .input
+                    .recv_timeout(until.saturating_duration_since(Instant::now()))
+                {
                     Ok(e) => batch.push(e),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => open = false,
@@ -155,9 +158,19 @@ impl Writer {
                 self.report(&mut last_notice);
                 unlogged.flush(last_error.take());
             }
+            let now = Instant::now();
+            if commit_due.is_some_and(|d| now >= d) {
+                commit_due = None;
+                if self.queue.needs_commit() {
+                    self.queue.commit_soon();
+                }
+            }
+            if commit_due.is_none() && self.queue.needs_commit() {
+                commit_due = Some(now + self.commit_interval);
+            }
         }
         unlogged.flush(last_error.take());
-        drop(stop_tx);
+        self.queue.close_commits();
         if let Ok(c) = committer {
             let _ = c.join();
         }
