@@ -85,9 +85,15 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Check(args) => {
-            match check::configuration(&args.config, &args.set, Some(linked()), check::Depth::Files)
-            {
+            let files = config::layers(&args.config, &args.set);
+            match check::configuration(&files, &args.set, Some(linked()), check::Depth::Files) {
                 Ok((cfg, notes)) => {
+                    if let Some(remote) = files.get(args.config.len()) {
+                        println!(
+                            "note: includes the changes the centre applied, {} (ops.remote_config)",
+                            remote.display()
+                        );
+                    }
                     for note in notes {
                         println!("{note}");
                     }
@@ -118,8 +124,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => {
+            // A provisional change from the centre whose time is up is undone before the
+            // configuration is read (ops/config_change.rs).
+            let remote = config::remote_config_path(&args.config, &args.set);
+            if let Some(r) = &remote {
+                lora_edge::ops::config_change::at_start(r);
+            }
+            let files = config::layers(&args.config, &args.set);
             let cfg = match check::configuration(
-                &args.config,
+                &files,
                 &args.set,
                 Some(linked()),
                 check::Depth::Run,
@@ -127,6 +140,14 @@ fn main() -> ExitCode {
                 Ok((c, _)) => c,
                 Err(e) => {
                     eprintln!("{e}");
+                    if remote.as_deref().is_some_and(|r| {
+                        lora_edge::ops::config_change::undo_unloadable(r, &e.to_string())
+                    }) {
+                        tracing::error!("the configuration change from the centre did not load: undone, running again with the previous one");
+                        let e = lora_edge::ops::restart::exec_self();
+                        tracing::error!(error = %e, "could not run again: exiting for the service manager to restart");
+                        return ExitCode::from(75);
+                    }
                     return ExitCode::from(2);
                 }
             };
@@ -143,7 +164,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(cfg, &args.config, &args.set)) {
+            match runtime.block_on(run(cfg, &args.config, &files, &args.set)) {
+                Ok(()) if lora_edge::ops::restart::is_requested() => {
+                    drop(runtime);
+                    let e = lora_edge::ops::restart::exec_self();
+                    tracing::error!(error = %e, "could not run again: exiting for the service manager to restart");
+                    ExitCode::from(75)
+                }
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -400,7 +427,13 @@ fn handle_hangups() {
     }
 }
 
-async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<()> {
+/// `base`: the configuration files given; `files`: those and the centre's changes.
+async fn run(
+    cfg: Config,
+    base: &[PathBuf],
+    files: &[PathBuf],
+    sets: &[String],
+) -> anyhow::Result<()> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         hal = %Concentrator::describe_linked(),
@@ -588,8 +621,16 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
     let (health_tx, health_rx) = watch::channel(Vec::new());
     let identity = health_identity(&cfg, &gateway_id, files, sets);
     let (ops_tx, ops_rx) = sync_channel(lora_edge::ops::requests::QUEUE);
+    let changes = Arc::new(lora_edge::ops::config_change::ConfigControl::new(
+        base.to_vec(),
+        sets.to_vec(),
+        Some(linked()),
+        &cfg,
+    ));
+    changes.report_reverted(&event_tx);
+    tokio::spawn(changes.clone().watch(counters.clone(), event_tx.clone()));
     let reloader = Arc::new(lora_edge::ops::requests::Reloader {
-        files: files.to_vec(),
+        files: base.to_vec(),
         sets: sets.to_vec(),
         linked: Some(linked()),
         running: cfg.source.clone(),
@@ -604,6 +645,7 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
         counters: counters.clone(),
         health: health_rx.clone(),
         reloader,
+        changes,
         input: ops_rx,
         output: event_tx.clone(),
     }
@@ -657,6 +699,7 @@ async fn run(cfg: Config, files: &[PathBuf], sets: &[String]) -> anyhow::Result<
 
     tokio::select! {
         _ = stop_signal() => {}
+        _ = lora_edge::ops::restart::requested() => {}
         ended = &mut backhaul => {
             // The backhaul ends only at shutdown: anything else is a panic (logged by the hook,
             // pumps driven off). Running on without it would buffer until the disk is full.

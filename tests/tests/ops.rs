@@ -286,7 +286,11 @@ fn ops_requests_are_answered_with_secrets_redacted_and_every_refusal_said() {
     assert_eq!(b["ok"], true, "{b}");
     assert!(b["result"]["next_seq"].as_u64().unwrap() >= 1, "{b}");
     assert_eq!(by("h1")["result"]["gateway_id"], GATEWAY_ID);
-    assert!(by("a1")["error"].as_str().unwrap().contains("not built"));
+    assert!(
+        by("a1")["error"].as_str().unwrap().contains("\"config\""),
+        "{}",
+        by("a1")
+    );
     assert!(by("u1")["error"].as_str().unwrap().contains("unknown op"));
     let no_id: Vec<&Value> = answers.iter().filter(|a| a["id"].is_null()).collect();
     assert_eq!(no_id.len(), 2, "{no_id:?}");
@@ -348,5 +352,248 @@ fn an_answer_larger_than_the_broker_takes_is_skipped_and_said_and_the_rest_flows
             .contains("greater than the broker's maximum packet size"),
         "{}",
         agent.log()
+    );
+}
+
+/// The agent's setup with `ops.remote_config` in its directory, and that path.
+fn with_remote(broker: &Broker, extra: &str) -> (AgentSetup, std::path::PathBuf) {
+    let setup = AgentSetup::new(broker.port);
+    let remote = setup.dir.path().join("remote.toml");
+    let setup = setup.config(&format!(
+        "[ops]\nremote_config = \"{}\"\n{extra}",
+        remote.display()
+    ));
+    (setup, remote)
+}
+
+fn beside(remote: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("{}{suffix}", remote.display()))
+}
+
+/// An answer on `event/ops` with this id satisfying `pred`, waited for.
+fn answer_where(
+    c: &Collector,
+    id: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Option<Value> {
+    let until = Instant::now() + patience(timeout);
+    while Instant::now() < until {
+        if let Some(a) = c
+            .on("/event/ops")
+            .iter()
+            .filter_map(|m| serde_json::from_slice::<Value>(&m.payload).ok())
+            .find(|a| a["id"] == id && pred(a))
+        {
+            return Some(a);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn a_configuration_change_with_errors_is_refused_whole_with_every_error_and_changes_nothing() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let (setup, remote) = with_remote(&broker, "");
+    let (agent, _dir) = setup.start();
+    assert!(
+        agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)),
+        "{}",
+        agent.log()
+    );
+    let pid = agent.pid();
+    let a = ops_request(
+        &collector,
+        broker.port,
+        "bad3",
+        serde_json::json!({"op": "apply", "config":
+            "[mqtt]\ninflight = 0\nkeep_alive = \"1s\"\n[stats]\ninterval = \"0s\"\n"}),
+        &agent,
+    );
+    assert_eq!(a["ok"], false, "{a}");
+    let e = a["error"].as_str().unwrap();
+    for field in ["mqtt.inflight", "mqtt.keep_alive", "stats.interval"] {
+        assert!(e.contains(field), "{field} not in: {e}");
+    }
+    assert!(e.contains("3 error(s)"), "{e}");
+    for (id, body, says) in [
+        (
+            "syn",
+            serde_json::json!({"op": "apply", "config": "[stats]\ninterval = = 3"}),
+            "fragment line 2",
+        ),
+        (
+            "opskey",
+            serde_json::json!({"op": "apply", "config": "[ops]\nrevert_after = \"1h\""}),
+            "changed only on the gateway",
+        ),
+        (
+            "nothing",
+            serde_json::json!({"op": "confirm"}),
+            "nothing to confirm",
+        ),
+        (
+            "both",
+            serde_json::json!({"op": "apply", "config": "[stats]\ninterval = \"9s\"", "rules": "x"}),
+            "not both",
+        ),
+        (
+            "range",
+            serde_json::json!({"op": "apply", "config": "[stats]\ninterval = \"9s\"", "revert_after_s": 5}),
+            "between 10 and 3600",
+        ),
+    ] {
+        let a = ops_request(&collector, broker.port, id, body, &agent);
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(a["error"].as_str().unwrap().contains(says), "{id}: {a}");
+    }
+    assert!(!remote.exists(), "nothing written");
+    assert!(!beside(&remote, ".new").exists() && !beside(&remote, ".pending").exists());
+    assert!(
+        !agent.log().contains("restart requested"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(agent.pid(), pid);
+}
+
+#[test]
+fn a_change_that_cuts_the_backhaul_is_undone_by_the_agent_and_reported_when_it_is_back() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let (setup, remote) = with_remote(&broker, "revert_after = \"10s\"\n");
+    let (agent, _dir) = setup.sim("synthetic_rate_hz = 5").start();
+    assert!(
+        agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)),
+        "{}",
+        agent.log()
+    );
+    let dead = free_port();
+    let a = ops_request(
+        &collector,
+        broker.port,
+        "cut",
+        serde_json::json!({"op": "apply", "config": format!("[mqtt]\nserver = \"tcp://127.0.0.1:{dead}\"\n")}),
+        &agent,
+    );
+    assert_eq!(a["ok"], true, "{a}\n{}", agent.log());
+    assert_eq!(a["result"]["provisional"], true, "{a}");
+    assert_eq!(a["result"]["revert_after_s"], 10, "{a}");
+    // Undone by itself, and said once the backhaul is back.
+    let undone = answer_where(&collector, "cut", Duration::from_secs(90), |a| {
+        a["ok"] == false
+    });
+    let undone = undone.unwrap_or_else(|| panic!("no undo reported\n{}", agent.log()));
+    let e = undone["error"].as_str().unwrap();
+    assert!(
+        e.contains("undone") && e.contains("backhaul session was not up with it within 10 s"),
+        "{e}"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("127.0.0.1:{dead}")),
+        "the new server was tried:\n{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&remote).unwrap(),
+        "",
+        "the previous (no changes) is back"
+    );
+    assert!(!beside(&remote, ".pending").exists());
+    assert!(
+        !beside(&remote, ".reverted").exists(),
+        "reported, so removed"
+    );
+    // The same process throughout (it ran itself again), and uplinks flow again.
+    assert!(agent.pid().is_some());
+    let before = collector.on("/event/up").len();
+    assert!(
+        collector
+            .wait_for("/event/up", Duration::from_secs(20), |m| m.len()
+                > before + 5)
+            .len()
+            > before + 5,
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn a_change_is_kept_once_the_backhaul_is_up_with_it_and_the_centre_confirmed() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let (setup, remote) = with_remote(&broker, "");
+    let (agent, dir) = setup.start();
+    assert!(
+        agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)),
+        "{}",
+        agent.log()
+    );
+    let a = ops_request(
+        &collector,
+        broker.port,
+        "seven",
+        serde_json::json!({"op": "apply", "config": "[stats]\ninterval = \"7s\"\n", "confirm": true, "revert_after_s": 60}),
+        &agent,
+    );
+    assert_eq!(a["ok"], true, "{a}\n{}", agent.log());
+    assert_eq!(a["result"]["confirm_needed"], true, "{a}");
+    // Running again with it: its health names the centre's file with coreutils' sha256.
+    let health = wait_health(&collector, Duration::from_secs(30), |h| {
+        h["state"] == "running"
+            && h["config_files"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f["path"] == remote.display().to_string()))
+    })
+    .unwrap_or_else(|| panic!("no health with remote.toml\n{}", agent.log()));
+    let entry = health["config_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == remote.display().to_string())
+        .unwrap()
+        .clone();
+    assert_eq!(entry["sha256"].as_str().unwrap(), sha256sum(&remote));
+    assert!(
+        beside(&remote, ".pending").exists(),
+        "provisional until confirmed"
+    );
+    let c = ops_request(
+        &collector,
+        broker.port,
+        "ok-seven",
+        serde_json::json!({"op": "confirm"}),
+        &agent,
+    );
+    assert_eq!(c["ok"], true, "{c}");
+    assert_eq!(c["result"]["confirmed"], "seven", "{c}");
+    let kept = answer_where(&collector, "seven", Duration::from_secs(15), |a| {
+        a["result"]["kept"] == true
+    })
+    .unwrap_or_else(|| panic!("not kept\n{}", agent.log()));
+    assert!(
+        kept["result"]["how"]
+            .as_str()
+            .unwrap()
+            .contains("confirmed"),
+        "{kept}"
+    );
+    assert!(!beside(&remote, ".pending").exists());
+    assert!(std::fs::read_to_string(&remote).unwrap().contains("7s"));
+    // `check` on the gateway reads the same files and says so.
+    let out = std::process::Command::new(agent_binary())
+        .args(["check", "-c"])
+        .arg(dir.path().join("agent.toml"))
+        .arg("-c")
+        .arg(dir.path().join("extra.toml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("includes the changes the centre applied"),
+        "{said}"
     );
 }

@@ -111,9 +111,20 @@ fn shown_set(set: &str) -> String {
     let field = set.split_once('=').map(|(f, _)| f).unwrap_or(set).trim();
     if SECRET_FIELDS.iter().any(|s| field.starts_with(s)) {
         format!("--set {field}=(hidden)")
+    } else if has_userinfo(set) {
+        // `scheme://user:password@host`: whatever the field, the credentials are not printed.
+        format!("--set {field}=(not shown: it holds credentials)")
     } else {
         format!("--set {set}")
     }
+}
+
+/// Whether a value holds a URL with credentials (`scheme://…@host`).
+fn has_userinfo(value: &str) -> bool {
+    value.split("://").skip(1).any(|rest| {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        authority.contains('@')
+    })
 }
 
 /// What the stages say about their part of a configuration (`check.rs` asks them): problems
@@ -124,6 +135,42 @@ pub struct StageReport {
     pub invalid: Vec<Invalid>,
     pub notes: Vec<String>,
     pub located: Vec<String>,
+}
+
+/// The files to load: `files`, then the centre's changes (`ops.remote_config`, as the files and
+/// `sets` name it) when that file exists. Read leniently: a broken file is `load`'s to report.
+pub fn layers(files: &[PathBuf], sets: &[String]) -> Vec<PathBuf> {
+    let mut out = files.to_vec();
+    if let Some(r) = remote_config_path(files, sets) {
+        if r.is_file() && !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// `ops.remote_config` as the files and `sets` name it (absolute paths only).
+pub fn remote_config_path(files: &[PathBuf], sets: &[String]) -> Option<PathBuf> {
+    let mut merged = toml::Table::new();
+    for path in files {
+        if let Some(t) = read_capped(path)
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+        {
+            merge(&mut merged, t);
+        }
+    }
+    for set in sets {
+        if let Ok((field, value)) = parse_set(set) {
+            insert(&mut merged, &field, value);
+        }
+    }
+    let remote = merged
+        .get("ops")
+        .and_then(|o| o.get("remote_config"))
+        .and_then(|v| v.as_str())
+        .map(PathBuf::from);
+    remote.filter(|r| r.is_absolute())
 }
 
 /// Merges `files` and `sets`, checks the configuration's own values, then asks `stages` about
@@ -673,5 +720,22 @@ pub(crate) fn at(path: &Path, text: &str, offset: Option<usize>) -> String {
             format!("{}:{line}:{col}", path.display())
         }
         None => path.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_set_with_credentials_in_a_url_is_not_shown() {
+        let shown = shown_set("mqtt.server=mqtt://gw:hunter2@127.0.0.1:1883");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.starts_with("--set mqtt.server="), "{shown}");
+        assert_eq!(shown_set("stats.interval=5s"), "--set stats.interval=5s");
+        assert_eq!(
+            shown_set("mqtt.server=tcp://host:1883/a@b"),
+            "--set mqtt.server=tcp://host:1883/a@b"
+        );
     }
 }

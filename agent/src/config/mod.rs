@@ -17,7 +17,8 @@ use serde::Deserialize;
 
 pub(crate) use load::{at, deserialize_all, find_field};
 pub use load::{
-    load, redacted, ConfigError, ConfigErrors, Linked, StageReport, MAX_FILE_BYTES, SECRET_FIELDS,
+    layers, load, redacted, remote_config_path, ConfigError, ConfigErrors, Linked, StageReport,
+    MAX_FILE_BYTES, SECRET_FIELDS,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,6 +41,8 @@ pub struct Config {
     /// Commands the centre may run with `command/exec`, by name; nothing else runs.
     #[serde(default)]
     pub commands: std::collections::BTreeMap<String, CommandConfig>,
+    #[serde(default)]
+    pub ops: OpsConfig,
     /// The files and `--set`s merged, as written (set by `load`): what the centre is shown,
     /// secrets redacted (`redacted`).
     #[serde(skip)]
@@ -392,6 +395,38 @@ fn default_join_age() -> Duration {
     Duration::from_secs(5)
 }
 
+/// Configuration changes from the centre (`command/ops` `apply`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsConfig {
+    /// The centre's changes: a TOML file read after the configuration files (before any
+    /// `--set`), written only by the agent; unset: the centre cannot change the configuration.
+    pub remote_config: Option<PathBuf>,
+    /// A change applied from the centre is undone by the agent itself unless its backhaul
+    /// session is up with it (and the centre confirmed it, when asked to) within this time.
+    #[serde(default = "default_revert_after", with = "duration")]
+    pub revert_after: Duration,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig {
+            remote_config: None,
+            revert_after: default_revert_after(),
+        }
+    }
+}
+
+fn default_revert_after() -> Duration {
+    Duration::from_secs(120)
+}
+
+/// The range of `ops.revert_after` (and of an apply's own `revert_after_s`): long enough for a
+/// radio start and a TLS handshake over a slow link, short enough that a cut-off gateway is
+/// back within the hour.
+pub const REVERT_AFTER_MIN: Duration = Duration::from_secs(10);
+pub const REVERT_AFTER_MAX: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatsConfig {
@@ -668,6 +703,17 @@ impl Config {
         }
         if self.stats.interval < Duration::from_secs(1) || self.stats.interval > hour {
             out.push(invalid("stats.interval", "must be between 1s and 1h"));
+        }
+        if !(REVERT_AFTER_MIN..=REVERT_AFTER_MAX).contains(&self.ops.revert_after) {
+            out.push(invalid("ops.revert_after", "must be between 10s and 1h"));
+        }
+        if let Some(p) = &self.ops.remote_config {
+            if p.is_relative() || p.file_name().is_none() {
+                out.push(invalid(
+                    "ops.remote_config",
+                    "must be an absolute path to a file (the agent writes it and files beside it)",
+                ));
+            }
         }
         out
     }

@@ -14,10 +14,9 @@
 //!   nothing and the answer says why (SIGHUP does the same);
 //! - `apply` with `"rules"` (the rule file's text, and `"signature"` when
 //!   `rules.public_key` is set): checked, run, then written in place of the rule file;
-//! - `rollback`: the previous rule file.
-//!
-//! Applying a configuration from the centre (and confirm-or-revert) is not built yet: such a
-//! request is answered with an error saying so.
+//! - `rollback`: the previous rule file;
+//! - `apply` with `"config"` (a TOML fragment) and `confirm`: a provisional configuration
+//!   change, kept or undone by the agent (`config_change.rs`).
 
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -35,10 +34,9 @@ use crate::store::Queue;
 /// Requests waiting (the backhaul drops beyond this, and counts).
 pub const QUEUE: usize = 16;
 
-const OPS: [&str; 7] = [
-    "config", "rules", "backlog", "health", "reload", "apply", "rollback",
+const OPS: [&str; 8] = [
+    "config", "rules", "backlog", "health", "reload", "apply", "rollback", "confirm",
 ];
-const NOT_YET: [&str; 1] = ["confirm"];
 
 /// Reading the files on disk again (SIGHUP and `reload`), with what the process runs.
 pub struct Reloader {
@@ -71,7 +69,7 @@ impl Reloader {
 
     pub fn reload(&self) -> Result<Value, String> {
         let (cfg, _) = crate::check::configuration(
-            &self.files,
+            &crate::config::layers(&self.files, &self.sets),
             &self.sets,
             self.linked,
             crate::check::Depth::Files,
@@ -120,6 +118,8 @@ pub struct Requests {
     pub counters: Arc<Counters>,
     pub health: watch::Receiver<Vec<u8>>,
     pub reloader: Arc<Reloader>,
+    /// Configuration changes from the centre (`config_change.rs`).
+    pub changes: Arc<super::config_change::ConfigControl>,
     pub input: Receiver<Vec<u8>>,
     pub output: SyncSender<Event>,
 }
@@ -226,11 +226,18 @@ impl Requests {
             "health" => serde_json::from_slice(&self.health.borrow())
                 .map_err(|_| "no health message yet".to_string()),
             "reload" => self.reloader.reload(),
+            "apply" if !request["config"].is_null() => {
+                if !request["rules"].is_null() {
+                    return Err("apply takes \"config\" or \"rules\", not both".into());
+                }
+                self.changes.apply(request)
+            }
+            "confirm" => self.changes.confirm(),
             "apply" => {
                 let Some(text) = request["rules"].as_str() else {
                     return Err(
-                        "apply takes \"rules\" (a rule file's text); applying a configuration \
-                         from the centre is not built in this version"
+                        "apply takes \"rules\" (a rule file's text) or \"config\" (a TOML \
+                         fragment of the configuration)"
                             .into(),
                     );
                 };
@@ -253,10 +260,6 @@ impl Requests {
                 .with_rules(|c| c.rollback())
                 .ok_or("the rules stage is not running on this gateway")?
                 .map(|sha| json!({"rules_sha256": sha})),
-            op if NOT_YET.contains(&op) => Err(format!(
-                "\"{op}\" is not built in this version: confirm-or-revert comes with applying a \
-                 configuration from the centre"
-            )),
             op => Err(format!("unknown op {op:?} (known: {})", OPS.join(", "))),
         }
     }

@@ -141,6 +141,15 @@ pub fn capture() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Points stdout and stderr back at the original stderr (before the process runs itself again:
+/// the terminals' readers do not survive it).
+pub fn restore_std_fds() {
+    if let Some(f) = LOG_OUT.get() {
+        let _ = nix::unistd::dup2_stdout(f);
+        let _ = nix::unistd::dup2_stderr(f);
+    }
+}
+
 fn read_lines(master: OwnedFd, stream: Stream) {
     let mut lines = BufReader::new(std::fs::File::from(master));
     let mut repeats = Repeats {
