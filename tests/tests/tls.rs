@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use lora_edge_e2e::pki::{self, files, site, tls_config, Ca, Files, Validity};
+use lora_edge_e2e::pki::{self, files, openssl, site, tls_config, write, Ca, Files, Validity};
 use lora_edge_e2e::*;
 
 #[test]
@@ -527,4 +527,158 @@ fn check_names_every_unusable_tls_file_and_secret_without_printing_secrets() {
     pki::write(dir, "password", "s3cret\n", 0o600);
     let (ok, out) = check(dir, pw, &[]);
     assert!(ok && !out.contains("s3cret"), "{out}");
+}
+
+/// Certificates operators make with openssl, and a wrong password: each failure says what to
+/// do about it (issue 22's operator messages).
+#[test]
+fn openssl_certificates_operators_get_wrong_and_a_wrong_password_are_each_explained() {
+    let ca = Ca::new("operators' CA");
+    let (nosan, v1, chainless, passworded) = (free_port(), free_port(), free_port(), free_port());
+    let broker = Broker::start_with(|dir| {
+        let at = |n: &str| dir.join(n).display().to_string();
+        write(dir, "ca.pem", &ca.cert_pem, 0o644);
+        write(dir, "ca.key", &ca.key_pem, 0o600);
+        let ext = |name: &str, text: &str| write(dir, name, text, 0o644).display().to_string();
+        let leaf_ext = ext(
+            "leaf.ext",
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n",
+        );
+        let nosan_ext = ext(
+            "nosan.ext",
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        );
+        let inter_ext = ext(
+            "inter.ext",
+            "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
+        );
+        let req = |name: &str, cn: &str| {
+            openssl(&[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &at(&format!("{name}.key")),
+                "-subj",
+                &format!("/CN={cn}"),
+                "-out",
+                &at(&format!("{name}.csr")),
+            ]);
+        };
+        let sign = |name: &str, ca: &str, ext: Option<&str>| {
+            let (csr, crt, ca_crt, ca_key) = (
+                at(&format!("{name}.csr")),
+                at(&format!("{name}.crt")),
+                at(&format!("{ca}.pem")),
+                at(&format!("{ca}.key")),
+            );
+            let mut args = vec![
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_crt,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-out",
+                &crt,
+            ];
+            if let Some(e) = ext {
+                args.extend(["-extfile", e]);
+            }
+            openssl(&args);
+        };
+        // No subjectAltName: a CN of 127.0.0.1 only.
+        req("nosan", "127.0.0.1");
+        sign("nosan", "ca", Some(&nosan_ext));
+        // OpenSSL 3.0's `x509 -req` without extensions: version 1.
+        req("v1", "127.0.0.1");
+        sign("v1", "ca", None);
+        // Signed by an intermediate the broker does not send.
+        req("inter", "operators' intermediate");
+        sign("inter", "ca", Some(&inter_ext));
+        std::fs::copy(dir.join("inter.crt"), dir.join("inter.pem")).unwrap();
+        req("chainless", "broker");
+        sign("chainless", "inter", Some(&leaf_ext));
+        req("good", "broker");
+        sign("good", "ca", Some(&leaf_ext));
+        let passwd = std::process::Command::new("mosquitto_passwd")
+            .args(["-c", "-b", &at("passwd"), "gw", "right-one"])
+            .output()
+            .expect("mosquitto_passwd");
+        assert!(passwd.status.success(), "{passwd:?}");
+        let mut conf = String::new();
+        for (port, name) in [
+            (nosan, "nosan"),
+            (v1, "v1"),
+            (chainless, "chainless"),
+            (passworded, "good"),
+        ] {
+            conf.push_str(&format!(
+                "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/{name}.crt\nkeyfile {d}/{name}.key\n",
+                d = dir.display()
+            ));
+        }
+        conf.push_str(&format!(
+            "per_listener_settings false\nallow_anonymous true\npassword_file {}\n",
+            at("passwd")
+        ));
+        conf.push_str("log_type all\n");
+        conf
+    });
+    for port in [nosan, v1, chainless, passworded] {
+        assert!(
+            wait_port(port, Duration::from_secs(10)),
+            "listener {port}\n{}",
+            broker.log()
+        );
+    }
+    let mut cases = Vec::new();
+    for (name, port, extra, expect) in [
+        (
+            "no subjectAltName",
+            nosan,
+            "",
+            "names no host at all (no subjectAltName",
+        ),
+        ("version 1", v1, "", "X.509 version 1 certificate"),
+        (
+            "missing intermediate",
+            chainless,
+            "",
+            "does not send its intermediate certificate",
+        ),
+        (
+            "wrong password",
+            passworded,
+            "username = \"gw\"\npassword_file = \"pw\"\n",
+            "NotAuthorized: the username (\"gw\") or the password (mqtt.password_file) is wrong",
+        ),
+    ] {
+        let setup = AgentSetup::new(0);
+        let f = files(setup.dir.path(), &ca.cert_pem, None);
+        write(setup.dir.path(), "pw", "wrong-one\n", 0o600);
+        let cfg = tls_config(&format!("mqtts://127.0.0.1:{port}"), &f).replacen(
+            "[mqtt]\n",
+            &format!("[mqtt]\n{extra}"),
+            1,
+        );
+        let (agent, dir) = setup.config(&cfg).start();
+        cases.push((name, agent, dir, expect));
+    }
+    for (name, agent, _dir, expect) in &cases {
+        assert!(
+            agent.wait_log(expect, patience(Duration::from_secs(15))),
+            "{name}: expected {expect:?}\n{}",
+            agent.log()
+        );
+    }
 }

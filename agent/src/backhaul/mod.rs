@@ -139,7 +139,31 @@ fn describe(e: &ConnectionError, cfg: &MqttConfig, before_connack: bool) -> Stri
     }
     match e {
         ConnectionError::ConnectionRefused(code) => {
-            format!("the broker refused the connection: {code:?}")
+            use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as R;
+            // Mosquitto 2 answers a wrong password with NotAuthorized, others with
+            // BadUserNamePassword: both point at the credentials first.
+            let hint = match (code, cfg.username.as_deref()) {
+                (R::BadUserNamePassword | R::NotAuthorized, Some(user)) => format!(
+                    ": the username ({user:?}) or the password ({}) is wrong, or the broker \
+                     does not let this user connect",
+                    if cfg.password_file.is_some() {
+                        "mqtt.password_file"
+                    } else if cfg.password.is_some() {
+                        "mqtt.password"
+                    } else {
+                        "none set: mqtt.password_file"
+                    }
+                ),
+                (R::BadUserNamePassword | R::NotAuthorized, None) => ": the broker wants a \
+                     username and password (mqtt.username, mqtt.password_file) or a client \
+                     certificate (mqtt.tls.cert_file)"
+                    .to_string(),
+                (R::UnsupportedProtocolVersion | R::RefusedProtocolVersion, _) => {
+                    ": the broker does not speak MQTT 5 (this agent's protocol)".to_string()
+                }
+                _ => String::new(),
+            };
+            format!("the broker refused the connection: {code:?}{hint}")
         }
         ConnectionError::Io(io) => format!("network: {io}"),
         ConnectionError::Timeout(_) => "no CONNACK within the connection timeout".into(),

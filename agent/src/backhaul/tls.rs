@@ -429,7 +429,9 @@ pub fn explain(
     Some(match r {
         rustls::Error::InvalidCertificate(c) => match c {
             C::UnknownIssuer => format!(
-                "the certificate of {host} is not signed by {}: unknown CA",
+                "the certificate of {host} is not signed by {}: unknown CA, or the broker does \
+                 not send its intermediate certificate (its certificate file must hold the \
+                 chain: its own, then the intermediate)",
                 ca()
             ),
             C::ExpiredContext { time, not_after } => format!(
@@ -448,6 +450,11 @@ pub fn explain(
             C::NotValidYet => format!(
                 "the certificate of {host} is not valid yet (is this gateway's clock right?)"
             ),
+            C::NotValidForNameContext { presented, .. } if presented.is_empty() => format!(
+                "the certificate of {host} names no host at all (no subjectAltName; TLS clients \
+                 do not use the subject's CN): reissue it with subjectAltName = DNS:{host} (or \
+                 IP:{host})"
+            ),
             C::NotValidForNameContext { presented, .. } => format!(
                 "the certificate of {host} is not for the name {host:?} but for {}: wrong host \
                  name in mqtt.server",
@@ -461,6 +468,11 @@ pub fn explain(
             C::NotValidForName => format!(
                 "the certificate of {host} is not for the name {host:?}: wrong host name in \
                  mqtt.server"
+            ),
+            other if format!("{other:?}").contains("UnsupportedCertVersion") => format!(
+                "the certificate of {host} is an X.509 version 1 certificate; TLS here takes \
+                 version 3 only (with openssl x509 -req, add extensions: -extfile with \
+                 subjectAltName)"
             ),
             other => format!("the certificate of {host} is refused: {other:?}"),
         },
