@@ -9,35 +9,39 @@
 //! otherwise reconnect by itself on the next `poll`, and a new connection is the session's
 //! decision (after its back-off), never the event loop's.
 
-use rumqttc::v5::{ConnectionError, Event, EventLoop};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::client::{Ev, LinkError, Loop};
+
 pub struct Link {
-    events: mpsc::Receiver<Result<Event, ConnectionError>>,
+    events: mpsc::Receiver<Result<Ev, LinkError>>,
     driver: JoinHandle<()>,
 }
 
 impl Link {
     /// Starts connecting at once (the first `poll` opens the TCP connection).
-    pub fn open(mut events: EventLoop, capacity: usize) -> Link {
+    pub fn open(mut events: Loop, capacity: usize) -> Link {
         let (tx, rx) = mpsc::channel(capacity);
         let driver = tokio::spawn(async move {
             loop {
-                let ev = events.poll().await;
-                if ev.is_err() {
-                    // Packets read in the same batch as the failure (a PUBACK refusing a publish,
-                    // then the broker closing) are still queued: they explain the failure.
-                    while let Some(queued) = events.state.events.pop_front() {
-                        if tx.send(Ok(queued)).await.is_err() {
+                match events.poll().await {
+                    Ok(ev) => {
+                        if tx.send(Ok(ev)).await.is_err() {
                             return;
                         }
                     }
-                    let _ = tx.send(ev).await;
-                    return;
-                }
-                if tx.send(ev).await.is_err() {
-                    return;
+                    Err((queued, e)) => {
+                        // Packets read in the same batch as the failure (a PUBACK refusing a
+                        // publish, then the broker closing) explain it: they go first.
+                        for ev in queued {
+                            if tx.send(Ok(ev)).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
                 }
             }
         });
@@ -45,10 +49,10 @@ impl Link {
     }
 
     /// The next event; an error is the last one. Cancel-safe.
-    pub async fn next(&mut self) -> Result<Event, ConnectionError> {
+    pub async fn next(&mut self) -> Result<Ev, LinkError> {
         match self.events.recv().await {
             Some(ev) => ev,
-            None => Err(ConnectionError::RequestsDone),
+            None => Err(LinkError::Closed),
         }
     }
 }

@@ -17,6 +17,7 @@
 //! larger than `MAX_INCOMING_PACKET`, so an oversized `command/down` is dropped by the broker
 //! for this client instead of breaking the session (MQTT 3.1.1 has no way to say it).
 
+mod client;
 mod inflight;
 mod intake;
 mod link;
@@ -28,16 +29,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use chirpstack_api::gw;
-use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, PubAckReason, SubscribeReasonCode};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
-use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tokio::sync::watch;
 
-use crate::config::{secret, Encoding, MqttConfig};
+use crate::config::{secret, Encoding, MqttConfig, MqttProtocol};
 use crate::events::{publishable, unix_ms, Kind, FLAG_JOIN_REQUEST};
 use crate::ops::counters::Counters;
 use crate::store::Queue;
+use client::{Client, Ev, LinkError, Refusal};
 use inflight::Inflight;
 use intake::{Admit, Intake};
 use link::Link;
@@ -132,43 +130,53 @@ fn conn_state(gateway_id: &str, online: bool, encoding: Encoding) -> Vec<u8> {
 }
 
 /// A connection error in words an operator can act on.
-fn describe(e: &ConnectionError, cfg: &MqttConfig, before_connack: bool) -> String {
+fn describe(e: &LinkError, cfg: &MqttConfig, before_connack: bool) -> String {
     let server = crate::config::parse_server(&cfg.server).expect("validated");
     if let Some(why) = tls::explain(e, &server, cfg.tls.as_ref(), before_connack) {
-        return why;
+        return match cfg.protocol {
+            // A broker that does not speak MQTT 5 drops the CONNECT without a word.
+            MqttProtocol::V5 if before_connack && !server.tls => format!(
+                "{why}; or the broker does not speak MQTT 5 (RabbitMQ before 3.13, Azure IoT \
+                 Hub): set mqtt.protocol = \"3.1.1\""
+            ),
+            _ => why,
+        };
     }
-    match e {
-        ConnectionError::ConnectionRefused(code) => {
-            use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as R;
-            // Mosquitto 2 answers a wrong password with NotAuthorized, others with
-            // BadUserNamePassword: both point at the credentials first.
-            let hint = match (code, cfg.username.as_deref()) {
-                (R::BadUserNamePassword | R::NotAuthorized, Some(user)) => format!(
-                    ": the username ({user:?}) or the password ({}) is wrong, or the broker \
-                     does not let this user connect",
-                    if cfg.password_file.is_some() {
-                        "mqtt.password_file"
-                    } else if cfg.password.is_some() {
-                        "mqtt.password"
-                    } else {
-                        "none set: mqtt.password_file"
-                    }
-                ),
-                (R::BadUserNamePassword | R::NotAuthorized, None) => ": the broker wants a \
-                     username and password (mqtt.username, mqtt.password_file) or a client \
-                     certificate (mqtt.tls.cert_file)"
-                    .to_string(),
-                (R::UnsupportedProtocolVersion | R::RefusedProtocolVersion, _) => {
-                    ": the broker does not speak MQTT 5 (this agent's protocol)".to_string()
+    if let Some((kind, code)) = e.refused() {
+        // Mosquitto 2 answers a wrong password with NotAuthorized, others with
+        // BadUserNamePassword: both point at the credentials first.
+        let hint = match (kind, cfg.username.as_deref()) {
+            (Refusal::Credentials, Some(user)) => format!(
+                ": the username ({user:?}) or the password ({}) is wrong, or the broker does not \
+                 let this user connect",
+                if cfg.password_file.is_some() {
+                    "mqtt.password_file"
+                } else if cfg.password.is_some() {
+                    "mqtt.password"
+                } else {
+                    "none set: mqtt.password_file"
                 }
-                _ => String::new(),
-            };
-            format!("the broker refused the connection: {code:?}{hint}")
-        }
-        ConnectionError::Io(io) => format!("network: {io}"),
-        ConnectionError::Timeout(_) => "no CONNACK within the connection timeout".into(),
-        other => other.to_string(),
+            ),
+            (Refusal::Credentials, None) => ": the broker wants a username and password \
+                 (mqtt.username, mqtt.password_file) or a client certificate (mqtt.tls.cert_file)"
+                .to_string(),
+            (Refusal::Protocol, _) => match cfg.protocol {
+                MqttProtocol::V5 => ": the broker does not speak MQTT 5: set mqtt.protocol = \
+                                     \"3.1.1\""
+                    .to_string(),
+                MqttProtocol::V311 => ": the broker does not take MQTT 3.1.1".to_string(),
+            },
+            (Refusal::Other, _) => String::new(),
+        };
+        return format!("the broker refused the connection: {code}{hint}");
     }
+    if let Some(io) = e.io() {
+        return format!("network: {io}");
+    }
+    if e.is_timeout() {
+        return "no CONNACK within the connection timeout".into();
+    }
+    e.to_string()
 }
 
 impl Backhaul {
@@ -241,50 +249,52 @@ impl Backhaul {
     }
 
     /// The options of one connection, with the secret and TLS files as they are on disk now.
-    fn options(&self, topics: &Topics) -> Result<MqttOptions, String> {
+    fn options(&self, topics: &Topics, window: usize) -> Result<client::Options, String> {
         let server = crate::config::parse_server(&self.cfg.server).expect("validated");
-        let (host, port) = (server.host.clone(), server.port);
         let client_id = self
             .cfg
             .client_id
             .clone()
             .unwrap_or_else(|| format!("lora-edge-{}", self.gateway_id));
-        let mut o = MqttOptions::new(client_id, host, port);
-        o.set_keep_alive(self.cfg.keep_alive);
-        o.set_clean_start(true);
-        o.set_outgoing_inflight_upper_limit(self.cfg.inflight.saturating_add(8));
-        o.set_max_packet_size(Some(MAX_INCOMING_PACKET));
-        // The session's own CONNACK deadline (`mqtt.connect_timeout`) fires first and says so;
-        // rumqttc's is only a backstop.
-        o.set_connection_timeout(self.cfg.connect_timeout.as_secs() + 5);
-        o.set_last_will(LastWill::new(
-            topics.under("state/conn"),
-            conn_state(&self.gateway_id, false, self.cfg.encoding),
-            QoS::AtLeastOnce,
-            true,
-            None,
-        ));
-        if server.tls {
+        let tls = if server.tls {
             let files = self.cfg.tls.clone().unwrap_or_default();
             let config = tls::client_config(&files).map_err(|p| p.to_string())?;
             if let Some(warning) = tls::expiry_warning(&files) {
                 tracing::warn!("{warning}");
             }
-            o.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
-        }
-        if let Some(user) = &self.cfg.username {
-            let password = match &self.cfg.password_file {
-                Some(path) => {
-                    secret::read_password(path).map_err(|e| format!("mqtt.password_file: {e}"))?
+            Some(config)
+        } else {
+            None
+        };
+        let credentials = match &self.cfg.username {
+            Some(user) => {
+                let password = match &self.cfg.password_file {
+                    Some(path) => secret::read_password(path)
+                        .map_err(|e| format!("mqtt.password_file: {e}"))?,
+                    None => self.cfg.password.clone().unwrap_or_default(),
+                };
+                if !server.tls && !server.is_loopback() && !password.is_empty() {
+                    tracing::warn!(host = %server.host, "the MQTT password crosses the network in plain text: use mqtts://");
                 }
-                None => self.cfg.password.clone().unwrap_or_default(),
-            };
-            if !server.tls && !server.is_loopback() && !password.is_empty() {
-                tracing::warn!(host = %server.host, "the MQTT password crosses the network in plain text: use mqtts://");
+                Some((user.clone(), password))
             }
-            o.set_credentials(user.clone(), password);
-        }
-        Ok(o)
+            None => None,
+        };
+        Ok(client::Options {
+            protocol: self.cfg.protocol,
+            client_id,
+            host: server.host.clone(),
+            port: server.port,
+            keep_alive: self.cfg.keep_alive,
+            inflight: (window as u16).saturating_add(8),
+            // The session's own CONNACK deadline (`mqtt.connect_timeout`) fires first and says
+            // so; rumqttc's is only a backstop.
+            connection_timeout_s: self.cfg.connect_timeout.as_secs() + 5,
+            will_topic: topics.under("state/conn"),
+            will_payload: conn_state(&self.gateway_id, false, self.cfg.encoding),
+            tls,
+            credentials,
+        })
     }
 
     async fn session(
@@ -295,11 +305,11 @@ impl Backhaul {
         intake: &mut Intake,
     ) -> SessionEnd {
         let mut window = self.cfg.inflight as usize;
-        let options = match self.options(topics) {
+        let options = match self.options(topics, window) {
             Ok(o) => o,
             Err(why) => return SessionEnd::Lost(why),
         };
-        let (client, events) = AsyncClient::new(options, window + 16);
+        let (client, events) = client::connect(options, window + 16);
         tracing::debug!(server = %self.cfg.server, "backhaul: connect attempt");
         let mut link = Link::open(events, window + 16);
         let mut inflight = Inflight::default();
@@ -333,15 +343,11 @@ impl Backhaul {
                     self.drain_until = Some(tokio::time::Instant::now() + self.cfg.drain_timeout);
                 }
                 ev = link.next() => match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    Ok(Ev::ConnAck { max_packet, receive_max }) => {
                         // rumqttc turns a refusing CONNACK into an error: this one accepted us.
                         connected = true;
-                        broker_max_packet = ack
-                            .properties
-                            .as_ref()
-                            .and_then(|p| p.max_packet_size)
-                            .map(|m| m as usize);
-                        if let Some(max) = ack.properties.as_ref().and_then(|p| p.receive_max) {
+                        broker_max_packet = max_packet;
+                        if let Some(max) = receive_max {
                             if (max as usize) < window {
                                 tracing::info!(receive_maximum = max, "backhaul: the broker allows fewer publishes in flight than mqtt.inflight");
                                 window = max.max(1) as usize;
@@ -362,41 +368,36 @@ impl Backhaul {
                             None => tracing::debug!(backlog, "backhaul: session started"),
                         }
                         // One SUBSCRIBE, one SUBACK: "subscribed" means every command topic.
-                        let filters: Vec<Filter> = self
-                            .command_topics(topics)
-                            .into_iter()
-                            .map(|t| Filter::new(t, QoS::AtLeastOnce))
-                            .collect();
-                        if let Err(e) = client.try_subscribe_many(filters) {
+                        if let Err(e) = client.subscribe(self.command_topics(topics)) {
                             return SessionEnd::Lost(format!("subscribe: {e}"));
                         }
                         let online = conn_state(&self.gateway_id, true, self.cfg.encoding);
-                        if client.try_publish(topics.under("state/conn"), QoS::AtLeastOnce, true, online).is_ok() {
+                        if client.publish(topics.under("state/conn"), true, online).is_ok() {
                             inflight.submitted(None, false, Instant::now());
                         }
                         if let Some(h) = self.health.as_mut() {
                             let latest = h.borrow_and_update().clone();
-                            if !latest.is_empty() && client.try_publish(topics.under("state/health"), QoS::AtLeastOnce, true, latest).is_ok() {
+                            if !latest.is_empty() && client.publish(topics.under("state/health"), true, latest).is_ok() {
                                 inflight.submitted(None, false, Instant::now());
                             }
                         }
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    Ok(Ev::Written(pkid)) => {
                         if !inflight.written(pkid, Instant::now()) {
                             return SessionEnd::Lost(format!("publish {pkid} written but none submitted"));
                         }
                     }
-                    Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+                    Ok(Ev::AwaitAck(pkid)) => {
                         return SessionEnd::Lost(format!("packet id {pkid} still in use; resynchronising"));
                     }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if !matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
+                    Ok(Ev::PubAck { pkid, refused }) => {
+                        if let Some(reason) = refused {
                             // The record stays in the store: dropping it would lose a frame the
                             // broker never took. Likely an ACL or quota problem on the broker.
-                            return SessionEnd::Lost(format!("the broker refused a publish: {:?}", ack.reason));
+                            return SessionEnd::Lost(format!("the broker refused a publish: {reason}"));
                         }
-                        if !inflight.acked(ack.pkid, Instant::now()) {
-                            tracing::debug!(pkid = ack.pkid, "PUBACK for no publish of this session");
+                        if !inflight.acked(pkid, Instant::now()) {
+                            tracing::debug!(pkid, "PUBACK for no publish of this session");
                         }
                         let settled = inflight.settle();
                         Counters::add(&self.counters.up_forwarded, settled.uplinks);
@@ -404,23 +405,23 @@ impl Backhaul {
                             to_ack = Some(seq);
                         }
                     }
-                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    Ok(Ev::SubAck { pkid, refused }) => {
                         let names = self.command_topics(topics);
-                        for (code, topic) in ack.return_codes.iter().zip(names) {
-                            if !matches!(code, SubscribeReasonCode::Success(_)) {
-                                tracing::error!(%topic, reason = ?code, "the broker refused the subscription: these commands will not arrive");
+                        for (reason, topic) in refused.iter().zip(names) {
+                            if let Some(reason) = reason {
+                                tracing::error!(%topic, %reason, "the broker refused the subscription: these commands will not arrive");
                             }
                         }
                         // Commands published before this reach nobody (the session is clean).
-                        if ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) {
-                            tracing::info!(pkid = ack.pkid, "subscribed: commands will arrive");
+                        if refused.iter().all(Option::is_none) {
+                            tracing::info!(pkid, "subscribed: commands will arrive");
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        self.command(intake, &p.topic, &p.payload, topics);
+                    Ok(Ev::Publish { topic, payload }) => {
+                        self.command(intake, &topic, &payload, topics);
                     }
-                    Ok(Event::Incoming(Packet::Disconnect(d))) => {
-                        return SessionEnd::Lost(format!("the broker closed the session: {:?}", d.reason_code));
+                    Ok(Ev::Disconnect(reason)) => {
+                        return SessionEnd::Lost(format!("the broker closed the session: {reason}"));
                     }
                     Ok(_) => {}
                     Err(e) => return SessionEnd::Lost(describe(&e, &self.cfg, !connected)),
@@ -429,7 +430,7 @@ impl Backhaul {
                     match changed {
                         Ok(()) => {
                             let latest = self.health.as_mut().expect("guarded").borrow_and_update().clone();
-                            if client.try_publish(topics.under("state/health"), QoS::AtLeastOnce, true, latest).is_ok() {
+                            if client.publish(topics.under("state/health"), true, latest).is_ok() {
                                 inflight.submitted(None, false, Instant::now());
                             }
                         }
@@ -451,7 +452,11 @@ impl Backhaul {
                     crate::ops::health::Heartbeats::beat(&self.counters.beats.backhaul);
                     let now = Instant::now();
                     if !connected && started.elapsed() > self.cfg.connect_timeout {
-                        return SessionEnd::Lost(format!("no CONNACK within mqtt.connect_timeout ({:?})", self.cfg.connect_timeout));
+                        let hint = match self.cfg.protocol {
+                            MqttProtocol::V5 => "; a broker that does not speak MQTT 5 may leave its CONNECT unanswered (then set mqtt.protocol = \"3.1.1\")",
+                            MqttProtocol::V311 => "",
+                        };
+                        return SessionEnd::Lost(format!("no CONNACK within mqtt.connect_timeout ({:?}){hint}", self.cfg.connect_timeout));
                     }
                     if let Some(stalled) = inflight.stalled_for(now) {
                         if stalled > self.cfg.ack_timeout {
@@ -603,7 +608,7 @@ impl Backhaul {
     #[allow(clippy::too_many_arguments)]
     fn fill(
         &self,
-        client: &AsyncClient,
+        client: &Client,
         topics: &Topics,
         inflight: &mut Inflight,
         cursor: &mut u64,
@@ -685,7 +690,7 @@ impl Backhaul {
                     continue;
                 }
                 client
-                    .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                    .publish(topic, false, payload)
                     .map_err(|e| format!("submit: {e}"))?;
                 inflight.submitted(Some(r.seq), kind == Kind::Up, now);
                 if limited {
@@ -696,19 +701,19 @@ impl Backhaul {
     }
 
     /// Retained OFFLINE, then DISCONNECT, waiting briefly for the broker.
-    async fn goodbye(&self, client: &AsyncClient, link: &mut Link, topics: &Topics) {
+    async fn goodbye(&self, client: &Client, link: &mut Link, topics: &Topics) {
         let offline = conn_state(&self.gateway_id, false, self.cfg.encoding);
         if client
-            .try_publish(topics.under("state/conn"), QoS::AtLeastOnce, true, offline)
+            .publish(topics.under("state/conn"), true, offline)
             .is_err()
         {
             return;
         }
-        let _ = client.try_disconnect();
+        client.disconnect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while let Ok(ev) = tokio::time::timeout_at(deadline, link.next()).await {
             match ev {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(Ev::SentDisconnect) | Err(_) => break,
                 Ok(_) => {}
             }
         }

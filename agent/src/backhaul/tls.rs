@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rumqttc::v5::ConnectionError;
+use super::client::LinkError;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore};
@@ -319,14 +319,17 @@ pub fn expiry_warning(tls: &TlsConfig) -> Option<String> {
 
 /// The errors a connection error is made of, outermost first. rumqttc's decoding error does not
 /// name its I/O error as its source: it is followed by hand.
-fn chain(e: &ConnectionError) -> Vec<&(dyn std::error::Error + 'static)> {
+fn chain(e: &LinkError) -> Vec<&(dyn std::error::Error + 'static)> {
     let mut out = Vec::new();
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         out.push(err);
         source = err.source();
     }
-    if let ConnectionError::MqttState(rumqttc::v5::StateError::Deserialization(inner)) = e {
+    if let LinkError::V5(rumqttc::v5::ConnectionError::MqttState(
+        rumqttc::v5::StateError::Deserialization(inner),
+    )) = e
+    {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner);
         while let Some(err) = source {
             out.push(err);
@@ -337,7 +340,7 @@ fn chain(e: &ConnectionError) -> Vec<&(dyn std::error::Error + 'static)> {
 }
 
 /// The rustls error inside a connection error, wherever rumqttc wrapped it.
-fn rustls_error(e: &ConnectionError) -> Option<&rustls::Error> {
+fn rustls_error(e: &LinkError) -> Option<&rustls::Error> {
     for err in chain(e) {
         if let Some(r) = err.downcast_ref::<rustls::Error>() {
             return Some(r);
@@ -351,7 +354,7 @@ fn rustls_error(e: &ConnectionError) -> Option<&rustls::Error> {
     None
 }
 
-fn is_eof(e: &ConnectionError) -> bool {
+fn is_eof(e: &LinkError) -> bool {
     for err in chain(e) {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             if matches!(
@@ -364,17 +367,14 @@ fn is_eof(e: &ConnectionError) -> bool {
             }
         }
     }
-    matches!(
-        e,
-        ConnectionError::MqttState(rumqttc::v5::StateError::ConnectionAborted)
-    )
+    e.aborted()
 }
 
 /// What went wrong with the TLS layer (or the lack of it), in words that name the file or the
 /// host; `None` when the error is not about TLS. `before_connack`: no CONNACK came on this
 /// connection.
 pub fn explain(
-    e: &ConnectionError,
+    e: &LinkError,
     server: &Server,
     tls: Option<&TlsConfig>,
     before_connack: bool,
@@ -382,11 +382,7 @@ pub fn explain(
     let host = &server.host;
     let Some(tls) = tls.filter(|_| server.tls) else {
         // Plain text. A TLS listener answers an MQTT CONNECT with a TLS alert or by closing.
-        let garbled = matches!(
-            e,
-            ConnectionError::MqttState(rumqttc::v5::StateError::Deserialization(_))
-                | ConnectionError::NotConnAck(_)
-        );
+        let garbled = e.garbled();
         return (before_connack && (garbled || is_eof(e))).then(|| {
             format!(
                 "{host}:{} closed the connection or answered without MQTT before any CONNACK: \
@@ -404,7 +400,7 @@ pub fn explain(
     let Some(r) = rustls_error(e) else {
         if before_connack && is_eof(e) {
             // rumqttc reports errors of its TLS connect as `Tls`, later ones otherwise.
-            return Some(if matches!(e, ConnectionError::Tls(_)) {
+            return Some(if e.in_tls_connect() {
                 format!(
                     "{host}:{} closed the connection during the TLS handshake: a plain-text MQTT \
                      port? (use tcp://{host}:{}) ({e})",

@@ -283,6 +283,10 @@ pub struct MqttConfig {
     pub encoding: Encoding,
     #[serde(default = "default_keep_alive", with = "duration")]
     pub keep_alive: Duration,
+    /// `"5"` (default) or `"3.1.1"` for brokers without MQTT 5 (backhaul/client.rs says what
+    /// 3.1.1 gives up).
+    #[serde(default)]
+    pub protocol: MqttProtocol,
     /// Publishes awaiting their PUBACK at once.
     #[serde(default = "default_inflight")]
     pub inflight: u16,
@@ -393,6 +397,16 @@ fn default_commit() -> Duration {
 }
 fn default_join_age() -> Duration {
     Duration::from_secs(5)
+}
+
+/// The MQTT version the backhaul speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum MqttProtocol {
+    #[default]
+    #[serde(rename = "5")]
+    V5,
+    #[serde(rename = "3.1.1")]
+    V311,
 }
 
 /// Configuration changes from the centre (`command/ops` `apply`).
