@@ -479,6 +479,7 @@ async fn run(
 
     let stop_radio = Arc::new(AtomicBool::new(false));
     let (attach_tx, attach_rx) = sync_channel::<Box<dyn lora_edge::radio::FrameSink>>(1);
+    let (replan_tx, replan_rx) = sync_channel(1);
     let (event_tx, event_rx) = sync_channel::<Event>(EVENT_QUEUE);
     let (eui_tx, mut eui_rx) = watch::channel(None);
     let radio_settings = RadioSettings::from_config(&cfg);
@@ -486,6 +487,7 @@ async fn run(
         settings: radio_settings.clone(),
         hal: hal.clone(),
         attach: attach_rx,
+        replan: replan_rx,
         counters: counters.clone(),
         stop: stop_radio.clone(),
         eui: eui_tx,
@@ -646,6 +648,13 @@ async fn run(
         health: health_rx.clone(),
         reloader,
         changes,
+        channel_plans: lora_edge::ops::channel_plan::ChannelPlans {
+            base: radio_settings.plan.clone(),
+            radio: replan_tx,
+            encoding: cfg.mqtt.encoding,
+            gateway_id: gateway_id.clone(),
+            counters: counters.clone(),
+        },
         input: ops_rx,
         output: event_tx.clone(),
     }

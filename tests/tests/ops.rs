@@ -597,3 +597,200 @@ fn a_change_is_kept_once_the_backhaul_is_up_with_it_and_the_centre_confirmed() {
         "{said}"
     );
 }
+
+fn plan(version: &str, channels: &[(u32, Vec<u32>)]) -> Vec<u8> {
+    use chirpstack_api::gw;
+    use prost::Message;
+    gw::GatewayConfiguration {
+        gateway_id: GATEWAY_ID.into(),
+        version: version.into(),
+        channels: channels
+            .iter()
+            .map(|(f, sfs)| gw::ChannelConfiguration {
+                frequency: *f,
+                modulation_config: Some(
+                    gw::channel_configuration::ModulationConfig::LoraModulationConfig(
+                        gw::LoraModulationConfig {
+                            bandwidth: 125_000,
+                            spreading_factors: sfs.clone(),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn a_channel_plan_from_the_network_server_runs_on_the_radio_and_a_bad_one_is_refused_with_why() {
+    use chirpstack_api::gw;
+    use prost::Message;
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let (agent, dir) = AgentSetup::new(broker.port)
+        .sim("synthetic_rate_hz = 20\nrx_config_log = \"rx_config.jsonl\"")
+        .start();
+    assert!(
+        agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)),
+        "{}",
+        agent.log()
+    );
+    let topic = format!("eu868/gateway/{GATEWAY_ID}/command/config");
+    let starts = || {
+        std::fs::read_to_string(dir.path().join("rx_config.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(starts().len(), 1);
+    let all: Vec<u32> = (7..=12).collect();
+    // Nine multi-SF channels, one out of the band: refused, both said, the radio untouched.
+    let mut bad: Vec<(u32, Vec<u32>)> = (0..9)
+        .map(|i| (867_100_000 + 200_000 * i, all.clone()))
+        .collect();
+    bad.push((902_300_000, all.clone()));
+    publish(broker.port, &topic, plan("bad-1", &bad));
+    let a = answer_where(&collector, "bad-1", Duration::from_secs(15), |_| true)
+        .unwrap_or_else(|| panic!("no answer\n{}", agent.log()));
+    assert_eq!(a["ok"], false, "{a}");
+    let e = a["error"].as_str().unwrap();
+    assert!(e.contains("902.3 MHz") && e.contains("outside"), "{e}");
+    assert!(e.contains("9 multi-SF channels"), "{e}");
+    assert_eq!(
+        starts().len(),
+        1,
+        "the radio was not restarted for a refused plan"
+    );
+
+    // A good one: the radio runs it, the uplinks come on its channels, the stats name it.
+    let freqs: Vec<u32> = (0..8).map(|i| 864_100_000 + 200_000 * i).collect();
+    let good: Vec<(u32, Vec<u32>)> = freqs.iter().map(|f| (*f, all.clone())).collect();
+    publish(broker.port, &topic, plan("v2", &good));
+    let a = answer_where(&collector, "v2", Duration::from_secs(30), |_| true)
+        .unwrap_or_else(|| panic!("no answer\n{}", agent.log()));
+    assert_eq!(a["ok"], true, "{a}\n{}", agent.log());
+    let s = starts();
+    assert_eq!(s.len(), 2, "{s:?}");
+    let heard: Vec<u64> = s[1]["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["freq_hz"].as_u64().unwrap())
+        .collect();
+    for f in &freqs {
+        assert!(heard.contains(&(*f as u64)), "{f} not configured: {s:?}");
+    }
+    let before = collector.on("/event/up").len();
+    let ups = collector.wait_for("/event/up", patience(Duration::from_secs(10)), |m| {
+        m.len() > before + 20
+    });
+    let after: Vec<u32> = ups[before..]
+        .iter()
+        .map(|m| decode_uplink(&m.payload, false).tx_info.unwrap().frequency)
+        .collect();
+    assert!(after.len() > 20, "{}", agent.log());
+    assert!(
+        after[after.len() - 10..].iter().all(|f| freqs.contains(f)),
+        "uplinks still on the old channels: {after:?}"
+    );
+    let stats = collector.wait_for("/event/stats", patience(Duration::from_secs(10)), |m| {
+        m.iter().any(|m| {
+            gw::GatewayStats::decode(m.payload.as_slice()).is_ok_and(|s| s.config_version == "v2")
+        })
+    });
+    let last = stats
+        .iter()
+        .rev()
+        .filter_map(|m| gw::GatewayStats::decode(m.payload.as_slice()).ok())
+        .find(|s| s.config_version == "v2")
+        .unwrap_or_else(|| panic!("no stats with config_version v2\n{}", agent.log()));
+    assert_eq!(
+        last.metadata.get("rx_dropped_total").map(String::as_str),
+        Some("0")
+    );
+}
+
+/// The sequence number of a stored event as the centre receives it, whatever its topic.
+fn seq_of_msg(m: &Msg) -> Option<u64> {
+    use chirpstack_api::gw;
+    use prost::Message;
+    if m.topic.ends_with("/event/up") {
+        return Some(seq_of(&decode_uplink(&m.payload, false)));
+    }
+    if m.topic.ends_with("/event/stats") {
+        return gw::GatewayStats::decode(m.payload.as_slice())
+            .ok()?
+            .metadata
+            .get("seq")?
+            .parse()
+            .ok();
+    }
+    if m.topic.contains("/event/") {
+        return serde_json::from_slice::<Value>(&m.payload).ok()?["seq"].as_u64();
+    }
+    None
+}
+
+#[test]
+fn a_channel_plan_applied_while_a_backlog_drains_loses_nothing() {
+    let mut broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let (agent, _dir) = AgentSetup::new(broker.port)
+        .sim("synthetic_rate_hz = 50")
+        .start();
+    assert!(
+        agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)),
+        "{}",
+        agent.log()
+    );
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(4));
+    broker.start_again();
+    let collector = {
+        drop(collector);
+        Collector::start(broker.port, "eu868")
+    };
+    assert!(
+        agent.wait_log_count(
+            "subscribed: commands will arrive",
+            2,
+            patience(Duration::from_secs(20))
+        ) >= 2,
+        "{}",
+        agent.log()
+    );
+    let all: Vec<u32> = (7..=12).collect();
+    let good: Vec<(u32, Vec<u32>)> = (0..8)
+        .map(|i| (864_100_000 + 200_000 * i, all.clone()))
+        .collect();
+    publish(
+        broker.port,
+        &format!("eu868/gateway/{GATEWAY_ID}/command/config"),
+        plan("during-drain", &good),
+    );
+    let a = answer_where(&collector, "during-drain", Duration::from_secs(30), |_| {
+        true
+    })
+    .unwrap_or_else(|| panic!("no answer\n{}", agent.log()));
+    assert_eq!(a["ok"], true, "{a}");
+    std::thread::sleep(Duration::from_secs(2));
+    // Everything from the first number the new subscriber saw to the last is there.
+    let mut seqs: Vec<u64> = collector.all().iter().filter_map(seq_of_msg).collect();
+    seqs.sort();
+    seqs.dedup();
+    let (first, last) = (seqs[0], *seqs.last().unwrap());
+    let missing: Vec<u64> = (first..=last)
+        .filter(|s| seqs.binary_search(s).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missing {missing:?} of {first}..={last}\n{}",
+        agent.log()
+    );
+    assert!(last - first > 200, "a backlog drained: {first}..={last}");
+}

@@ -82,7 +82,7 @@ pub struct Backhaul {
     /// `command/exec` payloads, to the exec stage; None once shutting down.
     pub exec: Option<SyncSender<Vec<u8>>>,
     /// `command/ops` payloads, to the ops requests stage; None once shutting down.
-    pub ops: Option<SyncSender<Vec<u8>>>,
+    pub ops: Option<SyncSender<crate::ops::requests::OpsInput>>,
     /// The latest retained `state/health` message (ops/state.rs), published at every connect
     /// and whenever it changes; empty: none yet.
     pub health: Option<watch::Receiver<Vec<u8>>>,
@@ -541,6 +541,7 @@ impl Backhaul {
         }
         if self.ops.is_some() {
             t.push(topics.under("command/ops"));
+            t.push(topics.under("command/config"));
         }
         t
     }
@@ -588,12 +589,17 @@ impl Backhaul {
                     "command/exec: requests are already waiting for the one running; request dropped, not answered"
                 );
             }
-        } else if topic == topics.under("command/ops") {
+        } else if topic == topics.under("command/ops") || topic == topics.under("command/config") {
             let Some(ops) = &self.ops else {
-                tracing::info!("command/ops while shutting down: not answered");
+                tracing::info!(%topic, "command while shutting down: not answered");
                 return;
             };
-            if let Err(TrySendError::Full(_)) = ops.try_send(payload.to_vec()) {
+            let input = if topic.ends_with("/command/ops") {
+                crate::ops::requests::OpsInput::Request(payload.to_vec())
+            } else {
+                crate::ops::requests::OpsInput::ChannelPlan(payload.to_vec())
+            };
+            if let Err(TrySendError::Full(_)) = ops.try_send(input) {
                 Counters::add(&self.counters.commands_refused, 1);
                 tracing::warn!(
                     "command/ops: too many requests waiting; request dropped, not answered"

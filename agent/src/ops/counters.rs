@@ -95,6 +95,9 @@ pub struct Counters {
     pub pumps: Mutex<std::collections::BTreeMap<String, serde_json::Value>>,
     /// Pump and sensor states for the stats (`pump_<id>`, `sensor_<id>`).
     pub rules_state: Mutex<std::collections::BTreeMap<String, String>>,
+    /// The version of the network server's channel plan running (`command/config`); empty:
+    /// the configuration's.
+    pub config_version: Mutex<String>,
     /// Progress of the stages the systemd watchdog watches.
     pub beats: super::health::Heartbeats,
     /// Share of each EU868 sub-band's hourly allowance used, in per cent.

@@ -34,6 +34,14 @@ use crate::store::Queue;
 /// Requests waiting (the backhaul drops beyond this, and counts).
 pub const QUEUE: usize = 16;
 
+/// What the backhaul hands this stage.
+pub enum OpsInput {
+    /// A `command/ops` request (JSON).
+    Request(Vec<u8>),
+    /// A `command/config` channel plan (`channel_plan.rs`).
+    ChannelPlan(Vec<u8>),
+}
+
 const OPS: [&str; 8] = [
     "config", "rules", "backlog", "health", "reload", "apply", "rollback", "confirm",
 ];
@@ -120,7 +128,8 @@ pub struct Requests {
     pub reloader: Arc<Reloader>,
     /// Configuration changes from the centre (`config_change.rs`).
     pub changes: Arc<super::config_change::ConfigControl>,
-    pub input: Receiver<Vec<u8>>,
+    pub channel_plans: super::channel_plan::ChannelPlans,
+    pub input: Receiver<OpsInput>,
     pub output: SyncSender<Event>,
 }
 
@@ -129,8 +138,11 @@ impl Requests {
         std::thread::Builder::new()
             .name("ops-requests".into())
             .spawn(move || {
-                while let Ok(payload) = self.input.recv() {
-                    let answer = self.answer(&payload);
+                while let Ok(input) = self.input.recv() {
+                    let answer = match input {
+                        OpsInput::Request(payload) => self.answer(&payload),
+                        OpsInput::ChannelPlan(payload) => self.channel_plans.apply(&payload),
+                    };
                     let event = Event {
                         at: SystemTime::now(),
                         body: Body::Ops(answer),

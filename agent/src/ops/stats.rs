@@ -219,6 +219,11 @@ impl StatsReporter {
         );
         let stats = gw::GatewayStats {
             gateway_id: self.gateway_id.clone(),
+            config_version: c
+                .config_version
+                .lock()
+                .map(|v| v.clone())
+                .unwrap_or_default(),
             time: Some(timestamp(now)),
             rx_packets_received: received.saturating_sub(prev.received) as u32,
             rx_packets_received_ok: crc_ok.saturating_sub(prev.crc_ok) as u32,

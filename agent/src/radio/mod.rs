@@ -223,6 +223,16 @@ impl RadioSettings {
 enum Down {
     Stop,
     Failed(Failure),
+    /// A new channel plan to start with (what the concentrator held was read first).
+    Replan(Replan),
+}
+
+/// A channel plan from the centre for the radio to run; the answer says whether the
+/// concentrator started with it (if not, it runs the previous plan again).
+#[derive(Debug)]
+pub struct Replan {
+    pub plan: ChannelPlan,
+    pub reply: std::sync::mpsc::SyncSender<Result<(), String>>,
 }
 
 /// A failed start or a radio that went down, with what the library said about it.
@@ -246,6 +256,8 @@ pub struct Radio {
     pub hal: Arc<Concentrator>,
     /// The stage behind, sent once it exists (see the module's comment).
     pub attach: Receiver<Box<dyn FrameSink>>,
+    /// Channel plans from the centre (`command/config`).
+    pub replan: Receiver<Replan>,
     pub counters: Arc<Counters>,
     pub stop: Arc<AtomicBool>,
     /// The concentrator's EUI, published after its first start.
@@ -267,8 +279,9 @@ impl Radio {
                     waiting: VecDeque::new(),
                     counters: self.counters.clone(),
                 };
-                let radio = Running {
+                let mut radio = Running {
                     settings: self.settings,
+                    replan: self.replan,
                     hal: self.hal,
                     counters: self.counters,
                     stop: self.stop,
@@ -283,6 +296,7 @@ impl Radio {
 /// The radio on its thread (what `Radio` gives it but the hand-off).
 struct Running {
     settings: RadioSettings,
+    replan: Receiver<Replan>,
     hal: Arc<Concentrator>,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
@@ -290,9 +304,12 @@ struct Running {
 }
 
 impl Running {
-    fn run(&self, handoff: &mut Handoff) {
+    fn run(&mut self, handoff: &mut Handoff) {
         let mut backoff = Duration::from_secs(1);
         let mut attempts = 0u64;
+        // A new plan being tried: who waits for the answer, and the plan to go back to.
+        let mut trying: Option<(std::sync::mpsc::SyncSender<Result<(), String>>, ChannelPlan)> =
+            None;
         while !self.stop.load(Ordering::Relaxed) {
             let started = Instant::now();
             // A radio retrying after a failure is down until it is up: the centre must not
@@ -304,7 +321,32 @@ impl Running {
                 s.restarts = attempts;
             });
             attempts += 1;
-            let down = match self.bring_up() {
+            // A plan that came while the radio was down is tried at this start.
+            if trying.is_none() {
+                if let Ok(r) = self.replan.try_recv() {
+                    let previous = std::mem::replace(&mut self.settings.plan, r.plan);
+                    trying = Some((r.reply, previous));
+                }
+            }
+            let started_up = self.bring_up();
+            if let Some((reply, previous)) = trying.take() {
+                match &started_up {
+                    Ok(_) => {
+                        tracing::info!(radio_freq_hz = ?self.settings.plan.radio_freq_hz, channels = self.settings.plan.channels.len(), "concentrator started with the centre's channel plan");
+                        let _ = reply.try_send(Ok(()));
+                    }
+                    Err(why) => {
+                        tracing::error!(why = %why.error, "the concentrator did not start with the centre's channel plan: back to the previous one");
+                        let _ = reply.try_send(Err(format!(
+                            "the concentrator did not start with it ({}): the previous plan runs again",
+                            why.error
+                        )));
+                        self.settings.plan = previous;
+                        continue;
+                    }
+                }
+            }
+            let down = match started_up {
                 Ok(_lines) => {
                     Counters::add(&self.counters.radio_starts, 1);
                     tracing::info!(version = %self.hal.version(), "concentrator started");
@@ -324,6 +366,10 @@ impl Running {
             };
             match down {
                 Down::Stop => break,
+                Down::Replan(r) => {
+                    let previous = std::mem::replace(&mut self.settings.plan, r.plan);
+                    trying = Some((r.reply, previous));
+                }
                 Down::Failed(failure) => {
                     Counters::add(&self.counters.radio_failures, 1);
                     if started.elapsed() > STABLE_AFTER {
@@ -459,6 +505,31 @@ impl Running {
         Ok(lines)
     }
 
+    /// Reads until the concentrator has nothing more (a few calls at most).
+    fn drain(&self, handoff: &mut Handoff) {
+        let mut batch = Vec::with_capacity(hal::RX_BATCH);
+        for _ in 0..64 {
+            batch.clear();
+            let Ok((read, malformed)) = self.hal.receive(&mut batch) else {
+                return;
+            };
+            let (at, handed_over) = (SystemTime::now(), std::time::Instant::now());
+            Counters::add(&self.counters.rx_received, read as u64);
+            Counters::add(&self.counters.rx_malformed, malformed as u64);
+            for packet in batch.drain(..) {
+                handoff.push(Received {
+                    packet,
+                    at,
+                    handed_over,
+                });
+            }
+            handoff.pass();
+            if read == 0 {
+                return;
+            }
+        }
+    }
+
     fn receive_loop(&self, handoff: &mut Handoff) -> Down {
         let mut batch = Vec::with_capacity(64);
         let mut last_counter = self.hal.counter().ok();
@@ -469,6 +540,11 @@ impl Running {
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Down::Stop;
+            }
+            if let Ok(r) = self.replan.try_recv() {
+                // What the concentrator holds is read before it stops: nothing buffered is lost.
+                self.drain(handoff);
+                return Down::Replan(r);
             }
             Heartbeats::beat(&self.counters.beats.radio);
             batch.clear();

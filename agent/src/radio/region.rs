@@ -143,9 +143,241 @@ fn eu868() -> ChannelPlan {
     }
 }
 
+/// A channel as the centre describes it (ChirpStack's `ChannelConfiguration`, decoded).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChannelSpec {
+    Lora {
+        freq_hz: u32,
+        bandwidth_hz: u32,
+        spreading_factors: Vec<u32>,
+    },
+    Fsk {
+        freq_hz: u32,
+        bandwidth_hz: u32,
+        datarate: u32,
+    },
+}
+
+/// Half the band one SX1250 radio hears around its centre frequency (the packet forwarder's
+/// reference plans put 125 kHz channels at most 400 kHz from it: 400 + 62.5).
+const RADIO_HALF_SPAN_HZ: u32 = 462_500;
+
+/// A channel plan from the centre, in `base`'s band and with its transmit settings: up to
+/// eight multi-SF channels (LoRa 125 kHz, several spreading factors), one LoRa channel of one
+/// spreading factor and one FSK channel, which two radios must cover. Every problem is said.
+pub fn from_centre(
+    base: &ChannelPlan,
+    channels: &[ChannelSpec],
+) -> Result<ChannelPlan, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut multi = Vec::new();
+    let mut std_ch: Option<(u32, u32, u32)> = None;
+    let mut fsk: Option<(u32, u32, u32)> = None;
+    let mhz = |f: u32| f as f64 / 1e6;
+    for (i, c) in channels.iter().enumerate() {
+        let (freq, bw) = match c {
+            ChannelSpec::Lora {
+                freq_hz,
+                bandwidth_hz,
+                ..
+            }
+            | ChannelSpec::Fsk {
+                freq_hz,
+                bandwidth_hz,
+                ..
+            } => (*freq_hz, *bandwidth_hz),
+        };
+        if freq.saturating_sub(bw / 2) < base.tx_freq_min_hz || freq + bw / 2 > base.tx_freq_max_hz
+        {
+            errors.push(format!(
+                "channel {i}: {} MHz (bandwidth {} kHz) is outside the {} band ({}-{} MHz)",
+                mhz(freq),
+                bw / 1000,
+                base.name,
+                mhz(base.tx_freq_min_hz),
+                mhz(base.tx_freq_max_hz)
+            ));
+            continue;
+        }
+        match c {
+            ChannelSpec::Lora {
+                spreading_factors, ..
+            } => {
+                if let Some(sf) = spreading_factors.iter().find(|sf| !(5..=12).contains(*sf)) {
+                    errors.push(format!(
+                        "channel {i}: spreading factor {sf} (the SX1302 takes 5 to 12)"
+                    ));
+                    continue;
+                }
+                match (bw, spreading_factors.len()) {
+                    (_, 0) => errors.push(format!("channel {i}: LoRa without any spreading factor")),
+                    (125_000, n) if n > 1 || (multi.len() < 8 && n == 1 && std_ch.is_some()) => multi.push(freq),
+                    (125_000 | 250_000 | 500_000, 1) => {
+                        if std_ch.is_some() {
+                            errors.push(format!("channel {i}: a second single-spreading-factor LoRa channel (the SX1302 has one)"));
+                        } else {
+                            std_ch = Some((freq, bw, spreading_factors[0]));
+                        }
+                    }
+                    (125_000 | 250_000 | 500_000, _) => errors.push(format!(
+                        "channel {i}: LoRa {} kHz with several spreading factors (only 125 kHz channels are multi-SF)",
+                        bw / 1000
+                    )),
+                    _ => errors.push(format!("channel {i}: LoRa bandwidth {bw} Hz (125, 250 or 500 kHz)")),
+                }
+            }
+            ChannelSpec::Fsk { datarate, .. } => {
+                if fsk.is_some() {
+                    errors.push(format!(
+                        "channel {i}: a second FSK channel (the SX1302 has one)"
+                    ));
+                } else if !(500..=250_000).contains(datarate) || !(7_800..=500_000).contains(&bw) {
+                    errors.push(format!("channel {i}: FSK {datarate} bit/s, {bw} Hz (500 to 250 000 bit/s, 7.8 to 500 kHz)"));
+                } else {
+                    fsk = Some((freq, bw, *datarate));
+                }
+            }
+        }
+    }
+    if multi.len() > 8 {
+        errors.push(format!(
+            "{} multi-SF channels: the SX1302 has 8",
+            multi.len()
+        ));
+    }
+    if multi.is_empty() && std_ch.is_none() && fsk.is_none() && errors.is_empty() {
+        errors.push("no channel: the radio would hear nothing".into());
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    // Every channel's band, (low edge, high edge), sorted: split between the two radios.
+    let mut spans: Vec<(u32, u32)> = multi.iter().map(|f| (f - 62_500, f + 62_500)).collect();
+    spans.extend(std_ch.map(|(f, bw, _)| (f - bw / 2, f + bw / 2)));
+    spans.extend(fsk.map(|(f, bw, _)| (f - bw / 2, f + bw / 2)));
+    spans.sort();
+    let fits = |s: &[(u32, u32)]| {
+        s.is_empty() || s.iter().map(|x| x.1).max().unwrap_or(0) - s[0].0 <= 2 * RADIO_HALF_SPAN_HZ
+    };
+    let centre = |s: &[(u32, u32)]| {
+        let lo = s.first().map(|x| x.0).unwrap_or(0);
+        let hi = s.iter().map(|x| x.1).max().unwrap_or(0);
+        lo / 2 + hi / 2
+    };
+    let Some(split) = (0..=spans.len()).find(|&k| fits(&spans[..k]) && fits(&spans[k..])) else {
+        return Err(vec![format!(
+            "the channels span {:.3}-{:.3} MHz: two radios hearing {} kHz each cannot cover them",
+            mhz(spans[0].0),
+            mhz(spans.iter().map(|x| x.1).max().unwrap_or(0)),
+            2 * RADIO_HALF_SPAN_HZ / 1000
+        )]);
+    };
+    let (low, high) = spans.split_at(split);
+    let c0 = if low.is_empty() {
+        centre(high)
+    } else {
+        centre(low)
+    };
+    let c1 = if high.is_empty() { c0 } else { centre(high) };
+    let radio_of = |lo: u32| {
+        if split < spans.len() && lo >= spans[split].0 {
+            1
+        } else {
+            0
+        }
+    };
+    let mut out = Vec::new();
+    for f in &multi {
+        out.push(IfChannel::MultiSf {
+            radio: radio_of(f - 62_500),
+            freq_hz: *f,
+        });
+    }
+    if let Some((f, bw, sf)) = std_ch {
+        out.push(IfChannel::LoraStd {
+            radio: radio_of(f - bw / 2),
+            freq_hz: f,
+            bandwidth_hz: bw,
+            spreading_factor: sf,
+        });
+    }
+    if let Some((f, bw, dr)) = fsk {
+        out.push(IfChannel::Fsk {
+            radio: radio_of(f - bw / 2),
+            freq_hz: f,
+            bandwidth_hz: bw,
+            datarate: dr,
+        });
+    }
+    Ok(ChannelPlan {
+        radio_freq_hz: [c0, c1],
+        channels: out,
+        ..base.clone()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lora(mhz: f64, sfs: &[u32]) -> ChannelSpec {
+        ChannelSpec::Lora {
+            freq_hz: (mhz * 1e6).round() as u32,
+            bandwidth_hz: 125_000,
+            spreading_factors: sfs.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_plan_from_the_centre_is_split_between_the_radios_within_their_span() {
+        let base = plan("eu868").unwrap();
+        let all = [7, 8, 9, 10, 11, 12];
+        let chans: Vec<ChannelSpec> = [864.1, 864.3, 864.5, 864.7, 864.9, 865.1, 865.3, 865.5]
+            .iter()
+            .map(|f| lora(*f, &all))
+            .collect();
+        let p = from_centre(&base, &chans).unwrap();
+        assert_eq!(p.channels.len(), 8);
+        for c in &p.channels {
+            let IfChannel::MultiSf { radio, freq_hz } = *c else {
+                panic!()
+            };
+            let off = freq_hz as i64 - p.radio_freq_hz[radio as usize] as i64;
+            assert!(
+                off.abs() + 62_500 <= RADIO_HALF_SPAN_HZ as i64,
+                "{c:?} {off} from {:?}",
+                p.radio_freq_hz
+            );
+        }
+        // The region's own plan comes back as it is, radio by radio.
+        let same: Vec<ChannelSpec> = [868.1, 868.3, 868.5, 867.1, 867.3, 867.5, 867.7, 867.9]
+            .iter()
+            .map(|f| lora(*f, &all))
+            .collect();
+        assert!(from_centre(&base, &same).is_ok());
+    }
+
+    #[test]
+    fn an_impossible_plan_says_every_problem() {
+        let base = plan("eu868").unwrap();
+        let all = [7, 8, 9, 10, 11, 12];
+        let mut chans: Vec<ChannelSpec> =
+            (0..9).map(|i| lora(867.1 + 0.2 * i as f64, &all)).collect();
+        chans.push(lora(902.3, &all));
+        chans.push(lora(868.1, &[13]));
+        let e = from_centre(&base, &chans).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|e| e.contains("902.3 MHz") && e.contains("outside")),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|e| e.contains("spreading factor 13")), "{e:?}");
+        assert!(e.iter().any(|e| e.contains("9 multi-SF channels")), "{e:?}");
+        let wide = vec![lora(863.5, &all), lora(865.5, &all), lora(869.5, &all)];
+        let e = from_centre(&base, &wide).unwrap_err();
+        assert!(e[0].contains("cannot cover them"), "{e:?}");
+        assert!(from_centre(&base, &[]).is_err());
+    }
 
     #[test]
     fn eu868_channels_sit_within_their_radios_bandwidth() {

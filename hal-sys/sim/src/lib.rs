@@ -68,6 +68,8 @@ pub struct SimConfig {
     pub synthetic_payload_size: usize,
     /// Every `lgw_send` is appended here as one JSON line, relative to this file.
     pub tx_log: Option<PathBuf>,
+    /// Each `lgw_start` appends the channels configured (one JSON line), relative to this file.
+    pub rx_config_log: Option<PathBuf>,
     #[serde(default)]
     pub faults: Faults,
     /// Which build of sx1302_hal to imitate where they differ.
@@ -167,14 +169,28 @@ impl SimConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.scenario = cfg.scenario.map(|p| base.join(p));
         cfg.tx_log = cfg.tx_log.map(|p| base.join(p));
+        cfg.rx_config_log = cfg.rx_config_log.map(|p| base.join(p));
         Ok(cfg)
     }
+}
+
+/// One IF chain as `lgw_rxif_setconf` set it.
+#[derive(Debug, Clone, Copy)]
+struct IfConf {
+    rf_chain: u8,
+    offset_hz: i32,
+    bandwidth: u8,
+    datarate: u32,
 }
 
 #[derive(Default)]
 struct Setup {
     com_path: Option<PathBuf>,
     rf_tx_enabled: [bool; 2],
+    /// Centre frequencies of the radios (`lgw_rxrf_setconf`), 0 when disabled.
+    rf_freq_hz: [u32; 2],
+    /// The IF chains enabled (0-7 multi-SF, 8 LoRa standard, 9 FSK).
+    if_conf: [Option<IfConf>; 10],
     /// ChirpStack's fork: where the temperature sensor is, if the caller said.
     i2c_path: Option<String>,
     i2c_temp_sensor_addr: Option<u8>,
@@ -182,6 +198,8 @@ struct Setup {
 
 struct Running {
     cfg: SimConfig,
+    /// What the radios listen on: (frequency, IF chain, RF chain) of each enabled IF chain.
+    channels: Vec<(u32, u8, u8)>,
     sensor_open: bool,
     started: Instant,
     frames: Vec<ScenarioFrame>,
@@ -284,6 +302,7 @@ pub unsafe extern "C" fn lgw_rxrf_setconf(rf_chain: u8, conf: *mut sys::lgw_conf
             return ERR;
         }
         s.setup.rf_tx_enabled[rf_chain as usize] = conf.tx_enable;
+        s.setup.rf_freq_hz[rf_chain as usize] = if conf.enable { conf.freq_hz } else { 0 };
         OK
     })
 }
@@ -310,6 +329,14 @@ pub unsafe extern "C" fn lgw_rxif_setconf(if_chain: u8, conf: *mut sys::lgw_conf
             if if_chain == 8 && conf.sync_word_size == 0 {
                 conf.sync_word_size = 1;
             }
+            s.setup.if_conf[if_chain as usize] = Some(IfConf {
+                rf_chain: conf.rf_chain,
+                offset_hz: conf.freq_hz,
+                bandwidth: conf.bandwidth,
+                datarate: conf.datarate,
+            });
+        } else {
+            s.setup.if_conf[if_chain as usize] = None;
         }
         OK
     })
@@ -426,6 +453,47 @@ pub extern "C" fn lgw_start() -> c_int {
             },
             None => None,
         };
+        let channels: Vec<(u32, u8, u8)> = s
+            .setup
+            .if_conf
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let c = (*c)?;
+                let rf = *s.setup.rf_freq_hz.get(c.rf_chain as usize)?;
+                (rf != 0).then(|| ((rf as i64 + c.offset_hz as i64) as u32, i as u8, c.rf_chain))
+            })
+            .collect();
+        if let Some(p) = &cfg.rx_config_log {
+            // One line per start: what a test checks a channel plan against.
+            let line = format!(
+                "{{\"rf_freq_hz\":[{},{}],\"channels\":[{}]}}\n",
+                s.setup.rf_freq_hz[0],
+                s.setup.rf_freq_hz[1],
+                s.setup
+                    .if_conf
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| c.map(|c| (i, c)))
+                    .map(|(i, c)| format!(
+                        "{{\"if_chain\":{i},\"rf_chain\":{},\"freq_hz\":{},\"bandwidth\":{},\"datarate\":{}}}",
+                        c.rf_chain,
+                        (s.setup.rf_freq_hz[c.rf_chain as usize & 1] as i64 + c.offset_hz as i64),
+                        c.bandwidth,
+                        c.datarate
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            if let Err(e) = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+            {
+                log(&format!("rx config log {}: {e}", p.display()));
+            }
+        }
         if s.synthetic_fcnt.len() != cfg.synthetic_devices as usize {
             s.synthetic_fcnt = vec![0; cfg.synthetic_devices as usize];
         }
@@ -433,6 +501,7 @@ pub extern "C" fn lgw_start() -> c_int {
         s.timeline_start.get_or_insert(now);
         s.running = Some(Running {
             cfg,
+            channels,
             sensor_open,
             started: now,
             frames,
@@ -591,6 +660,10 @@ impl Sim {
                     break;
                 }
                 self.next_frame += 1;
+                // Off the configured channels, the radios do not hear it.
+                if !run.channels.is_empty() && !run.channels.iter().any(|c| c.0 == f.freq_hz) {
+                    continue;
+                }
                 let mut f = f.clone();
                 f.count_us = run.counter_at(due.max(run.started));
                 f
@@ -607,7 +680,7 @@ impl Sim {
                     break;
                 }
                 self.synthetic_sent += 1;
-                let mut f = synthetic_frame(&run.cfg, k, &mut self.synthetic_fcnt);
+                let mut f = synthetic_frame(&run.cfg, k, &mut self.synthetic_fcnt, &run.channels);
                 f.count_us = run.counter_at(due.max(run.started));
                 f
             } else {
@@ -622,7 +695,13 @@ impl Sim {
     }
 }
 
-fn synthetic_frame(cfg: &SimConfig, k: u64, fcnt: &mut [u16]) -> ScenarioFrame {
+/// `channels`: what the radios listen on; synthetic traffic uses its multi-SF channels.
+fn synthetic_frame(
+    cfg: &SimConfig,
+    k: u64,
+    fcnt: &mut [u16],
+    channels: &[(u32, u8, u8)],
+) -> ScenarioFrame {
     const CHANNELS: [u32; 8] = [
         868_100_000,
         868_300_000,
@@ -649,18 +728,24 @@ fn synthetic_frame(cfg: &SimConfig, k: u64, fcnt: &mut [u16]) -> ScenarioFrame {
     p.extend((0..body).map(|i| (k as usize + i) as u8));
     p.extend_from_slice(&((k as u32).wrapping_mul(2_654_435_761)).to_le_bytes());
     p.truncate(255);
+    let multi: Vec<(u32, u8, u8)> = channels.iter().copied().filter(|c| c.1 < 8).collect();
     let ch = (k % 8) as usize;
+    let (freq_hz, if_chain, rf_chain) = if multi.is_empty() {
+        (CHANNELS[ch], ch as u8, if ch < 3 { 1 } else { 0 })
+    } else {
+        multi[(k as usize) % multi.len()]
+    };
     ScenarioFrame {
         offset_us: 0,
-        freq_hz: CHANNELS[ch],
+        freq_hz,
         modulation: sys::MOD_LORA as u8,
         datarate: 7 + (k % 6) as u32,
         bandwidth: sys::BW_125KHZ as u8,
         coderate: sys::CR_LORA_4_5 as u8,
         rssi: -60.0 - (k % 50) as f32,
         snr: 9.5 - (k % 20) as f32,
-        if_chain: ch as u8,
-        rf_chain: if ch < 3 { 1 } else { 0 },
+        if_chain,
+        rf_chain,
         status: sys::STAT_CRC_OK as u8,
         payload: p,
         count_us: 0,
