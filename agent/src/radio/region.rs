@@ -357,6 +357,82 @@ mod tests {
         assert!(from_centre(&base, &same).is_ok());
     }
 
+    /// Random plans (seeded): refused with at least one reason, or placed so that every
+    /// channel is inside the band and within its radio's span, with at most 8 multi-SF, one
+    /// single-SF LoRa and one FSK channel.
+    #[test]
+    fn random_plans_are_refused_with_why_or_placed_within_the_radios() {
+        let base = plan("eu868").unwrap();
+        let mut rng = fastrand::Rng::with_seed(1302);
+        let (mut placed, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            let n = rng.usize(0..12);
+            let chans: Vec<ChannelSpec> = (0..n)
+                .map(|_| {
+                    let freq_hz = 862_000_000 + rng.u32(0..9_000) * 1_000;
+                    if rng.u8(0..8) == 0 {
+                        ChannelSpec::Fsk {
+                            freq_hz,
+                            bandwidth_hz: [125_000, 50_000, 1][rng.usize(0..3)],
+                            datarate: [50_000, 100, 300_000][rng.usize(0..3)],
+                        }
+                    } else {
+                        let k = rng.usize(0..7);
+                        ChannelSpec::Lora {
+                            freq_hz,
+                            bandwidth_hz: [125_000, 125_000, 250_000, 500_000, 62_500]
+                                [rng.usize(0..5)],
+                            spreading_factors: (0..k).map(|_| rng.u32(4..14)).collect(),
+                        }
+                    }
+                })
+                .collect();
+            match from_centre(&base, &chans) {
+                Err(e) => {
+                    assert!(!e.is_empty() && e.iter().all(|e| !e.is_empty()));
+                    refused += 1;
+                }
+                Ok(p) => {
+                    placed += 1;
+                    let count =
+                        |f: fn(&IfChannel) -> bool| p.channels.iter().filter(|c| f(c)).count();
+                    assert!(count(|c| matches!(c, IfChannel::MultiSf { .. })) <= 8);
+                    assert!(count(|c| matches!(c, IfChannel::LoraStd { .. })) <= 1);
+                    assert!(count(|c| matches!(c, IfChannel::Fsk { .. })) <= 1);
+                    for c in &p.channels {
+                        let (radio, f, bw) = match *c {
+                            IfChannel::MultiSf { radio, freq_hz } => (radio, freq_hz, 125_000),
+                            IfChannel::LoraStd {
+                                radio,
+                                freq_hz,
+                                bandwidth_hz,
+                                ..
+                            } => (radio, freq_hz, bandwidth_hz),
+                            IfChannel::Fsk {
+                                radio,
+                                freq_hz,
+                                bandwidth_hz,
+                                ..
+                            } => (radio, freq_hz, bandwidth_hz),
+                        };
+                        let off = (f as i64 - p.radio_freq_hz[radio as usize] as i64).abs();
+                        assert!(
+                            off + bw as i64 / 2 <= RADIO_HALF_SPAN_HZ as i64,
+                            "{c:?} in {p:?}"
+                        );
+                        assert!(
+                            f - bw / 2 >= base.tx_freq_min_hz && f + bw / 2 <= base.tx_freq_max_hz
+                        );
+                    }
+                }
+            }
+        }
+        assert!(
+            placed > 100 && refused > 100,
+            "placed {placed}, refused {refused}"
+        );
+    }
+
     #[test]
     fn an_impossible_plan_says_every_problem() {
         let base = plan("eu868").unwrap();
