@@ -715,27 +715,6 @@ fn a_channel_plan_from_the_network_server_runs_on_the_radio_and_a_bad_one_is_ref
     );
 }
 
-/// The sequence number of a stored event as the centre receives it, whatever its topic.
-fn seq_of_msg(m: &Msg) -> Option<u64> {
-    use chirpstack_api::gw;
-    use prost::Message;
-    if m.topic.ends_with("/event/up") {
-        return Some(seq_of(&decode_uplink(&m.payload, false)));
-    }
-    if m.topic.ends_with("/event/stats") {
-        return gw::GatewayStats::decode(m.payload.as_slice())
-            .ok()?
-            .metadata
-            .get("seq")?
-            .parse()
-            .ok();
-    }
-    if m.topic.contains("/event/") {
-        return serde_json::from_slice::<Value>(&m.payload).ok()?["seq"].as_u64();
-    }
-    None
-}
-
 #[test]
 fn a_channel_plan_applied_while_a_backlog_drains_loses_nothing() {
     let mut broker = Broker::start();
@@ -780,13 +759,7 @@ fn a_channel_plan_applied_while_a_backlog_drains_loses_nothing() {
     assert_eq!(a["ok"], true, "{a}");
     std::thread::sleep(Duration::from_secs(2));
     // Everything from the first number the new subscriber saw to the last is there.
-    let mut seqs: Vec<u64> = collector.all().iter().filter_map(seq_of_msg).collect();
-    seqs.sort();
-    seqs.dedup();
-    let (first, last) = (seqs[0], *seqs.last().unwrap());
-    let missing: Vec<u64> = (first..=last)
-        .filter(|s| seqs.binary_search(s).is_err())
-        .collect();
+    let (first, last, missing) = seq_gaps(&collector.all());
     assert!(
         missing.is_empty(),
         "missing {missing:?} of {first}..={last}\n{}",
