@@ -263,12 +263,49 @@ impl ConfigControl {
         if fragment.is_empty() {
             return Err("the fragment changes nothing".into());
         }
-        if fragment.contains_key("ops") {
-            return Err(
-                "ops.* decides how changes from the centre are taken and undone: it is changed \
-                 only on the gateway"
-                    .into(),
-            );
+        // What would let whoever can publish on `command/ops` do more than configure: run
+        // programs (`commands`), replace the pump rules or the key they must be signed with
+        // (`rules`), undo the undo (`ops`), or leave the backlog behind (`store.path`).
+        let mut refused: Vec<String> = Vec::new();
+        for (key, why) in [
+            ("ops", "decides how changes from the centre are taken and undone"),
+            ("commands", "is what the centre may run: only the gateway's own file widens it"),
+            ("rules", "names the pump rules and the key they must be signed with (rule files come with apply \"rules\")"),
+        ] {
+            if fragment.contains_key(key) {
+                refused.push(format!("{key}.*: {why}"));
+            }
+        }
+        if fragment.get("store").and_then(|s| s.get("path")).is_some() {
+            refused.push("store.path: the backlog is there".into());
+        }
+        for set in &self.sets {
+            let field = set.split_once('=').map(|(f, _)| f.trim()).unwrap_or(set);
+            let mut at = Some(&fragment);
+            let mut found = false;
+            let parts: Vec<&str> = field.split('.').collect();
+            for (i, part) in parts.iter().enumerate() {
+                match at.and_then(|t| t.get(*part)) {
+                    Some(toml::Value::Table(t)) if i + 1 < parts.len() => at = Some(t),
+                    Some(_) => {
+                        found = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if found {
+                refused.push(format!(
+                    "{field}: set on the gateway's command line (--set), which wins over any file: \
+                     this change would not take effect"
+                ));
+            }
+        }
+        if !refused.is_empty() {
+            return Err(format!(
+                "changed only on the gateway, nothing applied: {}",
+                refused.join("; ")
+            ));
         }
         let current =
             crate::files::read_bounded(remote, config::MAX_FILE_BYTES).unwrap_or_default();
@@ -487,6 +524,44 @@ mod tests {
             let r: Reverted = read_json(&beside(&remote, ".reverted")).unwrap();
             assert_eq!(r.id, json!("r1"));
         }
+    }
+
+    #[test]
+    fn what_would_widen_the_centres_power_is_refused_and_nothing_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("agent.toml");
+        std::fs::write(&base, "[radio]\nbackend = \"simulator\"\n").unwrap();
+        let remote = dir.path().join("remote.toml");
+        let cfg: config::Config = toml::from_str(&format!(
+            "[ops]\nremote_config = {:?}\n",
+            remote.display().to_string()
+        ))
+        .unwrap();
+        let c = ConfigControl::new(
+            vec![base],
+            vec!["mqtt.inflight=5".into()],
+            Some(Linked::Simulator),
+            &cfg,
+        );
+        for (fragment, says) in [
+            ("[commands.sh]\nargv = [\"/bin/sh\"]", "commands.*"),
+            ("[rules]\npublic_key = \"AAAA\"", "rules.*"),
+            ("[store]\npath = \"/tmp/elsewhere\"", "store.path"),
+            (
+                "[mqtt]\ninflight = 50",
+                "mqtt.inflight: set on the gateway's command line",
+            ),
+            ("[ops]\nrevert_after = \"1h\"", "ops.*"),
+        ] {
+            let e = c
+                .apply(&json!({"id": "x", "op": "apply", "config": fragment}))
+                .unwrap_err();
+            assert!(
+                e.contains(says) && e.contains("changed only on the gateway"),
+                "{e}"
+            );
+        }
+        assert!(!remote.exists() && !beside(&remote, ".pending").exists());
     }
 
     #[test]
