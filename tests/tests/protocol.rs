@@ -120,3 +120,70 @@ fn a_broker_without_mqtt_5_is_named_and_3_1_1_carries_uplinks_commands_and_acks(
     let conn = collector.on("/state/conn");
     assert!(!conn.is_empty(), "state/conn published over 3.1.1");
 }
+
+/// rumqttd (Bytebeam's broker, in this process) with an MQTT 3.1.1 and an MQTT 5 listener.
+fn rumqttd() -> (u16, u16) {
+    let (v4, v5) = (free_port(), free_port());
+    let listener = |name: &str, port: u16| {
+        format!(
+            "name = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nnext_connection_delay_ms = 1\n\
+             [{name}.connections]\nconnection_timeout_ms = 60000\nmax_payload_size = 262144\n\
+             max_inflight_count = 200\ndynamic_filters = true\n"
+        )
+    };
+    let text = format!(
+        "id = 0\n[router]\nmax_connections = 100\nmax_outgoing_packet_count = 200\n\
+         max_segment_size = 10485760\nmax_segment_count = 10\n[v4.1]\n{}\n[v5.1]\n{}",
+        listener("v4.1", v4).replacen("name = \"v4.1\"", "name = \"v4-1\"", 1),
+        listener("v5.1", v5).replacen("name = \"v5.1\"", "name = \"v5-1\"", 1),
+    );
+    let config: rumqttd::Config = toml::from_str(&text).expect("rumqttd config");
+    let mut broker = rumqttd::Broker::new(config);
+    std::thread::spawn(move || {
+        let _ = broker.start();
+    });
+    assert!(wait_port(v4, Duration::from_secs(10)) && wait_port(v5, Duration::from_secs(10)));
+    (v4, v5)
+}
+
+#[test]
+fn both_protocols_carry_uplinks_commands_and_acks_through_rumqttd() {
+    let (v4, v5) = rumqttd();
+    let collector = Collector::start(v4, "eu868");
+    for (protocol, port) in [("3.1.1", v4), ("5", v5)] {
+        collector.clear();
+        let up = frames(3, 1, 500, 0.0);
+        let (agent, _dir) = AgentSetup::new(port)
+            .scenario(&up)
+            .config(&format!("[mqtt]\nprotocol = \"{protocol}\""))
+            .start();
+        let ctx = first_uplink_context(&collector, patience(Duration::from_secs(15)));
+        assert!(
+            agent.wait_log(
+                "subscribed: commands will arrive",
+                patience(Duration::from_secs(10))
+            ),
+            "{protocol}: {}",
+            agent.log()
+        );
+        publish(
+            v4,
+            DOWN,
+            frame(
+                9,
+                vec![lora(868_100_000, 14, 7, delay(1000), ctx, b"\x60rq")],
+            ),
+        );
+        let statuses = ack(&collector, 9, patience(Duration::from_secs(10)));
+        assert_eq!(
+            statuses,
+            vec![chirpstack_api::gw::TxAckStatus::Ok],
+            "{protocol}: {}",
+            agent.log()
+        );
+        let ups = collector.wait_for("/event/up", patience(Duration::from_secs(10)), |m| {
+            m.len() >= 3
+        });
+        assert_eq!(ups.len(), 3, "{protocol}: {}", agent.log());
+    }
+}
