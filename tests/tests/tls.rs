@@ -216,6 +216,54 @@ fn a_broker_acl_confining_the_gateway_to_its_tree_lets_everything_work_and_sees_
         !blog.contains("Denied"),
         "the gateway attempted something outside its tree:\n{blog}"
     );
+    // Ops requests: the central identity is answered; another gateway's identity cannot even
+    // publish one (the broker's ACL), so nothing answers it.
+    let central = ops_request(
+        &collector,
+        s.broker.port,
+        "central",
+        serde_json::json!({"op": "backlog"}),
+        &agent,
+    );
+    assert_eq!(central["ok"], true, "{central}");
+    let pki_dir = tempfile::tempdir().unwrap();
+    let impostor = s.ca.client("0016c001ffffffff", Validity::Now);
+    let ca = pki::write(pki_dir.path(), "ca.pem", &s.ca.cert_pem, 0o644);
+    let crt = pki::write(pki_dir.path(), "i.crt", &impostor.cert_pem, 0o644);
+    let key = pki::write(pki_dir.path(), "i.key", &impostor.key_pem, 0o600);
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &s.mutual.to_string(), "-q", "1"])
+        .arg("--cafile")
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&crt)
+        .arg("--key")
+        .arg(&key)
+        .args([
+            "-t",
+            &format!("eu868/gateway/{GATEWAY_ID}/command/ops"),
+            "-m",
+            r#"{"id":"impostor","op":"config"}"#,
+        ])
+        .output()
+        .expect("mosquitto_pub");
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !collector
+            .on("/event/ops")
+            .iter()
+            .any(|m| String::from_utf8_lossy(&m.payload).contains("impostor")),
+        "another gateway's identity was answered"
+    );
+    assert!(
+        s.broker
+            .log()
+            .lines()
+            .any(|l| l.contains("Denied PUBLISH") && l.contains("/command/ops")),
+        "{}",
+        s.broker.log()
+    );
     assert!(agent.is_running());
     agent.sigterm();
 
