@@ -172,7 +172,10 @@ fn main() {
     summary("configuration change, request to kept", &kept_ms);
     if std::env::var("OPS_BENCH_LOG").is_ok() {
         for l in agent.log().lines().filter(|l| {
-            l.contains("restart") || l.contains("kept") || l.contains("applied") || l.contains("lora-edge version")
+            l.contains("restart")
+                || l.contains("kept")
+                || l.contains("applied")
+                || l.contains("lora-edge version")
         }) {
             println!("  {l}");
         }
