@@ -6,6 +6,7 @@
 //! `LORA_EDGE_BIN` to measure another build. CPU = user + system ticks from /proc (10 ms
 //! resolution: run long enough); the simulated concentrator runs inside the agent and is
 //! counted; the broker's CPU is printed beside it.
+//! `IDLE_BENCH_CONFIG` adds configuration lines (a literal `\n` between them) to compare settings.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -61,7 +62,14 @@ fn case(rate: f64, seconds: f64, threads: bool) {
         .sim(&format!(
             "synthetic_rate_hz = {rate}\nsynthetic_devices = 50"
         ))
-        .config("[stats]\ninterval = \"30s\"")
+        .config(&format!(
+            "[stats]\ninterval = \"30s\"\n{}",
+            // More settings to compare, e.g. IDLE_BENCH_CONFIG='[radio] poll_interval = "20ms"'
+            // (one line per setting: `\n` in the variable).
+            std::env::var("IDLE_BENCH_CONFIG")
+                .unwrap_or_default()
+                .replace("\\n", "\n")
+        ))
         .start();
     let pid = agent.pid().unwrap();
     let bpid = broker.pid().unwrap();
