@@ -622,7 +622,8 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
     message
 }
 
-fn merge(into: &mut toml::Table, from: toml::Table) {
+/// Tables merge key by key; any other value replaces.
+pub fn merge(into: &mut toml::Table, from: toml::Table) {
     for (k, v) in from {
         match (into.get_mut(&k), v) {
             (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),

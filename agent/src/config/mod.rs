@@ -17,8 +17,8 @@ use serde::Deserialize;
 
 pub(crate) use load::{at, deserialize_all, find_field};
 pub use load::{
-    layers, load, redacted, remote_config_path, ConfigError, ConfigErrors, Linked, StageReport,
-    MAX_FILE_BYTES, SECRET_FIELDS,
+    layers, load, merge, redacted, remote_config_path, ConfigError, ConfigErrors, Linked,
+    StageReport, MAX_FILE_BYTES, SECRET_FIELDS,
 };
 
 #[derive(Debug, Clone, Deserialize)]

@@ -312,7 +312,7 @@ impl ConfigControl {
         let mut merged: toml::Table = String::from_utf8_lossy(&current)
             .parse()
             .map_err(|e| format!("{} is not TOML: {e}", remote.display()))?;
-        merge(&mut merged, fragment);
+        config::merge(&mut merged, fragment);
         let new_text = toml::to_string(&merged).map_err(|e| e.to_string())?;
         if new_text.as_bytes() == current.as_slice() {
             return Err(
@@ -466,18 +466,6 @@ impl ConfigControl {
     }
 }
 
-/// Tables merge key by key; any other value replaces.
-fn merge(into: &mut toml::Table, from: toml::Table) {
-    for (k, v) in from {
-        match (into.get_mut(&k), v) {
-            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
-            (_, v) => {
-                into.insert(k, v);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,7 +555,7 @@ mod tests {
     #[test]
     fn fragments_merge_table_by_table() {
         let mut a: toml::Table = "[mqtt]\nserver = \"a\"\ninflight = 5\n".parse().unwrap();
-        merge(
+        config::merge(
             &mut a,
             "[mqtt]\nserver = \"b\"\n[stats]\ninterval = \"9s\"\n"
                 .parse()

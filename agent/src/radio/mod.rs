@@ -505,26 +505,33 @@ impl Running {
         Ok(lines)
     }
 
+    /// One `lgw_receive`: what it returned is counted and handed on; how many frames it read.
+    fn read_once(
+        &self,
+        batch: &mut Vec<RxPacket>,
+        handoff: &mut Handoff,
+    ) -> Result<usize, hal::HalError> {
+        batch.clear();
+        let (read, malformed) = self.hal.receive(batch)?;
+        let (at, handed_over) = (SystemTime::now(), std::time::Instant::now());
+        Counters::add(&self.counters.rx_received, read as u64);
+        Counters::add(&self.counters.rx_malformed, malformed as u64);
+        for packet in batch.drain(..) {
+            handoff.push(Received {
+                packet,
+                at,
+                handed_over,
+            });
+        }
+        handoff.pass();
+        Ok(read)
+    }
+
     /// Reads until the concentrator has nothing more (a few calls at most).
     fn drain(&self, handoff: &mut Handoff) {
         let mut batch = Vec::with_capacity(hal::RX_BATCH);
         for _ in 0..64 {
-            batch.clear();
-            let Ok((read, malformed)) = self.hal.receive(&mut batch) else {
-                return;
-            };
-            let (at, handed_over) = (SystemTime::now(), std::time::Instant::now());
-            Counters::add(&self.counters.rx_received, read as u64);
-            Counters::add(&self.counters.rx_malformed, malformed as u64);
-            for packet in batch.drain(..) {
-                handoff.push(Received {
-                    packet,
-                    at,
-                    handed_over,
-                });
-            }
-            handoff.pass();
-            if read == 0 {
+            if !matches!(self.read_once(&mut batch, handoff), Ok(n) if n > 0) {
                 return;
             }
         }
@@ -547,23 +554,10 @@ impl Running {
                 return Down::Replan(r);
             }
             Heartbeats::beat(&self.counters.beats.radio);
-            batch.clear();
-            let (read, malformed) = match self.hal.receive(&mut batch) {
+            let read = match self.read_once(&mut batch, handoff) {
                 Ok(r) => r,
                 Err(e) => return Down::Failed(e.to_string().into()),
             };
-            let at = SystemTime::now();
-            let handed_over = std::time::Instant::now();
-            Counters::add(&self.counters.rx_received, read as u64);
-            Counters::add(&self.counters.rx_malformed, malformed as u64);
-            for packet in batch.drain(..) {
-                handoff.push(Received {
-                    packet,
-                    at,
-                    handed_over,
-                });
-            }
-            handoff.pass();
             let now = Instant::now();
             if now >= next_check {
                 next_check = now + Duration::from_secs(1);
