@@ -140,8 +140,26 @@ fn main() -> ExitCode {
                 Ok((c, _)) => c,
                 Err(e) => {
                     eprintln!("{e}");
+                    // The centre's changes must never keep the gateway from running: a
+                    // provisional one is undone, and a kept one that no longer loads (while the
+                    // gateway's own files do) is set aside.
+                    let own_files_load = || {
+                        check::configuration(
+                            &args.config,
+                            &args.set,
+                            Some(linked()),
+                            check::Depth::Run,
+                        )
+                        .is_ok()
+                    };
                     if remote.as_deref().is_some_and(|r| {
                         lora_edge::ops::config_change::undo_unloadable(r, &e.to_string())
+                            || (files.len() > args.config.len()
+                                && own_files_load()
+                                && lora_edge::ops::config_change::set_aside_unloadable(
+                                    r,
+                                    &e.to_string(),
+                                ))
                     }) {
                         tracing::error!("the configuration change from the centre did not load: undone, running again with the previous one");
                         let e = lora_edge::ops::restart::exec_self();
@@ -480,6 +498,7 @@ async fn run(
     let stop_radio = Arc::new(AtomicBool::new(false));
     let (attach_tx, attach_rx) = sync_channel::<Box<dyn lora_edge::radio::FrameSink>>(1);
     let (replan_tx, replan_rx) = sync_channel(1);
+    let plan_slot = Arc::new(lora_edge::ops::channel_plan::PlanSlot::default());
     let (event_tx, event_rx) = sync_channel::<Event>(EVENT_QUEUE);
     let (eui_tx, mut eui_rx) = watch::channel(None);
     let radio_settings = RadioSettings::from_config(&cfg);
@@ -649,6 +668,7 @@ async fn run(
         reloader,
         changes,
         channel_plans: lora_edge::ops::channel_plan::ChannelPlans {
+            slot: plan_slot.clone(),
             base: radio_settings.plan.clone(),
             radio: replan_tx,
             encoding: cfg.mqtt.encoding,
@@ -686,6 +706,7 @@ async fn run(
             health: Some(health_rx),
             exec: Some(exec_tx),
             ops: Some(ops_tx),
+            plans: plan_slot,
         }
         .run(),
     );

@@ -569,7 +569,8 @@ fn a_change_is_kept_once_the_backhaul_is_up_with_it_and_the_centre_confirmed() {
     );
     assert_eq!(c["ok"], true, "{c}");
     assert_eq!(c["result"]["confirmed"], "seven", "{c}");
-    let kept = answer_where(&collector, "seven", Duration::from_secs(15), |a| {
+    // Kept once the backhaul has been up with it for 10 s.
+    let kept = answer_where(&collector, "seven", Duration::from_secs(40), |a| {
         a["result"]["kept"] == true
     })
     .unwrap_or_else(|| panic!("not kept\n{}", agent.log()));
@@ -713,6 +714,59 @@ fn a_channel_plan_from_the_network_server_runs_on_the_radio_and_a_bad_one_is_ref
         last.metadata.get("rx_dropped_total").map(String::as_str),
         Some("0")
     );
+
+    // A smaller plan: the concentrator hears exactly it, nothing of the previous one.
+    let three: Vec<(u32, Vec<u32>)> = [867_100_000, 867_300_000, 867_500_000]
+        .iter()
+        .map(|f| (*f, all.clone()))
+        .collect();
+    publish(broker.port, &topic, plan("v3", &three));
+    let a = answer_where(&collector, "v3", Duration::from_secs(30), |_| true).unwrap();
+    assert_eq!(a["ok"], true, "{a}");
+    let heard = |s: &[Value]| -> Vec<u64> {
+        s.last().unwrap()["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["freq_hz"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        heard(&starts()),
+        vec![867_100_000, 867_300_000, 867_500_000]
+    );
+
+    // A burst: the newest runs, every one is answered.
+    let burst: Vec<(String, Vec<u8>)> = (0..12)
+        .map(|i| {
+            let base = if i % 2 == 0 { 864_100_000 } else { 867_100_000 };
+            let chans: Vec<(u32, Vec<u32>)> =
+                (0..8).map(|k| (base + 200_000 * k, all.clone())).collect();
+            (topic.clone(), plan(&format!("b{i}"), &chans))
+        })
+        .collect();
+    publish_many(broker.port, burst);
+    let newest = answer_where(&collector, "b11", Duration::from_secs(30), |_| true)
+        .unwrap_or_else(|| panic!("the newest plan was not answered\n{}", agent.log()));
+    assert_eq!(newest["ok"], true, "{newest}");
+    for i in 0..11 {
+        let a = answer_where(
+            &collector,
+            &format!("b{i}"),
+            Duration::from_secs(10),
+            |_| true,
+        )
+        .unwrap_or_else(|| panic!("b{i} not answered\n{}", agent.log()));
+        assert!(
+            a["ok"] == true
+                || a["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("superseded by version \"b11\""),
+            "{a}"
+        );
+    }
+    assert_eq!(heard(&starts())[0], 867_100_000, "the newest (b11) runs");
 }
 
 #[test]

@@ -83,6 +83,8 @@ pub struct Backhaul {
     pub exec: Option<SyncSender<Vec<u8>>>,
     /// `command/ops` payloads, to the ops requests stage; None once shutting down.
     pub ops: Option<SyncSender<crate::ops::requests::OpsInput>>,
+    /// `command/config` plans waiting for the ops stage (the newest runs).
+    pub plans: Arc<crate::ops::channel_plan::PlanSlot>,
     /// The latest retained `state/health` message (ops/state.rs), published at every connect
     /// and whenever it changes; empty: none yet.
     pub health: Option<watch::Receiver<Vec<u8>>>,
@@ -176,7 +178,17 @@ fn describe(e: &LinkError, cfg: &MqttConfig, before_connack: bool) -> String {
     if e.is_timeout() {
         return "no CONNACK within the connection timeout".into();
     }
-    e.to_string()
+    let text = e.to_string();
+    if text.contains("size limit") || text.contains("PayloadSizeLimitExceeded") {
+        // MQTT 3.1.1 cannot tell the broker our limit; a retained one comes at every connect.
+        return format!(
+            "{text}: a message larger than {} KiB came on a command topic (if it is retained it \
+             comes at every connect: clear it with mosquitto_pub -r -n -t <topic>, and set the \
+             broker's message size limit)",
+            MAX_INCOMING_PACKET / 1024
+        );
+    }
+    text
 }
 
 impl Backhaul {
@@ -396,6 +408,7 @@ impl Backhaul {
                             // broker never took. Likely an ACL or quota problem on the broker.
                             return SessionEnd::Lost(format!("the broker refused a publish: {reason}"));
                         }
+                        Counters::add(&self.counters.pubacks, 1);
                         if !inflight.acked(pkid, Instant::now()) {
                             tracing::debug!(pkid, "PUBACK for no publish of this session");
                         }
@@ -597,13 +610,16 @@ impl Backhaul {
             let input = if topic.ends_with("/command/ops") {
                 crate::ops::requests::OpsInput::Request(payload.to_vec())
             } else {
-                crate::ops::requests::OpsInput::ChannelPlan(payload.to_vec())
+                // Kept whatever the queue: the stage looks at the slot after every input.
+                self.plans.put(payload.to_vec());
+                crate::ops::requests::OpsInput::PlanWaiting
             };
+            let wake = matches!(input, crate::ops::requests::OpsInput::PlanWaiting);
             if let Err(TrySendError::Full(_)) = ops.try_send(input) {
-                Counters::add(&self.counters.commands_refused, 1);
-                tracing::warn!(
-                    "command/ops: too many requests waiting; request dropped, not answered"
-                );
+                if !wake {
+                    Counters::add(&self.counters.commands_refused, 1);
+                    tracing::warn!(%topic, "too many requests waiting; request dropped, not answered");
+                }
             }
         } else {
             tracing::debug!(%topic, "message on a topic lora-edge does not handle");

@@ -24,7 +24,36 @@ use crate::radio::Replan;
 /// How long a start may take (calibration is seconds; a start that hangs is answered anyway).
 const START_WITHIN: Duration = Duration::from_secs(60);
 
+/// Plans received and not yet run, oldest first: the backhaul puts them here and wakes the ops
+/// stage, which runs only the newest (a burst is not a queue of radio restarts) and answers
+/// the others as superseded.
+#[derive(Default)]
+pub struct PlanSlot {
+    waiting: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+/// Plans kept waiting at most; older ones beyond are dropped unanswered (logged).
+const WAITING_MAX: usize = 64;
+
+impl PlanSlot {
+    pub fn put(&self, payload: Vec<u8>) {
+        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if w.len() >= WAITING_MAX {
+            w.remove(0);
+            tracing::warn!(
+                "command/config: {WAITING_MAX} plans waiting; the oldest dropped unanswered"
+            );
+        }
+        w.push(payload);
+    }
+
+    fn take(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 pub struct ChannelPlans {
+    pub slot: Arc<PlanSlot>,
     /// The region's plan: its band and transmit settings stay.
     pub base: ChannelPlan,
     pub radio: SyncSender<Replan>,
@@ -34,6 +63,25 @@ pub struct ChannelPlans {
 }
 
 impl ChannelPlans {
+    /// Runs the newest plan waiting, answers the older ones as superseded.
+    pub fn run_waiting(&self) -> Vec<Value> {
+        let mut waiting = self.slot.take();
+        let Some(last) = waiting.pop() else {
+            return Vec::new();
+        };
+        let newest = self.decode(&last).map(|g| g.version).unwrap_or_default();
+        let mut answers: Vec<Value> = waiting
+            .iter()
+            .map(|p| match self.decode(p) {
+                Ok(g) => json!({"id": g.version.chars().take(64).collect::<String>(), "op": "command/config", "ok": false,
+                    "error": format!("superseded by version {:?} before it ran", newest.chars().take(64).collect::<String>())}),
+                Err(e) => json!({"id": null, "op": "command/config", "ok": false, "error": e}),
+            })
+            .collect();
+        answers.push(self.apply(&last));
+        answers
+    }
+
     /// Applies a `command/config` payload; the answer for `event/ops`.
     pub fn apply(&self, payload: &[u8]) -> Value {
         let gc = match self.decode(payload) {

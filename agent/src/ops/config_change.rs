@@ -41,17 +41,73 @@ fn beside(remote: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// How long the backhaul must stay up, with the broker acknowledging what the agent publishes,
+/// before a change is kept without the centre's word: a session that is refused publishes, or
+/// knocked off by another client with the same id, never lasts this long.
+const STABLE_FOR: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pending {
     /// The request's id, for the answer that says how it ended.
     pub id: Value,
     pub sha256: String,
+    /// Wall clock (ms since 1970) of the deadline: used after a reboot.
     pub deadline_ms: u64,
+    /// `CLOCK_BOOTTIME` (ms) of the deadline in the boot it was applied in, and that boot's id:
+    /// within the same boot a clock step (NTP on a Pi without a clock) cannot move it.
+    #[serde(default)]
+    pub deadline_boot_ms: u64,
+    #[serde(default)]
+    pub boot_id: String,
     pub revert_after_s: u64,
-    /// The centre must send `confirm` too.
+    /// The centre must send `confirm` too (the default for changes to `mqtt.*`).
     pub confirm: bool,
+    /// The centre has confirmed (before or after the restart).
+    #[serde(default)]
+    pub confirmed: bool,
+    /// It touches the radio: kept only once the radio runs with it.
+    #[serde(default)]
+    pub radio: bool,
     /// Starts of the agent with this change.
     pub starts: u32,
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn boottime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+impl Pending {
+    fn expired(&self) -> bool {
+        if self.deadline_boot_ms > 0 && !self.boot_id.is_empty() && self.boot_id == boot_id() {
+            boottime_ms() >= self.deadline_boot_ms
+        } else {
+            now_ms() >= self.deadline_ms
+        }
+    }
+
+    /// Stands in for a provisional-change file that cannot be read: undone at once.
+    fn unreadable() -> Pending {
+        Pending {
+            id: Value::Null,
+            sha256: String::new(),
+            deadline_ms: 0,
+            deadline_boot_ms: 0,
+            boot_id: String::new(),
+            revert_after_s: 0,
+            confirm: false,
+            confirmed: false,
+            radio: false,
+            starts: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,14 +120,30 @@ struct Reverted {
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     // It may hold credentials (a new mqtt.password): the service's user alone reads it.
-    let mut f = std::fs::OpenOptions::new()
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+        .open(path)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+    if written.is_err() {
+        // A full disk leaves no half-written file behind.
+        let _ = std::fs::remove_file(path);
+    }
+    written
+}
+
+/// Written beside, synced, then renamed over `path`: a power cut leaves the old or the new
+/// file, never a torn one.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = beside(path, ".tmp");
+    write_synced(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path)
 }
 
 fn sync_dir(file: &Path) -> std::io::Result<()> {
@@ -91,23 +163,33 @@ fn now_ms() -> u64 {
 }
 
 /// Puts `.prev` back in place of `remote.toml`, says why in `.reverted`, ends the provisional
-/// state.
+/// state. A `.prev` that is missing or not TOML (a damaged card) is not put back: the centre's
+/// changes are dropped and the gateway's own files run, which are known to have run.
 fn revert(remote: &Path, pending: &Pending, why: &str) -> std::io::Result<()> {
     let prev = crate::files::read_bounded(&beside(remote, ".prev"), config::MAX_FILE_BYTES)
-        .unwrap_or_default();
-    let back = beside(remote, ".back");
-    write_synced(&back, &prev)?;
+        .ok()
+        .filter(|b| std::str::from_utf8(b).is_ok_and(|t| t.parse::<toml::Table>().is_ok()));
+    let why = match &prev {
+        Some(_) => why.to_string(),
+        None => {
+            tracing::error!(file = %beside(remote, ".prev").display(), "ALARM: the previous centre changes are unreadable: all of the centre's changes are dropped, the gateway's own configuration files run");
+            format!("{why}; the previous version of the centre's changes was unreadable, so all of them are dropped: the gateway's own configuration files run")
+        }
+    };
     let reverted = Reverted {
         id: pending.id.clone(),
-        why: why.to_string(),
+        why,
         at_ms: now_ms(),
     };
-    write_synced(
+    write_atomic(
         &beside(remote, ".reverted"),
         &serde_json::to_vec(&reverted).unwrap_or_default(),
     )?;
-    std::fs::rename(&back, remote)?;
-    std::fs::remove_file(beside(remote, ".pending"))?;
+    write_atomic(remote, &prev.unwrap_or_default())?;
+    match std::fs::remove_file(beside(remote, ".pending")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     sync_dir(remote)
 }
 
@@ -115,19 +197,18 @@ fn revert(remote: &Path, pending: &Pending, why: &str) -> std::io::Result<()> {
 /// and undoes one whose time is up or whose agent keeps failing.
 pub fn at_start(remote: &Path) {
     let pending_path = beside(remote, ".pending");
-    let Some(mut p) = read_json::<Pending>(&pending_path) else {
-        if pending_path.exists() {
-            tracing::error!(file = %pending_path.display(), "the provisional-change file is unreadable: removed, the change is kept");
-            let _ = std::fs::remove_file(&pending_path);
-        }
+    if !pending_path.exists() {
         return;
+    }
+    let (mut p, unreadable) = match read_json::<Pending>(&pending_path) {
+        Some(p) => (p, false),
+        None => (Pending::unreadable(), true),
     };
     p.starts += 1;
-    let why = if now_ms() >= p.deadline_ms {
-        Some(format!(
-            "not proven within {} s (the agent was not running with it at the deadline)",
-            p.revert_after_s
-        ))
+    let why = if unreadable {
+        Some("the provisional-change file was unreadable (a power cut while it was written?): undone to be safe".to_string())
+    } else if p.expired() {
+        Some(format!("not proven within {} s", p.revert_after_s))
     } else if p.starts > MAX_STARTS {
         Some(format!(
             "the agent started {} times with it without proving it",
@@ -146,10 +227,41 @@ pub fn at_start(remote: &Path) {
             }
         },
         None => {
-            if let Err(e) = write_synced(&pending_path, &serde_json::to_vec(&p).unwrap_or_default())
+            if let Err(e) = write_atomic(&pending_path, &serde_json::to_vec(&p).unwrap_or_default())
             {
                 tracing::error!(error = %e, "counting a start with a provisional configuration change");
             }
+        }
+    }
+}
+
+/// A start whose configuration does not load with the centre's changes although the gateway's
+/// own files do (and nothing is provisional): the changes file is set aside as `.broken` so the
+/// gateway runs on its own files and reaches the centre. True if it was (the caller restarts).
+pub fn set_aside_unloadable(remote: &Path, errors: &str) -> bool {
+    let first = errors.lines().next().unwrap_or_default();
+    let reverted = Reverted {
+        id: Value::Null,
+        why: format!(
+            "the centre's changes did not load ({first}): set aside as {}, the gateway's own configuration files run",
+            beside(remote, ".broken").display()
+        ),
+        at_ms: now_ms(),
+    };
+    let done = write_atomic(
+        &beside(remote, ".reverted"),
+        &serde_json::to_vec(&reverted).unwrap_or_default(),
+    )
+    .and_then(|_| std::fs::rename(remote, beside(remote, ".broken")))
+    .and_then(|_| sync_dir(remote));
+    match done {
+        Ok(()) => {
+            tracing::error!(why = %reverted.why, "ALARM: the centre's configuration changes were set aside");
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "ALARM: setting aside the centre's configuration changes failed");
+            false
         }
     }
 }
@@ -219,12 +331,16 @@ impl ConfigControl {
                     .into(),
             );
         };
-        if let Some(p) = self.pending() {
+        let on_disk = read_json::<Pending>(&beside(remote, ".pending"));
+        if let Some(p) = self.pending().or(on_disk) {
             return Err(format!(
                 "the change {} is still provisional (until it is proven or undone, at the \
                  latest {} s after it was applied): one change at a time",
                 p.id, p.revert_after_s
             ));
+        }
+        if beside(remote, ".pending").exists() {
+            return Err("a provisional change is being settled (its file is unreadable and will be undone at the next start): one change at a time".into());
         }
         let text = request["config"]
             .as_str()
@@ -232,9 +348,9 @@ impl ConfigControl {
         if text.len() as u64 > config::MAX_FILE_BYTES {
             return Err("the fragment is larger than 1 MiB".into());
         }
-        let confirm = match &request["confirm"] {
-            Value::Null => false,
-            Value::Bool(b) => *b,
+        let confirm_asked = match &request["confirm"] {
+            Value::Null => None,
+            Value::Bool(b) => Some(*b),
             _ => return Err("\"confirm\" must be true or false".into()),
         };
         let revert_after = match &request["revert_after_s"] {
@@ -340,17 +456,24 @@ impl ConfigControl {
             ));
         }
         let sha = super::state::sha256_hex(new_text.as_bytes());
+        // A backhaul change can reach a broker the centre does not read (another broker, a
+        // prefix the ACL refuses): only the centre can say it hears the gateway again.
+        let confirm = confirm_asked.unwrap_or(fragment_touches(text, &["mqtt"]));
         let pending = Pending {
             id: request["id"].clone(),
             sha256: sha.clone(),
             deadline_ms: now_ms() + revert_after.as_millis() as u64,
+            deadline_boot_ms: boottime_ms() + revert_after.as_millis() as u64,
+            boot_id: boot_id(),
             revert_after_s: revert_after.as_secs(),
             confirm,
+            confirmed: false,
+            radio: fragment_touches(text, &["radio", "region"]),
             starts: 0,
         };
-        let placed = write_synced(&beside(remote, ".prev"), &current)
+        let placed = write_atomic(&beside(remote, ".prev"), &current)
             .and_then(|_| {
-                write_synced(
+                write_atomic(
                     &beside(remote, ".pending"),
                     &serde_json::to_vec(&pending).unwrap_or_default(),
                 )
@@ -366,6 +489,11 @@ impl ConfigControl {
             ));
         }
         tracing::warn!(id = %pending.id, sha256 = %sha, revert_after = ?revert_after, confirm, "configuration change from the centre applied: restarting with it (provisional)");
+        // Until the restart, this process holds it too: a second apply is refused, a confirm
+        // is kept for the next run.
+        if let Ok(mut g) = self.pending.lock() {
+            *g = Some(pending.clone());
+        }
         super::restart::request("a configuration change from the centre");
         Ok(json!({
             "sha256": sha,
@@ -373,16 +501,28 @@ impl ConfigControl {
             "restarting": true,
             "revert_after_s": revert_after.as_secs(),
             "confirm_needed": confirm,
-            "note": "the agent restarts with it; it is kept once the backhaul session is up with it (and, if asked, confirmed), else undone; the outcome comes on event/ops with this id",
+            "radio_must_run": pending.radio,
+            "note": "the agent restarts with it; it is kept once the backhaul has been up with it for 10 s with its publishes acknowledged (and the radio runs, if it changed) and, when confirm_needed, the centre sent confirm; else undone; the outcome comes on event/ops with this id",
         }))
     }
 
-    /// `confirm`: the centre keeps the provisional change.
+    /// `confirm`: the centre keeps the provisional change (kept in its file: a confirm before
+    /// the restart counts after it).
     pub fn confirm(&self) -> Result<Value, String> {
-        let Some(p) = self.pending() else {
+        let (Some(remote), Some(mut p)) = (self.remote.as_deref(), self.pending()) else {
             return Err("nothing to confirm: no configuration change is provisional".into());
         };
         self.confirmed.store(true, Ordering::Relaxed);
+        p.confirmed = true;
+        if let Err(e) = write_atomic(
+            &beside(remote, ".pending"),
+            &serde_json::to_vec(&p).unwrap_or_default(),
+        ) {
+            tracing::warn!(error = %e, "keeping the centre's confirmation on disk");
+        }
+        if let Ok(mut g) = self.pending.lock() {
+            *g = Some(p.clone());
+        }
         Ok(json!({"confirmed": p.id, "sha256": p.sha256}))
     }
 
@@ -393,21 +533,41 @@ impl ConfigControl {
             return;
         };
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // Since when the session has been up, and the PUBACKs counted then.
+        let mut up_since: Option<(std::time::Instant, u64, u64)> = None;
         loop {
             tick.tick().await;
             let up = counters.backhaul_up.load(Ordering::Relaxed);
-            let confirmed = !p.confirm || self.confirmed.load(Ordering::Relaxed);
-            if up && confirmed {
+            let (acks, outages) = (
+                Counters::get(&counters.pubacks),
+                Counters::get(&counters.outages),
+            );
+            up_since = match up_since {
+                Some((t, a, o)) if up && o == outages => Some((t, a, o)),
+                _ if up => Some((std::time::Instant::now(), acks, outages)),
+                _ => None,
+            };
+            let stable = up_since.is_some_and(|(t, a, _)| t.elapsed() >= STABLE_FOR && acks > a);
+            let confirmed = !p.confirm || p.confirmed || self.confirmed.load(Ordering::Relaxed);
+            let radio_ok =
+                !p.radio || counters.radio_status().state == crate::ops::counters::RadioState::Up;
+            if stable && confirmed && radio_ok {
                 let _ = std::fs::remove_file(beside(&remote, ".pending"));
                 let _ = sync_dir(&remote);
                 if let Ok(mut g) = self.pending.lock() {
                     *g = None;
                 }
-                tracing::info!(id = %p.id, sha256 = %p.sha256, "configuration change from the centre kept: the backhaul session is up with it");
+                tracing::info!(id = %p.id, sha256 = %p.sha256, "configuration change from the centre kept");
+                let how = match (p.confirm, p.radio) {
+                    (true, _) => "backhaul up with it and confirmed by the centre",
+                    (false, true) => {
+                        "backhaul up with it, its publishes acknowledged, and the radio runs"
+                    }
+                    (false, false) => "backhaul up with it, its publishes acknowledged",
+                };
                 let answer = json!({
                     "id": p.id, "op": "apply", "ok": true,
-                    "result": {"kept": true, "sha256": p.sha256,
-                               "how": if p.confirm { "backhaul session up, confirmed by the centre" } else { "backhaul session up with it" }},
+                    "result": {"kept": true, "sha256": p.sha256, "how": how},
                 });
                 let _ = events.send(Event {
                     at: SystemTime::now(),
@@ -415,10 +575,21 @@ impl ConfigControl {
                 });
                 return;
             }
-            if now_ms() >= p.deadline_ms {
+            if p.expired() {
                 let why = if !up {
                     format!(
                         "the backhaul session was not up with it within {} s",
+                        p.revert_after_s
+                    )
+                } else if !stable {
+                    format!(
+                        "the backhaul did not stay up with its publishes acknowledged for {} s within {} s",
+                        STABLE_FOR.as_secs(),
+                        p.revert_after_s
+                    )
+                } else if !radio_ok {
+                    format!(
+                        "the radio did not run with it within {} s",
                         p.revert_after_s
                     )
                 } else {
@@ -431,12 +602,13 @@ impl ConfigControl {
                     Ok(()) => {
                         tracing::error!(id = %p.id, why = %why, "configuration change from the centre undone: restarting with the previous configuration");
                         super::restart::request("undoing a configuration change");
+                        return;
                     }
+                    // Tried again at the next look (a full disk frees up, a card comes back).
                     Err(e) => {
-                        tracing::error!(error = %e, "ALARM: undoing a configuration change from the centre failed")
+                        tracing::error!(error = %e, "ALARM: undoing a configuration change from the centre failed; trying again")
                     }
                 }
-                return;
             }
         }
     }
@@ -466,6 +638,12 @@ impl ConfigControl {
     }
 }
 
+/// Whether a TOML fragment sets anything under one of `tables`.
+fn fragment_touches(text: &str, tables: &[&str]) -> bool {
+    text.parse::<toml::Table>()
+        .is_ok_and(|t| tables.iter().any(|k| t.contains_key(*k)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,8 +654,8 @@ mod tests {
             sha256: "x".into(),
             deadline_ms,
             revert_after_s: 60,
-            confirm: false,
             starts,
+            ..Pending::unreadable()
         }
     }
 
@@ -550,6 +728,75 @@ mod tests {
             );
         }
         assert!(!remote.exists() && !beside(&remote, ".pending").exists());
+    }
+
+    fn control(dir: &Path) -> (ConfigControl, PathBuf) {
+        let base = dir.join("agent.toml");
+        std::fs::write(
+            &base,
+            "[gateway]\nid = \"0016c001ff10a235\"\n[radio]\nbackend = \"simulator\"\nsimulator = \"sim.toml\"\n[store]\npath = \"store\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("sim.toml"), "").unwrap();
+        let remote = dir.join("remote.toml");
+        let cfg: config::Config = toml::from_str(&format!(
+            "[ops]\nremote_config = {:?}\n",
+            remote.display().to_string()
+        ))
+        .unwrap();
+        (
+            ConfigControl::new(vec![base], vec![], Some(Linked::Simulator), &cfg),
+            remote,
+        )
+    }
+
+    #[test]
+    fn a_second_apply_before_the_first_is_settled_is_refused_and_a_confirm_before_the_restart_counts(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, remote) = control(dir.path());
+        let a = c
+            .apply(&json!({"id": "bad-1", "op": "apply", "config": "[mqtt]\nserver = \"tcp://127.0.0.1:1\"\n"}))
+            .unwrap();
+        assert_eq!(
+            a["confirm_needed"], true,
+            "a backhaul change needs the centre's word: {a}"
+        );
+        let e = c
+            .apply(&json!({"id": "ok-2", "op": "apply", "config": "[stats]\ninterval = \"7s\"\n"}))
+            .unwrap_err();
+        assert!(e.contains("still provisional"), "{e}");
+        // The previous version is the one that ran, not the unproven change.
+        assert_eq!(
+            std::fs::read_to_string(beside(&remote, ".prev")).unwrap(),
+            ""
+        );
+        c.confirm().unwrap();
+        let p: Pending = read_json(&beside(&remote, ".pending")).unwrap();
+        assert!(p.confirmed && p.id == json!("bad-1"));
+        // A fresh process (the restart) refuses a new apply too, from the file.
+        let (c2, _) = control(dir.path());
+        assert!(c2
+            .apply(&json!({"id": "ok-3", "op": "apply", "config": "[stats]\ninterval = \"8s\"\n"}))
+            .unwrap_err()
+            .contains("still provisional"));
+    }
+
+    #[test]
+    fn a_damaged_prev_or_pending_never_keeps_an_unproven_change_nor_bricks_the_start() {
+        // `.prev` damaged: the centre's changes are dropped, not garbage put in place.
+        let (_d, remote) = setup(&pending(now_ms() - 1, 0));
+        std::fs::write(beside(&remote, ".prev"), "[mqtt").unwrap();
+        at_start(&remote);
+        assert_eq!(std::fs::read_to_string(&remote).unwrap(), "");
+        let r: Reverted = read_json(&beside(&remote, ".reverted")).unwrap();
+        assert!(r.why.contains("all of them are dropped"), "{}", r.why);
+        // `.pending` torn by a power cut: the change is undone, not kept.
+        let (_d, remote) = setup(&pending(now_ms() + 60_000, 0));
+        std::fs::write(beside(&remote, ".pending"), "").unwrap();
+        at_start(&remote);
+        assert_eq!(std::fs::read_to_string(&remote).unwrap(), "");
+        assert!(!beside(&remote, ".pending").exists());
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub struct Counters {
     /// The version of the network server's channel plan running (`command/config`); empty:
     /// the configuration's.
     pub config_version: Mutex<String>,
+    /// Publishes the broker acknowledged (any topic), this process.
+    pub pubacks: AtomicU64,
     /// Progress of the stages the systemd watchdog watches.
     pub beats: super::health::Heartbeats,
     /// Share of each EU868 sub-band's hourly allowance used, in per cent.

@@ -38,8 +38,8 @@ pub const QUEUE: usize = 16;
 pub enum OpsInput {
     /// A `command/ops` request (JSON).
     Request(Vec<u8>),
-    /// A `command/config` channel plan (`channel_plan.rs`).
-    ChannelPlan(Vec<u8>),
+    /// A `command/config` channel plan waits in `channel_plan::PlanSlot`.
+    PlanWaiting,
 }
 
 const OPS: [&str; 8] = [
@@ -139,16 +139,21 @@ impl Requests {
             .name("ops-requests".into())
             .spawn(move || {
                 while let Ok(input) = self.input.recv() {
-                    let answer = match input {
-                        OpsInput::Request(payload) => self.answer(&payload),
-                        OpsInput::ChannelPlan(payload) => self.channel_plans.apply(&payload),
+                    let mut answers = match input {
+                        OpsInput::Request(payload) => vec![self.answer(&payload)],
+                        OpsInput::PlanWaiting => Vec::new(),
                     };
-                    let event = Event {
-                        at: SystemTime::now(),
-                        body: Body::Ops(answer),
-                    };
-                    if self.output.send(event).is_err() {
-                        return;
+                    // After every input: a wake-up for a plan may have been dropped on a full
+                    // queue, the plan itself is never.
+                    answers.extend(self.channel_plans.run_waiting());
+                    for answer in answers {
+                        let event = Event {
+                            at: SystemTime::now(),
+                            body: Body::Ops(answer),
+                        };
+                        if self.output.send(event).is_err() {
+                            return;
+                        }
                     }
                 }
             })
@@ -334,6 +339,7 @@ mod fuzz {
                 &cfg,
             )),
             channel_plans: ChannelPlans {
+                slot: Default::default(),
                 base: crate::radio::region::plan("eu868").unwrap(),
                 radio: radio_tx,
                 encoding: crate::config::Encoding::Protobuf,

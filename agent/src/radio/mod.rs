@@ -170,10 +170,24 @@ impl RadioSettings {
             single_input_mode: false,
         };
         let offset = |radio: u8, f: u32| f as i32 - plan.radio_freq_hz[radio as usize] as i32;
-        let if_chains = plan
-            .channels
-            .iter()
-            .map(|c| match *c {
+        // The SX1302's IF chains have fixed roles: 0-7 multi-SF, 8 the single-SF LoRa channel,
+        // 9 FSK. Every chain is set, those the plan does not use disabled: a smaller plan must
+        // not leave the previous one's channels listening.
+        let mut if_chains = vec![IfChainConf::Disabled; 10];
+        let mut next_multi = 0usize;
+        for c in &plan.channels {
+            let slot = match c {
+                IfChannel::MultiSf { .. } => {
+                    next_multi += 1;
+                    next_multi - 1
+                }
+                IfChannel::LoraStd { .. } => 8,
+                IfChannel::Fsk { .. } => 9,
+            };
+            if slot >= 10 || (slot < 8 && next_multi > 8) {
+                continue;
+            }
+            if_chains[slot] = match *c {
                 IfChannel::MultiSf { radio, freq_hz } => IfChainConf::MultiSf {
                     rf_chain: radio,
                     offset_hz: offset(radio, freq_hz),
@@ -200,8 +214,8 @@ impl RadioSettings {
                     bandwidth_hz,
                     datarate,
                 },
-            })
-            .collect();
+            };
+        }
         Setup {
             board: BoardConf {
                 lorawan_public: self.lorawan_public,
@@ -367,6 +381,8 @@ impl Running {
             match down {
                 Down::Stop => break,
                 Down::Replan(r) => {
+                    // A new plan is not a restart after a failure: not counted as one.
+                    attempts = attempts.saturating_sub(1);
                     let previous = std::mem::replace(&mut self.settings.plan, r.plan);
                     trying = Some((r.reply, previous));
                 }

@@ -245,6 +245,15 @@ pub fn from_centre(
             multi.len()
         ));
     }
+    let mut seen = std::collections::BTreeSet::new();
+    for f in &multi {
+        if !seen.insert(*f) {
+            errors.push(format!(
+                "{} MHz twice: two multi-SF channels on one frequency would report every frame twice",
+                mhz(*f)
+            ));
+        }
+    }
     if multi.is_empty() && std_ch.is_none() && fsk.is_none() && errors.is_empty() {
         errors.push("no channel: the radio would hear nothing".into());
     }
@@ -449,6 +458,8 @@ mod tests {
         );
         assert!(e.iter().any(|e| e.contains("spreading factor 13")), "{e:?}");
         assert!(e.iter().any(|e| e.contains("9 multi-SF channels")), "{e:?}");
+        let twice = from_centre(&base, &[lora(868.1, &all), lora(868.1, &all)]).unwrap_err();
+        assert!(twice[0].contains("868.1 MHz twice"), "{twice:?}");
         let wide = vec![lora(863.5, &all), lora(865.5, &all), lora(869.5, &all)];
         let e = from_centre(&base, &wide).unwrap_err();
         assert!(e[0].contains("cannot cover them"), "{e:?}");
