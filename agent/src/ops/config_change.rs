@@ -342,8 +342,28 @@ impl ConfigControl {
         if beside(remote, ".pending").exists() {
             return Err("a provisional change is being settled (its file is unreadable and will be undone at the next start): one change at a time".into());
         }
+        // Keys the centre set earlier and now takes back (the gateway's own value, or the
+        // default, applies again).
+        let unset: Vec<String> = match &request["unset"] {
+            Value::Null => Vec::new(),
+            Value::Array(a) => a
+                .iter()
+                .map(|k| {
+                    k.as_str()
+                        .filter(|k| !k.is_empty() && k.len() <= 128)
+                        .map(str::to_string)
+                        .ok_or("\"unset\" must be a list of dotted keys, e.g. [\"mqtt.username\"]")
+                })
+                .collect::<Result<_, _>>()?,
+            _ => {
+                return Err(
+                    "\"unset\" must be a list of dotted keys, e.g. [\"mqtt.username\"]".into(),
+                )
+            }
+        };
         let text = request["config"]
             .as_str()
+            .or(if unset.is_empty() { None } else { Some("") })
             .ok_or("\"config\" must be a string: a TOML fragment, e.g. \"[stats]\\ninterval = \\\"30s\\\"\"")?;
         if text.len() as u64 > config::MAX_FILE_BYTES {
             return Err("the fragment is larger than 1 MiB".into());
@@ -376,23 +396,31 @@ impl ConfigControl {
                 .unwrap_or_default();
             format!("the fragment is not TOML{at}: {}", e.message())
         })?;
-        if fragment.is_empty() {
+        if fragment.is_empty() && unset.is_empty() {
             return Err("the fragment changes nothing".into());
         }
         // What would let whoever can publish on `command/ops` do more than configure: run
         // programs (`commands`), replace the pump rules or the key they must be signed with
         // (`rules`), undo the undo (`ops`), or leave the backlog behind (`store.path`).
         let mut refused: Vec<String> = Vec::new();
+        let touched = |key: &str| {
+            fragment.contains_key(key)
+                || unset
+                    .iter()
+                    .any(|u| u == key || u.starts_with(&format!("{key}.")))
+        };
         for (key, why) in [
             ("ops", "decides how changes from the centre are taken and undone"),
             ("commands", "is what the centre may run: only the gateway's own file widens it"),
             ("rules", "names the pump rules and the key they must be signed with (rule files come with apply \"rules\")"),
         ] {
-            if fragment.contains_key(key) {
+            if touched(key) {
                 refused.push(format!("{key}.*: {why}"));
             }
         }
-        if fragment.get("store").and_then(|s| s.get("path")).is_some() {
+        if fragment.get("store").and_then(|s| s.get("path")).is_some()
+            || unset.iter().any(|u| u == "store.path" || u == "store")
+        {
             refused.push("store.path: the backlog is there".into());
         }
         for set in &self.sets {
@@ -429,6 +457,14 @@ impl ConfigControl {
             .parse()
             .map_err(|e| format!("{} is not TOML: {e}", remote.display()))?;
         config::merge(&mut merged, fragment);
+        for key in &unset {
+            if !remove_key(&mut merged, key) {
+                return Err(format!(
+                    "{key}: not set by the centre (the gateway's own files set it, or nothing \
+                     does): nothing to take back"
+                ));
+            }
+        }
         let new_text = toml::to_string(&merged).map_err(|e| e.to_string())?;
         if new_text.as_bytes() == current.as_slice() {
             return Err(
@@ -458,7 +494,13 @@ impl ConfigControl {
         let sha = super::state::sha256_hex(new_text.as_bytes());
         // A backhaul change can reach a broker the centre does not read (another broker, a
         // prefix the ACL refuses): only the centre can say it hears the gateway again.
-        let confirm = confirm_asked.unwrap_or(fragment_touches(text, &["mqtt"]));
+        let touches = |tables: &[&str]| {
+            fragment_touches(text, tables)
+                || unset
+                    .iter()
+                    .any(|u| tables.iter().any(|t| u.split('.').next() == Some(*t)))
+        };
+        let confirm = confirm_asked.unwrap_or(touches(&["mqtt"]));
         let pending = Pending {
             id: request["id"].clone(),
             sha256: sha.clone(),
@@ -468,7 +510,7 @@ impl ConfigControl {
             revert_after_s: revert_after.as_secs(),
             confirm,
             confirmed: false,
-            radio: fragment_touches(text, &["radio", "region"]),
+            radio: touches(&["radio", "region"]),
             starts: 0,
         };
         let placed = write_atomic(&beside(remote, ".prev"), &current)
@@ -638,6 +680,23 @@ impl ConfigControl {
     }
 }
 
+/// Removes a dotted key (and the tables it leaves empty); false if it was not there.
+fn remove_key(table: &mut toml::Table, key: &str) -> bool {
+    match key.split_once('.') {
+        None => table.remove(key).is_some(),
+        Some((head, rest)) => {
+            let Some(toml::Value::Table(inner)) = table.get_mut(head) else {
+                return false;
+            };
+            let removed = remove_key(inner, rest);
+            if inner.is_empty() {
+                table.remove(head);
+            }
+            removed
+        }
+    }
+}
+
 /// Whether a TOML fragment sets anything under one of `tables`.
 fn fragment_touches(text: &str, tables: &[&str]) -> bool {
     text.parse::<toml::Table>()
@@ -797,6 +856,24 @@ mod tests {
         at_start(&remote);
         assert_eq!(std::fs::read_to_string(&remote).unwrap(), "");
         assert!(!beside(&remote, ".pending").exists());
+    }
+
+    #[test]
+    fn the_centre_takes_back_a_key_it_set_and_only_such_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, remote) = control(dir.path());
+        std::fs::write(&remote, "[stats]\ninterval = \"7s\"\n").unwrap();
+        let e = c
+            .apply(&json!({"id": "u0", "op": "apply", "unset": ["mqtt.username"]}))
+            .unwrap_err();
+        assert!(e.contains("not set by the centre"), "{e}");
+        assert!(c
+            .apply(&json!({"id": "u1", "op": "apply", "unset": ["rules.public_key"]}))
+            .unwrap_err()
+            .contains("changed only on the gateway"));
+        c.apply(&json!({"id": "u2", "op": "apply", "unset": ["stats.interval"]}))
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&remote).unwrap(), "");
     }
 
     #[test]

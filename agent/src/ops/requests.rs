@@ -243,7 +243,7 @@ impl Requests {
             "health" => serde_json::from_slice(&self.health.borrow())
                 .map_err(|_| "no health message yet".to_string()),
             "reload" => self.reloader.reload(),
-            "apply" if !request["config"].is_null() => {
+            "apply" if !request["config"].is_null() || !request["unset"].is_null() => {
                 if !request["rules"].is_null() {
                     return Err("apply takes \"config\" or \"rules\", not both".into());
                 }
