@@ -389,7 +389,7 @@ mod tests {
         let e = errors(std::slice::from_ref(&f), &["nosuch.key=1"]);
         assert_eq!(
             e,
-            vec!["--set nosuch.key=1: nosuch: unknown field `nosuch`, expected one of `gateway`, `region`, `radio`, `mqtt`, `store`, `stats`, `rules`, `commands`".to_string()]
+            vec!["--set nosuch.key=1: nosuch: unknown field `nosuch`, expected one of `gateway`, `region`, `radio`, `mqtt`, `store`, `stats`, `rules`, `commands`, `ops`".to_string()]
         );
     }
 
