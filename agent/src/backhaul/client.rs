@@ -50,6 +50,8 @@ pub enum Ev {
     Publish {
         topic: Vec<u8>,
         payload: Vec<u8>,
+        /// Delivered because it was retained (a command must never be: see `command`).
+        retain: bool,
     },
     /// The broker's DISCONNECT (MQTT 5 carries a reason).
     Disconnect(String),
@@ -241,6 +243,7 @@ fn v5_event(e: rumqttc::v5::Event) -> Ev {
         Event::Incoming(Packet::Publish(p)) => Ev::Publish {
             topic: p.topic.to_vec(),
             payload: p.payload.to_vec(),
+            retain: p.retain,
         },
         Event::Incoming(Packet::Disconnect(d)) => Ev::Disconnect(format!("{:?}", d.reason_code)),
         Event::Incoming(_) => Ev::Other,
@@ -270,6 +273,7 @@ fn v4_event(e: rumqttc::Event) -> Ev {
         Event::Incoming(Packet::Publish(p)) => Ev::Publish {
             topic: p.topic.into_bytes(),
             payload: p.payload.to_vec(),
+            retain: p.retain,
         },
         Event::Incoming(Packet::Disconnect) => {
             Ev::Disconnect("(MQTT 3.1.1 gives no reason)".into())

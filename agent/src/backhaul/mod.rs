@@ -430,8 +430,15 @@ impl Backhaul {
                             tracing::info!(pkid, "subscribed: commands will arrive");
                         }
                     }
-                    Ok(Ev::Publish { topic, payload }) => {
-                        self.command(intake, &topic, &payload, topics);
+                    Ok(Ev::Publish { topic, payload, retain }) => {
+                        if retain {
+                            // A retained command comes again at every connect: an apply
+                            // retained by mistake would be applied again after every undo.
+                            let topic = String::from_utf8_lossy(&topic);
+                            tracing::warn!(%topic, "a retained command ignored: commands must not be retained (clear it: mosquitto_pub -r -n -t <topic>)");
+                        } else {
+                            self.command(intake, &topic, &payload, topics);
+                        }
                     }
                     Ok(Ev::Disconnect(reason)) => {
                         return SessionEnd::Lost(format!("the broker closed the session: {reason}"));

@@ -176,21 +176,35 @@ fn revert(remote: &Path, pending: &Pending, why: &str) -> std::io::Result<()> {
             format!("{why}; the previous version of the centre's changes was unreadable, so all of them are dropped: the gateway's own configuration files run")
         }
     };
+    // Renames and truncation need no free space: the undo works on a full disk (the store
+    // shares it, and fills it while the backhaul is down).
+    if prev.is_some() {
+        std::fs::rename(beside(remote, ".prev"), remote)?;
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(remote)?
+            .sync_all()?;
+    }
+    match std::fs::remove_file(beside(remote, ".pending")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    sync_dir(remote)?;
     let reverted = Reverted {
         id: pending.id.clone(),
         why,
         at_ms: now_ms(),
     };
-    write_atomic(
+    if let Err(e) = write_atomic(
         &beside(remote, ".reverted"),
         &serde_json::to_vec(&reverted).unwrap_or_default(),
-    )?;
-    write_atomic(remote, &prev.unwrap_or_default())?;
-    match std::fs::remove_file(beside(remote, ".pending")) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+    ) {
+        // Undone all the same; only the report to the centre is lost.
+        tracing::error!(error = %e, why = %reverted.why, "ALARM: a configuration change was undone but the report to the centre could not be written");
     }
-    sync_dir(remote)
+    Ok(())
 }
 
 /// At start, before the configuration is read: counts this start against a provisional change,
@@ -423,6 +437,15 @@ impl ConfigControl {
         {
             refused.push("store.path: the backlog is there".into());
         }
+        // A path names a file on the gateway: from the centre, `password_file` pointed at any
+        // readable file would send its first line to any server.
+        let mut files = Vec::new();
+        collect_file_keys(&fragment, "", &mut files);
+        for key in files {
+            refused.push(format!(
+                "{key}: a file on the gateway is named only on the gateway"
+            ));
+        }
         for set in &self.sets {
             let field = set.split_once('=').map(|(f, _)| f.trim()).unwrap_or(set);
             let mut at = Some(&fragment);
@@ -451,6 +474,19 @@ impl ConfigControl {
                 refused.join("; ")
             ));
         }
+        let touches = |tables: &[&str]| {
+            fragment_touches(text, tables)
+                || unset
+                    .iter()
+                    .any(|u| tables.iter().any(|t| u.split('.').next() == Some(*t)))
+        };
+        // Where the gateway publishes (broker, prefix, credentials, identity): only the centre
+        // can say it hears the gateway again, so the confirm cannot be waived.
+        let reach = touches(&["mqtt", "gateway"]);
+        if reach && confirm_asked == Some(false) {
+            return Err("a change to mqtt.* or gateway.* needs the centre's confirm (it may reach a broker or a name the centre does not read): \"confirm\": false is refused".into());
+        }
+        let confirm = reach || confirm_asked == Some(true);
         let current =
             crate::files::read_bounded(remote, config::MAX_FILE_BYTES).unwrap_or_default();
         let mut merged: toml::Table = String::from_utf8_lossy(&current)
@@ -494,13 +530,6 @@ impl ConfigControl {
         let sha = super::state::sha256_hex(new_text.as_bytes());
         // A backhaul change can reach a broker the centre does not read (another broker, a
         // prefix the ACL refuses): only the centre can say it hears the gateway again.
-        let touches = |tables: &[&str]| {
-            fragment_touches(text, tables)
-                || unset
-                    .iter()
-                    .any(|u| tables.iter().any(|t| u.split('.').next() == Some(*t)))
-        };
-        let confirm = confirm_asked.unwrap_or(touches(&["mqtt"]));
         let pending = Pending {
             id: request["id"].clone(),
             sha256: sha.clone(),
@@ -548,12 +577,19 @@ impl ConfigControl {
         }))
     }
 
-    /// `confirm`: the centre keeps the provisional change (kept in its file: a confirm before
-    /// the restart counts after it).
-    pub fn confirm(&self) -> Result<Value, String> {
+    /// `confirm`: the centre keeps the provisional change it names (`"change"`: the id of its
+    /// apply; kept in its file: a confirm before the restart counts after it).
+    pub fn confirm(&self, request: &Value) -> Result<Value, String> {
         let (Some(remote), Some(mut p)) = (self.remote.as_deref(), self.pending()) else {
             return Err("nothing to confirm: no configuration change is provisional".into());
         };
+        // Naming the change ties the confirm to whoever applied it: a stale confirm, or one
+        // from whoever runs the broker the change led to, does not know it.
+        if request["change"] != p.id || p.id.is_null() {
+            return Err(
+                "confirm must name the change it keeps: \"change\": the id of its apply".into(),
+            );
+        }
         self.confirmed.store(true, Ordering::Relaxed);
         p.confirmed = true;
         if let Err(e) = write_atomic(
@@ -676,6 +712,28 @@ impl ConfigControl {
             .is_ok()
         {
             let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// The dotted keys of a fragment that name files (`…_file`, `simulator`, devices).
+fn collect_file_keys(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    for (k, v) in t {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(inner) => collect_file_keys(inner, &key, out),
+            _ if k.ends_with("_file")
+                || k == "simulator"
+                || k == "spi_path"
+                || k == "gpio_chip" =>
+            {
+                out.push(key)
+            }
+            _ => {}
         }
     }
 }
@@ -830,7 +888,12 @@ mod tests {
             std::fs::read_to_string(beside(&remote, ".prev")).unwrap(),
             ""
         );
-        c.confirm().unwrap();
+        assert!(c
+            .confirm(&json!({"op": "confirm"}))
+            .unwrap_err()
+            .contains("must name the change"));
+        c.confirm(&json!({"op": "confirm", "change": "bad-1"}))
+            .unwrap();
         let p: Pending = read_json(&beside(&remote, ".pending")).unwrap();
         assert!(p.confirmed && p.id == json!("bad-1"));
         // A fresh process (the restart) refuses a new apply too, from the file.

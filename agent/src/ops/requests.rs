@@ -249,7 +249,7 @@ impl Requests {
                 }
                 self.changes.apply(request)
             }
-            "confirm" => self.changes.confirm(),
+            "confirm" => self.changes.confirm(request),
             "apply" => {
                 let Some(text) = request["rules"].as_str() else {
                     return Err(

@@ -187,8 +187,12 @@ pub fn from_centre(
                 ..
             } => (*freq_hz, *bandwidth_hz),
         };
-        if freq.saturating_sub(bw / 2) < base.tx_freq_min_hz || freq + bw / 2 > base.tx_freq_max_hz
-        {
+        // In u64: a frequency near u32::MAX plus half a bandwidth must not wrap into the band.
+        let (lo, hi) = (
+            freq as u64 - (bw / 2).min(freq) as u64,
+            freq as u64 + bw as u64 / 2,
+        );
+        if lo < base.tx_freq_min_hz as u64 || hi > base.tx_freq_max_hz as u64 {
             errors.push(format!(
                 "channel {i}: {} MHz (bandwidth {} kHz) is outside the {} band ({}-{} MHz)",
                 mhz(freq),
@@ -458,6 +462,12 @@ mod tests {
         );
         assert!(e.iter().any(|e| e.contains("spreading factor 13")), "{e:?}");
         assert!(e.iter().any(|e| e.contains("9 multi-SF channels")), "{e:?}");
+        let huge = ChannelSpec::Lora {
+            freq_hz: u32::MAX,
+            bandwidth_hz: 125_000,
+            spreading_factors: vec![7, 8],
+        };
+        assert!(from_centre(&base, &[huge]).unwrap_err()[0].contains("outside"));
         let twice = from_centre(&base, &[lora(868.1, &all), lora(868.1, &all)]).unwrap_err();
         assert!(twice[0].contains("868.1 MHz twice"), "{twice:?}");
         let wide = vec![lora(863.5, &all), lora(865.5, &all), lora(869.5, &all)];
