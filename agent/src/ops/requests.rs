@@ -139,13 +139,22 @@ impl Requests {
             .name("ops-requests".into())
             .spawn(move || {
                 while let Ok(input) = self.input.recv() {
-                    let mut answers = match input {
-                        OpsInput::Request(payload) => vec![self.answer(&payload)],
-                        OpsInput::PlanWaiting => Vec::new(),
-                    };
-                    // After every input: a wake-up for a plan may have been dropped on a full
-                    // queue, the plan itself is never.
-                    answers.extend(self.channel_plans.run_waiting());
+                    // A bug met by one request must not end the stage: the centre would lose
+                    // every remote operation until a restart nobody can ask for.
+                    let answers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let mut answers = match &input {
+                            OpsInput::Request(payload) => vec![self.answer(payload)],
+                            OpsInput::PlanWaiting => Vec::new(),
+                        };
+                        // After every input: a wake-up for a plan may have been dropped on a
+                        // full queue, the plan itself is never.
+                        answers.extend(self.channel_plans.run_waiting());
+                        answers
+                    }))
+                    .unwrap_or_else(|_| {
+                        tracing::error!("ALARM: an ops request met a bug (logged above); answered with an error, the stage goes on");
+                        vec![json!({"id": null, "op": null, "ok": false, "error": "internal error (logged on the gateway)"})]
+                    });
                     for answer in answers {
                         let event = Event {
                             at: SystemTime::now(),
