@@ -70,6 +70,9 @@ fn stage_files(cfg: &Config, report: &mut StageReport) {
     // The store answers for its own place: what `run` would refuse, `check` refuses.
     if let Err(why) = crate::store::check_path(&cfg.store.path) {
         report.invalid.push(Invalid::new("store.path", why));
+    } else if let Err(why) = crate::store::check_room(&cfg.store.path, cfg.store.max_size_mib << 20)
+    {
+        report.invalid.push(Invalid::new("store.path", why));
     }
 }
 

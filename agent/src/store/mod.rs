@@ -29,7 +29,7 @@ pub use queue::{
     Backlog, Eviction, Loss, NewRecord, Opened, Queue, QueueOptions, Record, StoreError,
 };
 pub use recovery::check_path;
-pub use space::free_bytes;
+pub use space::{check_room, free_bytes};
 pub use unreported::Unreported;
 pub use writer::Writer;
 #[cfg(test)]

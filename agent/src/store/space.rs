@@ -35,6 +35,48 @@ pub struct Space {
 }
 
 /// Bytes free for this user on the file system holding `path` (u64::MAX if unknown).
+/// The smallest file system a store of `budget` bytes can work on: its journal's segments and
+/// the free space it always keeps.
+pub fn room_needed(budget: u64) -> u64 {
+    let segment = super::QueueOptions {
+        path: Default::default(),
+        max_disk_bytes: budget,
+        max_age: std::time::Duration::ZERO,
+        commit_interval: std::time::Duration::ZERO,
+    }
+    .segment_bytes();
+    super::queue::JOURNAL_FILES as u64 * segment + RESERVE_BYTES
+}
+
+/// Whether the file system holding `path` (or its nearest existing ancestor) can ever hold a
+/// store of `budget` bytes: on a smaller one every event would be refused.
+pub fn check_room(path: &Path, budget: u64) -> Result<(), String> {
+    let mut at = Some(path);
+    while let Some(p) = at {
+        if p.exists() {
+            #[allow(clippy::unnecessary_cast)]
+            let total = nix::sys::statvfs::statvfs(p)
+                .map(|s| s.blocks() as u64 * s.fragment_size() as u64)
+                .map_err(|e| e.desc().to_string())?;
+            let need = room_needed(budget);
+            return if total < need {
+                Err(format!(
+                    "the file system of {} holds {:.1} MiB in all; a store of store.max_size_mib = {} needs at least {:.1} MiB (its journal's segments and {} MiB kept free): every event would be refused (a bigger file system, or a smaller store.max_size_mib)",
+                    path.display(),
+                    total as f64 / 1048576.0,
+                    budget >> 20,
+                    need as f64 / 1048576.0,
+                    RESERVE_BYTES >> 20
+                ))
+            } else {
+                Ok(())
+            };
+        }
+        at = p.parent();
+    }
+    Ok(())
+}
+
 pub fn free_bytes(path: &Path) -> u64 {
     // The casts are needed on armhf, where both counts are 32-bit.
     #[allow(clippy::unnecessary_cast)]
@@ -105,5 +147,20 @@ mod tests {
             Room::Refuse,
             "space came back: a new episode starts with the grace"
         );
+    }
+}
+
+#[cfg(test)]
+mod room_tests {
+    use super::*;
+
+    #[test]
+    fn a_small_store_needs_less_room_than_a_large_one_and_never_less_than_its_reserve() {
+        let small = room_needed(16 << 20);
+        let large = room_needed(256 << 20);
+        assert!(small >= RESERVE_BYTES + 3 * (1 << 20), "{small}");
+        assert!(large > small, "{large} {small}");
+        assert_eq!(large, 3 * (4 << 20) + RESERVE_BYTES);
+        assert!(check_room(Path::new("/"), 16 << 20).is_ok());
     }
 }
