@@ -753,6 +753,24 @@ fn sighup_runs_a_changed_threshold_without_touching_the_running_pump_and_a_broke
         })
         .unwrap();
     assert_eq!(dropped, "0");
+
+    // A changed keys file is named, not silently ignored: the keys are read only at start.
+    let keys = std::fs::read_to_string(dir.path().join("keys.toml")).unwrap();
+    pki::write(
+        dir.path(),
+        "keys.toml",
+        &format!("# rotated\n{keys}"),
+        0o600,
+    );
+    hup();
+    assert!(
+        agent.wait_log(
+            "rules.keys_file (its content changed: the keys are read only at start)",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        agent.log()
+    );
 }
 
 /// Runs openssl (the test's own signer, not the agent's code).

@@ -53,6 +53,8 @@ pub struct Reloader {
     pub linked: Option<crate::config::Linked>,
     /// The configuration as running (`Config::source`), to tell what changed on disk.
     pub running: toml::Table,
+    /// The keys file's sha256 as read at start (it is read only then).
+    pub keys_sha256: Option<String>,
     /// Taken away at shutdown (`close`): it holds a sender of the rules stage's input, which
     /// ends when every sender is gone.
     pub rules: std::sync::Mutex<Option<super::rules_change::RulesControl>>,
@@ -98,6 +100,16 @@ impl Reloader {
         if cfg.source.get("rules") != self.running.get("rules") {
             changed
                 .push("rules (its keys: the files it names are reloaded only at a restart)".into());
+        }
+        let keys_now = cfg.rules.as_ref().and_then(|r| {
+            crate::files::read_bounded(&r.keys_file, crate::config::MAX_FILE_BYTES)
+                .ok()
+                .map(|b| super::state::sha256_hex(&b))
+        });
+        if keys_now.is_some() && keys_now != self.keys_sha256 {
+            changed.push(
+                "rules.keys_file (its content changed: the keys are read only at start)".into(),
+            );
         }
         let rules =
             match (self.with_rules(|r| r.reload()), &cfg.rules) {
@@ -339,6 +351,7 @@ mod fuzz {
                 sets: vec![],
                 linked: Some(crate::config::Linked::Simulator),
                 running: toml::Table::new(),
+                keys_sha256: None,
                 rules: std::sync::Mutex::new(None),
             }),
             changes: Arc::new(ConfigControl::new(
