@@ -69,22 +69,30 @@ impl ChannelPlans {
         let Some(last) = waiting.pop() else {
             return Vec::new();
         };
-        let newest = self.decode(&last).map(|g| g.version).unwrap_or_default();
+        let newest = self.decode(&last);
+        let newest_version = newest
+            .as_ref()
+            .map(|g| g.version.clone())
+            .unwrap_or_default();
         let mut answers: Vec<Value> = waiting
             .iter()
             .map(|p| match self.decode(p) {
                 Ok(g) => json!({"id": g.version.chars().take(64).collect::<String>(), "op": "command/config", "ok": false,
-                    "error": format!("superseded by version {:?} before it ran", newest.chars().take(64).collect::<String>())}),
+                    "error": format!("superseded by version {:?} before it ran", newest_version.chars().take(64).collect::<String>())}),
                 Err(e) => json!({"id": null, "op": "command/config", "ok": false, "error": e}),
             })
             .collect();
-        answers.push(self.apply(&last));
+        answers.push(self.apply_decoded(newest));
         answers
     }
 
     /// Applies a `command/config` payload; the answer for `event/ops`.
     pub fn apply(&self, payload: &[u8]) -> Value {
-        let gc = match self.decode(payload) {
+        self.apply_decoded(self.decode(payload))
+    }
+
+    fn apply_decoded(&self, decoded: Result<gw::GatewayConfiguration, String>) -> Value {
+        let gc = match decoded {
             Ok(g) => g,
             Err(e) => {
                 tracing::warn!(error = %e, "command/config: undecodable, refused");

@@ -475,7 +475,7 @@ impl ConfigControl {
             ));
         }
         let touches = |tables: &[&str]| {
-            fragment_touches(text, tables)
+            tables.iter().any(|t| fragment.contains_key(*t))
                 || unset
                     .iter()
                     .any(|u| tables.iter().any(|t| u.split('.').next() == Some(*t)))
@@ -483,6 +483,7 @@ impl ConfigControl {
         // Where the gateway publishes (broker, prefix, credentials, identity): only the centre
         // can say it hears the gateway again, so the confirm cannot be waived.
         let reach = touches(&["mqtt", "gateway"]);
+        let radio = touches(&["radio", "region"]);
         if reach && confirm_asked == Some(false) {
             return Err("a change to mqtt.* or gateway.* needs the centre's confirm (it may reach a broker or a name the centre does not read): \"confirm\": false is refused".into());
         }
@@ -539,7 +540,7 @@ impl ConfigControl {
             revert_after_s: revert_after.as_secs(),
             confirm,
             confirmed: false,
-            radio: touches(&["radio", "region"]),
+            radio,
             starts: 0,
         };
         let placed = write_atomic(&beside(remote, ".prev"), &current)
@@ -753,12 +754,6 @@ fn remove_key(table: &mut toml::Table, key: &str) -> bool {
             removed
         }
     }
-}
-
-/// Whether a TOML fragment sets anything under one of `tables`.
-fn fragment_touches(text: &str, tables: &[&str]) -> bool {
-    text.parse::<toml::Table>()
-        .is_ok_and(|t| tables.iter().any(|k| t.contains_key(*k)))
 }
 
 #[cfg(test)]
