@@ -192,6 +192,43 @@ mod tests {
     }
 
     #[test]
+    fn the_semtech_udp_backends_settings_are_checked_with_their_lines() {
+        let dir = tmp();
+        let d = dir.path();
+        let f = write(
+            d,
+            "a.toml",
+            "[radio]\nbackend = \"semtech_udp\"\n[radio.semtech_udp]\nlisten = \"0.0.0.0\"\n\
+             gateway_euis = [\"0016c001ff10a235\", \"nope\"]\ntx_ack_timeout = \"0s\"\n",
+        );
+        let e = errors(std::slice::from_ref(&f), &[]);
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].contains(":4:10: radio.semtech_udp.listen:"), "{e:?}");
+        assert!(
+            e[1].contains(":5:16: radio.semtech_udp.gateway_euis:") && e[1].contains("\"nope\""),
+            "{e:?}"
+        );
+        assert!(
+            e[2].contains(":6:18: radio.semtech_udp.tx_ack_timeout:"),
+            "{e:?}"
+        );
+        // No EUI at all: said what to list.
+        let f = write(d, "b.toml", "[radio]\nbackend = \"semtech_udp\"\n");
+        let e = errors(std::slice::from_ref(&f), &[]);
+        assert!(e.len() == 1 && e[0].contains("gateway_ID"), "{e:?}");
+        // A good one loads on any build.
+        let f = write(
+            d,
+            "c.toml",
+            "[radio]\nbackend = \"semtech_udp\"\n[radio.semtech_udp]\ngateway_euis = [\"00-16-c0-01-ff-10-a2-35\"]\n",
+        );
+        for linked in [Linked::Simulator, Linked::Libloragw] {
+            let cfg = load(std::slice::from_ref(&f), &[], Some(linked)).unwrap();
+            assert_eq!(cfg.radio.backend, Backend::SemtechUdp);
+        }
+    }
+
+    #[test]
     fn a_store_budget_too_small_for_its_segments_is_refused_with_the_reason() {
         let dir = tmp();
         let d = dir.path();

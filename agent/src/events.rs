@@ -71,6 +71,28 @@ pub fn wire<M: Message + serde::Serialize>(m: &M, e: Encoding) -> Vec<u8> {
     }
 }
 
+/// Told by the store's writer once the events sent before it are appended (`true`) or were
+/// refused (`false`); never stored itself. The `semtech_udp` backend acknowledges a forwarder's
+/// push with it.
+#[derive(Clone)]
+pub struct Receipt(std::sync::Arc<dyn Fn(bool) + Send + Sync>);
+
+impl Receipt {
+    pub fn new(f: impl Fn(bool) + Send + Sync + 'static) -> Receipt {
+        Receipt(std::sync::Arc::new(f))
+    }
+
+    pub fn tell(&self, appended: bool) {
+        (self.0)(appended)
+    }
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Receipt")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Body {
     Uplink(Box<gw::UplinkFrame>),
@@ -85,6 +107,8 @@ pub enum Body {
     Exec(gw::GatewayCommandExecResponse),
     /// An answer to a `command/ops` request.
     Ops(serde_json::Value),
+    /// Not an event: the writer tells it when what came before is appended.
+    Receipt(Receipt),
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +134,8 @@ impl Event {
             Body::Pump(_) => Kind::Pump,
             Body::Exec(_) => Kind::Exec,
             Body::Ops(_) => Kind::Ops,
+            // Never stored: the writer takes receipts out before numbering.
+            Body::Receipt(_) => Kind::Buffer,
         }
     }
 
@@ -127,13 +153,14 @@ impl Event {
     /// gives and `publishable` stamps.
     pub fn stored(self) -> Vec<u8> {
         match self.body {
-            Body::Uplink(f) => StoredUplink::from_frame(*f).encode_to_vec(),
+            Body::Uplink(f) => StoredUplink::from_frame(*f, unix_ms(self.at)).encode_to_vec(),
             Body::Stats(s) => s.encode_to_vec(),
             Body::Ack(a) => a.encode_to_vec(),
             Body::Exec(r) => r.encode_to_vec(),
             Body::Notice(v) | Body::Rules(v) | Body::Pump(v) | Body::Ops(v) => {
                 serde_json::to_vec(&v).unwrap_or_default()
             }
+            Body::Receipt(_) => Vec::new(),
         }
     }
 }
@@ -242,12 +269,40 @@ struct StoredUplink {
     /// Instead of `lora_bandwidth` when the bandwidth is whole kHz (always, on an SX1302).
     #[prost(uint32, tag = "17")]
     lora_bandwidth_khz: u32,
+    /// `gw_time` in full when it is not the record's time (a packet forwarder's GPS time).
+    #[prost(sint64, optional, tag = "18")]
+    gw_time_s: Option<i64>,
+    #[prost(uint32, optional, tag = "19")]
+    gw_time_nanos: Option<u32>,
+    /// `time_since_gps_epoch` in ms (a packet forwarder's `tmms`).
+    #[prost(uint64, optional, tag = "20")]
+    gps_ms: Option<u64>,
+    /// The fine timestamp: ns into `gps_ms`'s second.
+    #[prost(uint32, optional, tag = "21")]
+    fine_ns: Option<u32>,
 }
 
 impl StoredUplink {
-    fn from_frame(f: gw::UplinkFrame) -> StoredUplink {
+    fn from_frame(f: gw::UplinkFrame, at_ms: u64) -> StoredUplink {
         let tx = f.tx_info.unwrap_or_default();
         let rx = f.rx_info.unwrap_or_default();
+        let same_ms = rx.gw_time.as_ref().is_some_and(|t| {
+            t.seconds >= 0
+                && t.nanos >= 0
+                && t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000 == at_ms
+        });
+        let (gw_time_s, gw_time_nanos) = match &rx.gw_time {
+            Some(t) if !same_ms => (Some(t.seconds), Some(t.nanos.max(0) as u32)),
+            _ => (None, None),
+        };
+        let gps_ms = rx
+            .time_since_gps_epoch
+            .as_ref()
+            .map(|d| d.seconds.max(0) as u64 * 1000 + d.nanos.max(0) as u64 / 1_000_000);
+        let fine_ns = rx
+            .fine_time_since_gps_epoch
+            .as_ref()
+            .map(|d| d.nanos.max(0) as u32);
         let mut s = StoredUplink {
             phy_payload: f.phy_payload,
             frequency: tx.frequency,
@@ -257,7 +312,14 @@ impl StoredUplink {
             rf_chain: rx.rf_chain,
             context: rx.context,
             crc_status: rx.crc_status,
-            gw_time_ns_past_ms: rx.gw_time.map(|t| (t.nanos.max(0) as u32) % 1_000_000),
+            gw_time_ns_past_ms: rx
+                .gw_time
+                .filter(|_| same_ms)
+                .map(|t| (t.nanos.max(0) as u32) % 1_000_000),
+            gw_time_s,
+            gw_time_nanos,
+            gps_ms,
+            fine_ns,
             board: rx.board,
             antenna: rx.antenna,
             ..Default::default()
@@ -294,10 +356,29 @@ impl StoredUplink {
         } else {
             None
         };
-        let gw_time = self.gw_time_ns_past_ms.map(|ns| Timestamp {
-            seconds: (at_ms / 1000) as i64,
-            nanos: ((at_ms % 1000) * 1_000_000) as i32 + ns.min(999_999) as i32,
-        });
+        let gw_time = match (self.gw_time_s, self.gw_time_nanos) {
+            (Some(seconds), nanos) => Some(Timestamp {
+                seconds,
+                nanos: nanos.unwrap_or(0).min(999_999_999) as i32,
+            }),
+            _ => self.gw_time_ns_past_ms.map(|ns| Timestamp {
+                seconds: (at_ms / 1000) as i64,
+                nanos: ((at_ms % 1000) * 1_000_000) as i32 + ns.min(999_999) as i32,
+            }),
+        };
+        let time_since_gps_epoch = self
+            .gps_ms
+            .map(|ms| chirpstack_api::pbjson_types::Duration {
+                seconds: (ms / 1000) as i64,
+                nanos: ((ms % 1000) * 1_000_000) as i32,
+            });
+        let fine_time_since_gps_epoch = match (self.gps_ms, self.fine_ns) {
+            (Some(ms), Some(ns)) => Some(chirpstack_api::pbjson_types::Duration {
+                seconds: (ms / 1000) as i64,
+                nanos: ns.min(999_999_999) as i32,
+            }),
+            _ => None,
+        };
         gw::UplinkFrame {
             phy_payload: self.phy_payload,
             tx_info: Some(gw::UplinkTxInfo {
@@ -308,6 +389,8 @@ impl StoredUplink {
             }),
             rx_info: Some(gw::UplinkRxInfo {
                 gw_time,
+                time_since_gps_epoch,
+                fine_time_since_gps_epoch,
                 rssi: self.rssi,
                 snr: self.snr,
                 channel: self.channel,
@@ -348,6 +431,8 @@ mod tests {
                 payload: (0..=255u8).collect(),
             },
             at: UNIX_EPOCH + Duration::new(1_795_000_123, 456_789_123),
+            meta: None,
+            receipt: None,
         }
     }
 
@@ -388,6 +473,42 @@ mod tests {
             rx.uplink_id = 4242;
             assert_eq!(round_trip(built, r.at, 4242), expected);
         }
+    }
+
+    #[test]
+    fn a_packet_forwarders_gps_times_are_published_as_it_gave_them() {
+        let mut r = received(Modulation::Lora {
+            spreading_factor: 9,
+            bandwidth_hz: 125_000,
+            code_rate: CodeRate::Cr45,
+        });
+        r.meta = Some(Box::new(crate::radio::ForwarderMeta {
+            // The GPS's time, 37 ms before the agent's.
+            time: Some(r.at - Duration::from_millis(37)),
+            tmms: Some(1_478_000_123_456),
+            ftime_ns: Some(123_456_789),
+            board: 1,
+        }));
+        let built = crate::uplink::uplink_frame(&r);
+        let rx = built.rx_info.as_ref().unwrap();
+        assert_eq!(
+            rx.gw_time,
+            Some(crate::uplink::timestamp(r.at - Duration::from_millis(37)))
+        );
+        assert_eq!(
+            rx.time_since_gps_epoch.as_ref().unwrap().seconds,
+            1_478_000_123
+        );
+        assert_eq!(
+            rx.fine_time_since_gps_epoch.as_ref().unwrap().nanos,
+            123_456_789
+        );
+        let mut expected = built.clone();
+        let rx = expected.rx_info.as_mut().unwrap();
+        rx.gateway_id = "0016c001ff10a235".into();
+        rx.metadata.insert("seq".into(), "7".into());
+        rx.uplink_id = 7;
+        assert_eq!(round_trip(built, r.at, 7), expected);
     }
 
     #[test]

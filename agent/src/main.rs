@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use lora_edge::backhaul::Backhaul;
 use lora_edge::check;
 use lora_edge::config::{self, Config};
+use lora_edge::downlink::transmitter::{self, Transmitter};
 use lora_edge::downlink::validate::TxLimits;
 use lora_edge::downlink::Downlinks;
 use lora_edge::events::{Body, Event};
@@ -502,6 +503,13 @@ async fn run(
     let (event_tx, event_rx) = sync_channel::<Event>(EVENT_QUEUE);
     let (eui_tx, mut eui_rx) = watch::channel(None);
     let radio_settings = RadioSettings::from_config(&cfg);
+    let udp = match cfg.radio.backend {
+        lora_edge::config::Backend::SemtechUdp => Some(Arc::new(
+            lora_edge::radio::semtech_udp::Link::bind(&cfg.radio.semtech_udp)
+                .map_err(anyhow::Error::msg)?,
+        )),
+        _ => None,
+    };
     let radio = Radio {
         settings: radio_settings.clone(),
         hal: hal.clone(),
@@ -510,6 +518,7 @@ async fn run(
         counters: counters.clone(),
         stop: stop_radio.clone(),
         eui: eui_tx,
+        udp: udp.clone(),
     }
     .spawn()?;
 
@@ -610,18 +619,35 @@ async fn run(
             forward_missing: cfg.radio.forward_crc_missing,
         },
         counters: counters.clone(),
-        held: None,
+        held: Default::default(),
     };
     let _ = attach_tx.send(Box::new(uplinks));
 
+    let (transmitter, limits): (Arc<dyn Transmitter>, TxLimits) = match &udp {
+        Some(link) => {
+            let wake = down_tx.clone();
+            link.on_tx_ack(Box::new(move || {
+                let _ = wake.try_send(lora_edge::downlink::Input::Wake);
+            }));
+            (
+                Arc::new(transmitter::Forwarder(link.clone())),
+                TxLimits::for_forwarder(&radio_settings),
+            )
+        }
+        None => (
+            Arc::new(transmitter::Hal(hal.clone())),
+            TxLimits::for_radio(&radio_settings, cfg.radio.antenna_gain_dbi),
+        ),
+    };
     let downlinks = Downlinks {
         input: down_rx,
         stop: stop_downlinks.clone(),
-        hal: hal.clone(),
+        radio: transmitter,
+        tx_ack_timeout: cfg.radio.semtech_udp.tx_ack_timeout,
         output: event_tx.clone(),
         gateway_id: gateway_id.clone(),
         encoding: cfg.mqtt.encoding,
-        limits: TxLimits::for_radio(&radio_settings, cfg.radio.antenna_gain_dbi),
+        limits,
         enforce_duty_cycle: cfg.radio.enforce_duty_cycle,
         counters: counters.clone(),
         realtime_priority: cfg.radio.realtime_priority,

@@ -41,8 +41,9 @@ pub struct Uplinks {
     pub counters: Arc<Counters>,
     /// The rules stage, and the DevAddrs it reads.
     pub rules: Option<(SyncSender<rules::Input>, rules::Watch)>,
-    /// An event the store's queue had no room for, sent before any other.
-    pub held: Option<Event>,
+    /// Events the store's queue had no room for, sent before any other (a frame and its
+    /// receipt at most).
+    pub held: std::collections::VecDeque<Event>,
 }
 
 impl Uplinks {
@@ -75,11 +76,24 @@ impl Uplinks {
     }
 }
 
+impl Uplinks {
+    /// The frame's event, then its receipt: the writer tells the receipt once the event (or,
+    /// for a frame the filters drop, what came before) is appended.
+    fn events(&self, r: Received) -> impl Iterator<Item = Event> {
+        let event = self.event(&r);
+        let receipt = r.receipt.map(|receipt| Event {
+            at: r.at,
+            body: Body::Receipt(receipt),
+        });
+        event.into_iter().chain(receipt)
+    }
+}
+
 impl FrameSink for Uplinks {
     fn ready(&mut self) -> bool {
-        if let Some(e) = self.held.take() {
+        while let Some(e) = self.held.pop_front() {
             if let Err(TrySendError::Full(e)) = self.output.try_send(e) {
-                self.held = Some(e);
+                self.held.push_front(e);
                 return false;
             }
         }
@@ -90,21 +104,27 @@ impl FrameSink for Uplinks {
         if !self.ready() {
             return Err(r);
         }
-        if let Some(e) = self.event(&r) {
+        for e in self.events(r) {
+            if !self.held.is_empty() {
+                self.held.push_back(e);
+                continue;
+            }
             // Disconnected: the store has closed, the agent is stopping.
             if let Err(TrySendError::Full(e)) = self.output.try_send(e) {
-                self.held = Some(e);
+                self.held.push_back(e);
             }
         }
         Ok(())
     }
 
     fn deliver(&mut self, r: Option<Received>) {
-        if let Some(e) = self.held.take() {
+        for e in self.held.drain(..) {
             let _ = self.output.send(e);
         }
-        if let Some(e) = r.and_then(|r| self.event(&r)) {
-            let _ = self.output.send(e);
+        if let Some(r) = r {
+            for e in self.events(r) {
+                let _ = self.output.send(e);
+            }
         }
     }
 }
@@ -152,7 +172,23 @@ pub fn uplink_frame(r: &Received) -> gw::UplinkFrame {
             }),
         }),
         rx_info: Some(gw::UplinkRxInfo {
-            gw_time: Some(timestamp(r.at)),
+            // A packet forwarder's GPS time when it has one, as ChirpStack's forwarder does.
+            gw_time: Some(timestamp(
+                r.meta.as_ref().and_then(|m| m.time).unwrap_or(r.at),
+            )),
+            time_since_gps_epoch: r.meta.as_ref().and_then(|m| m.tmms).map(|ms| {
+                chirpstack_api::pbjson_types::Duration {
+                    seconds: (ms / 1000) as i64,
+                    nanos: ((ms % 1000) * 1_000_000) as i32,
+                }
+            }),
+            fine_time_since_gps_epoch: r.meta.as_ref().and_then(|m| {
+                Some(chirpstack_api::pbjson_types::Duration {
+                    seconds: (m.tmms? / 1000) as i64,
+                    nanos: m.ftime_ns? as i32,
+                })
+            }),
+            board: r.meta.as_ref().map_or(0, |m| m.board),
             rssi: p.rssi.round() as i32,
             snr: p.snr,
             channel: p.if_chain as u32,

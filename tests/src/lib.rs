@@ -7,6 +7,7 @@ pub mod commands;
 pub mod lorawan;
 pub mod pki;
 pub mod proxy;
+pub mod udp;
 
 use std::collections::HashMap;
 use std::io::Write;

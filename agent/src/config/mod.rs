@@ -166,6 +166,48 @@ pub enum Backend {
     #[default]
     Sx1302,
     Simulator,
+    /// Frames from a Semtech UDP packet forwarder on this machine or the LAN
+    /// (`radio/semtech_udp/`), not from a concentrator of ours.
+    #[serde(rename = "semtech_udp")]
+    SemtechUdp,
+}
+
+/// `[radio.semtech_udp]`: where the packet forwarder sends, and whom to believe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SemtechUdpConfig {
+    /// The address the forwarder's `server_address` / `serv_port_up` / `serv_port_down` point
+    /// at (one port for both, as lora_pkt_fwd and ChirpStack's forwarder use).
+    #[serde(default = "default_udp_listen")]
+    pub listen: String,
+    /// The forwarders' gateway EUIs (`gateway_ID` in their `local_conf.json`) whose datagrams
+    /// are taken; any other EUI is refused and counted (`udp_rejected_unknown_eui_total`).
+    #[serde(default)]
+    pub gateway_euis: Vec<String>,
+    /// A downlink handed over in a PULL_RESP without a TX_ACK within this time is answered
+    /// INTERNAL_ERROR and logged as "no TX_ACK" (the forwarder may or may not have sent it).
+    #[serde(default = "default_tx_ack_timeout", with = "duration")]
+    pub tx_ack_timeout: Duration,
+    /// No PULL_DATA (the forwarder's keep-alive, every 10 s by default) for this long: the
+    /// radio is down in the stats and health, and downlinks are refused.
+    #[serde(default = "default_forwarder_timeout", with = "duration")]
+    pub forwarder_timeout: Duration,
+}
+
+impl Default for SemtechUdpConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+fn default_udp_listen() -> String {
+    "127.0.0.1:1700".into()
+}
+fn default_tx_ack_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_forwarder_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -187,6 +229,9 @@ pub struct RadioConfig {
     pub gpio_chip: String,
     /// Simulator file (backend = "simulator"); relative paths are relative to the config file.
     pub simulator: Option<PathBuf>,
+    /// backend = "semtech_udp"
+    #[serde(default)]
+    pub semtech_udp: SemtechUdpConfig,
     #[serde(default = "default_poll", with = "duration")]
     pub poll_interval: Duration,
     /// The polling period after 30 ms without any frame: an idle gateway wakes less often,

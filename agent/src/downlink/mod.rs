@@ -12,9 +12,10 @@
 //! (`Scheduler::schedule_first`), and the rules stage hears what became of each.
 
 pub mod scheduler;
+pub mod transmitter;
 pub mod validate;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
@@ -26,23 +27,28 @@ use prost::Message;
 use crate::config::Encoding;
 use crate::events::{Body, Event};
 use crate::ops::counters::Counters;
-use crate::radio::hal::{Concentrator, SendOutcome, TxMode, TxPacket, TxStatus};
+use crate::radio::hal::{TxMode, TxPacket};
 use scheduler::{lead_us, Refusal, Scheduler, When};
+use transmitter::{HandedOver, Transmitter};
 use validate::{validate, TxLimits};
 
-/// A hand-off with less lead than this cannot start on time (HAL start delay plus SPI).
-const MIN_HANDOFF_LEAD_US: i64 = 3_000;
 /// How often a packet waiting for the TX buffer looks again (commands are taken in between).
 const TX_BUSY_POLL: Duration = Duration::from_micros(500);
 
 /// Packets whose hand-off time has come (start, packet, duty-cycle charge), in start order.
 type Due = VecDeque<(u32, Pending, Option<scheduler::Charge>)>;
 
+/// Packets handed to a packet forwarder, by PULL_RESP token, until its TX_ACK: with their
+/// start, duty-cycle charge and answer deadline.
+type Awaiting = HashMap<u16, (Pending, u32, Option<scheduler::Charge>, Instant)>;
+
 enum HandOff {
     Sent,
     NotSent,
     /// The previous packet still holds the TX buffer: try again shortly.
     Busy(Pending),
+    /// Handed to a packet forwarder: its TX_ACK with this token tells.
+    Awaiting(u16, Pending),
 }
 
 /// What the stage takes in.
@@ -95,6 +101,8 @@ enum Origin {
 
 struct Pending {
     origin: Origin,
+    /// Asked to go "immediately" (Class C).
+    asap: bool,
     packet: TxPacket,
     /// The concentrator start this was scheduled against: a restart resets the counter.
     radio_start: u64,
@@ -153,7 +161,10 @@ pub struct Downlinks {
     pub input: Receiver<Input>,
     /// Set at shutdown: the stage ends (the Class C actuators keep senders of `input`).
     pub stop: Arc<std::sync::atomic::AtomicBool>,
-    pub hal: Arc<Concentrator>,
+    /// The concentrator, or a packet forwarder (`transmitter.rs`).
+    pub radio: Arc<dyn Transmitter>,
+    /// A forwarder's TX_ACK not heard within this: the downlink is answered INTERNAL_ERROR.
+    pub tx_ack_timeout: Duration,
     pub output: SyncSender<Event>,
     pub gateway_id: String,
     pub encoding: Encoding,
@@ -185,15 +196,16 @@ impl Downlinks {
     }
 
     fn run(self) {
-        let mut sched: Scheduler<Pending> = Scheduler::new(self.enforce_duty_cycle);
+        let mut sched: Scheduler<Pending> =
+            Scheduler::new(self.enforce_duty_cycle).with_handoff_lead(self.radio.handoff_lead_us());
+        let mut awaiting = Awaiting::new();
         let mut last_usage = Instant::now();
         let mut timings = Timings::default();
         // Packets whose hand-off time has come, waiting for the TX buffer to be free: the stage
         // keeps taking commands meanwhile (a STOP must not queue behind that wait).
         let mut due = Due::new();
         loop {
-            // The wrapper answers without calling the library while the radio is stopped.
-            let clock = self.hal.clock().ok();
+            let clock = self.radio.clock();
             if clock.is_none() && !(sched.is_empty() && due.is_empty()) {
                 self.cancel_all(
                     &mut sched,
@@ -205,10 +217,16 @@ impl Downlinks {
                 // Nothing scheduled: only the stop flag to look at (`Input::Wake` comes with
                 // it): an idle gateway does not wake for it.
                 let cap = Duration::from_millis(if sched.is_empty() { 5000 } else { 100 });
+                let answer_due = awaiting
+                    .values()
+                    .map(|a| a.3.saturating_duration_since(Instant::now()))
+                    .min()
+                    .unwrap_or(cap);
                 clock
                     .and_then(|c| sched.next_handoff_in(c.counter))
                     .unwrap_or(cap)
                     .min(cap)
+                    .min(answer_due)
             } else {
                 TX_BUSY_POLL
             };
@@ -217,6 +235,7 @@ impl Downlinks {
                     self.refuse_at_stop(input);
                 }
                 self.cancel_all(&mut sched, &mut due, "the agent is shutting down");
+                self.settle(&mut sched, &mut awaiting, true);
                 timings.log();
                 return;
             }
@@ -235,11 +254,13 @@ impl Downlinks {
                 Err(RecvTimeoutError::Disconnected) => {
                     // Every accepted downlink gets exactly one answer, these too.
                     self.cancel_all(&mut sched, &mut due, "the agent is shutting down");
+                    self.settle(&mut sched, &mut awaiting, true);
                     timings.log();
                     return;
                 }
             }
-            if let Ok(clock) = self.hal.clock() {
+            self.settle(&mut sched, &mut awaiting, false);
+            if let Some(clock) = self.radio.clock() {
                 due.extend(sched.due(clock.counter));
                 while let Some((start, p, charge)) = due.pop_front() {
                     match self.hand_off(start, p, &mut timings) {
@@ -252,6 +273,10 @@ impl Downlinks {
                         HandOff::Busy(p) => {
                             due.push_front((start, p, charge));
                             break;
+                        }
+                        HandOff::Awaiting(token, p) => {
+                            let deadline = Instant::now() + self.tx_ack_timeout;
+                            awaiting.insert(token, (p, start, charge, deadline));
                         }
                     }
                 }
@@ -300,7 +325,7 @@ impl Downlinks {
                 );
             }
         };
-        let Ok(clock) = self.hal.clock() else {
+        let Some(clock) = self.radio.clock() else {
             tracing::warn!(
                 tag = o.tag,
                 "own downlink not sent: the radio is not running"
@@ -311,9 +336,8 @@ impl Downlinks {
             Ok(c) => c,
             Err((status, why)) => return answer(Err(format!("{status:?}: {why}"))),
         };
-        let airtime_us = match self.hal.time_on_air_ms(&c.packet) {
-            Ok(ms) if ms > 0 => ms.saturating_mul(1000),
-            _ => return answer(Err("no time on air for this packet".into())),
+        let Some(airtime_us) = self.radio.time_on_air_us(&c.packet) else {
+            return answer(Err("no time on air for this packet".into()));
         };
         let freq = c.packet.freq_hz;
         sched.keep_for_stops(o.actuator, freq, o.stop_reserve);
@@ -324,6 +348,7 @@ impl Downlinks {
                 cause: o.cause,
                 first: o.first,
             },
+            asap: true,
             packet: c.packet,
             radio_start: clock.start,
         };
@@ -482,7 +507,7 @@ impl Downlinks {
             return;
         }
         let mut statuses = vec![gw::TxAckStatus::Ignored; frame.items.len()];
-        let Ok(clock) = self.hal.clock() else {
+        let Some(clock) = self.radio.clock() else {
             tracing::warn!(
                 downlink_id = id,
                 "command/down: the radio is not running; refused at once"
@@ -500,12 +525,9 @@ impl Downlinks {
                     continue;
                 }
             };
-            let airtime_us = match self.hal.time_on_air_ms(&c.packet) {
-                Ok(ms) if ms > 0 => ms.saturating_mul(1000),
-                _ => {
-                    statuses[i] = gw::TxAckStatus::InternalError;
-                    continue;
-                }
+            let Some(airtime_us) = self.radio.time_on_air_us(&c.packet) else {
+                statuses[i] = gw::TxAckStatus::InternalError;
+                continue;
             };
             if let Some(eirp) = c.power_capped_to {
                 tracing::info!(
@@ -524,6 +546,7 @@ impl Downlinks {
                     statuses: statuses.clone(),
                     item: i,
                 },
+                asap: c.when == validate::Timing::Immediately,
                 packet: c.packet,
                 radio_start,
             };
@@ -558,8 +581,10 @@ impl Downlinks {
     /// Hands a due packet to the radio and acks it with the outcome; or gives it back while
     /// the previous packet still holds the TX buffer and there is time.
     fn hand_off(&self, start: u32, mut p: Pending, timings: &mut Timings) -> HandOff {
-        let Some(status) = self.transmit(start, &mut p.packet, p.radio_start, timings) else {
-            return HandOff::Busy(p);
+        let status = match self.transmit(start, &mut p.packet, p.radio_start, p.asap, timings) {
+            None => return HandOff::Busy(p),
+            Some(HandedOver::Awaiting(token)) => return HandOff::Awaiting(token, p),
+            Some(HandedOver::Now(status)) => status,
         };
         let sent = status == gw::TxAckStatus::Ok;
         if sent {
@@ -570,6 +595,46 @@ impl Downlinks {
             HandOff::Sent
         } else {
             HandOff::NotSent
+        }
+    }
+
+    /// Answers the packets a forwarder acknowledged, and those whose TX_ACK did not come in
+    /// time (or will not be waited for: `all`, at shutdown) with INTERNAL_ERROR: the forwarder
+    /// may or may not have sent them, so their airtime stays charged.
+    fn settle(&self, sched: &mut Scheduler<Pending>, awaiting: &mut Awaiting, all: bool) {
+        for (token, status) in self.radio.take_acks() {
+            let Some((p, start, charge, _)) = awaiting.remove(&token) else {
+                continue;
+            };
+            if status == gw::TxAckStatus::Ok {
+                Counters::add(&self.counters.tx_emitted, 1);
+            } else if let Some(c) = charge {
+                sched.refund(c);
+            }
+            self.answer(p, status, start);
+        }
+        let now = Instant::now();
+        let late: Vec<u16> = awaiting
+            .iter()
+            .filter(|(_, a)| all || a.3 <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in late {
+            let Some((p, start, _, _)) = awaiting.remove(&token) else {
+                continue;
+            };
+            tracing::warn!(
+                token,
+                timeout = ?self.tx_ack_timeout,
+                shutting_down = all,
+                "no TX_ACK from the packet forwarder: answered INTERNAL_ERROR (it may or may not have been sent)"
+            );
+            if let Ok(mut f) = self.counters.forwarder.lock() {
+                if let Some(f) = f.as_mut() {
+                    f.tx_ack_timeouts += 1;
+                }
+            }
+            self.answer(p, gw::TxAckStatus::InternalError, start);
         }
     }
 
@@ -606,44 +671,36 @@ impl Downlinks {
         start: u32,
         packet: &mut TxPacket,
         radio_start: u64,
+        asap: bool,
         timings: &mut Timings,
-    ) -> Option<gw::TxAckStatus> {
+    ) -> Option<HandedOver> {
         packet.mode = TxMode::Timestamped(start);
-        let now = match self.hal.clock() {
-            Ok(c) if c.start == radio_start => c.counter,
-            Ok(_) => {
+        let now = match self.radio.clock() {
+            Some(c) if c.start == radio_start => c.counter,
+            Some(_) => {
                 tracing::warn!(
                     "downlink dropped: the radio restarted since it was scheduled (counter reset)"
                 );
-                return Some(gw::TxAckStatus::InternalError);
+                return Some(HandedOver::Now(gw::TxAckStatus::InternalError));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "downlink hand-off: no counter");
-                return Some(gw::TxAckStatus::InternalError);
+            None => {
+                tracing::warn!("downlink hand-off: the radio stopped");
+                return Some(HandedOver::Now(gw::TxAckStatus::InternalError));
             }
         };
         let lead = lead_us(now, start);
-        if lead < MIN_HANDOFF_LEAD_US {
+        // An "immediately" packet to a forwarder goes as `imme`: its timing is the forwarder's.
+        let forwarder_asap = asap && self.radio.places_immediate();
+        if lead < self.radio.min_handoff_lead_us() && !forwarder_asap {
             tracing::warn!(lead_us = lead, "downlink hand-off too late");
             timings.late += 1;
-            return Some(gw::TxAckStatus::TooLate);
+            return Some(HandedOver::Now(gw::TxAckStatus::TooLate));
         }
-        // V2.1.0's lgw_send checks nothing: a packet still scheduled or on air would be
-        // replaced, silently. Hand over only when the TX buffer is free.
-        if let Ok(TxStatus::Emitting | TxStatus::Scheduled) = self.hal.tx_status(packet.rf_chain) {
+        // Hand over only when the TX buffer is free.
+        if self.radio.busy(packet.rf_chain) {
             return None;
         }
         sample(&mut timings.lead_us, lead);
-        Some(match self.hal.send(packet, radio_start) {
-            Ok(SendOutcome::Accepted) => gw::TxAckStatus::Ok,
-            Ok(SendOutcome::LbtNotAllowed) => {
-                tracing::info!("downlink not sent: listen-before-talk found the channel busy");
-                gw::TxAckStatus::CollisionPacket
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "downlink hand-off failed");
-                gw::TxAckStatus::InternalError
-            }
-        })
+        Some(self.radio.send(packet, radio_start, asap))
     }
 }

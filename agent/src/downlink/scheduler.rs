@@ -104,6 +104,8 @@ pub struct Scheduler<T> {
     /// The last transmission handed to the radio (start, airtime): no longer queued, maybe
     /// still on air; nothing may be scheduled over it.
     handed: Option<(u32, u32)>,
+    /// Hand-over this long before the start (`HANDOFF_LEAD_US` for the concentrator).
+    handoff_lead_us: u32,
 }
 
 /// Whether two transmissions, guard and tail included, overlap on the wrapping counter.
@@ -126,7 +128,14 @@ impl<T> Scheduler<T> {
             enforce_duty_cycle,
             stop_reserve: Default::default(),
             handed: None,
+            handoff_lead_us: HANDOFF_LEAD_US,
         }
+    }
+
+    /// Hands packets over `lead_us` before their start instead (a packet forwarder).
+    pub fn with_handoff_lead(mut self, lead_us: u32) -> Scheduler<T> {
+        self.handoff_lead_us = lead_us;
+        self
     }
 
     /// Keeps `airtime` of the sub-band of `freq_hz` for the STOPs of actuator `key` (replacing
@@ -352,7 +361,7 @@ impl<T> Scheduler<T> {
         while self
             .queue
             .first()
-            .is_some_and(|r| lead_us(now, r.start) <= HANDOFF_LEAD_US as i64)
+            .is_some_and(|r| lead_us(now, r.start) <= self.handoff_lead_us as i64)
         {
             let r = self.queue.remove(0);
             self.handed = Some((r.start, r.airtime_us));
@@ -391,7 +400,9 @@ impl<T> Scheduler<T> {
     /// How long until the next hand-off, if any.
     pub fn next_handoff_in(&self, now: u32) -> Option<Duration> {
         self.queue.first().map(|r| {
-            Duration::from_micros((lead_us(now, r.start) - HANDOFF_LEAD_US as i64).max(0) as u64)
+            Duration::from_micros(
+                (lead_us(now, r.start) - self.handoff_lead_us as i64).max(0) as u64
+            )
         })
     }
 

@@ -42,6 +42,32 @@ impl TxLimits {
     }
 }
 
+impl TxLimits {
+    /// For a packet forwarder: the band's limits, and the EIRP as its `powe` (the forwarder
+    /// takes off its own antenna gain and picks from its own gain table).
+    pub fn for_forwarder(radio: &RadioSettings) -> TxLimits {
+        let plan = &radio.plan;
+        TxLimits {
+            freq_min_hz: plan.tx_freq_min_hz,
+            freq_max_hz: plan.tx_freq_max_hz,
+            gains: (0..=30)
+                .map(|dbm| TxGain {
+                    rf_power: dbm,
+                    dig_gain: 0,
+                    pa_gain: 0,
+                    dac_gain: 0,
+                    mix_gain: 0,
+                    offset_i: 0,
+                    offset_q: 0,
+                    pwr_idx: 0,
+                })
+                .collect(),
+            antenna_gain_dbi: 0.0,
+            rf_chain: plan.tx_radio,
+        }
+    }
+}
+
 /// A valid item: the packet (its timing filled in at scheduling) and when it asks to go.
 #[derive(Debug, Clone)]
 pub struct Candidate {

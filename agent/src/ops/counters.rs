@@ -39,6 +39,21 @@ pub struct RadioStatus {
     pub concentrator_eui: Option<u64>,
 }
 
+/// A packet forwarder's side (`semtech_udp` backend).
+#[derive(Debug, Clone, Default)]
+pub struct ForwarderFigures {
+    /// Datagrams or rxpk refused, by cause (`packet::Reject::name`).
+    pub rejected: std::collections::BTreeMap<&'static str, u64>,
+    /// Pushes seen twice (acknowledged again, stored once).
+    pub duplicate_pushes: u64,
+    /// Downlinks handed over without a TX_ACK within `tx_ack_timeout`.
+    pub tx_ack_timeouts: u64,
+    /// The forwarder's last `stat`, in its own names (rxnb, rxok, rxfw, ackr, dwnb, txnb).
+    pub stat: Vec<(&'static str, String)>,
+    /// From its `stat`: latitude, longitude, altitude.
+    pub location: Option<(f64, f64, f64)>,
+}
+
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Frames read from the concentrator.
@@ -104,6 +119,8 @@ pub struct Counters {
     pub beats: super::health::Heartbeats,
     /// Share of each EU868 sub-band's hourly allowance used, in per cent.
     pub duty_cycle_pct: Mutex<Vec<(&'static str, f64)>>,
+    /// `Some` with the `semtech_udp` backend.
+    pub forwarder: Mutex<Option<ForwarderFigures>>,
 }
 
 impl Counters {

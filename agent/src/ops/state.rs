@@ -151,6 +151,14 @@ impl HealthReporter {
                 "diagnosis": radio.diagnosis,
                 "concentrator_eui": radio.concentrator_eui.map(|e| format!("{e:016x}")),
                 "temperature_c": c.temperature(),
+                // The `semtech_udp` backend: what the packet forwarder sent that was refused,
+                // and its own figures.
+                "forwarder": c.forwarder.lock().ok().and_then(|f| f.clone()).map(|f| json!({
+                    "rejected": f.rejected,
+                    "duplicate_pushes": f.duplicate_pushes,
+                    "tx_ack_timeouts": f.tx_ack_timeouts,
+                    "stat": f.stat.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                })),
             },
             // Whether the backhaul is up is `state/conn`'s to say: a retained "up" here would be
             // read as true while the gateway is gone, and is stale in the message sent at

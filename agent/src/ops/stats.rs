@@ -194,6 +194,18 @@ impl StatsReporter {
         if let Some(t) = c.temperature() {
             put("concentrator_temperature_c", format!("{t:.1}"));
         }
+        let forwarder = c.forwarder.lock().ok().and_then(|f| f.clone());
+        if let Some(f) = &forwarder {
+            for r in crate::radio::semtech_udp::packet::Reject::ALL {
+                let n = f.rejected.get(r.name()).copied().unwrap_or(0);
+                put(&format!("udp_rejected_{}_total", r.name()), n.to_string());
+            }
+            put("udp_duplicate_pushes_total", f.duplicate_pushes.to_string());
+            put("udp_tx_ack_timeouts_total", f.tx_ack_timeouts.to_string());
+            for (k, v) in &f.stat {
+                put(&format!("forwarder_{k}"), v.clone());
+            }
+        }
         let down = radio.state == crate::ops::counters::RadioState::Down;
         tracing::info!(
             radio = radio.state.name(),
@@ -217,33 +229,43 @@ impl StatsReporter {
             backhaul = if up { "up" } else { "down" },
             "status"
         );
-        let stats = gw::GatewayStats {
-            gateway_id: self.gateway_id.clone(),
-            config_version: c
-                .config_version
-                .lock()
-                .map(|v| v.clone())
-                .unwrap_or_default(),
-            time: Some(timestamp(now)),
-            rx_packets_received: received.saturating_sub(prev.received) as u32,
-            rx_packets_received_ok: crc_ok.saturating_sub(prev.crc_ok) as u32,
-            tx_packets_received: tx_received.saturating_sub(prev.tx_received) as u32,
-            tx_packets_emitted: tx_emitted.saturating_sub(prev.tx_emitted) as u32,
-            tx_packets_per_status: tx_status
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| **n > 0)
-                .filter_map(|(i, n)| {
-                    let name = chirpstack_api::gw::TxAckStatus::try_from(i as i32)
-                        .ok()?
-                        .as_str_name()
-                        .to_string();
-                    Some((name, (*n - prev.tx_status[i]) as u32))
-                })
-                .collect(),
-            metadata: m,
-            ..Default::default()
-        };
+        let stats =
+            gw::GatewayStats {
+                gateway_id: self.gateway_id.clone(),
+                config_version: c
+                    .config_version
+                    .lock()
+                    .map(|v| v.clone())
+                    .unwrap_or_default(),
+                time: Some(timestamp(now)),
+                rx_packets_received: received.saturating_sub(prev.received) as u32,
+                rx_packets_received_ok: crc_ok.saturating_sub(prev.crc_ok) as u32,
+                tx_packets_received: tx_received.saturating_sub(prev.tx_received) as u32,
+                tx_packets_emitted: tx_emitted.saturating_sub(prev.tx_emitted) as u32,
+                tx_packets_per_status: tx_status
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| **n > 0)
+                    .filter_map(|(i, n)| {
+                        let name = chirpstack_api::gw::TxAckStatus::try_from(i as i32)
+                            .ok()?
+                            .as_str_name()
+                            .to_string();
+                        Some((name, (*n - prev.tx_status[i]) as u32))
+                    })
+                    .collect(),
+                metadata: m,
+                location: forwarder.and_then(|f| f.location).map(
+                    |(latitude, longitude, altitude)| chirpstack_api::common::Location {
+                        latitude,
+                        longitude,
+                        altitude,
+                        source: chirpstack_api::common::LocationSource::Gps as i32,
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            };
         (
             stats,
             Previous {

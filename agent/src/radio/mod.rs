@@ -10,12 +10,14 @@
 //! needs the gateway's identity, which may wait for the concentrator's EUI), and while the
 //! store's queue is full, frames wait here, up to [`WAITING_MAX`]; more are counted dropped.
 
+pub mod airtime;
 pub mod boards;
 pub mod diagnosis;
 pub mod hal;
 pub mod library_output;
 pub mod region;
 mod reset;
+pub mod semtech_udp;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -43,6 +45,22 @@ pub struct Received {
     pub at: SystemTime,
     /// When `lgw_receive` returned it: the start of the rules' reaction time.
     pub handed_over: std::time::Instant,
+    /// What a packet forwarder adds (`semtech_udp` backend).
+    pub meta: Option<Box<ForwarderMeta>>,
+    /// Told once this frame (and those before it) are in the store (`semtech_udp`: PUSH_ACK).
+    pub receipt: Option<crate::events::Receipt>,
+}
+
+/// A packet forwarder's timestamps of a frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwarderMeta {
+    /// UTC time of reception from the forwarder's GPS.
+    pub time: Option<SystemTime>,
+    /// GPS time of reception, ms since the GPS epoch.
+    pub tmms: Option<u64>,
+    /// ns since the last PPS.
+    pub ftime_ns: Option<u32>,
+    pub board: u32,
 }
 
 /// Without a frame this long, the radio is polled at `idle_poll_interval`. Short: at a low
@@ -129,6 +147,7 @@ pub struct RadioSettings {
     pub watchdog: Duration,
     pub restart_backoff_max: Duration,
     pub realtime_priority: u8,
+    pub forwarder_timeout: Duration,
 }
 
 impl RadioSettings {
@@ -142,6 +161,7 @@ impl RadioSettings {
                 .unwrap_or_else(|| PathBuf::from(""))
                 .display()
                 .to_string(),
+            Backend::SemtechUdp => r.semtech_udp.listen.clone(),
         };
         RadioSettings {
             backend: r.backend,
@@ -156,6 +176,7 @@ impl RadioSettings {
             watchdog: r.watchdog,
             restart_backoff_max: r.restart_backoff_max,
             realtime_priority: r.realtime_priority,
+            forwarder_timeout: r.semtech_udp.forwarder_timeout,
         }
     }
 
@@ -276,6 +297,8 @@ pub struct Radio {
     pub stop: Arc<AtomicBool>,
     /// The concentrator's EUI, published after its first start.
     pub eui: watch::Sender<Option<u64>>,
+    /// The packet forwarder's end (`semtech_udp` backend): frames come from it, not the HAL.
+    pub udp: Option<Arc<semtech_udp::Link>>,
 }
 
 /// A radio that ran this long counts as healthy again: back-off starts over.
@@ -293,6 +316,18 @@ impl Radio {
                     waiting: VecDeque::new(),
                     counters: self.counters.clone(),
                 };
+                if let Some(link) = self.udp {
+                    semtech_udp::Backend {
+                        link,
+                        counters: &self.counters,
+                        stop: &self.stop,
+                        eui: &self.eui,
+                        forwarder_timeout: self.settings.forwarder_timeout,
+                    }
+                    .run(&mut handoff);
+                    handoff.finish();
+                    return;
+                }
                 let mut radio = Running {
                     settings: self.settings,
                     replan: self.replan,
@@ -450,6 +485,11 @@ impl Running {
 
     fn bring_up(&self) -> Result<Option<reset::ResetLines>, Failure> {
         let lines = match self.settings.backend {
+            Backend::SemtechUdp => {
+                return Err(Failure::from(
+                    "backend \"semtech_udp\" has no concentrator of its own to start".to_string(),
+                ))
+            }
             Backend::Simulator => {
                 if Concentrator::linked() != "simulator" {
                     return Err(Failure::from(
@@ -537,6 +577,8 @@ impl Running {
                 packet,
                 at,
                 handed_over,
+                meta: None,
+                receipt: None,
             });
         }
         handoff.pass();

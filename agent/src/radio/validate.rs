@@ -52,6 +52,11 @@ pub fn config(cfg: &Config, linked: Option<Linked>) -> Vec<Invalid> {
             )),
             _ => {}
         },
+        Backend::SemtechUdp => out.extend(
+            super::semtech_udp::check(&r.semtech_udp)
+                .into_iter()
+                .map(|(key, why)| Invalid::new(key, why)),
+        ),
         Backend::Sx1302 => {
             if r.spi_path.len() > 63 {
                 out.push(Invalid::new(

@@ -989,3 +989,67 @@ fn a_deleted_unreported_file_is_damage() {
         }]
     );
 }
+
+/// A receipt (the `semtech_udp` backend's PUSH_ACK) is told only once the events sent before
+/// it are in the store, and in their order.
+#[test]
+fn a_receipt_is_told_after_the_events_before_it_are_appended() {
+    use crate::events::{Body, Event, Receipt};
+    use std::sync::{mpsc, Arc};
+    let dir = tmp();
+    let (q, _) = Queue::open(opts(dir.path())).unwrap();
+    let q = Arc::new(q);
+    let (tx, rx) = mpsc::sync_channel(1024);
+    let (appended, _) = tokio::sync::watch::channel(0);
+    let writer = super::Writer {
+        queue: q.clone(),
+        input: rx,
+        appended,
+        counters: Arc::new(crate::ops::counters::Counters::new()),
+        commit_interval: Duration::from_millis(100),
+    }
+    .spawn()
+    .unwrap();
+    let (told_tx, told) = mpsc::channel();
+    for batch in 0..50u64 {
+        for _ in 0..(batch % 7 + 1) {
+            tx.send(Event {
+                at: std::time::SystemTime::now(),
+                body: Body::Notice(serde_json::json!({ "batch": batch })),
+            })
+            .unwrap();
+        }
+        let (q, told_tx) = (q.clone(), told_tx.clone());
+        let before: u64 = (0..=batch).map(|b| b % 7 + 1).sum();
+        tx.send(Event {
+            at: std::time::SystemTime::now(),
+            body: Body::Receipt(Receipt::new(move |ok| {
+                // Everything sent before it is already in the store.
+                let stored = q.read_from(1, 10_000).unwrap().len() as u64;
+                told_tx.send((batch, ok, stored >= before)).unwrap();
+            })),
+        })
+        .unwrap();
+    }
+    drop(tx);
+    writer.join().unwrap();
+    let got: Vec<(u64, bool, bool)> = told.try_iter().collect();
+    assert_eq!(got.len(), 50, "each receipt told once");
+    for (i, (batch, ok, stored)) in got.into_iter().enumerate() {
+        assert_eq!(batch, i as u64, "in order");
+        assert!(
+            ok && stored,
+            "receipt {batch}: appended {ok}, events before it stored {stored}"
+        );
+    }
+    // Receipts are not records.
+    assert!(q
+        .read_from(1, 10_000)
+        .unwrap()
+        .iter()
+        .all(|r| r.kind == crate::events::Kind::Buffer as u8));
+    assert_eq!(
+        q.read_from(1, 10_000).unwrap().len() as u64,
+        (0..50u64).map(|b| b % 7 + 1).sum::<u64>()
+    );
+}

@@ -232,6 +232,22 @@ impl Writer {
         last_error: &mut Option<String>,
         failing: &mut bool,
     ) -> Vec<Eviction> {
+        // Receipts are told after the append, with its outcome: the events before each are in
+        // this batch or an earlier one.
+        let (receipts, events): (Vec<Event>, Vec<Event>) = events
+            .into_iter()
+            .partition(|e| matches!(e.body, Body::Receipt(_)));
+        let tell = |appended: bool| {
+            for r in &receipts {
+                if let Body::Receipt(r) = &r.body {
+                    r.tell(appended);
+                }
+            }
+        };
+        if events.is_empty() {
+            tell(!*failing);
+            return Vec::new();
+        }
         let first = self.queue.next_seq();
         let uplinks = events
             .iter()
@@ -254,10 +270,12 @@ impl Writer {
                 debug_assert_eq!(*range.start(), first);
                 Counters::add(&self.counters.up_accepted, uplinks);
                 self.appended.send_replace(*range.end());
+                tell(true);
                 evictions
             }
             Err(e) => {
                 *failing = true;
+                tell(false);
                 Counters::add(&self.counters.store_rejected, records.len() as u64);
                 // Numbered and reported lost like an eviction; logged with the evictions, at
                 // most once a second, with the error.

@@ -1,0 +1,621 @@
+//! The `semtech_udp` backend: frames from a Semtech UDP packet forwarder (lora_pkt_fwd and its
+//! kin) instead of a concentrator of ours, on the same path as radio frames.
+//!
+//! PUSH_DATA → its rxpk checked (`packet.rs`) → the uplink stage (rules, store, MQTT) → PUSH_ACK
+//! once the store's writer has appended them: an acknowledged push is in the durable store
+//! (the forwarder counts unacknowledged pushes in its `ackr`). A push seen again (same EUI,
+//! token and body: a forwarder that re-sends) is acknowledged again once the first copy is
+//! stored, and not stored twice. PULL_DATA → PULL_ACK, and the forwarder's address for
+//! downlinks; the downlink stage hands packets over as PULL_RESP through [`Link`] and hears the
+//! TX_ACKs back. `stat` → the stats. Anything else is refused, counted per cause
+//! (`udp_rejected_<cause>_total`) and logged at most once a second per cause.
+//!
+//! The radio is "up" while the forwarder's keep-alive (PULL_DATA) comes; silent for
+//! `forwarder_timeout`, it is down, with that as its cause, in the stats and the health.
+
+pub mod packet;
+
+use std::collections::VecDeque;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+
+use super::{ForwarderMeta, Handoff, Received};
+use crate::config::SemtechUdpConfig;
+use crate::events::Receipt;
+use crate::ops::counters::{Counters, ForwarderFigures, RadioState};
+use crate::ops::health::Heartbeats;
+use packet::{Datagram, Reject};
+
+/// A PULL_RESP still waiting for its TX_ACK is forgotten after this (the downlink stage has
+/// answered it long before, at `tx_ack_timeout`).
+const AWAIT_FORGET: Duration = Duration::from_secs(60);
+/// Pushes remembered to recognise a re-sent one.
+const RECENT_PUSHES: usize = 64;
+
+/// The settings' problems, by key, for `check`.
+pub fn check(cfg: &SemtechUdpConfig) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Err(e) = cfg.listen.parse::<SocketAddr>() {
+        out.push((
+            "radio.semtech_udp.listen",
+            format!(
+                "{:?} is not an address and port such as \"127.0.0.1:1700\" ({e})",
+                cfg.listen
+            ),
+        ));
+    }
+    match euis(cfg) {
+        Ok(v) if v.is_empty() => out.push((
+            "radio.semtech_udp.gateway_euis",
+            "empty: list the forwarder's gateway_ID (its local_conf.json), e.g. [\"0016c001ff10d3f6\"]; \
+             datagrams of any other EUI are refused"
+                .to_string(),
+        )),
+        Ok(_) => {}
+        Err(e) => out.push(("radio.semtech_udp.gateway_euis", e)),
+    }
+    if cfg.tx_ack_timeout < Duration::from_millis(10)
+        || cfg.tx_ack_timeout > Duration::from_secs(60)
+    {
+        out.push((
+            "radio.semtech_udp.tx_ack_timeout",
+            format!(
+                "{} (from 10ms to 60s: the forwarder answers within milliseconds)",
+                humantime::format_duration(cfg.tx_ack_timeout)
+            ),
+        ));
+    }
+    if cfg.forwarder_timeout < Duration::from_secs(1)
+        || cfg.forwarder_timeout > Duration::from_secs(3600)
+    {
+        out.push((
+            "radio.semtech_udp.forwarder_timeout",
+            format!(
+                "{} (from 1s to 1h; lora_pkt_fwd's keepalive_interval is 10 s)",
+                humantime::format_duration(cfg.forwarder_timeout)
+            ),
+        ));
+    }
+    out
+}
+
+/// The allowed EUIs, in order; an error names the first that is not 16 hex digits or repeats.
+pub fn euis(cfg: &SemtechUdpConfig) -> Result<Vec<u64>, String> {
+    let mut out = Vec::new();
+    for s in &cfg.gateway_euis {
+        let t = s.trim().replace([':', '-'], "");
+        let eui = (t.len() == 16)
+            .then(|| u64::from_str_radix(&t, 16).ok())
+            .flatten()
+            .ok_or_else(|| format!("{s:?} is not a gateway EUI (16 hex digits)"))?;
+        if out.contains(&eui) {
+            return Err(format!("{s:?} is listed twice"));
+        }
+        out.push(eui);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Default)]
+struct Forwarder {
+    eui: u64,
+    pull_addr: Option<SocketAddr>,
+    last_pull: Option<Instant>,
+    /// The forwarder's counter (`tmst`) at the last frame, and when it came.
+    anchor: Option<(u32, Instant)>,
+    first_pull: Option<Instant>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    forwarders: Vec<Forwarder>,
+    /// The forwarder that pulled last: downlinks go to it.
+    current: Option<usize>,
+    /// Changes when the forwarder downlinks go to changes (address or restart): counter values
+    /// of different generations are unrelated, like a concentrator's after a restart.
+    generation: u64,
+    next_token: u16,
+    /// PULL_RESP tokens sent and not yet acknowledged.
+    awaiting: VecDeque<(u16, Instant)>,
+    /// TX_ACKs heard, for the downlink stage to take.
+    acks: Vec<(u16, Option<String>)>,
+}
+
+/// What the downlink stage needs of the forwarder: its counter, its address, its TX_ACKs.
+pub struct Link {
+    socket: Arc<UdpSocket>,
+    state: Mutex<LinkState>,
+    forwarder_timeout: Duration,
+    /// Called when TX_ACKs arrive (wakes the downlink stage).
+    waker: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+/// What became of a packet handed to the forwarder.
+pub enum Sent {
+    /// In a PULL_RESP with this token: its TX_ACK will tell.
+    Awaiting(u16),
+    /// The forwarder restarted or moved since it was scheduled.
+    Stale,
+}
+
+impl Link {
+    /// Binds the configured address (an error names it).
+    pub fn bind(cfg: &SemtechUdpConfig) -> Result<Link, String> {
+        let euis = euis(cfg)?;
+        let addr: SocketAddr = cfg
+            .listen
+            .parse()
+            .map_err(|e| format!("radio.semtech_udp.listen {:?}: {e}", cfg.listen))?;
+        let socket =
+            UdpSocket::bind(addr).map_err(|e| format!("radio.semtech_udp.listen {addr}: {e}"))?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        Ok(Link {
+            socket: Arc::new(socket),
+            state: Mutex::new(LinkState {
+                forwarders: euis
+                    .into_iter()
+                    .map(|eui| Forwarder {
+                        eui,
+                        ..Default::default()
+                    })
+                    .collect(),
+                generation: 1,
+                next_token: fastrand::u16(..),
+                ..Default::default()
+            }),
+            forwarder_timeout: cfg.forwarder_timeout,
+            waker: OnceLock::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.socket.local_addr().ok()
+    }
+
+    /// Who to wake when TX_ACKs arrive.
+    pub fn on_tx_ack(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.waker.set(wake);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live forwarder downlinks go to, if any.
+    fn live(&self, s: &LinkState, now: Instant) -> Option<usize> {
+        s.current.filter(|&i| {
+            s.forwarders[i]
+                .last_pull
+                .is_some_and(|t| now.duration_since(t) < self.forwarder_timeout)
+        })
+    }
+
+    /// The forwarder's counter now (estimated from its last frame's `tmst`) and its
+    /// generation; `None` while no forwarder is live.
+    pub fn clock(&self) -> Option<(u32, u64)> {
+        let now = Instant::now();
+        let s = self.lock();
+        let i = self.live(&s, now)?;
+        let f = &s.forwarders[i];
+        let counter = match f.anchor {
+            Some((tmst, at)) => tmst.wrapping_add(now.duration_since(at).as_micros() as u32),
+            // No frame yet: only "immediately" packets make sense, any counter does.
+            None => f
+                .first_pull
+                .map_or(0, |t| now.duration_since(t).as_micros() as u32),
+        };
+        Some((counter, s.generation))
+    }
+
+    /// Sends `p` in a PULL_RESP to the live forwarder, if it is still the one of `generation`.
+    pub fn send(&self, p: &crate::radio::hal::TxPacket, generation: u64) -> Result<Sent, String> {
+        let now = Instant::now();
+        let (addr, token) = {
+            let mut s = self.lock();
+            if s.generation != generation {
+                return Ok(Sent::Stale);
+            }
+            let Some(i) = self.live(&s, now) else {
+                return Err("no packet forwarder has pulled recently".into());
+            };
+            let addr = s.forwarders[i]
+                .pull_addr
+                .expect("a live forwarder has pulled");
+            let token = s.next_token;
+            s.next_token = s.next_token.wrapping_add(1);
+            while s
+                .awaiting
+                .front()
+                .is_some_and(|(_, t)| now.duration_since(*t) > AWAIT_FORGET)
+            {
+                s.awaiting.pop_front();
+            }
+            s.awaiting.push_back((token, now));
+            (addr, token)
+        };
+        self.socket
+            .send_to(&packet::pull_resp(token, p), addr)
+            .map_err(|e| format!("PULL_RESP to {addr}: {e}"))?;
+        Ok(Sent::Awaiting(token))
+    }
+
+    /// The TX_ACKs heard since the last call: (token, the forwarder's error if any).
+    pub fn take_acks(&self) -> Vec<(u16, Option<String>)> {
+        std::mem::take(&mut self.lock().acks)
+    }
+
+    fn tx_acked(&self, token: u16, error: Option<String>) -> bool {
+        let known = {
+            let mut s = self.lock();
+            match s.awaiting.iter().position(|(t, _)| *t == token) {
+                Some(i) => {
+                    s.awaiting.remove(i);
+                    s.acks.push((token, error));
+                    true
+                }
+                None => false,
+            }
+        };
+        if known {
+            if let Some(w) = self.waker.get() {
+                w();
+            }
+        }
+        known
+    }
+
+    /// A PULL_DATA: remembers where the forwarder is; true when it moved.
+    fn pulled(&self, i: usize, from: SocketAddr, now: Instant) -> bool {
+        let mut s = self.lock();
+        let moved = s.forwarders[i].pull_addr != Some(from) || s.current != Some(i);
+        let f = &mut s.forwarders[i];
+        f.pull_addr = Some(from);
+        f.last_pull = Some(now);
+        f.first_pull.get_or_insert(now);
+        s.current = Some(i);
+        if moved {
+            s.generation += 1;
+        }
+        moved
+    }
+
+    fn anchored(&self, i: usize, tmst: u32, now: Instant) {
+        let mut s = self.lock();
+        let f = &mut s.forwarders[i];
+        // A counter far behind the estimate: the forwarder restarted (its counter too).
+        if let Some((t, at)) = f.anchor {
+            let expected = t.wrapping_add(now.duration_since(at).as_micros() as u32);
+            if expected.wrapping_sub(tmst) as i32 > 10_000_000 && s.current == Some(i) {
+                s.generation += 1;
+            }
+        }
+        s.forwarders[i].anchor = Some((tmst, now));
+    }
+
+    fn index(&self, eui: u64) -> Option<usize> {
+        self.lock().forwarders.iter().position(|f| f.eui == eui)
+    }
+
+    fn up(&self, now: Instant) -> Option<SocketAddr> {
+        let s = self.lock();
+        self.live(&s, now).and_then(|i| s.forwarders[i].pull_addr)
+    }
+}
+
+/// A push seen recently: re-sent copies are acknowledged, not stored twice.
+struct RecentPush {
+    eui: u64,
+    token: u16,
+    hash: u64,
+    stored: Arc<AtomicBool>,
+}
+
+/// At most one log line a second per cause of refusal.
+#[derive(Default)]
+struct RateLog {
+    last: [Option<Instant>; Reject::ALL.len()],
+    quiet: [u64; Reject::ALL.len()],
+}
+
+impl RateLog {
+    fn refused(&mut self, r: Reject, why: &str, from: SocketAddr) {
+        let i = Reject::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        if self.last[i].is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            self.quiet[i] += 1;
+            return;
+        }
+        tracing::warn!(
+            cause = r.name(),
+            %why,
+            %from,
+            not_logged_since = self.quiet[i],
+            "semtech_udp: datagram refused"
+        );
+        self.last[i] = Some(Instant::now());
+        self.quiet[i] = 0;
+    }
+}
+
+fn hash(b: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
+
+/// The backend on the radio's thread.
+pub(super) struct Backend<'a> {
+    pub link: Arc<Link>,
+    pub counters: &'a Arc<Counters>,
+    pub stop: &'a AtomicBool,
+    pub eui: &'a watch::Sender<Option<u64>>,
+    pub forwarder_timeout: Duration,
+}
+
+impl Backend<'_> {
+    pub fn run(&self, handoff: &mut Handoff) {
+        let started = Instant::now();
+        if let Ok(mut f) = self.counters.forwarder.lock() {
+            *f = Some(ForwarderFigures::default());
+        }
+        let first = self.link.lock().forwarders.first().map(|f| f.eui);
+        self.status(|s| {
+            s.state = RadioState::Starting;
+            s.concentrator_eui = first;
+        });
+        // The forwarder's EUI names the gateway, as a concentrator's would.
+        self.eui.send_replace(first);
+        tracing::info!(listen = ?self.link.local_addr(), "semtech_udp: waiting for the packet forwarder");
+        let mut buf = vec![0u8; 65_536];
+        let mut log = RateLog::default();
+        let mut recent: VecDeque<RecentPush> = VecDeque::with_capacity(RECENT_PUSHES);
+        let mut next_look = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            Heartbeats::beat(&self.counters.beats.radio);
+            match self.link.socket.recv_from(&mut buf) {
+                Ok((n, from)) => self.datagram(&buf[..n], from, handoff, &mut log, &mut recent),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => {
+                    // ICMP port unreachable after a PULL_RESP to a forwarder that went away.
+                    tracing::debug!(error = %e, "semtech_udp: receive");
+                }
+            }
+            handoff.pass();
+            let now = Instant::now();
+            if now >= next_look {
+                next_look = now + Duration::from_secs(1);
+                self.look(now, started);
+            }
+        }
+        tracing::info!("semtech_udp: stopped");
+    }
+
+    /// The radio's state from the forwarder's keep-alive.
+    fn look(&self, now: Instant, started: Instant) {
+        let state = self.counters.radio_status().state;
+        match self.link.up(now) {
+            Some(addr) if state != RadioState::Up => {
+                tracing::info!(forwarder = %addr, "semtech_udp: the packet forwarder is up");
+                Counters::add(&self.counters.radio_starts, 1);
+                self.status(|s| {
+                    s.state = RadioState::Up;
+                    s.since = Some(SystemTime::now());
+                    s.cause = None;
+                    s.diagnosis = None;
+                    s.last_error = None;
+                });
+            }
+            None if state == RadioState::Up
+                || (state == RadioState::Starting
+                    && now.duration_since(started) >= self.forwarder_timeout) =>
+            {
+                let why = format!(
+                    "no PULL_DATA from the packet forwarder for {}",
+                    humantime::format_duration(self.forwarder_timeout)
+                );
+                tracing::error!(%why, "semtech_udp: the packet forwarder is down");
+                if state == RadioState::Up {
+                    Counters::add(&self.counters.radio_failures, 1);
+                }
+                self.status(|s| {
+                    s.state = RadioState::Down;
+                    s.since = Some(SystemTime::now());
+                    s.last_error = Some(why);
+                    s.cause = Some("forwarder_silent");
+                    s.diagnosis = Some(format!(
+                        "is the packet forwarder running, with server_address and serv_port_up/down \
+                         pointing at {} and its gateway_ID in radio.semtech_udp.gateway_euis?",
+                        self.link
+                            .local_addr()
+                            .map_or_else(|| "this agent".into(), |a| a.to_string())
+                    ));
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn status(&self, change: impl FnOnce(&mut crate::ops::counters::RadioStatus)) {
+        if let Ok(mut s) = self.counters.radio.lock() {
+            change(&mut s);
+        }
+        self.counters.radio_changed.notify_one();
+    }
+
+    fn figures(&self, f: impl FnOnce(&mut ForwarderFigures)) {
+        if let Ok(mut g) = self.counters.forwarder.lock() {
+            if let Some(g) = g.as_mut() {
+                f(g);
+            }
+        }
+    }
+
+    fn refused(&self, r: Reject, why: &str, from: SocketAddr, log: &mut RateLog) {
+        self.figures(|f| *f.rejected.entry(r.name()).or_default() += 1);
+        log.refused(r, why, from);
+    }
+
+    fn reply(&self, bytes: &[u8], to: SocketAddr) {
+        if let Err(e) = self.link.socket.send_to(bytes, to) {
+            tracing::debug!(error = %e, %to, "semtech_udp: answer not sent");
+        }
+    }
+
+    fn datagram(
+        &self,
+        b: &[u8],
+        from: SocketAddr,
+        handoff: &mut Handoff,
+        log: &mut RateLog,
+        recent: &mut VecDeque<RecentPush>,
+    ) {
+        let arrived = (SystemTime::now(), Instant::now());
+        let d = match packet::parse(b) {
+            Ok(d) => d,
+            Err((r, why)) => return self.refused(r, &why, from, log),
+        };
+        let Some(i) = self.link.index(d.eui()) else {
+            return self.refused(
+                Reject::UnknownEui,
+                &format!(
+                    "gateway EUI {:016x} is not in radio.semtech_udp.gateway_euis",
+                    d.eui()
+                ),
+                from,
+                log,
+            );
+        };
+        match d {
+            Datagram::PullData { token, .. } => {
+                self.reply(&packet::ack(packet::PULL_ACK, token), from);
+                if self.link.pulled(i, from, arrived.1) {
+                    tracing::info!(forwarder = %from, eui = format!("{:016x}", d.eui()), "semtech_udp: downlinks go to this forwarder");
+                }
+                if self.counters.radio_status().state != RadioState::Up {
+                    self.look(arrived.1, arrived.1);
+                }
+            }
+            Datagram::TxAck { token, error, .. } => {
+                if !self.link.tx_acked(token, error) {
+                    tracing::debug!(
+                        token,
+                        "semtech_udp: TX_ACK for no PULL_RESP of ours (late or repeated)"
+                    );
+                }
+            }
+            Datagram::PushData {
+                token,
+                eui,
+                rxpk,
+                stat,
+            } => {
+                let h = hash(&b[12..]);
+                if let Some(seen) = recent
+                    .iter()
+                    .find(|p| p.eui == eui && p.token == token && p.hash == h)
+                {
+                    self.figures(|f| f.duplicate_pushes += 1);
+                    // Acknowledged only once the first copy is in the store.
+                    if seen.stored.load(Ordering::Acquire) {
+                        self.reply(&packet::ack(packet::PUSH_ACK, token), from);
+                    }
+                    return;
+                }
+                if let Some(s) = stat {
+                    self.stat(s);
+                }
+                let mut frames = Vec::with_capacity(rxpk.len());
+                for r in rxpk {
+                    match r {
+                        Ok(rx) => frames.push(rx),
+                        Err((r, why)) => {
+                            Counters::add(&self.counters.rx_malformed, 1);
+                            self.refused(r, &why, from, log);
+                        }
+                    }
+                }
+                if frames.is_empty() {
+                    self.reply(&packet::ack(packet::PUSH_ACK, token), from);
+                    return;
+                }
+                let stored = Arc::new(AtomicBool::new(false));
+                if recent.len() == RECENT_PUSHES {
+                    recent.pop_front();
+                }
+                recent.push_back(RecentPush {
+                    eui,
+                    token,
+                    hash: h,
+                    stored: stored.clone(),
+                });
+                let receipt = {
+                    let socket = self.link.socket.clone();
+                    Receipt::new(move |appended| {
+                        if appended {
+                            stored.store(true, Ordering::Release);
+                            let _ = socket.send_to(&packet::ack(packet::PUSH_ACK, token), from);
+                        }
+                    })
+                };
+                Counters::add(&self.counters.rx_received, frames.len() as u64);
+                let last = frames.len() - 1;
+                if let Some(t) = frames.iter().map(|f| f.packet.count_us).next_back() {
+                    self.link.anchored(i, t, arrived.1);
+                }
+                for (n, rx) in frames.into_iter().enumerate() {
+                    handoff.push(Received {
+                        packet: rx.packet,
+                        at: arrived.0,
+                        handed_over: arrived.1,
+                        meta: Some(Box::new(ForwarderMeta {
+                            time: rx.time,
+                            tmms: rx.tmms,
+                            ftime_ns: rx.ftime_ns,
+                            board: rx.board,
+                        })),
+                        receipt: (n == last).then(|| receipt.clone()),
+                    });
+                }
+                handoff.pass();
+            }
+        }
+    }
+
+    fn stat(&self, s: packet::Stat) {
+        if let Some(t) = s
+            .temp
+            .filter(|t| t.is_finite() && (-60.0..=150.0).contains(t))
+        {
+            self.counters
+                .temperature_bits
+                .store((t as f32).to_bits(), Ordering::Relaxed);
+        }
+        self.figures(|f| {
+            f.stat = vec![
+                ("rxnb", s.rxnb.to_string()),
+                ("rxok", s.rxok.to_string()),
+                ("rxfw", s.rxfw.to_string()),
+                ("dwnb", s.dwnb.to_string()),
+                ("txnb", s.txnb.to_string()),
+            ];
+            if let Some(a) = s.ackr.filter(|a| a.is_finite()) {
+                f.stat.push(("ackr", format!("{a:.1}")));
+            }
+            if let (Some(la), Some(lo)) = (s.lati, s.long) {
+                if (-90.0..=90.0).contains(&la) && (-180.0..=180.0).contains(&lo) {
+                    f.location = Some((la, lo, s.alti.unwrap_or(0) as f64));
+                }
+            }
+        });
+    }
+}
