@@ -40,8 +40,8 @@ impl Peer {
 
 /// A running peer: its process id, and what ends it.
 enum Running {
-    Agent(Agent, tempfile::TempDir),
-    Forwarder(Child, tempfile::TempDir),
+    Agent(Agent, #[allow(dead_code)] tempfile::TempDir),
+    Forwarder(Child, #[allow(dead_code)] tempfile::TempDir),
 }
 
 impl Running {

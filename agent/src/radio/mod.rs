@@ -323,6 +323,8 @@ impl Radio {
                         stop: &self.stop,
                         eui: &self.eui,
                         forwarder_timeout: self.settings.forwarder_timeout,
+                        poll_interval: self.settings.poll_interval,
+                        idle_interval: self.settings.idle_poll_interval,
                     }
                     .run(&mut handoff);
                     handoff.finish();

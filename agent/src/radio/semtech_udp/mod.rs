@@ -356,6 +356,9 @@ pub(super) struct Backend<'a> {
     pub stop: &'a AtomicBool,
     pub eui: &'a watch::Sender<Option<u64>>,
     pub forwarder_timeout: Duration,
+    /// `radio.poll_interval` and `radio.idle_poll_interval`.
+    pub poll_interval: Duration,
+    pub idle_interval: Duration,
 }
 
 impl Backend<'_> {
@@ -376,22 +379,50 @@ impl Backend<'_> {
         let mut log = RateLog::default();
         let mut recent: VecDeque<RecentPush> = VecDeque::with_capacity(RECENT_PUSHES);
         let mut next_look = Instant::now();
+        // Frames are handed on at most every `poll_interval` while datagrams keep coming, as
+        // the concentrator's are: the stages behind then wake once per batch, not per
+        // datagram (most of a frame's CPU at 1000 frames/s). A frame after a quiet spell goes
+        // on at once; one in a stream waits `poll_interval` at most (the socket's timeout then).
+        let mut next_pass = Instant::now();
+        let mut busy = false;
         while !self.stop.load(Ordering::Relaxed) {
             Heartbeats::beat(&self.counters.beats.radio);
-            match self.link.socket.recv_from(&mut buf) {
-                Ok((n, from)) => self.datagram(&buf[..n], from, handoff, &mut log, &mut recent),
+            let quiet = match self.link.socket.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    self.datagram(&buf[..n], from, handoff, &mut log, &mut recent);
+                    false
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
+                    ) =>
+                {
+                    true
+                }
                 Err(e) => {
                     // ICMP port unreachable after a PULL_RESP to a forwarder that went away.
                     tracing::debug!(error = %e, "semtech_udp: receive");
+                    false
                 }
-            }
-            handoff.pass();
+            };
             let now = Instant::now();
+            // `!busy`: the first datagram after a quiet spell.
+            if quiet || !busy || now >= next_pass {
+                handoff.pass();
+                next_pass = now + self.poll_interval;
+            }
+            // Waiting: the poll interval while frames come (what waits goes on at the next
+            // timeout at the latest), the idle interval once it is quiet.
+            if busy == quiet {
+                busy = !quiet;
+                let timeout = if busy {
+                    self.poll_interval
+                } else {
+                    self.idle_interval
+                };
+                let _ = self.link.socket.set_read_timeout(Some(timeout));
+            }
             if now >= next_look {
                 next_look = now + Duration::from_secs(1);
                 self.look(now, started);
@@ -586,7 +617,6 @@ impl Backend<'_> {
                         receipt: (n == last).then(|| receipt.clone()),
                     });
                 }
-                handoff.pass();
             }
         }
     }
