@@ -550,3 +550,49 @@ fn a_silent_forwarder_is_a_radio_down_with_its_cause() {
     );
     agent.sigterm();
 }
+
+/// `command/config` cannot change a forwarder's channels: refused with why, at once.
+#[test]
+fn a_channel_plan_from_the_centre_is_refused_with_why() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let (mut agent, _dir, _emu) = start(broker.port);
+    assert!(agent.wait_log(
+        "subscribed: commands will arrive",
+        patience(Duration::from_secs(15))
+    ));
+    let plan = gw::GatewayConfiguration {
+        gateway_id: GATEWAY_ID.into(),
+        version: "v9".into(),
+        channels: vec![gw::ChannelConfiguration {
+            frequency: 868_100_000,
+            modulation_config: Some(
+                gw::channel_configuration::ModulationConfig::LoraModulationConfig(
+                    gw::LoraModulationConfig {
+                        bandwidth: 125_000,
+                        spreading_factors: vec![7, 8, 9],
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    publish(
+        broker.port,
+        &format!("eu868/gateway/{GATEWAY_ID}/command/config"),
+        plan.encode_to_vec(),
+    );
+    let answers = collector.wait_for("/event/ops", patience(Duration::from_secs(10)), |m| {
+        !m.is_empty()
+    });
+    let a: serde_json::Value =
+        serde_json::from_slice(&answers.first().expect("an answer").payload).unwrap();
+    assert_eq!(a["ok"], false, "{a}");
+    assert!(
+        a["error"].as_str().unwrap().contains("packet forwarder"),
+        "{a}"
+    );
+    agent.sigterm();
+}

@@ -325,6 +325,7 @@ impl Radio {
                         forwarder_timeout: self.settings.forwarder_timeout,
                         poll_interval: self.settings.poll_interval,
                         idle_interval: self.settings.idle_poll_interval,
+                        replan: &self.replan,
                     }
                     .run(&mut handoff);
                     handoff.finish();

@@ -359,6 +359,8 @@ pub(super) struct Backend<'a> {
     /// `radio.poll_interval` and `radio.idle_poll_interval`.
     pub poll_interval: Duration,
     pub idle_interval: Duration,
+    /// Channel plans from the centre: refused, the forwarder's plan is its own.
+    pub replan: &'a std::sync::mpsc::Receiver<super::Replan>,
 }
 
 impl Backend<'_> {
@@ -422,6 +424,14 @@ impl Backend<'_> {
                     self.idle_interval
                 };
                 let _ = self.link.socket.set_read_timeout(Some(timeout));
+            }
+            while let Ok(r) = self.replan.try_recv() {
+                let _ = r.reply.try_send(Err(
+                    "this gateway's radio is a Semtech UDP packet forwarder (radio.backend = \
+                     \"semtech_udp\"): its channel plan is the forwarder's own (global_conf.json), \
+                     not the agent's to change"
+                        .into(),
+                ));
             }
             if now >= next_look {
                 next_look = now + Duration::from_secs(1);
