@@ -113,7 +113,7 @@ struct Forwarder {
 #[derive(Default)]
 struct LinkState {
     forwarders: Vec<Forwarder>,
-    /// The forwarder that pulled last: downlinks go to it.
+    /// The forwarder downlinks go to: the first that pulled, until it falls silent.
     current: Option<usize>,
     /// Changes when the forwarder downlinks go to changes (address or restart): counter values
     /// of different generations are unrelated, like a concentrator's after a restart.
@@ -270,15 +270,25 @@ impl Link {
         known
     }
 
-    /// A PULL_DATA: remembers where the forwarder is; true when it moved.
+    /// A PULL_DATA: remembers where the forwarder is; true when downlinks now go elsewhere.
+    /// Downlinks stay with the forwarder they go to while it keeps pulling: two listed
+    /// forwarders pulling in turn must not make every scheduled downlink stale.
     fn pulled(&self, i: usize, from: SocketAddr, now: Instant) -> bool {
         let mut s = self.lock();
-        let moved = s.forwarders[i].pull_addr != Some(from) || s.current != Some(i);
+        let current_live = self.live(&s, now);
         let f = &mut s.forwarders[i];
+        let here_moved = f.pull_addr != Some(from);
         f.pull_addr = Some(from);
         f.last_pull = Some(now);
         f.first_pull.get_or_insert(now);
-        s.current = Some(i);
+        let moved = match current_live {
+            Some(c) if c != i => false,
+            Some(_) => here_moved,
+            None => true,
+        };
+        if current_live.is_none() {
+            s.current = Some(i);
+        }
         if moved {
             s.generation += 1;
         }
@@ -657,5 +667,81 @@ impl Backend<'_> {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(euis: &[&str]) -> Link {
+        Link::bind(&SemtechUdpConfig {
+            listen: "127.0.0.1:0".into(),
+            gateway_euis: euis.iter().map(|e| e.to_string()).collect(),
+            forwarder_timeout: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn downlinks_stay_with_a_live_forwarder_and_move_when_it_moves_or_falls_silent() {
+        let l = link(&["0000000000000001", "0000000000000002"]);
+        let (a, a2, b): (SocketAddr, SocketAddr, SocketAddr) = (
+            "127.0.0.1:4001".parse().unwrap(),
+            "127.0.0.1:4002".parse().unwrap(),
+            "127.0.0.1:5001".parse().unwrap(),
+        );
+        let t0 = Instant::now();
+        let generation = |l: &Link| l.lock().generation;
+        assert!(l.pulled(0, a, t0), "the first pull: downlinks go there");
+        let g = generation(&l);
+        // The other forwarder's keep-alives do not move them, nor do A's own.
+        for k in 1..5 {
+            assert!(!l.pulled(1, b, t0 + Duration::from_secs(k)));
+            assert!(!l.pulled(0, a, t0 + Duration::from_secs(k)));
+        }
+        assert_eq!(generation(&l), g);
+        assert_eq!(l.up(t0 + Duration::from_secs(5)), Some(a));
+        // A restarted on another port: what was scheduled against its old counter is stale.
+        assert!(l.pulled(0, a2, t0 + Duration::from_secs(6)));
+        assert_eq!(generation(&l), g + 1);
+        // A falls silent; B's next pull takes the downlinks.
+        let later = t0 + Duration::from_secs(40);
+        assert!(l.pulled(1, b, later));
+        assert_eq!(l.up(later), Some(b));
+        assert_eq!(generation(&l), g + 2);
+    }
+
+    #[test]
+    fn a_tx_ack_counts_only_for_a_pull_resp_of_ours() {
+        let l = link(&["0000000000000001"]);
+        assert!(!l.tx_acked(7, None), "no PULL_RESP with token 7 was sent");
+        l.pulled(0, "127.0.0.1:9".parse().unwrap(), Instant::now());
+        let (_, g) = l.clock().unwrap();
+        let p = crate::radio::hal::TxPacket {
+            freq_hz: 869_525_000,
+            mode: crate::radio::hal::TxMode::Immediate,
+            rf_chain: 0,
+            rf_power: 14,
+            modulation: crate::radio::hal::Modulation::Lora {
+                spreading_factor: 9,
+                bandwidth_hz: 125_000,
+                code_rate: crate::radio::hal::CodeRate::Cr45,
+            },
+            invert_polarity: true,
+            preamble: 8,
+            no_crc: true,
+            no_header: false,
+            freq_deviation_khz: 0,
+            payload: vec![0x60],
+        };
+        let Ok(Sent::Awaiting(token)) = l.send(&p, g) else {
+            panic!("sent")
+        };
+        assert!(matches!(l.send(&p, g + 1), Ok(Sent::Stale)));
+        assert!(l.tx_acked(token, Some("TOO_LATE".into())));
+        assert!(!l.tx_acked(token, None), "a repeated TX_ACK counts once");
+        assert_eq!(l.take_acks(), vec![(token, Some("TOO_LATE".to_string()))]);
     }
 }
