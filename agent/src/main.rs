@@ -681,11 +681,11 @@ async fn run(
         sets: sets.to_vec(),
         linked: Some(linked()),
         running: cfg.source.clone(),
-        keys_sha256: cfg.rules.as_ref().and_then(|r| {
+        keys_sha256: std::sync::Mutex::new(cfg.rules.as_ref().and_then(|r| {
             lora_edge::files::read_bounded(&r.keys_file, config::MAX_FILE_BYTES)
                 .ok()
                 .map(|b| lora_edge::ops::state::sha256_hex(&b))
-        }),
+        })),
         rules: std::sync::Mutex::new(rules_control),
     });
     let _ = RELOADER.set(reloader.clone());

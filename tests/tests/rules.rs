@@ -754,7 +754,7 @@ fn sighup_runs_a_changed_threshold_without_touching_the_running_pump_and_a_broke
         .unwrap();
     assert_eq!(dropped, "0");
 
-    // A changed keys file is named, not silently ignored: the keys are read only at start.
+    // A changed keys file is read again; no session changed, nothing else moves.
     let keys = std::fs::read_to_string(dir.path().join("keys.toml")).unwrap();
     pki::write(
         dir.path(),
@@ -764,13 +764,53 @@ fn sighup_runs_a_changed_threshold_without_touching_the_running_pump_and_a_broke
     );
     hup();
     assert!(
-        agent.wait_log(
-            "rules.keys_file (its content changed: the keys are read only at start)",
-            Duration::from_secs(10)
-        ),
+        agent.wait_log("rules: keys file reloaded", Duration::from_secs(10)),
         "{}",
         agent.log()
     );
+    assert_eq!(relay(dir.path()), vec![false, true, false]);
+}
+
+/// A sensor rejoined while its pump runs: the technician puts its new session in the keys file
+/// and reloads (SIGHUP). The running pump is not touched by the reload; the rejoined sensor's
+/// next readings are heard and stop it. Before the reload its frames are not ours.
+#[test]
+fn a_rejoined_sensors_new_keys_are_heard_after_a_reload_without_touching_the_pump() {
+    let scenario = vec![
+        at(500, SENSOR.uplink(1, 2, &level(3000))),
+        at(1000, SENSOR.uplink(2, 2, &level(3010))),
+        // Rejoined: low readings under its new session, long after the reload below.
+        at(15_000, SENSOR_REJOINED.uplink(1, 2, &level(300))),
+        at(15_500, SENSOR_REJOINED.uplink(2, 2, &level(310))),
+    ];
+    let (_broker, agent, dir) = offline_agent(&scenario, &SENSOR.keys_toml());
+    assert_eq!(wait_relay(dir.path(), 2, &agent), vec![false, true]);
+    pki::write(dir.path(), "keys.toml", &SENSOR_REJOINED.keys_toml(), 0o600);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid().unwrap() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    assert!(
+        agent.wait_log("rules: keys file reloaded", Duration::from_secs(10)),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("70b3d57ed0001a01") || log.contains("70B3D57ED0001A01"),
+        "{log}"
+    );
+    // The reload itself moved nothing.
+    assert_eq!(relay(dir.path()), vec![false, true], "{}", agent.log());
+    // The rejoined sensor's low level stops the pump.
+    assert_eq!(
+        wait_relay(dir.path(), 3, &agent),
+        vec![false, true, false],
+        "{}",
+        agent.log()
+    );
+    assert!(!agent.log().contains("frame dropped"), "{}", agent.log());
 }
 
 /// Runs openssl (the test's own signer, not the agent's code).

@@ -10,7 +10,8 @@
 //! - `health`: the current `state/health` message;
 //! - `reload`: the configuration and rule files on disk checked as `lora-edge check` does; the
 //!   rules run in place of the running ones (`rules_change.rs`: pump states kept), other
-//!   changed keys are named (they take effect at the next restart); a broken file changes
+//!   changed keys are named (they take effect at the next restart); a changed keys file gives
+//!   the rules stage its sessions (a rejoined sensor heard again); a broken file changes
 //!   nothing and the answer says why (SIGHUP does the same);
 //! - `apply` with `"rules"` (the rule file's text, and `"signature"` when
 //!   `rules.public_key` is set): checked, run, then written in place of the rule file;
@@ -53,8 +54,8 @@ pub struct Reloader {
     pub linked: Option<crate::config::Linked>,
     /// The configuration as running (`Config::source`), to tell what changed on disk.
     pub running: toml::Table,
-    /// The keys file's sha256 as read at start (it is read only then).
-    pub keys_sha256: Option<String>,
+    /// The sha256 of the keys file the rules stage runs with.
+    pub keys_sha256: std::sync::Mutex<Option<String>>,
     /// Taken away at shutdown (`close`): it holds a sender of the rules stage's input, which
     /// ends when every sender is gone.
     pub rules: std::sync::Mutex<Option<super::rules_change::RulesControl>>,
@@ -106,11 +107,11 @@ impl Reloader {
                 .ok()
                 .map(|b| super::state::sha256_hex(&b))
         });
-        if keys_now.is_some() && keys_now != self.keys_sha256 {
-            changed.push(
-                "rules.keys_file (its content changed: the keys are read only at start)".into(),
-            );
-        }
+        let keys_running = self
+            .keys_sha256
+            .lock()
+            .map(|k| k.clone())
+            .unwrap_or_default();
         let rules =
             match (self.with_rules(|r| r.reload()), &cfg.rules) {
                 (Some(r), _) => Some(r?),
@@ -121,8 +122,26 @@ impl Reloader {
                 ),
                 (None, None) => None,
             };
+        // A changed keys file (a sensor rejoined): its sessions, pump states untouched.
+        let keys = match keys_now {
+            Some(k) if Some(&k) != keys_running.as_ref() => match self.with_rules(|r| r.rekey()) {
+                Some(Ok(said)) => {
+                    if let Ok(mut running) = self.keys_sha256.lock() {
+                        *running = Some(k);
+                    }
+                    json!({"applied": said})
+                }
+                Some(Err(why)) => {
+                    changed.push(format!("rules.keys_file (refused while running: {why})"));
+                    json!({"refused": why})
+                }
+                None => Value::Null,
+            },
+            _ => Value::Null,
+        };
         Ok(json!({
             "rules_sha256": rules,
+            "keys": keys,
             "restart_needed_for": changed,
         }))
     }
@@ -351,7 +370,7 @@ mod fuzz {
                 sets: vec![],
                 linked: Some(crate::config::Linked::Simulator),
                 running: toml::Table::new(),
-                keys_sha256: None,
+                keys_sha256: Default::default(),
                 rules: std::sync::Mutex::new(None),
             }),
             changes: Arc::new(ConfigControl::new(

@@ -87,6 +87,17 @@ impl RulesControl {
         Ok(sha)
     }
 
+    /// Reads the keys file again and has the stage take its sessions (`Stage::rekey`).
+    pub fn rekey(&self) -> Result<String, String> {
+        let sessions = rules::lorawan::load_keys(&self.cfg.keys_file).map_err(|e| e.join("; "))?;
+        let (tx, rx) = sync_channel(1);
+        self.stage
+            .send(Input::Keys(sessions, tx))
+            .map_err(|_| "the rules stage is not running".to_string())?;
+        rx.recv_timeout(ANSWER_WITHIN)
+            .map_err(|_| "the rules stage did not answer".to_string())?
+    }
+
     /// A rule file's text from the centre.
     pub fn apply(
         &self,

@@ -73,16 +73,31 @@ pub fn load(cfg: &RulesConfig) -> Result<Loaded, Vec<String>> {
     Ok(Loaded { rules, sessions })
 }
 
-/// The DevAddrs whose frames the uplink stage copies to the rules stage.
+/// The DevAddrs whose frames the uplink stage copies to the rules stage; the rules stage
+/// changes them when the keys file gives a device a new session (a rejoin).
 #[derive(Debug, Clone, Default)]
-pub struct Watch(HashSet<[u8; 4]>);
+pub struct Watch(Arc<std::sync::RwLock<HashSet<[u8; 4]>>>);
 
 impl Watch {
+    fn of(addrs: impl IntoIterator<Item = [u8; 4]>) -> Watch {
+        Watch(Arc::new(std::sync::RwLock::new(
+            addrs.into_iter().collect(),
+        )))
+    }
+
     /// True for a data uplink from a watched DevAddr (a cheap look at the header, no crypto).
     pub fn wants(&self, phy: &[u8]) -> bool {
         matches!(phy.first().map(|m| m >> 5), Some(2) | Some(4))
             && phy.len() >= 5
-            && self.0.contains(&[phy[4], phy[3], phy[2], phy[1]])
+            && self
+                .0
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&[phy[4], phy[3], phy[2], phy[1]])
+    }
+
+    fn set(&self, addrs: impl IntoIterator<Item = [u8; 4]>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = addrs.into_iter().collect();
     }
 }
 
@@ -100,6 +115,8 @@ pub enum Input {
     /// A new rule file to run in place of this one (`Engine::reload`); the answer says whether
     /// it runs (the new sha256) or why not.
     Reload(Box<RuleSet>, SyncSender<Result<String, String>>),
+    /// A new keys file's sessions (`Stage::rekey`); the answer names the devices re-keyed.
+    Keys(Vec<lorawan::Session>, SyncSender<Result<String, String>>),
 }
 
 /// What the Class C actuators need from the rest of the agent.
@@ -132,6 +149,8 @@ pub struct Stage {
     /// What the downlink stage did with each Class C frame.
     handed: Receiver<crate::downlink::Handed>,
     sessions: Sessions,
+    /// What the uplink stage copies here (the rule devices' DevAddrs).
+    watch: Watch,
     actuators: actuator::Shared,
     input: Receiver<Input>,
     audit: SyncSender<Event>,
@@ -266,13 +285,12 @@ impl Stage {
                 durable.insert(p.id.clone(), d);
             }
         }
-        let watch = Watch(
+        let watch = Watch::of(
             rules
                 .devices
                 .iter()
                 .filter_map(|d| sessions.iter().find(|s| s.dev_eui == d.dev_eui))
-                .map(|s| s.dev_addr_bytes())
-                .collect(),
+                .map(|s| s.dev_addr_bytes()),
         );
         let mut engine = Engine::new(rules, boot, &durable);
         for si in 0..engine.rules().sensors.len() {
@@ -285,6 +303,7 @@ impl Stage {
             links,
             handed,
             sessions: Sessions::new(sessions),
+            watch: watch.clone(),
             actuators: actuators.clone(),
             input,
             audit,
@@ -345,6 +364,9 @@ impl Stage {
                 Ok(Input::Reload(rules, answer)) => {
                     let _ = answer.send(self.reload(*rules));
                 }
+                Ok(Input::Keys(sessions, answer)) => {
+                    let _ = answer.send(self.rekey(sessions));
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -391,6 +413,89 @@ impl Stage {
         let out = self.engine.tick(now);
         self.apply(out, None);
         Ok(after)
+    }
+
+    /// A new keys file: a device whose session changed (a rejoin, new keys) is heard with the
+    /// new one from its next frame, its counter starting afresh; an unchanged session keeps
+    /// its counter. Refused whole (nothing changed) when a rule device has no keys, or a Class C
+    /// actuator's keys changed (its downlink counter and frames belong to the running session:
+    /// a restart applies it). Pump states are not touched.
+    fn rekey(&mut self, new: Vec<lorawan::Session>) -> Result<String, String> {
+        let rules = self.engine.rules();
+        let mut why = Vec::new();
+        for d in &rules.devices {
+            let Some(n) = new.iter().find(|s| s.dev_eui == d.dev_eui) else {
+                why.push(format!("device {} has no keys in the new file", d.dev_eui));
+                continue;
+            };
+            let running = self
+                .sessions
+                .index_of(&d.dev_eui)
+                .map(|i| &self.sessions.sessions[i]);
+            let drives = rules.pumps.iter().find(|p| {
+                matches!(&p.actuator, file::Actuator::LorawanClassC(c) if c.device == d.dev_eui)
+            });
+            if let (Some(p), Some(r)) = (drives, running) {
+                if r.id() != n.id() {
+                    why.push(format!(
+                        "device {} drives pump {} over Class C: its keys change only at a restart",
+                        d.dev_eui, p.id
+                    ));
+                }
+            }
+        }
+        if !why.is_empty() {
+            tracing::warn!(why = %why.join("; "), "rules: a new keys file was refused; the running keys stay");
+            return Err(format!("keys not applied: {}", why.join("; ")));
+        }
+        let mut old = std::mem::replace(&mut self.sessions, Sessions::new(Vec::new())).sessions;
+        let mut rekeyed = Vec::new();
+        let sessions: Vec<lorawan::Session> = new
+            .into_iter()
+            .map(|n| {
+                match old
+                    .iter()
+                    .position(|o| o.dev_eui == n.dev_eui && o.id() == n.id())
+                {
+                    Some(i) => old.swap_remove(i),
+                    None => {
+                        if rules.devices.iter().any(|d| d.dev_eui == n.dev_eui) {
+                            rekeyed.push(n.dev_eui.clone());
+                        }
+                        n
+                    }
+                }
+            })
+            .collect();
+        self.watch.set(
+            rules
+                .devices
+                .iter()
+                .filter_map(|d| sessions.iter().find(|s| s.dev_eui == d.dev_eui))
+                .map(|s| s.dev_addr_bytes()),
+        );
+        self.sessions = Sessions::new(sessions);
+        let now = self.now();
+        tracing::info!(rekeyed = ?rekeyed, "rules: keys file reloaded; pump states untouched");
+        self.send_audit(Audit {
+            at_ms: now,
+            subject: "rules".into(),
+            action: "keys_reload",
+            reasons: vec![if rekeyed.is_empty() {
+                "keys file reloaded: no rule device's session changed".to_string()
+            } else {
+                format!(
+                    "keys file reloaded: new session (counter starts afresh) for {}",
+                    rekeyed.join(", ")
+                )
+            }],
+            inputs: vec![],
+        });
+        Ok(if rekeyed.is_empty() {
+            "no rule device's session changed".into()
+        } else {
+            format!("new session for {}", rekeyed.join(", "))
+        })
     }
 
     /// The running rule file's sha256, for the health message.
@@ -1186,6 +1291,45 @@ remote_lease_max = "1h"
             failures.len(),
             failures[0]
         );
+    }
+
+    /// A Class C actuator's keys change only at a restart: its downlink counter and the frames
+    /// in flight belong to the running session. An unchanged file is taken; one without the
+    /// device's keys is refused whole.
+    #[test]
+    fn a_keys_reload_keeps_the_running_actuator_session_or_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let b = Bench::new();
+        let mut stage = b.class_c_stage();
+        let keys = |addr: [u8; 4], nwk: [u8; 16]| {
+            let f = b.dir.path().join("keys2.toml");
+            std::fs::write(
+                &f,
+                format!(
+                    "[[device]]\ndev_eui = \"a84041000181abcd\"\ndev_addr = \"{}\"\nnwk_s_key = \"{}\"\napp_s_key = \"{}\"\n",
+                    hex::encode(addr),
+                    hex::encode(nwk),
+                    hex::encode(ACTUATOR_APP)
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+            lorawan::load_keys(&f).unwrap()
+        };
+        let same = stage.rekey(keys(ACTUATOR_ADDR, ACTUATOR_NWK)).unwrap();
+        assert!(same.contains("no rule device's session changed"), "{same}");
+        let e = stage.rekey(keys([0x26, 0, 0, 1], [0x77; 16])).unwrap_err();
+        assert!(e.contains("drives pump") && e.contains("restart"), "{e}");
+        let e = stage.rekey(Vec::new()).unwrap_err();
+        assert!(e.contains("has no keys"), "{e}");
+        // The running session is still the one in use.
+        assert!(stage.watch.wants(&[
+            0x40,
+            ACTUATOR_ADDR[3],
+            ACTUATOR_ADDR[2],
+            ACTUATOR_ADDR[1],
+            ACTUATOR_ADDR[0]
+        ]));
     }
 
     #[test]
