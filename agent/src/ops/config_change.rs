@@ -503,7 +503,76 @@ impl ConfigControl {
             }
         }
         let new_text = toml::to_string(&merged).map_err(|e| e.to_string())?;
-        if new_text.as_bytes() == current.as_slice() {
+        self.provisional(
+            remote,
+            request,
+            &current,
+            new_text,
+            confirm,
+            radio,
+            revert_after,
+        )
+    }
+
+    /// `rollback` with `"config": true`: the centre's changes as they were before the last one
+    /// (`remote.toml.prev`), run as a change of its own — checked, provisional, kept or undone
+    /// exactly like an `apply` (a rollback that cuts the gateway off is undone too).
+    pub fn rollback(&self, request: &Value) -> Result<Value, String> {
+        let Some(remote) = &self.remote else {
+            return Err(
+                "this gateway takes no configuration from the centre: ops.remote_config \
+                        is not set in its configuration file"
+                    .into(),
+            );
+        };
+        if self.pending().is_some() || beside(remote, ".pending").exists() {
+            return Err("a change is still provisional: one change at a time (it is kept or undone within its revert time)".into());
+        }
+        let prev = beside(remote, ".prev");
+        let before = crate::files::read_bounded(&prev, config::MAX_FILE_BYTES)
+            .map_err(|e| format!("no earlier change to go back to ({}: {e})", prev.display()))?;
+        let current =
+            crate::files::read_bounded(remote, config::MAX_FILE_BYTES).unwrap_or_default();
+        let parse = |b: &[u8], what: &Path| -> Result<toml::Table, String> {
+            String::from_utf8_lossy(b)
+                .parse()
+                .map_err(|e| format!("{} is not TOML: {e}", what.display()))
+        };
+        let (old, now) = (parse(&before, &prev)?, parse(&current, remote)?);
+        // The tables that differ say what the rollback touches, as for an apply.
+        let differs = |t: &str| old.get(t) != now.get(t);
+        let reach = differs("mqtt") || differs("gateway");
+        let radio = differs("radio") || differs("region");
+        let confirm = reach || request["confirm"].as_bool() == Some(true);
+        if reach && request["confirm"].as_bool() == Some(false) {
+            return Err("a rollback that changes mqtt.* or gateway.* needs the centre's confirm: \"confirm\": false is refused".into());
+        }
+        let new_text = toml::to_string(&old).map_err(|e| e.to_string())?;
+        self.provisional(
+            remote,
+            request,
+            &current,
+            new_text,
+            confirm,
+            radio,
+            self.revert_after,
+        )
+    }
+
+    /// Checks `new_text` in place of `remote` with every configuration file, writes `.prev`
+    /// (`current`) and `.pending`, puts it in place and restarts the agent with it.
+    #[allow(clippy::too_many_arguments)]
+    fn provisional(
+        &self,
+        remote: &Path,
+        request: &Value,
+        current: &[u8],
+        new_text: String,
+        confirm: bool,
+        radio: bool,
+        revert_after: Duration,
+    ) -> Result<Value, String> {
+        if new_text.as_bytes() == current {
             return Err(
                 "nothing changes: the running configuration already has these values".into(),
             );
@@ -516,7 +585,7 @@ impl ConfigControl {
             )
         })?;
         let mut files = self.files.clone();
-        files.retain(|f| f != remote);
+        files.retain(|f| f.as_path() != remote);
         files.push(new.clone());
         if let Err(e) =
             crate::check::configuration(&files, &self.sets, self.linked, crate::check::Depth::Files)
@@ -543,7 +612,7 @@ impl ConfigControl {
             radio,
             starts: 0,
         };
-        let placed = write_atomic(&beside(remote, ".prev"), &current)
+        let placed = write_atomic(&beside(remote, ".prev"), current)
             .and_then(|_| {
                 write_atomic(
                     &beside(remote, ".pending"),
@@ -897,6 +966,53 @@ mod tests {
             .apply(&json!({"id": "ok-3", "op": "apply", "config": "[stats]\ninterval = \"8s\"\n"}))
             .unwrap_err()
             .contains("still provisional"));
+    }
+
+    /// A kept change rolled back: the centre's changes as they were before it, through the
+    /// same provisional path (a rollback that touches the backhaul needs the confirm too).
+    #[test]
+    fn a_kept_change_is_rolled_back_as_a_provisional_change_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, remote) = control(dir.path());
+        assert!(c
+            .rollback(&json!({"id": "r0", "op": "rollback", "config": true}))
+            .unwrap_err()
+            .contains("no earlier change"));
+        c.apply(&json!({"id": "a1", "op": "apply", "config": "[stats]\ninterval = \"7s\"\n"}))
+            .unwrap();
+        assert!(c
+            .rollback(&json!({"id": "r1", "op": "rollback", "config": true}))
+            .unwrap_err()
+            .contains("still provisional"));
+        // Kept (what `watch` does once proven), in a fresh process.
+        std::fs::remove_file(beside(&remote, ".pending")).unwrap();
+        let (c, _) = control(dir.path());
+        c.apply(&json!({"id": "a2", "op": "apply", "config": "[mqtt]\nkeep_alive = \"20s\"\n"}))
+            .unwrap();
+        std::fs::remove_file(beside(&remote, ".pending")).unwrap();
+        let (c, _) = control(dir.path());
+        let with_both = std::fs::read_to_string(&remote).unwrap();
+        assert!(with_both.contains("keep_alive") && with_both.contains("interval"));
+        let e = c
+            .rollback(&json!({"id": "r2", "op": "rollback", "config": true, "confirm": false}))
+            .unwrap_err();
+        assert!(e.contains("confirm"), "{e}");
+        let a = c
+            .rollback(&json!({"id": "r3", "op": "rollback", "config": true}))
+            .unwrap();
+        assert_eq!(a["confirm_needed"], true, "it changes mqtt.*: {a}");
+        let back = std::fs::read_to_string(&remote).unwrap();
+        assert!(
+            back.contains("interval") && !back.contains("keep_alive"),
+            "{back}"
+        );
+        let p: Pending = read_json(&beside(&remote, ".pending")).unwrap();
+        assert_eq!(p.id, json!("r3"));
+        // And its own .prev is the state it replaced: undoing the rollback restores both.
+        assert_eq!(
+            std::fs::read_to_string(beside(&remote, ".prev")).unwrap(),
+            with_both
+        );
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //!   nothing and the answer says why (SIGHUP does the same);
 //! - `apply` with `"rules"` (the rule file's text, and `"signature"` when
 //!   `rules.public_key` is set): checked, run, then written in place of the rule file;
-//! - `rollback`: the previous rule file;
+//! - `rollback`: the previous rule file; with `"config": true`, the centre's configuration
+//!   changes as they were before the last kept one (`config_change.rs`, provisional);
 //! - `apply` with `"config"` (a TOML fragment) and `confirm`: a provisional configuration
 //!   change, kept or undone by the agent (`config_change.rs`).
 
@@ -311,6 +312,9 @@ impl Requests {
                          or their files did not load at start)",
                     )?
                     .map(|sha| json!({"rules_sha256": sha}))
+            }
+            "rollback" if request["config"].as_bool() == Some(true) => {
+                self.changes.rollback(request)
             }
             "rollback" => self
                 .reloader
