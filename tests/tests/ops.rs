@@ -640,6 +640,25 @@ fn a_change_is_kept_once_the_backhaul_is_up_with_it_and_the_centre_confirmed() {
         said.contains("includes the changes the centre applied"),
         "{said}"
     );
+    // The centre takes it back: a rollback runs the changes as they were before (none), as a
+    // provisional change of its own, kept once the backhaul is up with it.
+    let r = ops_request(
+        &collector,
+        broker.port,
+        "back",
+        serde_json::json!({"op": "rollback", "config": true, "revert_after_s": 60}),
+        &agent,
+    );
+    assert_eq!(r["ok"], true, "{r}\n{}", agent.log());
+    assert_eq!(r["result"]["confirm_needed"], false, "{r}");
+    answer_where(&collector, "back", Duration::from_secs(40), |a| {
+        a["result"]["kept"] == true
+    })
+    .unwrap_or_else(|| panic!("the rollback was not kept\n{}", agent.log()));
+    assert!(!std::fs::read_to_string(&remote).unwrap().contains("7s"));
+    assert!(std::fs::read_to_string(beside(&remote, ".prev"))
+        .unwrap()
+        .contains("7s"));
 }
 
 fn plan(version: &str, channels: &[(u32, Vec<u32>)]) -> Vec<u8> {
