@@ -216,6 +216,18 @@ mod tests {
         let f = write(d, "b.toml", "[radio]\nbackend = \"semtech_udp\"\n");
         let e = errors(std::slice::from_ref(&f), &[]);
         assert!(e.len() == 1 && e[0].contains("gateway_ID"), "{e:?}");
+        // A random port, two forwarders, a timeout one lost keep-alive would trip.
+        let f = write(
+            d,
+            "d.toml",
+            "[radio]\nbackend = \"semtech_udp\"\n[radio.semtech_udp]\nlisten = \"127.0.0.1:0\"\n\
+             gateway_euis = [\"0016c001ff10a235\", \"0016c001ff10a236\"]\nforwarder_timeout = \"2s\"\n",
+        );
+        let e = errors(std::slice::from_ref(&f), &[]);
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].contains("port 0"), "{e:?}");
+        assert!(e[1].contains("one forwarder per agent"), "{e:?}");
+        assert!(e[2].contains("keepalive_interval"), "{e:?}");
         // A good one loads on any build.
         let f = write(
             d,

@@ -291,7 +291,13 @@ fn health_identity(
     lora_edge::ops::state::Identity {
         gateway_id: gateway_id.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        hal: Concentrator::describe_linked(),
+        hal: match cfg.radio.backend {
+            config::Backend::SemtechUdp => format!(
+                "a Semtech UDP packet forwarder (protocol 2) sending to {}",
+                cfg.radio.semtech_udp.listen
+            ),
+            _ => Concentrator::describe_linked(),
+        },
         config_files,
         config_sha256: sha256_hex(&all),
         certificate_expires: cfg

@@ -629,9 +629,12 @@ impl Downlinks {
                 shutting_down = all,
                 "no TX_ACK from the packet forwarder: answered INTERNAL_ERROR (it may or may not have been sent)"
             );
-            if let Ok(mut f) = self.counters.forwarder.lock() {
-                if let Some(f) = f.as_mut() {
-                    f.tx_ack_timeouts += 1;
+            // Abandoned at shutdown is not the forwarder's silence.
+            if !all {
+                if let Ok(mut f) = self.counters.forwarder.lock() {
+                    if let Some(f) = f.as_mut() {
+                        f.tx_ack_timeouts += 1;
+                    }
                 }
             }
             self.answer(p, gw::TxAckStatus::InternalError, start);

@@ -48,6 +48,8 @@ pub struct ForwarderFigures {
     pub duplicate_pushes: u64,
     /// Downlinks handed over without a TX_ACK within `tx_ack_timeout`.
     pub tx_ack_timeouts: u64,
+    /// TX_ACKs for no PULL_RESP of ours to that address (late, repeated, spoofed).
+    pub unmatched_tx_acks: u64,
     /// The forwarder's last `stat`, in its own names (rxnb, rxok, rxfw, ackr, dwnb, txnb).
     pub stat: Vec<(&'static str, String)>,
     /// From its `stat`: latitude, longitude, altitude.

@@ -157,6 +157,7 @@ impl HealthReporter {
                     "rejected": f.rejected,
                     "duplicate_pushes": f.duplicate_pushes,
                     "tx_ack_timeouts": f.tx_ack_timeouts,
+                    "unmatched_tx_acks": f.unmatched_tx_acks,
                     "stat": f.stat.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 })),
             },

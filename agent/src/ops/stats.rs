@@ -202,6 +202,10 @@ impl StatsReporter {
             }
             put("udp_duplicate_pushes_total", f.duplicate_pushes.to_string());
             put("udp_tx_ack_timeouts_total", f.tx_ack_timeouts.to_string());
+            put(
+                "udp_unmatched_tx_acks_total",
+                f.unmatched_tx_acks.to_string(),
+            );
             for (k, v) in &f.stat {
                 put(&format!("forwarder_{k}"), v.clone());
             }

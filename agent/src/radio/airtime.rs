@@ -29,7 +29,9 @@ pub fn time_on_air_us(p: &TxPacket) -> Option<u32> {
             let crc = if p.no_crc { 0.0 } else { 16.0 };
             let header = if p.no_header { 20.0 } else { 0.0 };
             let n = ((8.0 * len - 4.0 * sf + 28.0 + crc - header) / (4.0 * (sf - de))).ceil();
-            let symbols = p.preamble as f64 + 4.25 + 8.0 + (n * (cr + 4.0)).max(0.0);
+            // 0: not given, the radio's default of 8 symbols.
+            let preamble = if p.preamble == 0 { 8 } else { p.preamble };
+            let symbols = preamble as f64 + 4.25 + 8.0 + (n * (cr + 4.0)).max(0.0);
             Some((symbols * t_sym_us).ceil() as u32)
         }
         Modulation::Fsk { datarate } if datarate > 0 => {

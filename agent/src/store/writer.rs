@@ -264,13 +264,16 @@ impl Writer {
             .collect();
         match self.queue.append(&records) {
             Ok((range, evictions)) => {
-                if std::mem::take(failing) {
+                let resumed = std::mem::take(failing);
+                if resumed {
                     tracing::warn!("store: appends resume after a write failure");
                 }
                 debug_assert_eq!(*range.start(), first);
                 Counters::add(&self.counters.up_accepted, uplinks);
                 self.appended.send_replace(*range.end());
-                tell(true);
+                // Right after a refused batch, a receipt here may also stand for events of
+                // that batch: told "refused", which errs on the side of a re-send.
+                tell(!resumed);
                 evictions
             }
             Err(e) => {

@@ -39,16 +39,32 @@ const RECENT_PUSHES: usize = 64;
 /// The settings' problems, by key, for `check`.
 pub fn check(cfg: &SemtechUdpConfig) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
-    if let Err(e) = cfg.listen.parse::<SocketAddr>() {
-        out.push((
+    match cfg.listen.parse::<SocketAddr>() {
+        Err(e) => out.push((
             "radio.semtech_udp.listen",
             format!(
                 "{:?} is not an address and port such as \"127.0.0.1:1700\" ({e})",
                 cfg.listen
             ),
-        ));
+        )),
+        Ok(a) if a.port() == 0 => out.push((
+            "radio.semtech_udp.listen",
+            "port 0 would be a port chosen at random, which the forwarder cannot know: give \
+             its serv_port_up/serv_port_down (1700 by default)"
+                .to_string(),
+        )),
+        Ok(_) => {}
     }
     match euis(cfg) {
+        Ok(v) if v.len() > 1 => out.push((
+            "radio.semtech_udp.gateway_euis",
+            format!(
+                "{} EUIs: one forwarder per agent (an uplink's context carries its counter, not \
+                 which forwarder heard it, so a downlink could go to the wrong one): run an agent \
+                 for each",
+                v.len()
+            ),
+        )),
         Ok(v) if v.is_empty() => out.push((
             "radio.semtech_udp.gateway_euis",
             "empty: list the forwarder's gateway_ID (its local_conf.json), e.g. [\"0016c001ff10d3f6\"]; \
@@ -69,13 +85,14 @@ pub fn check(cfg: &SemtechUdpConfig) -> Vec<(&'static str, String)> {
             ),
         ));
     }
-    if cfg.forwarder_timeout < Duration::from_secs(1)
+    if cfg.forwarder_timeout < Duration::from_secs(5)
         || cfg.forwarder_timeout > Duration::from_secs(3600)
     {
         out.push((
             "radio.semtech_udp.forwarder_timeout",
             format!(
-                "{} (from 1s to 1h; lora_pkt_fwd's keepalive_interval is 10 s)",
+                "{} (from 5s to 1h, and at least 3 times the forwarder's keepalive_interval, \
+                 10 s by default: one lost keep-alive must not take the radio down)",
                 humantime::format_duration(cfg.forwarder_timeout)
             ),
         ));
@@ -250,9 +267,14 @@ impl Link {
         std::mem::take(&mut self.lock().acks)
     }
 
-    fn tx_acked(&self, token: u16, error: Option<String>) -> bool {
+    /// A TX_ACK counts only from the address its PULL_RESP went to (the forwarder's pull
+    /// socket), for a token sent and not yet acknowledged.
+    fn tx_acked(&self, i: usize, from: SocketAddr, token: u16, error: Option<String>) -> bool {
         let known = {
             let mut s = self.lock();
+            if s.forwarders[i].pull_addr != Some(from) {
+                return false;
+            }
             match s.awaiting.iter().position(|(t, _)| *t == token) {
                 Some(i) => {
                     s.awaiting.remove(i);
@@ -308,6 +330,12 @@ impl Link {
         s.forwarders[i].anchor = Some((tmst, now));
     }
 
+    /// The EUI of the forwarder downlinks go to.
+    fn current_eui(&self) -> Option<u64> {
+        let s = self.lock();
+        s.current.map(|i| s.forwarders[i].eui)
+    }
+
     fn index(&self, eui: u64) -> Option<usize> {
         self.lock().forwarders.iter().position(|f| f.eui == eui)
     }
@@ -323,8 +351,13 @@ struct RecentPush {
     eui: u64,
     token: u16,
     hash: u64,
-    stored: Arc<AtomicBool>,
+    /// `PENDING`, `STORED` or `REFUSED` by the store.
+    outcome: Arc<std::sync::atomic::AtomicU8>,
 }
+
+const PENDING: u8 = 0;
+const STORED: u8 = 1;
+const REFUSED: u8 = 2;
 
 /// At most one log line a second per cause of refusal.
 #[derive(Default)]
@@ -380,10 +413,7 @@ impl Backend<'_> {
             *f = Some(ForwarderFigures::default());
         }
         let first = self.link.lock().forwarders.first().map(|f| f.eui);
-        self.status(|s| {
-            s.state = RadioState::Starting;
-            s.concentrator_eui = first;
-        });
+        self.status(|s| s.state = RadioState::Starting);
         // The forwarder's EUI names the gateway, as a concentrator's would.
         self.eui.send_replace(first);
         tracing::info!(listen = ?self.link.local_addr(), "semtech_udp: waiting for the packet forwarder");
@@ -458,7 +488,9 @@ impl Backend<'_> {
             Some(addr) if state != RadioState::Up => {
                 tracing::info!(forwarder = %addr, "semtech_udp: the packet forwarder is up");
                 Counters::add(&self.counters.radio_starts, 1);
+                let eui = self.link.current_eui();
                 self.status(|s| {
+                    s.concentrator_eui = eui;
                     s.state = RadioState::Up;
                     s.since = Some(SystemTime::now());
                     s.cause = None;
@@ -557,11 +589,9 @@ impl Backend<'_> {
                 }
             }
             Datagram::TxAck { token, error, .. } => {
-                if !self.link.tx_acked(token, error) {
-                    tracing::debug!(
-                        token,
-                        "semtech_udp: TX_ACK for no PULL_RESP of ours (late or repeated)"
-                    );
+                if !self.link.tx_acked(i, from, token, error) {
+                    self.figures(|f| f.unmatched_tx_acks += 1);
+                    tracing::debug!(token, %from, "semtech_udp: TX_ACK for no PULL_RESP of ours to that address (late, repeated or spoofed)");
                 }
             }
             Datagram::PushData {
@@ -571,19 +601,31 @@ impl Backend<'_> {
                 stat,
             } => {
                 let h = hash(&b[12..]);
-                if let Some(seen) = recent
+                if let Some(at) = recent
                     .iter()
-                    .find(|p| p.eui == eui && p.token == token && p.hash == h)
+                    .position(|p| p.eui == eui && p.token == token && p.hash == h)
                 {
-                    self.figures(|f| f.duplicate_pushes += 1);
-                    // Acknowledged only once the first copy is in the store.
-                    if seen.stored.load(Ordering::Acquire) {
-                        self.reply(&packet::ack(packet::PUSH_ACK, token), from);
+                    match recent[at].outcome.load(Ordering::Acquire) {
+                        // Acknowledged once the first copy is in the store; not stored twice.
+                        STORED => {
+                            self.figures(|f| f.duplicate_pushes += 1);
+                            self.reply(&packet::ack(packet::PUSH_ACK, token), from);
+                            return;
+                        }
+                        PENDING => {
+                            self.figures(|f| f.duplicate_pushes += 1);
+                            return;
+                        }
+                        // The store refused the first copy: this one is taken afresh.
+                        _ => {
+                            recent.remove(at);
+                        }
                     }
-                    return;
                 }
-                if let Some(s) = stat {
-                    self.stat(s);
+                match stat {
+                    Some(Ok(s)) => self.stat(s),
+                    Some(Err((r, why))) => self.refused(r, &why, from, log),
+                    None => {}
                 }
                 let mut frames = Vec::with_capacity(rxpk.len());
                 for r in rxpk {
@@ -599,7 +641,7 @@ impl Backend<'_> {
                     self.reply(&packet::ack(packet::PUSH_ACK, token), from);
                     return;
                 }
-                let stored = Arc::new(AtomicBool::new(false));
+                let outcome = Arc::new(std::sync::atomic::AtomicU8::new(PENDING));
                 if recent.len() == RECENT_PUSHES {
                     recent.pop_front();
                 }
@@ -607,14 +649,16 @@ impl Backend<'_> {
                     eui,
                     token,
                     hash: h,
-                    stored: stored.clone(),
+                    outcome: outcome.clone(),
                 });
                 let receipt = {
                     let socket = self.link.socket.clone();
                     Receipt::new(move |appended| {
                         if appended {
-                            stored.store(true, Ordering::Release);
+                            outcome.store(STORED, Ordering::Release);
                             let _ = socket.send_to(&packet::ack(packet::PUSH_ACK, token), from);
+                        } else {
+                            outcome.store(REFUSED, Ordering::Release);
                         }
                     })
                 };
@@ -661,9 +705,14 @@ impl Backend<'_> {
             if let Some(a) = s.ackr.filter(|a| a.is_finite()) {
                 f.stat.push(("ackr", format!("{a:.1}")));
             }
+            // (0, 0) is what a forwarder without a GPS fix writes.
             if let (Some(la), Some(lo)) = (s.lati, s.long) {
-                if (-90.0..=90.0).contains(&la) && (-180.0..=180.0).contains(&lo) {
-                    f.location = Some((la, lo, s.alti.unwrap_or(0) as f64));
+                if (-90.0..=90.0).contains(&la)
+                    && (-180.0..=180.0).contains(&lo)
+                    && (la, lo) != (0.0, 0.0)
+                {
+                    let alt = s.alti.filter(|a| a.is_finite()).unwrap_or(0.0);
+                    f.location = Some((la, lo, alt));
                 }
             }
         });
@@ -716,8 +765,12 @@ mod tests {
     #[test]
     fn a_tx_ack_counts_only_for_a_pull_resp_of_ours() {
         let l = link(&["0000000000000001"]);
-        assert!(!l.tx_acked(7, None), "no PULL_RESP with token 7 was sent");
-        l.pulled(0, "127.0.0.1:9".parse().unwrap(), Instant::now());
+        let fwd: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert!(
+            !l.tx_acked(0, fwd, 7, None),
+            "no PULL_RESP with token 7 was sent"
+        );
+        l.pulled(0, fwd, Instant::now());
         let (_, g) = l.clock().unwrap();
         let p = crate::radio::hal::TxPacket {
             freq_hz: 869_525_000,
@@ -740,8 +793,16 @@ mod tests {
             panic!("sent")
         };
         assert!(matches!(l.send(&p, g + 1), Ok(Sent::Stale)));
-        assert!(l.tx_acked(token, Some("TOO_LATE".into())));
-        assert!(!l.tx_acked(token, None), "a repeated TX_ACK counts once");
+        let elsewhere: SocketAddr = "127.0.0.1:10".parse().unwrap();
+        assert!(
+            !l.tx_acked(0, elsewhere, token, Some("COLLISION_PACKET".into())),
+            "from another address than the PULL_RESP went to"
+        );
+        assert!(l.tx_acked(0, fwd, token, Some("TOO_LATE".into())));
+        assert!(
+            !l.tx_acked(0, fwd, token, None),
+            "a repeated TX_ACK counts once"
+        );
         assert_eq!(l.take_acks(), vec![(token, Some("TOO_LATE".to_string()))]);
     }
 }

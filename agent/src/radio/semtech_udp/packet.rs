@@ -101,7 +101,7 @@ pub struct Stat {
     pub time: Option<String>,
     pub lati: Option<f64>,
     pub long: Option<f64>,
-    pub alti: Option<i32>,
+    pub alti: Option<f64>,
     #[serde(default)]
     pub rxnb: u32,
     #[serde(default)]
@@ -123,7 +123,8 @@ pub enum Datagram {
         eui: u64,
         /// Each rxpk, or why it was refused.
         rxpk: Vec<Result<Rx, Refused>>,
-        stat: Option<Stat>,
+        /// A bad `stat` costs itself only, not the frames beside it.
+        stat: Option<Result<Stat, Refused>>,
     },
     PullData {
         token: u16,
@@ -248,13 +249,10 @@ pub fn parse(b: &[u8]) -> Result<Datagram, Refused> {
                 );
             }
             let rxpk = raw.into_iter().map(|r| rx(r.get())).collect();
-            let stat = match body.stat {
-                None => None,
-                Some(s) => Some(
-                    serde_json::from_str::<Stat>(s.get())
-                        .map_err(|e| (Reject::Json, format!("stat: {e}")))?,
-                ),
-            };
+            let stat = body.stat.map(|s| {
+                serde_json::from_str::<Stat>(s.get())
+                    .map_err(|e| (Reject::Json, format!("stat: {e}")))
+            });
             Ok(Datagram::PushData {
                 token,
                 eui,
@@ -365,6 +363,9 @@ fn rx(json: &str) -> Result<Rx, Refused> {
         .decode(w.data.as_bytes())
         .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(w.data.as_bytes()))
         .map_err(|e| (Reject::Json, format!("rxpk data is not base64: {e}")))?;
+    if payload.is_empty() {
+        return impossible("rxpk without data (size 0)");
+    }
     if payload.len() != w.size as usize {
         return impossible(format!(
             "rxpk size {} but its data holds {} bytes",
@@ -405,6 +406,10 @@ fn rx(json: &str) -> Result<Rx, Refused> {
     if w.rfch > 1 {
         return impossible(format!("rxpk RF chain {}", w.rfch));
     }
+    // IF chains 0-9 on an SX1301/SX1302; boards of a multi-board gateway, a few.
+    if w.chan.is_some_and(|c| c > 9) || w.brd.is_some_and(|b| b > 255) {
+        return impossible(format!("rxpk IF chain {:?} / board {:?}", w.chan, w.brd));
+    }
     // SX1302 v2 forwarders put the radio figures at the top; multi-antenna SX1301 ones in rsig.
     let first = w.rsig.as_ref().and_then(|r| r.first());
     let rssi = w.rssi.or_else(|| first.and_then(|r| r.rssic));
@@ -415,7 +420,13 @@ fn rx(json: &str) -> Result<Rx, Refused> {
         .rssis
         .or_else(|| first.and_then(|r| r.rssis))
         .unwrap_or(rssi);
-    let snr = w.lsnr.or_else(|| first.and_then(|r| r.lsnr)).unwrap_or(0.0);
+    let snr = w.lsnr.or_else(|| first.and_then(|r| r.lsnr));
+    // Every LoRa frame has an SNR; FSK has none.
+    let snr = match (snr, &modulation) {
+        (Some(v), _) => v,
+        (None, Modulation::Fsk { .. }) => 0.0,
+        (None, Modulation::Lora { .. }) => return impossible("LoRa rxpk without lsnr"),
+    };
     if !in_range(rssi, -200.0, 20.0) || !in_range(rssis, -200.0, 20.0) {
         return impossible(format!("rxpk RSSI {rssi} / {rssis} dBm"));
     }
@@ -426,11 +437,17 @@ fn rx(json: &str) -> Result<Rx, Refused> {
     if foff.unsigned_abs() > 1_000_000 {
         return impossible(format!("rxpk frequency offset {foff} Hz"));
     }
-    // A malformed time is the GPS's problem, not the frame's: the frame keeps its arrival time.
+    // A malformed or implausible time (outside 2000-2100) is the GPS's problem, not the
+    // frame's: the frame keeps its arrival time.
+    let plausible = |t: &SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .is_ok_and(|d| (946_684_800..4_102_444_800).contains(&d.as_secs()))
+    };
     let time = w
         .time
         .as_deref()
-        .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok());
+        .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
+        .filter(plausible);
     Ok(Rx {
         packet: RxPacket {
             freq_hz,
@@ -447,7 +464,8 @@ fn rx(json: &str) -> Result<Rx, Refused> {
             payload,
         },
         time,
-        tmms: w.tmms,
+        // GPS milliseconds up to the year 2296.
+        tmms: w.tmms.filter(|t| *t < 10_000_000_000_000),
         ftime_ns: w.ftime.filter(|f| *f < 1_000_000_000),
         board: w.brd.unwrap_or(0),
     })
@@ -531,7 +549,11 @@ pub fn pull_resp(token: u16, p: &TxPacket) -> Vec<u8> {
         }
     }
     txpk.insert("datr".into(), datr(&p.modulation));
-    txpk.insert("prea".into(), p.preamble.into());
+    // 0 is "not given": left out, the forwarder uses LoRaWAN's 8 symbols (it would read 0 as
+    // its minimum, 6).
+    if p.preamble > 0 {
+        txpk.insert("prea".into(), p.preamble.into());
+    }
     txpk.insert("ncrc".into(), p.no_crc.into());
     txpk.insert("size".into(), p.payload.len().into());
     txpk.insert(
@@ -596,7 +618,7 @@ mod tests {
             humantime::format_rfc3339_micros(t).to_string(),
             "2013-03-31T16:21:17.528002Z"
         );
-        assert_eq!(stat.unwrap().lati, Some(46.24));
+        assert_eq!(stat.unwrap().unwrap().lati, Some(46.24));
     }
 
     #[test]
@@ -619,6 +641,16 @@ mod tests {
                 Reject::Json,
             ),
             (good.replace("4/6", &"4".repeat(100)), Reject::Oversized),
+            (
+                good.replace("\"size\":32", "\"size\":0")
+                    .replace("+DS4CGaDCdG+48eJNM3Vai+zDpsR71Pn9CPA9uCON84", ""),
+                Reject::Impossible,
+            ),
+            (
+                good.replace("\"chan\":2", "\"chan\":200"),
+                Reject::Impossible,
+            ),
+            (good.replace(",\"lsnr\":5.1", ""), Reject::Impossible),
         ];
         let body = format!(
             r#"{{"rxpk":[{},{good}]}}"#,
@@ -635,6 +667,25 @@ mod tests {
             assert_eq!(rxpk[i].as_ref().unwrap_err().0, *why, "case {i}");
         }
         assert!(rxpk.last().unwrap().is_ok());
+    }
+
+    /// What a GPS without a fix or a confused forwarder writes is left out, not published.
+    #[test]
+    fn implausible_times_are_dropped_and_a_bad_stat_costs_only_itself() {
+        let good = RXPK.replace(
+            "-DS4CGaDCdG+48eJNM3Vai-zDpsR71Pn9CPA9uCON84",
+            "+DS4CGaDCdG+48eJNM3Vai+zDpsR71Pn9CPA9uCON84",
+        );
+        let odd = good
+            .replace("2013-03-31T16:21:17.528002Z", "9999-12-31T23:59:59.999999Z")
+            .replace("\"tmst\"", "\"tmms\":18446744073709551615,\"tmst\"");
+        let body = format!(r#"{{"rxpk":[{odd}],"stat":{{"alti":145.5,"rxnb":-1}}}}"#);
+        let Datagram::PushData { rxpk, stat, .. } = parse(&push(&body)).unwrap() else {
+            panic!()
+        };
+        let rx = rxpk[0].as_ref().unwrap();
+        assert_eq!((rx.time, rx.tmms), (None, None));
+        assert_eq!(stat.unwrap().unwrap_err().0, Reject::Json);
     }
 
     #[test]
@@ -698,7 +749,7 @@ mod tests {
     /// A random rxpk as a forwarder could write it, with the values it holds.
     fn random_rxpk(rng: &mut fastrand::Rng) -> (String, u32, u32, Vec<u8>) {
         use base64::Engine;
-        let payload: Vec<u8> = (0..rng.usize(0..=255)).map(|_| rng.u8(..)).collect();
+        let payload: Vec<u8> = (0..rng.usize(1..=255)).map(|_| rng.u8(..)).collect();
         let freq_hz = rng.u32(863_000_000..=870_000_000);
         let tmst = rng.u32(..);
         let json = format!(
@@ -812,5 +863,9 @@ mod tests {
         assert_eq!(t["ipol"], true);
         assert_eq!(t["size"], 4);
         assert_eq!(t["data"], "YAECAw==");
+        // A preamble not given is left to the forwarder (LoRaWAN's 8), not sent as 0.
+        let b = pull_resp(1, &TxPacket { preamble: 0, ..p });
+        let v: serde_json::Value = serde_json::from_slice(&b[4..]).unwrap();
+        assert!(v["txpk"].get("prea").is_none(), "{v}");
     }
 }
