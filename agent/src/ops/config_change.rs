@@ -337,14 +337,17 @@ impl ConfigControl {
     }
 
     /// `apply` with `"config"`: a TOML fragment merged over the centre's earlier changes.
+    /// `ops.remote_config`, or why the centre cannot change this gateway's configuration.
+    fn remote_file(&self) -> Result<&Path, String> {
+        self.remote.as_deref().ok_or_else(|| {
+            "this gateway takes no configuration from the centre: ops.remote_config is not set \
+             in its configuration file"
+                .to_string()
+        })
+    }
+
     pub fn apply(&self, request: &Value) -> Result<Value, String> {
-        let Some(remote) = &self.remote else {
-            return Err(
-                "this gateway takes no configuration from the centre: ops.remote_config \
-                        is not set in its configuration file"
-                    .into(),
-            );
-        };
+        let remote = self.remote_file()?;
         let on_disk = read_json::<Pending>(&beside(remote, ".pending"));
         if let Some(p) = self.pending().or(on_disk) {
             return Err(format!(
@@ -518,13 +521,7 @@ impl ConfigControl {
     /// (`remote.toml.prev`), run as a change of its own — checked, provisional, kept or undone
     /// exactly like an `apply` (a rollback that cuts the gateway off is undone too).
     pub fn rollback(&self, request: &Value) -> Result<Value, String> {
-        let Some(remote) = &self.remote else {
-            return Err(
-                "this gateway takes no configuration from the centre: ops.remote_config \
-                        is not set in its configuration file"
-                    .into(),
-            );
-        };
+        let remote = self.remote_file()?;
         if self.pending().is_some() || beside(remote, ".pending").exists() {
             return Err("a change is still provisional: one change at a time (it is kept or undone within its revert time)".into());
         }
