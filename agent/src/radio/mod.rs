@@ -324,7 +324,6 @@ impl Radio {
                         eui: &self.eui,
                         forwarder_timeout: self.settings.forwarder_timeout,
                         poll_interval: self.settings.poll_interval,
-                        idle_interval: self.settings.idle_poll_interval,
                         replan: &self.replan,
                     }
                     .run(&mut handoff);

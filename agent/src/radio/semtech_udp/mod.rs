@@ -33,6 +33,11 @@ use packet::{Datagram, Reject};
 /// A PULL_RESP still waiting for its TX_ACK is forgotten after this (the downlink stage has
 /// answered it long before, at `tx_ack_timeout`).
 const AWAIT_FORGET: Duration = Duration::from_secs(60);
+/// A quiet socket is waited on this long at a time: a datagram wakes the thread at once, this
+/// only bounds how late the stop flag and the keep-alive watch are looked at (there is no
+/// concentrator to poll: an idle gateway on this backend wakes twice a second).
+const QUIET_WAKE: Duration = Duration::from_millis(500);
+
 /// Pushes remembered to recognise a re-sent one.
 const RECENT_PUSHES: usize = 64;
 
@@ -170,7 +175,7 @@ impl Link {
         let socket =
             UdpSocket::bind(addr).map_err(|e| format!("radio.semtech_udp.listen {addr}: {e}"))?;
         socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
+            .set_read_timeout(Some(QUIET_WAKE))
             .map_err(|e| e.to_string())?;
         Ok(Link {
             socket: Arc::new(socket),
@@ -399,9 +404,8 @@ pub(super) struct Backend<'a> {
     pub stop: &'a AtomicBool,
     pub eui: &'a watch::Sender<Option<u64>>,
     pub forwarder_timeout: Duration,
-    /// `radio.poll_interval` and `radio.idle_poll_interval`.
+    /// `radio.poll_interval`: how long frames gather while datagrams stream.
     pub poll_interval: Duration,
-    pub idle_interval: Duration,
     /// Channel plans from the centre: refused, the forwarder's plan is its own.
     pub replan: &'a std::sync::mpsc::Receiver<super::Replan>,
 }
@@ -455,14 +459,10 @@ impl Backend<'_> {
                 next_pass = now + self.poll_interval;
             }
             // Waiting: the poll interval while frames come (what waits goes on at the next
-            // timeout at the latest), the idle interval once it is quiet.
+            // timeout at the latest), QUIET_WAKE once it is quiet.
             if busy == quiet {
                 busy = !quiet;
-                let timeout = if busy {
-                    self.poll_interval
-                } else {
-                    self.idle_interval
-                };
+                let timeout = if busy { self.poll_interval } else { QUIET_WAKE };
                 let _ = self.link.socket.set_read_timeout(Some(timeout));
             }
             while let Ok(r) = self.replan.try_recv() {
