@@ -888,7 +888,11 @@ fn a_rule_file_from_the_centre_runs_only_signed_for_this_gateway_and_never_twice
         agent.log()
     );
     let raised = RULES.replace("stop_at = 1.0", "stop_at = 1.5");
-    let other_shape = RULES.replace("id = \"P1\"", "id = \"P2\"");
+    // A new pump whose actuator cannot be opened (its relay file's directory is missing): the
+    // running stage refuses the whole file.
+    let other_shape = RULES
+        .replace("id = \"P1\"", "id = \"P2\"")
+        .replace("relay.jsonl", "missing-dir/relay.jsonl");
     let ask =
         |id: &str, body: serde_json::Value| ops_request(&collector, broker.port, id, body, &agent);
     let on_disk = || std::fs::read_to_string(dir.path().join("rules.toml")).unwrap();
@@ -913,12 +917,12 @@ fn a_rule_file_from_the_centre_runs_only_signed_for_this_gateway_and_never_twice
     );
     assert!(error(&a).contains("does not match"), "{a}");
     assert_eq!(on_disk(), RULES);
-    // Signed but another shape: refused by the running stage, nothing written.
+    // Signed but the running stage cannot take it: refused, nothing written.
     let a = ask(
         "s",
         serde_json::json!({"op": "apply", "rules": other_shape, "serial": 1, "signature": s}),
     );
-    assert!(error(&a).contains("restart"), "{a}");
+    assert!(error(&a).contains("missing-dir"), "{a}");
     assert_eq!(on_disk(), RULES);
     assert!(!dir.path().join("rules.toml.new").exists());
     // Signed, same shape: runs, then is the file on disk; the old one kept.
@@ -983,14 +987,17 @@ fn without_a_key_rollback_returns_to_the_file_that_ran_before() {
     let ask =
         |id: &str, body: serde_json::Value| ops_request(&collector, broker.port, id, body, &agent);
     let on_disk = || std::fs::read_to_string(dir.path().join("rules.toml")).unwrap();
-    // A technician's edit of another shape on disk, refused by SIGHUP: it never ran.
+    // A technician's edit on disk the running stage cannot take (a new pump's actuator does
+    // not open), refused by the reload: it never ran.
     std::fs::write(
         dir.path().join("rules.toml"),
-        RULES.replace("id = \"P1\"", "id = \"P2\""),
+        RULES
+            .replace("id = \"P1\"", "id = \"P2\"")
+            .replace("relay.jsonl", "missing-dir/relay.jsonl"),
     )
     .unwrap();
     let r = ask("re", serde_json::json!({"op": "reload"}));
-    assert!(r["error"].as_str().unwrap().contains("restart"), "{r}");
+    assert!(r["error"].as_str().unwrap().contains("missing-dir"), "{r}");
     let r = ask("ru", serde_json::json!({"op": "rules"}));
     assert_eq!(
         r["result"]["text"], RULES,
@@ -1010,4 +1017,81 @@ fn without_a_key_rollback_returns_to_the_file_that_ran_before() {
     let b2 = ask("b2", serde_json::json!({"op": "rollback"}));
     assert_eq!(b2["ok"], true, "{b2}");
     assert_eq!(on_disk(), raised, "a second rollback undoes the first");
+}
+
+/// The relay of a second pump (`relay2.jsonl`).
+fn relay2(dir: &std::path::Path) -> Vec<bool> {
+    std::fs::read_to_string(dir.join("relay2.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["on"] == true)
+        .collect()
+}
+
+/// Pumps added and removed by a reload (SIGHUP), the running one untouched: a new pump starts
+/// off and runs when the rules say so; a removed pump goes to its safe state and stays there.
+#[test]
+fn a_reload_adds_and_removes_pumps_without_touching_the_one_that_runs() {
+    let scenario = vec![
+        at(500, SENSOR.uplink(1, 2, &level(3000))),
+        at(1000, SENSOR.uplink(2, 2, &level(3010))),
+        // Still high: the new pump P2 starts once its min off (2 s from its addition) is over.
+        at(12_000, SENSOR.uplink(3, 2, &level(3020))),
+        at(22_000, SENSOR.uplink(4, 2, &level(3030))),
+    ];
+    let (_broker, mut agent, dir) = offline_agent(&scenario, &SENSOR.keys_toml());
+    assert_eq!(wait_relay(dir.path(), 2, &agent), vec![false, true]);
+    let hup = |agent: &Agent| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.pid().unwrap() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    let p2 = RULES
+        .split_once("[[pump]]")
+        .map(|(_, p)| format!("[[pump]]{p}"))
+        .unwrap()
+        .replace("id = \"P1\"", "id = \"P2\"")
+        .replace("relay.jsonl", "relay2.jsonl");
+    // P2 added beside P1.
+    std::fs::write(dir.path().join("rules.toml"), format!("{RULES}\n{p2}")).unwrap();
+    hup(&agent);
+    assert!(
+        agent.wait_log("a rule file of another shape runs", Duration::from_secs(10)),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("pump P2 added"), "{}", agent.log());
+    assert_eq!(relay(dir.path()), vec![false, true], "P1 untouched");
+    let until = std::time::Instant::now() + patience(Duration::from_secs(20));
+    while relay2(dir.path()).len() < 2 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        relay2(dir.path()),
+        vec![false, true],
+        "P2 opened off, then run by the rules: {}",
+        agent.log()
+    );
+    // P1 removed: driven off, held there; P2 runs on.
+    let only_p2 = format!("{}{p2}", RULES.split_once("[[pump]]").unwrap().0);
+    std::fs::write(dir.path().join("rules.toml"), only_p2).unwrap();
+    hup(&agent);
+    assert!(
+        agent.wait_log("pump P1 removed", Duration::from_secs(10)),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(relay(dir.path()), vec![false, true, false]);
+    assert_eq!(relay2(dir.path()), vec![false, true], "P2 untouched");
+    // The health shows only the pumps that run.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(relay(dir.path()), vec![false, true, false], "P1 stays off");
+    agent.sigterm();
+    assert_eq!(
+        relay2(dir.path()).last(),
+        Some(&false),
+        "stopped at shutdown"
+    );
 }

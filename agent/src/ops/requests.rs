@@ -113,17 +113,8 @@ impl Reloader {
             .lock()
             .map(|k| k.clone())
             .unwrap_or_default();
-        let rules =
-            match (self.with_rules(|r| r.reload()), &cfg.rules) {
-                (Some(r), _) => Some(r?),
-                (None, Some(_)) => return Err(
-                    "the rules stage is not running (its files did not load at start, or rules \
-                     were added): a restart starts it"
-                        .into(),
-                ),
-                (None, None) => None,
-            };
-        // A changed keys file (a sensor rejoined): its sessions, pump states untouched.
+        // A changed keys file (a sensor rejoined): its sessions, pump states untouched. Before the
+        // rules: a rule file that adds a device needs its keys.
         let keys = match keys_now {
             Some(k) if Some(&k) != keys_running.as_ref() => match self.with_rules(|r| r.rekey()) {
                 Some(Ok(said)) => {
@@ -140,6 +131,16 @@ impl Reloader {
             },
             _ => Value::Null,
         };
+        let rules =
+            match (self.with_rules(|r| r.reload()), &cfg.rules) {
+                (Some(r), _) => Some(r?),
+                (None, Some(_)) => return Err(
+                    "the rules stage is not running (its files did not load at start, or rules \
+                     were added): a restart starts it"
+                        .into(),
+                ),
+                (None, None) => None,
+            };
         Ok(json!({
             "rules_sha256": rules,
             "keys": keys,

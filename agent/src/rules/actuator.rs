@@ -156,39 +156,76 @@ impl Gate {
     }
 }
 
-/// The actuators of every pump, shared with the emergency paths.
-pub type Shared = Arc<Vec<(String, Mutex<Gate>)>>;
+/// A pump's id and its gate.
+pub type Entry = (String, Arc<Mutex<Gate>>);
 
-/// Opens a Class C actuator: pump index, pump id, settings.
+/// The actuators of every pump — and of pumps a reload removed, held in their safe state for
+/// the life of the process — shared with the emergency paths. The rules stage replaces the
+/// list when a reload adds or removes pumps: a swap of pointers under the lock, nothing else.
+#[derive(Default)]
+pub struct Registry(std::sync::RwLock<Vec<Entry>>);
+
+pub type Shared = Arc<Registry>;
+
+impl Registry {
+    pub fn new(entries: Vec<Entry>) -> Shared {
+        Arc::new(Registry(std::sync::RwLock::new(entries)))
+    }
+
+    pub fn replace(&self, entries: Vec<Entry>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = entries;
+    }
+
+    /// The list now, never waiting long: a reader stuck or panicking does not block it (a
+    /// poisoned lock is taken over), and a swap holds the lock for a pointer copy.
+    pub(crate) fn snapshot(&self) -> Vec<Entry> {
+        for _ in 0..1000 {
+            match self.0.try_read() {
+                Ok(g) => return g.clone(),
+                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner().clone(),
+                Err(std::sync::TryLockError::WouldBlock) => std::thread::yield_now(),
+            }
+        }
+        tracing::error!("ALARM: the actuator list is being replaced and could not be read");
+        Vec::new()
+    }
+}
+
+/// Opens a Class C actuator: its key (stable across reloads), pump id, settings.
 pub type OpenClassC<'a> =
     dyn FnMut(usize, &str, &super::file::ClassC) -> Result<Box<dyn Actuator>, String> + 'a;
 
-/// Opens every pump's actuator, each driven to its safe state (off) at once. `class_c` opens
-/// a LoRaWAN Class C actuator (pump index, id, settings).
-pub fn open_all(pumps: &[(String, Spec)], class_c: &mut OpenClassC) -> Result<Shared, String> {
-    let mut out: Vec<(String, Mutex<Gate>)> = Vec::new();
-    for (i, (id, spec)) in pumps.iter().enumerate() {
-        let a: Box<dyn Actuator> = match spec {
-            Spec::Gpio {
-                chip,
-                line,
-                active_low,
-            } => Box::new(GpioRelay::open(chip, *line, *active_low, id)?),
-            Spec::Simulated { file } => Box::new(Simulated::open(file, id)?),
-            Spec::LorawanClassC(c) => class_c(i, id, c).map_err(|e| format!("pump {id}: {e}"))?,
-        };
-        let mut gate = Gate::new(a);
-        gate.safe().map_err(|e| format!("pump {id}: {e}"))?;
-        out.push((id.clone(), Mutex::new(gate)));
-    }
-    Ok(Arc::new(out))
+/// Opens a pump's actuator, driven to its safe state (off) at once. `key`: what its Class C
+/// frames are tagged with (stable across reloads).
+pub fn open(key: usize, id: &str, spec: &Spec, class_c: &mut OpenClassC) -> Result<Entry, String> {
+    let a: Box<dyn Actuator> = match spec {
+        Spec::Gpio {
+            chip,
+            line,
+            active_low,
+        } => Box::new(GpioRelay::open(chip, *line, *active_low, id)?),
+        Spec::Simulated { file } => Box::new(Simulated::open(file, id)?),
+        Spec::LorawanClassC(c) => class_c(key, id, c).map_err(|e| format!("pump {id}: {e}"))?,
+    };
+    let mut gate = Gate::new(a);
+    gate.safe().map_err(|e| format!("pump {id}: {e}"))?;
+    Ok((id.to_string(), Arc::new(Mutex::new(gate))))
+}
+
+/// Opens every pump's actuator (keys 0, 1, …), each driven to its safe state at once.
+pub fn open_all(pumps: &[(String, Spec)], class_c: &mut OpenClassC) -> Result<Vec<Entry>, String> {
+    pumps
+        .iter()
+        .enumerate()
+        .map(|(i, (id, spec))| open(i, id, spec, class_c))
+        .collect()
 }
 
 /// Every pump to its safe state, from any thread. A lock held by a thread that is stuck or
 /// panicking is not waited for: its guard is taken over (`into_inner`) when poisoned, and
 /// skipped (and said) when merely held.
 pub fn all_off(actuators: &Shared, why: &str) {
-    for (id, a) in actuators.iter() {
+    for (id, a) in actuators.snapshot().iter() {
         let guard = match a.try_lock() {
             Ok(g) => Some(g),
             Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),

@@ -204,6 +204,19 @@ pub struct Outcome {
     pub durable_changed: Vec<usize>,
 }
 
+/// Per pump of `new`, the pump of `old` whose state it carries: the same id and the same
+/// actuator.
+pub fn carried_pumps(old: &RuleSet, new: &RuleSet) -> Vec<Option<usize>> {
+    new.pumps
+        .iter()
+        .map(|p| {
+            old.pumps.iter().position(|o| {
+                o.id == p.id && format!("{:?}", o.actuator) == format!("{:?}", p.actuator)
+            })
+        })
+        .collect()
+}
+
 pub struct Engine {
     rules: RuleSet,
     sensors: Vec<SensorState>,
@@ -265,8 +278,7 @@ impl Engine {
     /// same order, each pump with the same actuator) in place of the running one, keeping every
     /// pump's and sensor's state: on/off, who asked, leases, starts, latches and trips of
     /// interlocks that still exist. A changed threshold takes effect at the next scan. Another
-    /// shape is refused with why: adding or removing a pump or sensor needs a restart, where
-    /// every pump starts off.
+    /// shape is refused with why (`reshape` takes it).
     pub fn reload(&mut self, new: RuleSet) -> Result<(), String> {
         let old = &self.rules;
         let mut why = Vec::new();
@@ -318,6 +330,73 @@ impl Engine {
         }
         self.rules = new;
         Ok(())
+    }
+
+    /// Takes a rule file of another shape: pumps added or removed, sensors added or removed.
+    /// A pump with the same id and the same actuator keeps its whole state (on/off, who asked,
+    /// leases, starts, latches and trips of interlocks that still exist); a sensor with the
+    /// same id reading the same device's field keeps its reading. A new pump starts off, its
+    /// min off running from `now` and its durable state from `durable`, as at a start; a new
+    /// sensor is unknown until it is heard. Returns, per new pump, the old index it carries
+    /// (`None`: new), and the old pumps that are gone: the caller drives them to their safe
+    /// state.
+    pub fn reshape(
+        &mut self,
+        new: RuleSet,
+        now: u64,
+        durable: &BTreeMap<String, Durable>,
+    ) -> (Vec<Option<usize>>, Vec<usize>) {
+        let old = &self.rules;
+        let carried = carried_pumps(old, &new);
+        let removed: Vec<usize> = (0..old.pumps.len())
+            .filter(|i| !carried.contains(&Some(*i)))
+            .collect();
+        let source = |r: &RuleSet, si: usize| {
+            let c = &r.sensors[si];
+            (
+                c.id.clone(),
+                r.devices[c.device].dev_eui.clone(),
+                c.field.clone(),
+            )
+        };
+        let sensors_carried: Vec<Option<usize>> = (0..new.sensors.len())
+            .map(|si| {
+                let want = source(&new, si);
+                (0..old.sensors.len()).find(|oi| source(old, *oi) == want)
+            })
+            .collect();
+        let fresh = Engine::new(new.clone(), now, durable);
+        let mut old_pumps: Vec<Option<PumpState>> = std::mem::take(&mut self.pumps)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut old_sensors: Vec<Option<SensorState>> = std::mem::take(&mut self.sensors)
+            .into_iter()
+            .map(Some)
+            .collect();
+        self.pumps = carried
+            .iter()
+            .zip(fresh.pumps)
+            .zip(&new.pumps)
+            .map(
+                |((c, fresh), pump)| match c.and_then(|i| old_pumps[i].take()) {
+                    Some(mut state) => {
+                        let exists = |l: &String| pump.interlocks.iter().any(|i| &i.id == l);
+                        state.latched.retain(|l| l == ACTUATOR_LATCH || exists(l));
+                        state.tripped.retain(|l, _| exists(l));
+                        state
+                    }
+                    None => fresh,
+                },
+            )
+            .collect();
+        self.sensors = sensors_carried
+            .iter()
+            .zip(fresh.sensors)
+            .map(|(c, fresh)| c.and_then(|i| old_sensors[i].take()).unwrap_or(fresh))
+            .collect();
+        self.rules = new;
+        (carried, removed)
     }
 
     pub fn rules(&self) -> &RuleSet {

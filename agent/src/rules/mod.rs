@@ -120,11 +120,50 @@ pub enum Input {
 }
 
 /// What the Class C actuators need from the rest of the agent.
+#[derive(Clone)]
 pub struct Radio {
     /// The downlink stage's input.
     pub downlinks: SyncSender<crate::downlink::Input>,
     /// `store.path`: the FCntDown files live beside it.
     pub store_path: PathBuf,
+}
+
+/// The Class C link of a pump whose actuator was just driven off (opened, or taken over).
+fn new_link(p: &file::Pump, now: u64) -> Option<class_c::Link> {
+    match &p.actuator {
+        file::Actuator::LorawanClassC(c) => {
+            let mut l = class_c::Link::new(c);
+            l.commanded(false, now);
+            Some(l)
+        }
+        _ => None,
+    }
+}
+
+/// Opens Class C actuators with the devices' sessions (key, pump id, settings).
+fn class_c_opener<'a>(
+    sessions: &'a [lorawan::Session],
+    radio: &'a Radio,
+    queue: &'a Arc<Queue>,
+    handed_tx: &'a SyncSender<crate::downlink::Handed>,
+) -> impl FnMut(usize, &str, &file::ClassC) -> Result<Box<dyn actuator::Actuator>, String> + 'a {
+    move |key, id, spec| {
+        let session = sessions
+            .iter()
+            .find(|s| s.dev_eui == spec.device)
+            .cloned()
+            .ok_or_else(|| format!("device {} has no keys", spec.device))?;
+        Ok(Box::new(class_c::Actuator::open(
+            id,
+            key,
+            spec,
+            session,
+            &radio.store_path,
+            queue.clone(),
+            radio.downlinks.clone(),
+            handed_tx.clone(),
+        )?))
+    }
 }
 
 /// The stage's clock: Unix milliseconds (injected, so that tests run hours in milliseconds).
@@ -151,7 +190,19 @@ pub struct Stage {
     sessions: Sessions,
     /// What the uplink stage copies here (the rule devices' DevAddrs).
     watch: Watch,
+    /// Per pump: its actuator.
+    gates: Vec<actuator::Entry>,
+    /// Per pump: its actuator's key (Class C frames are tagged with it), stable across
+    /// reloads that add or remove pumps.
+    slots: Vec<usize>,
+    next_slot: usize,
+    /// Actuators of pumps a reload removed: in their safe state, held for the process's life.
+    retired: Vec<actuator::Entry>,
+    /// `gates` and `retired`, shared with the watchdog and the panic hook.
     actuators: actuator::Shared,
+    /// For opening Class C actuators a reload adds.
+    radio: Radio,
+    handed_tx: SyncSender<crate::downlink::Handed>,
     input: Receiver<Input>,
     audit: SyncSender<Event>,
     gateway_id: String,
@@ -213,30 +264,15 @@ impl Stage {
             mut sessions,
         } = loaded;
         let (handed_tx, handed) = std::sync::mpsc::sync_channel(1024);
-        let actuators = actuator::open_all(
+        let gates = actuator::open_all(
             &rules
                 .pumps
                 .iter()
                 .map(|p| (p.id.clone(), p.actuator.clone()))
                 .collect::<Vec<_>>(),
-            &mut |i, id, spec| {
-                let session = sessions
-                    .iter()
-                    .find(|s| s.dev_eui == spec.device)
-                    .cloned()
-                    .ok_or_else(|| format!("device {} has no keys", spec.device))?;
-                Ok(Box::new(class_c::Actuator::open(
-                    id,
-                    i,
-                    spec,
-                    session,
-                    &radio.store_path,
-                    queue.clone(),
-                    radio.downlinks.clone(),
-                    handed_tx.clone(),
-                )?))
-            },
+            &mut class_c_opener(&sessions, &radio, &queue, &handed_tx),
         )?;
+        let actuators = actuator::Registry::new(gates.clone());
         let boot = clock();
         let links = rules
             .pumps
@@ -304,7 +340,13 @@ impl Stage {
             handed,
             sessions: Sessions::new(sessions),
             watch: watch.clone(),
+            slots: (0..gates.len()).collect(),
+            next_slot: gates.len(),
+            gates,
+            retired: Vec::new(),
             actuators: actuators.clone(),
+            radio,
+            handed_tx,
             input,
             audit,
             gateway_id,
@@ -390,29 +432,194 @@ impl Stage {
         (self.clock)()
     }
 
-    /// A new rule file of the same shape in place of the running one, every pump's state
-    /// kept; audited, and scanned at once.
+    /// A new rule file in place of the running one; audited, and scanned at once. Of the
+    /// same shape, every pump's state is kept (`Engine::reload`); of another (pumps or
+    /// sensors added or removed, an actuator changed), see `reshape`.
     fn reload(&mut self, rules: RuleSet) -> Result<String, String> {
         let now = self.now();
         let before = self.engine.rules().hash.clone();
         let after = rules.hash.clone();
-        if let Err(why) = self.engine.reload(rules) {
-            tracing::warn!(%why, sha256 = %after, "rules: a new rule file was refused; the running one stays");
-            return Err(why);
-        }
+        let how = match self.engine.reload(rules.clone()) {
+            Ok(()) => "pump states kept".to_string(),
+            Err(_) => match self.reshape(rules, now) {
+                Ok(how) => how,
+                Err(why) => {
+                    tracing::warn!(%why, sha256 = %after, "rules: a new rule file was refused; the running one stays");
+                    return Err(why);
+                }
+            },
+        };
         self.send_audit(Audit {
             at_ms: now,
             subject: "rules".into(),
             action: "reload",
-            reasons: vec![format!(
-                "rule file {before} replaced by {after}; pump states kept"
-            )],
+            reasons: vec![format!("rule file {before} replaced by {after}; {how}")],
             inputs: vec![],
         });
         self.publish_hash();
         let out = self.engine.tick(now);
         self.apply(out, None);
         Ok(after)
+    }
+
+    /// A rule file of another shape. Pumps kept (same id, same actuator) keep their state and
+    /// their actuator, untouched; a pump removed is driven to its safe state and its actuator
+    /// held there for the life of the process (a GPIO line released would float); a new pump
+    /// starts off, as at a start (min off from now). A new pump on the actuator of a removed one
+    /// (renamed) takes it over, driven off first. Every device needs keys (reload the keys file
+    /// first). Refused whole, nothing changed, when a new actuator cannot be opened.
+    fn reshape(&mut self, new: RuleSet, now: u64) -> Result<String, String> {
+        let no_keys: Vec<&str> = new
+            .devices
+            .iter()
+            .filter(|d| self.sessions.index_of(&d.dev_eui).is_none())
+            .map(|d| d.dev_eui.as_str())
+            .collect();
+        if !no_keys.is_empty() {
+            return Err(format!(
+                "devices {no_keys:?} have no keys in the running keys file: add them there and \
+                 reload (the keys are read before the rules)"
+            ));
+        }
+        let old = self.engine.rules();
+        let carried = engine::carried_pumps(old, &new);
+        let removed: Vec<usize> = (0..old.pumps.len())
+            .filter(|i| !carried.contains(&Some(*i)))
+            .collect();
+        // Where each new pump's actuator comes from: its own (kept), a removed pump's with the
+        // same actuator (renamed), or opened now.
+        let mut taken: Vec<usize> = Vec::new();
+        let mut from: Vec<Option<usize>> = Vec::new();
+        for (j, p) in new.pumps.iter().enumerate() {
+            let reuse = carried[j].or_else(|| {
+                removed.iter().copied().find(|i| {
+                    !taken.contains(i)
+                        && format!("{:?}", old.pumps[*i].actuator) == format!("{:?}", p.actuator)
+                })
+            });
+            if let Some(i) = reuse {
+                taken.push(i);
+            }
+            from.push(reuse);
+        }
+        let mut opened: Vec<Option<(usize, actuator::Entry)>> = Vec::new();
+        {
+            let mut next = self.next_slot;
+            let mut open_class_c = class_c_opener(
+                &self.sessions.sessions,
+                &self.radio,
+                &self.queue,
+                &self.handed_tx,
+            );
+            for (j, p) in new.pumps.iter().enumerate() {
+                if from[j].is_some() {
+                    opened.push(None);
+                    continue;
+                }
+                let entry = actuator::open(next, &p.id, &p.actuator, &mut open_class_c)
+                    .map_err(|e| format!("not applied: pump {}'s actuator: {e}", p.id))?;
+                opened.push(Some((next, entry)));
+                next += 1;
+            }
+            self.next_slot = next;
+        }
+        let mut durable = BTreeMap::new();
+        for p in &new.pumps {
+            if let Some(d) = self
+                .queue
+                .state_get(&format!("pump/{}", p.id))
+                .ok()
+                .flatten()
+                .and_then(|v| serde_json::from_slice::<Durable>(&v).ok())
+            {
+                durable.insert(p.id.clone(), d);
+            }
+        }
+        let old_ids: Vec<String> = old.pumps.iter().map(|p| p.id.clone()).collect();
+        let (carried, removed_states) = self.engine.reshape(new, now, &durable);
+        debug_assert_eq!(removed, removed_states);
+        let mut old_gates: Vec<Option<actuator::Entry>> = std::mem::take(&mut self.gates)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut old_links: Vec<Option<class_c::Link>> = std::mem::take(&mut self.links);
+        let old_slots = std::mem::take(&mut self.slots);
+        let rules = self.engine.rules().clone();
+        let mut reasons = Vec::new();
+        for (j, p) in rules.pumps.iter().enumerate() {
+            let (slot, entry, link) = match (carried[j], from[j], opened[j].take()) {
+                (Some(i), _, _) => (
+                    old_slots[i],
+                    old_gates[i].take().expect("carried once"),
+                    old_links[i].take(),
+                ),
+                (None, Some(i), _) => {
+                    let (renamed, gate) = old_gates[i].take().expect("reused once");
+                    let entry = (p.id.clone(), gate);
+                    if let Err(e) = entry.1.lock().unwrap_or_else(|x| x.into_inner()).safe() {
+                        tracing::error!(pump = %p.id, error = %e, "ALARM: could not drive the pump off");
+                    }
+                    reasons.push(format!("pump {} is pump {renamed}'s actuator under a new name: off until the rules say otherwise", p.id));
+                    (old_slots[i], entry, new_link(p, now))
+                }
+                (None, None, Some((slot, entry))) => {
+                    reasons.push(format!(
+                        "pump {} added: off until the rules say otherwise (min off from now)",
+                        p.id
+                    ));
+                    (slot, entry, new_link(p, now))
+                }
+                (None, None, None) => unreachable!("every new pump has an actuator"),
+            };
+            self.slots.push(slot);
+            self.gates.push(entry);
+            self.links.push(link);
+        }
+        for i in removed {
+            let Some(entry) = old_gates[i].take() else {
+                continue;
+            };
+            match entry.1.lock().unwrap_or_else(|x| x.into_inner()).safe() {
+                Ok(()) => {
+                    tracing::warn!(pump = %old_ids[i], "rules: pump removed by the new rule file: driven to its safe state (off), its actuator held there")
+                }
+                Err(e) => {
+                    tracing::error!(pump = %old_ids[i], error = %e, "ALARM: a pump removed by the new rule file could not be driven off")
+                }
+            }
+            reasons.push(format!(
+                "pump {} removed: driven to its safe state",
+                old_ids[i]
+            ));
+            self.retired.push(entry);
+        }
+        self.actuators
+            .replace(self.gates.iter().chain(&self.retired).cloned().collect());
+        self.watch.set(
+            rules
+                .devices
+                .iter()
+                .filter_map(|d| {
+                    self.sessions
+                        .sessions
+                        .iter()
+                        .find(|s| s.dev_eui == d.dev_eui)
+                })
+                .map(|s| s.dev_addr_bytes()),
+        );
+        // What the health and stats show: only what runs now.
+        if let Ok(mut p) = self.counters.pumps.lock() {
+            p.clear();
+        }
+        if let Ok(mut st) = self.counters.rules_state.lock() {
+            st.clear();
+        }
+        self.publish_state();
+        let kept = carried.iter().filter(|c| c.is_some()).count();
+        reasons.push(format!("{kept} pump(s) kept with their state"));
+        let how = reasons.join("; ");
+        tracing::info!(%how, "rules: a rule file of another shape runs");
+        Ok(how)
     }
 
     /// A new keys file: a device whose session changed (a rejoin, new keys) is heard with the
@@ -637,10 +844,12 @@ impl Stage {
 
     /// What the downlink stage did with a Class C frame.
     fn handed(&mut self, h: crate::downlink::Handed) {
-        let (pi, fcnt, on) = class_c::untag(h.tag);
-        let Some(id) = self.engine.rules().pumps.get(pi).map(|p| p.id.clone()) else {
+        let (slot, fcnt, on) = class_c::untag(h.tag);
+        // A pump a reload removed since: nothing waits for it.
+        let Some(pi) = self.slots.iter().position(|s| *s == slot) else {
             return;
         };
+        let id = self.engine.rules().pumps[pi].id.clone();
         match h.result {
             Ok(start) => {
                 tracing::debug!(pump = %id, fcnt_down = fcnt, on, start, "rules: Class C frame handed to the radio");
@@ -877,7 +1086,7 @@ impl Stage {
 
     /// Carries out an engine decision through the pump's gate.
     fn decide(&mut self, pi: usize, on: bool, cause: Option<Instant>) {
-        let result = self.actuators[pi]
+        let result = self.gates[pi]
             .1
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -888,7 +1097,7 @@ impl Stage {
     /// A Class C refresh or re-send, through the pump's gate: an ON the engine's decision no
     /// longer allows stops there.
     fn repeat(&mut self, pi: usize, on: bool) {
-        let result = self.actuators[pi]
+        let result = self.gates[pi]
             .1
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -899,7 +1108,7 @@ impl Stage {
     /// A failure is an alarm, an audit record, and for a Class C link a frame to send again
     /// soon; an ON the gate refused is said in the log.
     fn carried_out(&mut self, pi: usize, on: bool, result: Result<(), actuator::Refused>) {
-        let id = self.actuators[pi].0.clone();
+        let id = self.gates[pi].0.clone();
         match result {
             Ok(()) => {}
             Err(actuator::Refused::DecisionIsStop) => {
@@ -932,7 +1141,7 @@ impl Stage {
             self.decide(d.pump, d.on, received);
             if let Some(r) = received {
                 let us = r.elapsed().as_micros() as u64;
-                let id = &self.actuators[d.pump].0;
+                let id = &self.gates[d.pump].0;
                 tracing::info!(pump = %id, on = d.on, reaction_us = us, "rules: actuator driven by a sensor frame");
             }
         }
@@ -1293,6 +1502,79 @@ remote_lease_max = "1h"
         );
     }
 
+    /// A reload that adds a pump and then removes the running Class C one: the running pump is
+    /// not touched by the first (no frame), the second stops it (an OFF frame) and holds its
+    /// actuator for the emergency paths; a late answer for it is ignored.
+    #[test]
+    fn a_reload_adds_a_pump_without_a_frame_and_a_removed_class_c_pump_is_stopped() {
+        let b = Bench::new();
+        let mut stage = b.class_c_stage();
+        let now = b.clock.load(Ordering::Relaxed);
+        let out = stage
+            .engine
+            .command(
+                "P1",
+                engine::Command::Lease {
+                    expiry_ms: now + 3_600_000,
+                    run: true,
+                },
+                now,
+            )
+            .unwrap();
+        stage.apply(out, None);
+        // Past min off (1 s from boot).
+        for _ in 0..3 {
+            b.clock.fetch_add(1000, Ordering::Relaxed);
+            stage.tick();
+        }
+        assert!(b.frames().iter().any(|(_, on, _)| *on), "P1's ON");
+        assert!(stage.engine.is_on(0));
+        let relay = b.dir.path().join("p2.jsonl");
+        let p2 = format!(
+            "[[pump]]\nid = \"P2\"\nsafe_state = \"off\"\nactuator = {{ kind = \"simulated\", file = {:?} }}\n\
+             max_run = \"2h\"\nmin_run = \"1s\"\nmin_off = \"1s\"\nmax_starts_per_hour = 60\nremote_lease_max = \"1h\"\n",
+            relay.display().to_string()
+        );
+        let load = |text: &str| {
+            let f = b.dir.path().join("new-rules.toml");
+            std::fs::write(&f, text).unwrap();
+            file::load(&f).unwrap()
+        };
+        let how = stage.reload(load(&format!("{CLASS_C_RULES}{p2}"))).unwrap();
+        assert!(stage.engine.rules().pumps.len() == 2 && stage.engine.is_on(0));
+        assert!(
+            b.frames().is_empty(),
+            "the running pump got no frame from the reload"
+        );
+        assert!(
+            std::fs::read_to_string(&relay).unwrap().contains("false"),
+            "P2 opened off"
+        );
+        assert_eq!(stage.actuators.snapshot().len(), 2);
+        // P1 removed: an OFF, and its actuator kept for all_off.
+        let only_p2 = format!("{}{p2}", CLASS_C_RULES.split_once("[[pump]]").unwrap().0);
+        stage.reload(load(&only_p2)).unwrap();
+        let sent = b.frames();
+        assert!(
+            sent.iter().any(|(_, on, _)| !on),
+            "P1's OFF: {:?}",
+            sent.iter().map(|f| f.1).collect::<Vec<_>>()
+        );
+        assert_eq!(stage.engine.rules().pumps[0].id, "P2");
+        assert_eq!(
+            stage.actuators.snapshot().len(),
+            2,
+            "P1's actuator held for the emergency paths"
+        );
+        // An answer for P1's frame arriving late goes nowhere (P2 now sits at index 0).
+        stage.handed(crate::downlink::Handed {
+            tag: class_c::tag(0, 7, true),
+            result: Err("late".into()),
+        });
+        assert!(!stage.engine.is_on(0));
+        assert_eq!(how.len(), 64, "the new file's sha256: {how}");
+    }
+
     /// A Class C actuator's keys change only at a restart: its downlink counter and the frames
     /// in flight belong to the running session. An unchanged file is taken; one without the
     /// device's keys is refused whole.
@@ -1374,9 +1656,11 @@ remote_lease_max = "1h"
     #[test]
     fn the_watchdog_drives_the_pumps_off_when_the_stage_stops_turning() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let actuators: actuator::Shared = Arc::new(vec![(
+        let actuators: actuator::Shared = actuator::Registry::new(vec![(
             "P1".to_string(),
-            Mutex::new(actuator::Gate::new(Box::new(Probe(seen.clone())))),
+            Arc::new(Mutex::new(actuator::Gate::new(Box::new(Probe(
+                seen.clone(),
+            ))))),
         )]);
         let heartbeat = Arc::new(AtomicU64::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
@@ -1401,11 +1685,13 @@ remote_lease_max = "1h"
     #[test]
     fn all_off_reaches_an_actuator_whose_lock_was_poisoned_by_a_panic() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let actuators: actuator::Shared = Arc::new(vec![(
+        let actuators: actuator::Shared = actuator::Registry::new(vec![(
             "P1".to_string(),
-            Mutex::new(actuator::Gate::new(Box::new(Probe(seen.clone())))),
+            Arc::new(Mutex::new(actuator::Gate::new(Box::new(Probe(
+                seen.clone(),
+            ))))),
         )]);
-        let a = actuators.clone();
+        let a = actuators.snapshot();
         let _ = std::thread::spawn(move || {
             let _guard = a[0].1.lock().unwrap();
             panic!("a stage panics while driving the pump");
