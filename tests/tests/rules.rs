@@ -1095,3 +1095,45 @@ fn a_reload_adds_and_removes_pumps_without_touching_the_one_that_runs() {
         "stopped at shutdown"
     );
 }
+
+/// A device dropped from both the keys file and the rule file: one reload takes both (the keys
+/// are tried again after the rules), and nothing is said to need a restart.
+#[test]
+fn a_device_dropped_from_the_keys_and_the_rules_goes_in_one_reload() {
+    let broker = Broker::start();
+    let collector = Collector::start(broker.port, "eu868");
+    let setup = AgentSetup::new(broker.port);
+    let extra = "\n[[device]]\ndev_eui = \"0000000000000001\"\ndecoder = \"layout\"\nfport = 2\n  [[device.field]]\n  name = \"v\"\n  offset = 0\n  type = \"u8\"\n\n[[sensor]]\nid = \"vsensor\"\ndevice = \"0000000000000001\"\nfield = \"v\"\nvalid_range = [0.0, 255.0]\nmax_age = \"10m\"\n";
+    let with_v = RULES.replacen("\n[[sensor]]", &format!("{extra}\n[[sensor]]"), 1);
+    std::fs::write(setup.dir.path().join("rules.toml"), &with_v).unwrap();
+    pki::write(
+        setup.dir.path(),
+        "keys.toml",
+        &format!("{}\n{}", SENSOR.keys_toml(), VECTOR.keys_toml()),
+        0o600,
+    );
+    let (agent, dir) = setup
+        .config("[rules]\nfile = \"rules.toml\"\nkeys_file = \"keys.toml\"")
+        .start();
+    assert!(
+        agent.wait_log("subscribed: commands will arrive", Duration::from_secs(15)),
+        "{}",
+        agent.log()
+    );
+    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    pki::write(dir.path(), "keys.toml", &SENSOR.keys_toml(), 0o600);
+    let r = ops_request(
+        &collector,
+        broker.port,
+        "r1",
+        serde_json::json!({"op": "reload"}),
+        &agent,
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["result"]["keys"]["applied"].is_string(), "{r}");
+    assert_eq!(
+        r["result"]["restart_needed_for"],
+        serde_json::json!([]),
+        "{r}"
+    );
+}

@@ -337,6 +337,29 @@ impl ConfigControl {
     }
 
     /// `apply` with `"config"`: a TOML fragment merged over the centre's earlier changes.
+    /// A request's `confirm` (asked or not) and `revert_after_s` (or `ops.revert_after`).
+    fn options(&self, request: &Value) -> Result<(Option<bool>, Duration), String> {
+        let confirm_asked = match &request["confirm"] {
+            Value::Null => None,
+            Value::Bool(b) => Some(*b),
+            _ => return Err("\"confirm\" must be true or false".into()),
+        };
+        let revert_after = match &request["revert_after_s"] {
+            Value::Null => self.revert_after,
+            v => {
+                let s = v
+                    .as_u64()
+                    .ok_or("\"revert_after_s\" must be a whole number of seconds")?;
+                let d = Duration::from_secs(s);
+                if !(config::REVERT_AFTER_MIN..=config::REVERT_AFTER_MAX).contains(&d) {
+                    return Err("\"revert_after_s\" must be between 10 and 3600".into());
+                }
+                d
+            }
+        };
+        Ok((confirm_asked, revert_after))
+    }
+
     /// `ops.remote_config`, or why the centre cannot change this gateway's configuration.
     fn remote_file(&self) -> Result<&Path, String> {
         self.remote.as_deref().ok_or_else(|| {
@@ -385,24 +408,7 @@ impl ConfigControl {
         if text.len() as u64 > config::MAX_FILE_BYTES {
             return Err("the fragment is larger than 1 MiB".into());
         }
-        let confirm_asked = match &request["confirm"] {
-            Value::Null => None,
-            Value::Bool(b) => Some(*b),
-            _ => return Err("\"confirm\" must be true or false".into()),
-        };
-        let revert_after = match &request["revert_after_s"] {
-            Value::Null => self.revert_after,
-            v => {
-                let s = v
-                    .as_u64()
-                    .ok_or("\"revert_after_s\" must be a whole number of seconds")?;
-                let d = Duration::from_secs(s);
-                if !(config::REVERT_AFTER_MIN..=config::REVERT_AFTER_MAX).contains(&d) {
-                    return Err("\"revert_after_s\" must be between 10 and 3600".into());
-                }
-                d
-            }
-        };
+        let (confirm_asked, revert_after) = self.options(request)?;
         let fragment: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             let at = e
                 .span()
@@ -538,10 +544,11 @@ impl ConfigControl {
         let (old, now) = (parse(&before, &prev)?, parse(&current, remote)?);
         // The tables that differ say what the rollback touches, as for an apply.
         let differs = |t: &str| old.get(t) != now.get(t);
+        let (confirm_asked, revert_after) = self.options(request)?;
         let reach = differs("mqtt") || differs("gateway");
         let radio = differs("radio") || differs("region");
-        let confirm = reach || request["confirm"].as_bool() == Some(true);
-        if reach && request["confirm"].as_bool() == Some(false) {
+        let confirm = reach || confirm_asked == Some(true);
+        if reach && confirm_asked == Some(false) {
             return Err("a rollback that changes mqtt.* or gateway.* needs the centre's confirm: \"confirm\": false is refused".into());
         }
         let new_text = toml::to_string(&old).map_err(|e| e.to_string())?;
@@ -552,7 +559,7 @@ impl ConfigControl {
             new_text,
             confirm,
             radio,
-            self.revert_after,
+            revert_after,
         )
     }
 
@@ -994,9 +1001,18 @@ mod tests {
             .rollback(&json!({"id": "r2", "op": "rollback", "config": true, "confirm": false}))
             .unwrap_err();
         assert!(e.contains("confirm"), "{e}");
+        // Its options are read as an apply's.
+        for bad in [json!({"revert_after_s": 5}), json!({"confirm": "yes"})] {
+            let mut r = json!({"id": "r-bad", "op": "rollback", "config": true});
+            r.as_object_mut()
+                .unwrap()
+                .extend(bad.as_object().unwrap().clone());
+            assert!(c.rollback(&r).is_err(), "{r}");
+        }
         let a = c
-            .rollback(&json!({"id": "r3", "op": "rollback", "config": true}))
+            .rollback(&json!({"id": "r3", "op": "rollback", "config": true, "revert_after_s": 60}))
             .unwrap();
+        assert_eq!(a["revert_after_s"], 60, "{a}");
         assert_eq!(a["confirm_needed"], true, "it changes mqtt.*: {a}");
         let back = std::fs::read_to_string(&remote).unwrap();
         assert!(

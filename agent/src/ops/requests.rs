@@ -100,8 +100,11 @@ impl Reloader {
             }
         }
         if cfg.source.get("rules") != self.running.get("rules") {
-            changed
-                .push("rules (its keys: the files it names are reloaded only at a restart)".into());
+            changed.push(
+                "rules (its keys: which files it names, and the signing key, change at a restart; \
+                 the files' contents are reloaded)"
+                    .into(),
+            );
         }
         let keys_now = cfg.rules.as_ref().and_then(|r| {
             crate::files::read_bounded(&r.keys_file, crate::config::MAX_FILE_BYTES)
@@ -114,23 +117,21 @@ impl Reloader {
             .map(|k| k.clone())
             .unwrap_or_default();
         // A changed keys file (a sensor rejoined): its sessions, pump states untouched. Before the
-        // rules: a rule file that adds a device needs its keys.
-        let keys = match keys_now {
-            Some(k) if Some(&k) != keys_running.as_ref() => match self.with_rules(|r| r.rekey()) {
-                Some(Ok(said)) => {
-                    if let Ok(mut running) = self.keys_sha256.lock() {
-                        *running = Some(k);
-                    }
-                    json!({"applied": said})
+        // rules (a rule file that adds a device needs its keys), and once more after them when
+        // refused (a keys file that drops a device the new rules drop too).
+        let keys_changed = keys_now
+            .as_ref()
+            .is_some_and(|k| Some(k) != keys_running.as_ref());
+        let rekey = || -> Option<Result<String, String>> {
+            let r = self.with_rules(|r| r.rekey())?;
+            if r.is_ok() {
+                if let Ok(mut running) = self.keys_sha256.lock() {
+                    running.clone_from(&keys_now);
                 }
-                Some(Err(why)) => {
-                    changed.push(format!("rules.keys_file (refused while running: {why})"));
-                    json!({"refused": why})
-                }
-                None => Value::Null,
-            },
-            _ => Value::Null,
+            }
+            Some(r)
         };
+        let mut keys = keys_changed.then(rekey).flatten();
         let rules =
             match (self.with_rules(|r| r.reload()), &cfg.rules) {
                 (Some(r), _) => Some(r?),
@@ -141,6 +142,17 @@ impl Reloader {
                 ),
                 (None, None) => None,
             };
+        if matches!(keys, Some(Err(_))) {
+            keys = rekey();
+        }
+        let keys = match keys {
+            Some(Ok(said)) => json!({"applied": said}),
+            Some(Err(why)) => {
+                changed.push(format!("rules.keys_file (refused while running: {why})"));
+                json!({"refused": why})
+            }
+            None => Value::Null,
+        };
         Ok(json!({
             "rules_sha256": rules,
             "keys": keys,

@@ -198,6 +198,25 @@ pub type OpenClassC<'a> =
 /// Opens a pump's actuator, driven to its safe state (off) at once. `key`: what its Class C
 /// frames are tagged with (stable across reloads).
 pub fn open(key: usize, id: &str, spec: &Spec, class_c: &mut OpenClassC) -> Result<Entry, String> {
+    let entry = open_unarmed(key, id, spec, class_c)?;
+    entry
+        .1
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .safe()
+        .map_err(|e| format!("pump {id}: {e}"))?;
+    Ok(entry)
+}
+
+/// Opens a pump's actuator without driving it (a GPIO line is requested de-energised; a Class
+/// C actuator sends nothing yet): for a reload that may still be refused. `safe()` it once
+/// every actuator of the reload has opened.
+pub fn open_unarmed(
+    key: usize,
+    id: &str,
+    spec: &Spec,
+    class_c: &mut OpenClassC,
+) -> Result<Entry, String> {
     let a: Box<dyn Actuator> = match spec {
         Spec::Gpio {
             chip,
@@ -207,9 +226,7 @@ pub fn open(key: usize, id: &str, spec: &Spec, class_c: &mut OpenClassC) -> Resu
         Spec::Simulated { file } => Box::new(Simulated::open(file, id)?),
         Spec::LorawanClassC(c) => class_c(key, id, c).map_err(|e| format!("pump {id}: {e}"))?,
     };
-    let mut gate = Gate::new(a);
-    gate.safe().map_err(|e| format!("pump {id}: {e}"))?;
-    Ok((id.to_string(), Arc::new(Mutex::new(gate))))
+    Ok((id.to_string(), Arc::new(Mutex::new(Gate::new(a)))))
 }
 
 /// Opens every pump's actuator (keys 0, 1, …), each driven to its safe state at once.

@@ -295,7 +295,14 @@ impl Engine {
                 devices(&new)
             ));
         }
-        let sensors = |r: &RuleSet| r.sensors.iter().map(|x| x.id.clone()).collect::<Vec<_>>();
+        // A sensor is the same only reading the same device's same field: re-pointed, its last
+        // reading is not its own.
+        let sensors = |r: &RuleSet| {
+            r.sensors
+                .iter()
+                .map(|x| format!("{}={}.{}", x.id, r.devices[x.device].dev_eui, x.field))
+                .collect::<Vec<_>>()
+        };
         if sensors(old) != sensors(&new) {
             why.push(format!(
                 "sensors {:?} would become {:?}",
@@ -345,7 +352,7 @@ impl Engine {
         new: RuleSet,
         now: u64,
         durable: &BTreeMap<String, Durable>,
-    ) -> (Vec<Option<usize>>, Vec<usize>) {
+    ) -> (Vec<Option<usize>>, Vec<usize>, Vec<usize>) {
         let old = &self.rules;
         let carried = carried_pumps(old, &new);
         let removed: Vec<usize> = (0..old.pumps.len())
@@ -396,7 +403,14 @@ impl Engine {
             .map(|(c, fresh)| c.and_then(|i| old_sensors[i].take()).unwrap_or(fresh))
             .collect();
         self.rules = new;
-        (carried, removed)
+        // A new sensor's first reading is believed only once a second agrees, as at a start.
+        let new_sensors: Vec<usize> = (0..sensors_carried.len())
+            .filter(|si| sensors_carried[*si].is_none())
+            .collect();
+        for si in &new_sensors {
+            self.session_started(*si, None);
+        }
+        (carried, removed, new_sensors)
     }
 
     pub fn rules(&self) -> &RuleSet {

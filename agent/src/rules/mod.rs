@@ -128,6 +128,24 @@ pub struct Radio {
     pub store_path: PathBuf,
 }
 
+/// An actuator no pump uses now, held in its safe state.
+struct Retired {
+    spec: file::Actuator,
+    slot: usize,
+    entry: actuator::Entry,
+}
+
+/// Where a reloaded pump's actuator comes from.
+enum Source {
+    /// The pump's own, kept (old index).
+    Kept(usize),
+    /// A pump this reload removes, with the same actuator (old index).
+    Removed(usize),
+    /// One an earlier reload retired (index in `retired`).
+    Retired(usize),
+    Open,
+}
+
 /// The Class C link of a pump whose actuator was just driven off (opened, or taken over).
 fn new_link(p: &file::Pump, now: u64) -> Option<class_c::Link> {
     match &p.actuator {
@@ -196,8 +214,9 @@ pub struct Stage {
     /// reloads that add or remove pumps.
     slots: Vec<usize>,
     next_slot: usize,
-    /// Actuators of pumps a reload removed: in their safe state, held for the process's life.
-    retired: Vec<actuator::Entry>,
+    /// Actuators of pumps a reload removed: in their safe state, held for the process's life
+    /// (a pump that comes back on the same actuator takes its own again).
+    retired: Vec<Retired>,
     /// `gates` and `retired`, shared with the watchdog and the panic hook.
     actuators: actuator::Shared,
     /// For opening Class C actuators a reload adds.
@@ -465,9 +484,11 @@ impl Stage {
     /// A rule file of another shape. Pumps kept (same id, same actuator) keep their state and
     /// their actuator, untouched; a pump removed is driven to its safe state and its actuator
     /// held there for the life of the process (a GPIO line released would float); a new pump
-    /// starts off, as at a start (min off from now). A new pump on the actuator of a removed one
-    /// (renamed) takes it over, driven off first. Every device needs keys (reload the keys file
-    /// first). Refused whole, nothing changed, when a new actuator cannot be opened.
+    /// starts off, as at a start (min off from now). A new pump on the very actuator of a pump
+    /// removed now or earlier (renamed, back again) takes it over, driven off first, with that
+    /// pump's lockout and latches. Every device needs keys (reload the keys file first).
+    /// Refused whole — nothing opened is driven, no frame sent — when a new actuator cannot be
+    /// opened, or would be a second sender on a Class C device's downlink counter.
     fn reshape(&mut self, new: RuleSet, now: u64) -> Result<String, String> {
         let no_keys: Vec<&str> = new
             .devices
@@ -486,22 +507,63 @@ impl Stage {
         let removed: Vec<usize> = (0..old.pumps.len())
             .filter(|i| !carried.contains(&Some(*i)))
             .collect();
-        // Where each new pump's actuator comes from: its own (kept), a removed pump's with the
-        // same actuator (renamed), or opened now.
-        let mut taken: Vec<usize> = Vec::new();
-        let mut from: Vec<Option<usize>> = Vec::new();
+        let same = |a: &file::Actuator, b: &file::Actuator| format!("{a:?}") == format!("{b:?}");
+        // Where each new pump's actuator comes from: its own (kept), that of a pump removed now
+        // or by an earlier reload with the very same actuator (renamed, or back again: one
+        // holder per GPIO line and per device's downlink counter), or opened now.
+        let mut from: Vec<Source> = Vec::new();
+        let mut taken_removed: Vec<usize> = Vec::new();
+        let mut taken_retired: Vec<usize> = Vec::new();
         for (j, p) in new.pumps.iter().enumerate() {
-            let reuse = carried[j].or_else(|| {
-                removed.iter().copied().find(|i| {
-                    !taken.contains(i)
-                        && format!("{:?}", old.pumps[*i].actuator) == format!("{:?}", p.actuator)
-                })
-            });
-            if let Some(i) = reuse {
-                taken.push(i);
+            if let Some(i) = carried[j] {
+                from.push(Source::Kept(i));
+            } else if let Some(i) = removed
+                .iter()
+                .copied()
+                .find(|i| !taken_removed.contains(i) && same(&old.pumps[*i].actuator, &p.actuator))
+            {
+                taken_removed.push(i);
+                from.push(Source::Removed(i));
+            } else if let Some(r) = (0..self.retired.len())
+                .find(|r| !taken_retired.contains(r) && same(&self.retired[*r].spec, &p.actuator))
+            {
+                taken_retired.push(r);
+                from.push(Source::Retired(r));
+            } else {
+                from.push(Source::Open);
             }
-            from.push(reuse);
         }
+        // A Class C device has one downlink counter: a second sender for it (settings changed
+        // while it stays the device of a kept, removed or retired actuator) would reuse it.
+        let class_c_device = |a: &file::Actuator| match a {
+            file::Actuator::LorawanClassC(c) => Some(c.device.clone()),
+            _ => None,
+        };
+        for (j, p) in new.pumps.iter().enumerate() {
+            let (Source::Open, Some(device)) = (&from[j], class_c_device(&p.actuator)) else {
+                continue;
+            };
+            let held_by_kept = from.iter().zip(&new.pumps).any(|(f, q)| {
+                matches!(f, Source::Kept(_) | Source::Removed(_) | Source::Retired(_))
+                    && class_c_device(&q.actuator).as_ref() == Some(&device)
+            });
+            let held_elsewhere = removed
+                .iter()
+                .filter(|i| !taken_removed.contains(i))
+                .any(|i| class_c_device(&old.pumps[*i].actuator).as_ref() == Some(&device))
+                || self.retired.iter().enumerate().any(|(r, x)| {
+                    !taken_retired.contains(&r) && class_c_device(&x.spec).as_ref() == Some(&device)
+                });
+            if held_by_kept || held_elsewhere {
+                return Err(format!(
+                    "not applied: pump {} would be a second sender for device {device}'s downlink \
+                     counter (its Class C settings changed, or another pump drives it): a restart \
+                     applies it",
+                    p.id
+                ));
+            }
+        }
+        // Opened without a frame or a write: the reload may still be refused.
         let mut opened: Vec<Option<(usize, actuator::Entry)>> = Vec::new();
         {
             let mut next = self.next_slot;
@@ -512,31 +574,43 @@ impl Stage {
                 &self.handed_tx,
             );
             for (j, p) in new.pumps.iter().enumerate() {
-                if from[j].is_some() {
+                if !matches!(from[j], Source::Open) {
                     opened.push(None);
                     continue;
                 }
-                let entry = actuator::open(next, &p.id, &p.actuator, &mut open_class_c)
+                let entry = actuator::open_unarmed(next, &p.id, &p.actuator, &mut open_class_c)
                     .map_err(|e| format!("not applied: pump {}'s actuator: {e}", p.id))?;
                 opened.push(Some((next, entry)));
                 next += 1;
             }
             self.next_slot = next;
         }
-        let mut durable = BTreeMap::new();
-        for p in &new.pumps {
-            if let Some(d) = self
-                .queue
-                .state_get(&format!("pump/{}", p.id))
+        // A pump's durable state by id; a pump taking over another's actuator also takes its
+        // holds (lockout, latches): a maintenance hold follows the machine, not the name.
+        let durable_of = |id: &str| {
+            self.queue
+                .state_get(&format!("pump/{id}"))
                 .ok()
                 .flatten()
                 .and_then(|v| serde_json::from_slice::<Durable>(&v).ok())
-            {
-                durable.insert(p.id.clone(), d);
+        };
+        let mut durable = BTreeMap::new();
+        for (j, p) in new.pumps.iter().enumerate() {
+            let mut d = durable_of(&p.id).unwrap_or_default();
+            let before = match from[j] {
+                Source::Removed(i) => Some(old.pumps[i].id.clone()),
+                Source::Retired(r) => Some(self.retired[r].entry.0.clone()),
+                _ => None,
+            };
+            if let Some(o) = before.filter(|o| *o != p.id).and_then(|o| durable_of(&o)) {
+                d.lockout |= o.lockout;
+                d.latched.extend(o.latched);
             }
+            durable.insert(p.id.clone(), d);
         }
         let old_ids: Vec<String> = old.pumps.iter().map(|p| p.id.clone()).collect();
-        let (carried, removed_states) = self.engine.reshape(new, now, &durable);
+        let old_specs: Vec<file::Actuator> = old.pumps.iter().map(|p| p.actuator.clone()).collect();
+        let (carried, removed_states, new_sensors) = self.engine.reshape(new, now, &durable);
         debug_assert_eq!(removed, removed_states);
         let mut old_gates: Vec<Option<actuator::Entry>> = std::mem::take(&mut self.gates)
             .into_iter()
@@ -544,35 +618,52 @@ impl Stage {
             .collect();
         let mut old_links: Vec<Option<class_c::Link>> = std::mem::take(&mut self.links);
         let old_slots = std::mem::take(&mut self.slots);
+        let mut retired: Vec<Option<Retired>> = std::mem::take(&mut self.retired)
+            .into_iter()
+            .map(Some)
+            .collect();
         let rules = self.engine.rules().clone();
         let mut reasons = Vec::new();
         for (j, p) in rules.pumps.iter().enumerate() {
-            let (slot, entry, link) = match (carried[j], from[j], opened[j].take()) {
-                (Some(i), _, _) => (
-                    old_slots[i],
-                    old_gates[i].take().expect("carried once"),
-                    old_links[i].take(),
-                ),
-                (None, Some(i), _) => {
-                    let (renamed, gate) = old_gates[i].take().expect("reused once");
-                    let entry = (p.id.clone(), gate);
-                    if let Err(e) = entry.1.lock().unwrap_or_else(|x| x.into_inner()).safe() {
+            let (slot, gate, link, was) = match (&from[j], opened[j].take()) {
+                (Source::Kept(i), _) => {
+                    let (_, gate) = old_gates[*i].take().expect("kept once");
+                    (old_slots[*i], gate, old_links[*i].take(), None)
+                }
+                (Source::Removed(i), _) => {
+                    let (was, gate) = old_gates[*i].take().expect("taken once");
+                    (old_slots[*i], gate, None, Some(was))
+                }
+                (Source::Retired(r), _) => {
+                    let x = retired[*r].take().expect("taken once");
+                    (x.slot, x.entry.1, None, Some(x.entry.0))
+                }
+                (Source::Open, Some((slot, (_, gate)))) => (slot, gate, None, None),
+                (Source::Open, None) => unreachable!("opened above"),
+            };
+            let link = match link {
+                Some(l) => Some(l),
+                None => {
+                    // Not kept: off first (a Class C actuator sends its OFF now), as at a start.
+                    if let Err(e) = gate.lock().unwrap_or_else(|x| x.into_inner()).safe() {
                         tracing::error!(pump = %p.id, error = %e, "ALARM: could not drive the pump off");
                     }
-                    reasons.push(format!("pump {} is pump {renamed}'s actuator under a new name: off until the rules say otherwise", p.id));
-                    (old_slots[i], entry, new_link(p, now))
+                    reasons.push(match was {
+                        Some(w) if w != p.id => format!(
+                            "pump {} takes over pump {w}'s actuator: off until the rules say otherwise",
+                            p.id
+                        ),
+                        Some(_) => format!("pump {} back on its actuator: off until the rules say otherwise", p.id),
+                        None => format!(
+                            "pump {} added: off until the rules say otherwise (min off from now)",
+                            p.id
+                        ),
+                    });
+                    new_link(p, now)
                 }
-                (None, None, Some((slot, entry))) => {
-                    reasons.push(format!(
-                        "pump {} added: off until the rules say otherwise (min off from now)",
-                        p.id
-                    ));
-                    (slot, entry, new_link(p, now))
-                }
-                (None, None, None) => unreachable!("every new pump has an actuator"),
             };
             self.slots.push(slot);
-            self.gates.push(entry);
+            self.gates.push((p.id.clone(), gate));
             self.links.push(link);
         }
         for i in removed {
@@ -591,10 +682,20 @@ impl Stage {
                 "pump {} removed: driven to its safe state",
                 old_ids[i]
             ));
-            self.retired.push(entry);
+            retired.push(Some(Retired {
+                spec: old_specs[i].clone(),
+                slot: old_slots[i],
+                entry,
+            }));
         }
-        self.actuators
-            .replace(self.gates.iter().chain(&self.retired).cloned().collect());
+        self.retired = retired.into_iter().flatten().collect();
+        self.actuators.replace(
+            self.gates
+                .iter()
+                .cloned()
+                .chain(self.retired.iter().map(|r| r.entry.clone()))
+                .collect(),
+        );
         self.watch.set(
             rules
                 .devices
@@ -615,6 +716,12 @@ impl Stage {
             st.clear();
         }
         self.publish_state();
+        for si in new_sensors {
+            reasons.push(format!(
+                "sensor {} added: unknown until heard (its first reading confirmed by a second)",
+                rules.sensors[si].id
+            ));
+        }
         let kept = carried.iter().filter(|c| c.is_some()).count();
         reasons.push(format!("{kept} pump(s) kept with their state"));
         let how = reasons.join("; ");
@@ -682,6 +789,18 @@ impl Stage {
                 .map(|s| s.dev_addr_bytes()),
         );
         self.sessions = Sessions::new(sessions);
+        // A new session's first reading is believed only once a second agrees, as at a start
+        // (a wrong AppSKey decodes to noise).
+        let fresh: Vec<usize> = rules
+            .sensors
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| rekeyed.contains(&rules.devices[c.device].dev_eui))
+            .map(|(si, _)| si)
+            .collect();
+        for si in fresh {
+            self.engine.session_started(si, None);
+        }
         let now = self.now();
         tracing::info!(rekeyed = ?rekeyed, "rules: keys file reloaded; pump states untouched");
         self.send_audit(Audit {
@@ -1501,6 +1620,8 @@ remote_lease_max = "1h"
             failures[0]
         );
     }
+
+    mod reload;
 
     /// A reload that adds a pump and then removes the running Class C one: the running pump is
     /// not touched by the first (no frame), the second stops it (an OFF frame) and holds its
