@@ -68,8 +68,10 @@ impl Running {
 fn start(peer: &Peer, broker: &Broker, udp: u16) -> Running {
     match peer {
         Peer::LoraEdge => {
+            // The shipped stats interval (the tests' setup reports every second).
             let (agent, dir) = AgentSetup::new(broker.port)
                 .config(&backend_config(udp, EUI))
+                .config("[stats]\ninterval = \"30s\"")
                 .start();
             assert!(agent.wait_log("backhaul up", Duration::from_secs(20)));
             Running::Agent(agent, dir)
