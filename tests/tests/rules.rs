@@ -1063,7 +1063,12 @@ fn a_reload_adds_and_removes_pumps_without_touching_the_one_that_runs() {
         agent.log()
     );
     assert!(agent.log().contains("pump P2 added"), "{}", agent.log());
-    assert_eq!(relay(dir.path()), vec![false, true], "P1 untouched");
+    assert_eq!(
+        relay(dir.path()),
+        vec![false, true],
+        "P1 untouched: {}",
+        agent.log()
+    );
     let until = std::time::Instant::now() + patience(Duration::from_secs(20));
     while relay2(dir.path()).len() < 2 && std::time::Instant::now() < until {
         std::thread::sleep(Duration::from_millis(100));

@@ -625,7 +625,8 @@ impl Stage {
         let rules = self.engine.rules().clone();
         let mut reasons = Vec::new();
         for (j, p) in rules.pumps.iter().enumerate() {
-            let (slot, gate, link, was) = match (&from[j], opened[j].take()) {
+            let kept = matches!(from[j], Source::Kept(_));
+            let (slot, gate, kept_link, was) = match (&from[j], opened[j].take()) {
                 (Source::Kept(i), _) => {
                     let (_, gate) = old_gates[*i].take().expect("kept once");
                     (old_slots[*i], gate, old_links[*i].take(), None)
@@ -641,26 +642,29 @@ impl Stage {
                 (Source::Open, Some((slot, (_, gate)))) => (slot, gate, None, None),
                 (Source::Open, None) => unreachable!("opened above"),
             };
-            let link = match link {
-                Some(l) => Some(l),
-                None => {
-                    // Not kept: off first (a Class C actuator sends its OFF now), as at a start.
-                    if let Err(e) = gate.lock().unwrap_or_else(|x| x.into_inner()).safe() {
-                        tracing::error!(pump = %p.id, error = %e, "ALARM: could not drive the pump off");
-                    }
-                    reasons.push(match was {
-                        Some(w) if w != p.id => format!(
-                            "pump {} takes over pump {w}'s actuator: off until the rules say otherwise",
-                            p.id
-                        ),
-                        Some(_) => format!("pump {} back on its actuator: off until the rules say otherwise", p.id),
-                        None => format!(
-                            "pump {} added: off until the rules say otherwise (min off from now)",
-                            p.id
-                        ),
-                    });
-                    new_link(p, now)
+            // A kept pump is not touched: its actuator and link go on as they were.
+            let link = if kept {
+                kept_link
+            } else {
+                // Not kept: off first (a Class C actuator sends its OFF now), as at a start.
+                if let Err(e) = gate.lock().unwrap_or_else(|x| x.into_inner()).safe() {
+                    tracing::error!(pump = %p.id, error = %e, "ALARM: could not drive the pump off");
                 }
+                reasons.push(match was {
+                    Some(w) if w != p.id => format!(
+                        "pump {} takes over pump {w}'s actuator: off until the rules say otherwise",
+                        p.id
+                    ),
+                    Some(_) => format!(
+                        "pump {} back on its actuator: off until the rules say otherwise",
+                        p.id
+                    ),
+                    None => format!(
+                        "pump {} added: off until the rules say otherwise (min off from now)",
+                        p.id
+                    ),
+                });
+                new_link(p, now)
             };
             self.slots.push(slot);
             self.gates.push((p.id.clone(), gate));
