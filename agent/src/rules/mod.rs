@@ -1466,6 +1466,23 @@ remote_lease_max = "1h"
             self.stage(CLASS_C_RULES, &keys)
         }
 
+        /// A central lease asking P1 to run for an hour, applied.
+        fn lease_p1(&self, stage: &mut Stage) {
+            let now = self.clock.load(Ordering::Relaxed);
+            let out = stage
+                .engine
+                .command(
+                    "P1",
+                    engine::Command::Lease {
+                        expiry_ms: now + 3_600_000,
+                        run: true,
+                    },
+                    now,
+                )
+                .unwrap();
+            stage.apply(out, None);
+        }
+
         /// The frames handed to the downlink stage since the last call: (FCntDown, ON?, answer).
         fn frames(&self) -> Vec<(u32, bool, crate::downlink::Owned)> {
             while self.audit.try_recv().is_ok() {}
@@ -1627,79 +1644,6 @@ remote_lease_max = "1h"
 
     mod reload;
 
-    /// A reload that adds a pump and then removes the running Class C one: the running pump is
-    /// not touched by the first (no frame), the second stops it (an OFF frame) and holds its
-    /// actuator for the emergency paths; a late answer for it is ignored.
-    #[test]
-    fn a_reload_adds_a_pump_without_a_frame_and_a_removed_class_c_pump_is_stopped() {
-        let b = Bench::new();
-        let mut stage = b.class_c_stage();
-        let now = b.clock.load(Ordering::Relaxed);
-        let out = stage
-            .engine
-            .command(
-                "P1",
-                engine::Command::Lease {
-                    expiry_ms: now + 3_600_000,
-                    run: true,
-                },
-                now,
-            )
-            .unwrap();
-        stage.apply(out, None);
-        // Past min off (1 s from boot).
-        for _ in 0..3 {
-            b.clock.fetch_add(1000, Ordering::Relaxed);
-            stage.tick();
-        }
-        assert!(b.frames().iter().any(|(_, on, _)| *on), "P1's ON");
-        assert!(stage.engine.is_on(0));
-        let relay = b.dir.path().join("p2.jsonl");
-        let p2 = format!(
-            "[[pump]]\nid = \"P2\"\nsafe_state = \"off\"\nactuator = {{ kind = \"simulated\", file = {:?} }}\n\
-             max_run = \"2h\"\nmin_run = \"1s\"\nmin_off = \"1s\"\nmax_starts_per_hour = 60\nremote_lease_max = \"1h\"\n",
-            relay.display().to_string()
-        );
-        let load = |text: &str| {
-            let f = b.dir.path().join("new-rules.toml");
-            std::fs::write(&f, text).unwrap();
-            file::load(&f).unwrap()
-        };
-        let how = stage.reload(load(&format!("{CLASS_C_RULES}{p2}"))).unwrap();
-        assert!(stage.engine.rules().pumps.len() == 2 && stage.engine.is_on(0));
-        assert!(
-            b.frames().is_empty(),
-            "the running pump got no frame from the reload"
-        );
-        assert!(
-            std::fs::read_to_string(&relay).unwrap().contains("false"),
-            "P2 opened off"
-        );
-        assert_eq!(stage.actuators.snapshot().len(), 2);
-        // P1 removed: an OFF, and its actuator kept for all_off.
-        let only_p2 = format!("{}{p2}", CLASS_C_RULES.split_once("[[pump]]").unwrap().0);
-        stage.reload(load(&only_p2)).unwrap();
-        let sent = b.frames();
-        assert!(
-            sent.iter().any(|(_, on, _)| !on),
-            "P1's OFF: {:?}",
-            sent.iter().map(|f| f.1).collect::<Vec<_>>()
-        );
-        assert_eq!(stage.engine.rules().pumps[0].id, "P2");
-        assert_eq!(
-            stage.actuators.snapshot().len(),
-            2,
-            "P1's actuator held for the emergency paths"
-        );
-        // An answer for P1's frame arriving late goes nowhere (P2 now sits at index 0).
-        stage.handed(crate::downlink::Handed {
-            tag: class_c::tag(0, 7, true),
-            result: Err("late".into()),
-        });
-        assert!(!stage.engine.is_on(0));
-        assert_eq!(how.len(), 64, "the new file's sha256: {how}");
-    }
-
     /// A Class C actuator's keys change only at a restart: its downlink counter and the frames
     /// in flight belong to the running session. An unchanged file is taken; one without the
     /// device's keys is refused whole.
@@ -1745,19 +1689,7 @@ remote_lease_max = "1h"
         // status uplink.
         let b = Bench::new();
         let mut stage = b.class_c_stage();
-        let now = b.clock.load(Ordering::Relaxed);
-        let out = stage
-            .engine
-            .command(
-                "P1",
-                engine::Command::Lease {
-                    expiry_ms: now + 3_600_000,
-                    run: true,
-                },
-                now,
-            )
-            .unwrap();
-        stage.apply(out, None);
+        b.lease_p1(&mut stage);
         let mut sent = Vec::new();
         for _ in 0..60 {
             b.clock.fetch_add(1000, Ordering::Relaxed);

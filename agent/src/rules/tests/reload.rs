@@ -2,25 +2,51 @@
 //! review found (each test failed on the first version of `Stage::reshape`/`rekey`).
 use super::*;
 
+/// P1 run by a central lease, past its min off.
 fn run_p1(b: &Bench, stage: &mut Stage) {
-    let now = b.clock.load(Ordering::Relaxed);
-    let out = stage
-        .engine
-        .command(
-            "P1",
-            engine::Command::Lease {
-                expiry_ms: now + 3_600_000,
-                run: true,
-            },
-            now,
-        )
-        .unwrap();
-    stage.apply(out, None);
+    b.lease_p1(stage);
     for _ in 0..3 {
         b.clock.fetch_add(1000, Ordering::Relaxed);
         stage.tick();
     }
     assert!(stage.engine.is_on(0));
+}
+
+/// A `[[pump]]` table with `actuator` (an inline table's body) and short timings.
+fn pump(id: &str, actuator: &str) -> String {
+    format!(
+        "[[pump]]\nid = \"{id}\"\nsafe_state = \"off\"\nactuator = {{ {actuator} }}\n\
+         max_run = \"2h\"\nmin_run = \"1s\"\nmin_off = \"1s\"\nmax_starts_per_hour = 60\nremote_lease_max = \"1h\"\n"
+    )
+}
+
+/// A simulated relay's actuator body, recording into `file`.
+fn simulated(file: &std::path::Path) -> String {
+    format!(
+        "kind = \"simulated\", file = {:?}",
+        file.display().to_string()
+    )
+}
+
+/// A GPIO relay on a chip that does not exist: it never opens.
+const NO_GPIO: &str = "kind = \"gpio\", chip = \"/dev/gpiochip-none\", line = 3";
+
+/// One device with u8 `fields` (offsets 0, 1, …), a level sensor on `field`, and pump P1 on a
+/// simulated relay under its level control (start at 200, stop at 50).
+fn level_rules(dev_eui: &str, fport: u8, fields: &[&str], field: &str) -> String {
+    let mut s = format!(
+        "version = 1\n[[device]]\ndev_eui = \"{dev_eui}\"\ndecoder = \"layout\"\nfport = {fport}\n"
+    );
+    for (offset, name) in fields.iter().enumerate() {
+        s += &format!(
+            "  [[device.field]]\n  name = \"{name}\"\n  offset = {offset}\n  type = \"u8\"\n"
+        );
+    }
+    s += &format!(
+        "[[sensor]]\nid = \"level\"\ndevice = \"{dev_eui}\"\nfield = \"{field}\"\nvalid_range = [0.0, 255.0]\nmax_age = \"10m\"\n"
+    );
+    s += &pump("P1", "kind = \"simulated\", file = \"r.jsonl\"");
+    s + "  [pump.auto]\n  sensor = \"level\"\n  mode = \"empty\"\n  start_at = 200.0\n  stop_at = 50.0\n"
 }
 
 fn load_text(b: &Bench, text: &str) -> RuleSet {
@@ -45,8 +71,7 @@ fn a_refused_reload_sends_no_frame_to_the_running_pumps_device() {
     run_p1(&b, &mut stage);
     let before = b.frames();
     eprintln!("before reload: {:?}", show(&before));
-    let gpio = "[[pump]]\nid = \"P2\"\nsafe_state = \"off\"\nactuator = { kind = \"gpio\", chip = \"/dev/gpiochip-none\", line = 3 }\n\
-        max_run = \"2h\"\nmin_run = \"1s\"\nmin_off = \"1s\"\nmax_starts_per_hour = 60\nremote_lease_max = \"1h\"\n";
+    let gpio = pump("P2", NO_GPIO);
     let text = format!(
         "{}{gpio}",
         CLASS_C_RULES.replace("refresh = \"6s\"", "refresh = \"5s\"")
@@ -97,11 +122,7 @@ fn a_class_c_pump_removed_then_restored_takes_its_own_actuator_back_and_never_re
     run_p1(&b, &mut stage);
     let _ = b.frames();
     let relay = b.dir.path().join("p2.jsonl");
-    let p2 = format!(
-        "[[pump]]\nid = \"P2\"\nsafe_state = \"off\"\nactuator = {{ kind = \"simulated\", file = {:?} }}\n\
-         max_run = \"2h\"\nmin_run = \"1s\"\nmin_off = \"1s\"\nmax_starts_per_hour = 60\nremote_lease_max = \"1h\"\n",
-        relay.display().to_string()
-    );
+    let p2 = pump("P2", &simulated(&relay));
     let only_p2 = format!("{}{p2}", CLASS_C_RULES.split_once("[[pump]]").unwrap().0);
     stage.reload(load_text(&b, &only_p2)).unwrap();
     let mut all = show(&b.frames());
@@ -132,41 +153,7 @@ fn a_class_c_pump_removed_then_restored_takes_its_own_actuator_back_and_never_re
 #[test]
 fn a_sensor_pointed_at_another_field_does_not_keep_the_old_fields_reading() {
     let b = Bench::new();
-    let rules = r#"
-version = 1
-[[device]]
-dev_eui = "A84041000181ABCD"
-decoder = "layout"
-fport = 3
-  [[device.field]]
-  name = "a"
-  offset = 0
-  type = "u8"
-  [[device.field]]
-  name = "b"
-  offset = 1
-  type = "u8"
-[[sensor]]
-id = "level"
-device = "A84041000181ABCD"
-field = "a"
-valid_range = [0.0, 255.0]
-max_age = "10m"
-[[pump]]
-id = "P1"
-safe_state = "off"
-actuator = { kind = "simulated", file = "r.jsonl" }
-max_run = "2h"
-min_run = "1s"
-min_off = "1s"
-max_starts_per_hour = 60
-remote_lease_max = "1h"
-  [pump.auto]
-  sensor = "level"
-  mode = "empty"
-  start_at = 200.0
-  stop_at = 50.0
-"#;
+    let rules = &level_rules("A84041000181ABCD", 3, &["a", "b"], "a");
     let keys = format!(
         "[[device]]\ndev_eui = \"a84041000181abcd\"\ndev_addr = \"{}\"\nnwk_s_key = \"{}\"\napp_s_key = \"{}\"\n",
         hex::encode(ACTUATOR_ADDR),
@@ -223,37 +210,7 @@ remote_lease_max = "1h"
 #[test]
 fn a_new_sessions_first_reading_is_not_believed_alone() {
     use std::os::unix::fs::PermissionsExt;
-    let rules = r#"
-version = 1
-[[device]]
-dev_eui = "70B3D57ED0001A01"
-decoder = "layout"
-fport = 2
-  [[device.field]]
-  name = "lvl"
-  offset = 0
-  type = "u8"
-[[sensor]]
-id = "level"
-device = "70B3D57ED0001A01"
-field = "lvl"
-valid_range = [0.0, 255.0]
-max_age = "10m"
-[[pump]]
-id = "P1"
-safe_state = "off"
-actuator = { kind = "simulated", file = "r.jsonl" }
-max_run = "2h"
-min_run = "1s"
-min_off = "1s"
-max_starts_per_hour = 60
-remote_lease_max = "1h"
-  [pump.auto]
-  sensor = "level"
-  mode = "empty"
-  start_at = 200.0
-  stop_at = 50.0
-"#;
+    let rules = &level_rules("70B3D57ED0001A01", 2, &["lvl"], "lvl");
     let k = |addr: [u8; 4], nwk: [u8; 16], app: [u8; 16]| {
         format!(
             "[[device]]\ndev_eui = \"70b3d57ed0001a01\"\ndev_addr = \"{}\"\nnwk_s_key = \"{}\"\napp_s_key = \"{}\"\n",
@@ -325,8 +282,7 @@ fn after_a_refused_reload_the_running_pumps_refresh_is_taken_and_nothing_latches
         stage.handed(h);
     }
     b.status(&mut stage, true);
-    let gpio = "[[pump]]\nid = \"P2\"\nsafe_state = \"off\"\nactuator = { kind = \"gpio\", chip = \"/dev/gpiochip-none\", line = 3 }\n\
-        max_run = \"2h\"\nmin_run = \"1s\"\nmin_off = \"1s\"\nmax_starts_per_hour = 60\nremote_lease_max = \"1h\"\n";
+    let gpio = pump("P2", NO_GPIO);
     assert!(stage
         .reload(load_text(&b, &format!("{CLASS_C_RULES}{gpio}")))
         .is_err());
@@ -363,11 +319,7 @@ fn after_a_refused_reload_the_running_pumps_refresh_is_taken_and_nothing_latches
 fn a_renamed_pump_takes_its_actuators_lockout_with_it() {
     let b = Bench::new();
     let relay = b.dir.path().join("r.jsonl");
-    let rules = format!(
-        "version = 1\n[[pump]]\nid = \"P1\"\nsafe_state = \"off\"\nactuator = {{ kind = \"simulated\", file = {:?} }}\n\
-         max_run = \"2h\"\nmin_run = \"1s\"\nmin_off = \"1s\"\nmax_starts_per_hour = 60\nremote_lease_max = \"1h\"\n",
-        relay.display().to_string()
-    );
+    let rules = format!("version = 1\n{}", pump("P1", &simulated(&relay)));
     let mut stage = b.stage(&rules, "");
     let now = b.clock.load(Ordering::Relaxed);
     let out = stage
@@ -433,11 +385,7 @@ fn a_file_without_pumps_stops_every_pump_and_keeps_their_actuators() {
 fn a_sensor_added_by_a_reload_is_not_believed_on_one_frame() {
     let b = Bench::new();
     let relay = b.dir.path().join("r.jsonl");
-    let pump = format!(
-        "[[pump]]\nid = \"P1\"\nsafe_state = \"off\"\nactuator = {{ kind = \"simulated\", file = {:?} }}\n\
-         max_run = \"2h\"\nmin_run = \"1s\"\nmin_off = \"1s\"\nmax_starts_per_hour = 60\nremote_lease_max = \"1h\"\n",
-        relay.display().to_string()
-    );
+    let pump = pump("P1", &simulated(&relay));
     let keys = "[[device]]\ndev_eui = \"70b3d57ed0001a01\"\ndev_addr = \"26010203\"\nnwk_s_key = \"01010101010101010101010101010101\"\napp_s_key = \"02020202020202020202020202020202\"\n";
     let mut stage = b.stage(&format!("version = 1\n{pump}"), keys);
     let dev = "[[device]]\ndev_eui = \"70B3D57ED0001A01\"\ndecoder = \"layout\"\nfport = 2\n  [[device.field]]\n  name = \"lvl\"\n  offset = 0\n  type = \"u8\"\n\
@@ -464,4 +412,51 @@ fn a_sensor_added_by_a_reload_is_not_believed_on_one_frame() {
         !stage.engine.is_on(0),
         "one frame of a sensor added by a reload started the pump"
     );
+}
+
+/// A reload that adds a pump and then removes the running Class C one: the running pump is
+/// not touched by the first (no frame), the second stops it (an OFF frame) and holds its
+/// actuator for the emergency paths; a late answer for it is ignored.
+#[test]
+fn a_reload_adds_a_pump_without_a_frame_and_a_removed_class_c_pump_is_stopped() {
+    let b = Bench::new();
+    let mut stage = b.class_c_stage();
+    run_p1(&b, &mut stage);
+    assert!(b.frames().iter().any(|(_, on, _)| *on), "P1's ON");
+    let relay = b.dir.path().join("p2.jsonl");
+    let p2 = pump("P2", &simulated(&relay));
+    let load = |text: &str| load_text(&b, text);
+    let how = stage.reload(load(&format!("{CLASS_C_RULES}{p2}"))).unwrap();
+    assert!(stage.engine.rules().pumps.len() == 2 && stage.engine.is_on(0));
+    assert!(
+        b.frames().is_empty(),
+        "the running pump got no frame from the reload"
+    );
+    assert!(
+        std::fs::read_to_string(&relay).unwrap().contains("false"),
+        "P2 opened off"
+    );
+    assert_eq!(stage.actuators.snapshot().len(), 2);
+    // P1 removed: an OFF, and its actuator kept for all_off.
+    let only_p2 = format!("{}{p2}", CLASS_C_RULES.split_once("[[pump]]").unwrap().0);
+    stage.reload(load(&only_p2)).unwrap();
+    let sent = b.frames();
+    assert!(
+        sent.iter().any(|(_, on, _)| !on),
+        "P1's OFF: {:?}",
+        sent.iter().map(|f| f.1).collect::<Vec<_>>()
+    );
+    assert_eq!(stage.engine.rules().pumps[0].id, "P2");
+    assert_eq!(
+        stage.actuators.snapshot().len(),
+        2,
+        "P1's actuator held for the emergency paths"
+    );
+    // An answer for P1's frame arriving late goes nowhere (P2 now sits at index 0).
+    stage.handed(crate::downlink::Handed {
+        tag: class_c::tag(0, 7, true),
+        result: Err("late".into()),
+    });
+    assert!(!stage.engine.is_on(0));
+    assert_eq!(how.len(), 64, "the new file's sha256: {how}");
 }
