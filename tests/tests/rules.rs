@@ -1058,7 +1058,7 @@ fn a_reload_adds_and_removes_pumps_without_touching_the_one_that_runs() {
     std::fs::write(dir.path().join("rules.toml"), format!("{RULES}\n{p2}")).unwrap();
     hup(&agent);
     assert!(
-        agent.wait_log("a rule file of another shape runs", Duration::from_secs(10)),
+        agent.wait_log("pump P2 added", Duration::from_secs(10)),
         "{}",
         agent.log()
     );

@@ -9,7 +9,7 @@
 //! - `backlog`: what the store holds and has lost;
 //! - `health`: the current `state/health` message;
 //! - `reload`: the configuration and rule files on disk checked as `lora-edge check` does; the
-//!   rules run in place of the running ones (`rules_change.rs`: pump states kept), other
+//!   rules run in place of the running ones (`rules_change.rs`: kept pumps keep their state), other
 //!   changed keys are named (they take effect at the next restart); a changed keys file gives
 //!   the rules stage its sessions (a rejoined sensor heard again); a broken file changes
 //!   nothing and the answer says why (SIGHUP does the same);

@@ -274,73 +274,9 @@ impl Engine {
         }
     }
 
-    /// Takes a new rule file of the same shape (the same devices, sensors and pumps, in the
-    /// same order, each pump with the same actuator) in place of the running one, keeping every
-    /// pump's and sensor's state: on/off, who asked, leases, starts, latches and trips of
-    /// interlocks that still exist. A changed threshold takes effect at the next scan. Another
-    /// shape is refused with why (`reshape` takes it).
-    pub fn reload(&mut self, new: RuleSet) -> Result<(), String> {
-        let old = &self.rules;
-        let mut why = Vec::new();
-        let devices = |r: &RuleSet| {
-            r.devices
-                .iter()
-                .map(|d| d.dev_eui.clone())
-                .collect::<Vec<_>>()
-        };
-        if devices(old) != devices(&new) {
-            why.push(format!(
-                "devices {:?} would become {:?}",
-                devices(old),
-                devices(&new)
-            ));
-        }
-        // A sensor is the same only reading the same device's same field: re-pointed, its last
-        // reading is not its own.
-        let sensors = |r: &RuleSet| {
-            r.sensors
-                .iter()
-                .map(|x| format!("{}={}.{}", x.id, r.devices[x.device].dev_eui, x.field))
-                .collect::<Vec<_>>()
-        };
-        if sensors(old) != sensors(&new) {
-            why.push(format!(
-                "sensors {:?} would become {:?}",
-                sensors(old),
-                sensors(&new)
-            ));
-        }
-        let pumps = |r: &RuleSet| r.pumps.iter().map(|x| x.id.clone()).collect::<Vec<_>>();
-        if pumps(old) != pumps(&new) {
-            why.push(format!(
-                "pumps {:?} would become {:?}",
-                pumps(old),
-                pumps(&new)
-            ));
-        } else {
-            for (a, b) in old.pumps.iter().zip(&new.pumps) {
-                if format!("{:?}", a.actuator) != format!("{:?}", b.actuator) {
-                    why.push(format!("pump {}'s actuator changed", a.id));
-                }
-            }
-        }
-        if !why.is_empty() {
-            return Err(format!(
-                "not applied while running: {}; a restart applies it (every pump starts off)",
-                why.join("; ")
-            ));
-        }
-        for (state, pump) in self.pumps.iter_mut().zip(&new.pumps) {
-            let exists = |l: &String| pump.interlocks.iter().any(|i| &i.id == l);
-            state.latched.retain(|l| l == ACTUATOR_LATCH || exists(l));
-            state.tripped.retain(|l, _| exists(l));
-        }
-        self.rules = new;
-        Ok(())
-    }
-
-    /// Takes a rule file of another shape: pumps added or removed, sensors added or removed.
-    /// A pump with the same id and the same actuator keeps its whole state (on/off, who asked,
+    /// Takes a new rule file in place of the running one, whatever its shape (pumps or sensors
+    /// added, removed, reordered). A changed threshold takes effect at the next scan. A pump
+    /// with the same id and the same actuator keeps its whole state (on/off, who asked,
     /// leases, starts, latches and trips of interlocks that still exist); a sensor with the
     /// same id reading the same device's field keeps its reading. A new pump starts off, its
     /// min off running from `now` and its durable state from `durable`, as at a start; a new

@@ -712,11 +712,12 @@ fn a_reload_keeps_a_running_pump_running_and_a_new_threshold_applies_at_the_next
         "1.2 is above stop_at 1.0"
     );
     // The technician raises stop_at to 1.5.
-    e.reload(rules_in(
-        d.path(),
-        &base.replace("stop_at = 1.0", "stop_at = 1.5"),
-    ))
-    .unwrap();
+    let (carried, removed, _) = e.reshape(
+        rules_in(d.path(), &base.replace("stop_at = 1.0", "stop_at = 1.5")),
+        T0 + 12 * M,
+        &BTreeMap::new(),
+    );
+    assert_eq!((carried, removed), (vec![Some(0)], vec![]));
     assert!(e.is_on(0), "the reload itself drives nothing");
     // The next scan stops it, with the new threshold (after min run, 2 min from the start).
     let o = e.tick(T0 + 14 * M);
@@ -729,27 +730,34 @@ fn a_reload_keeps_a_running_pump_running_and_a_new_threshold_applies_at_the_next
 }
 
 #[test]
-fn a_reload_of_another_shape_is_refused_and_the_running_rules_stay() {
+fn a_reload_of_another_shape_keeps_only_what_stays_the_same() {
     let d = tempfile::tempdir().unwrap();
     let base = text_with(false, false);
-    let mut e = running_in(d.path(), &base);
-    let hash = e.rules().hash.clone();
-    for (text, says) in [
-        (base.replace("id = \"P1\"", "id = \"P2\""), "pumps"),
+    for (text, pump_kept, sensor_kept) in [
+        (base.replace("id = \"P1\"", "id = \"P2\""), false, true),
         (
             base.replace("relay.jsonl", "other-relay.jsonl"),
-            "actuator changed",
+            false,
+            true,
         ),
         (
             base.replace("id = \"level\"", "id = \"niveau\"")
                 .replace("sensor = \"level\"", "sensor = \"niveau\""),
-            "sensors",
+            true,
+            false,
         ),
     ] {
-        let why = e.reload(rules_in(d.path(), &text)).unwrap_err();
-        assert!(why.contains(says) && why.contains("restart"), "{why}");
-        assert_eq!(e.rules().hash, hash);
-        assert!(e.is_on(0));
+        let mut e = running_in(d.path(), &base);
+        let now = T0 + 12 * M;
+        let (carried, removed, new_sensors) =
+            e.reshape(rules_in(d.path(), &text), now, &BTreeMap::new());
+        assert_eq!(carried[0].is_some(), pump_kept, "{text}");
+        assert_eq!(removed.is_empty(), pump_kept);
+        assert_eq!(new_sensors.is_empty(), sensor_kept);
+        // A pump kept runs on; a new one starts off.
+        assert_eq!(e.is_on(0), pump_kept);
+        // A sensor kept keeps its reading; a new one is unknown.
+        assert_eq!(e.sensor_quality(0).0.is_some(), sensor_kept);
     }
 }
 
@@ -764,10 +772,13 @@ fn a_reload_forgets_the_latch_of_an_interlock_that_no_longer_exists() {
     e.reading(0, 0.8, T0 + 11 * M + 50 * S);
     e.reading(0, 0.35, T0 + 12 * M);
     assert!(e.durable(0).latched.contains("dry_run"));
-    e.reload(rules_in(
-        d.path(),
-        &base.replace("id = \"dry_run\"", "id = \"dry_run_v2\""),
-    ))
-    .unwrap();
+    e.reshape(
+        rules_in(
+            d.path(),
+            &base.replace("id = \"dry_run\"", "id = \"dry_run_v2\""),
+        ),
+        T0 + 13 * M,
+        &BTreeMap::new(),
+    );
     assert!(e.durable(0).latched.is_empty(), "{:?}", e.durable(0));
 }

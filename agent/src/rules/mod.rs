@@ -451,23 +451,14 @@ impl Stage {
         (self.clock)()
     }
 
-    /// A new rule file in place of the running one; audited, and scanned at once. Of the
-    /// same shape, every pump's state is kept (`Engine::reload`); of another (pumps or
-    /// sensors added or removed, an actuator changed), see `reshape`.
+    /// A new rule file in place of the running one (`reshape`); audited, and scanned at once.
     fn reload(&mut self, rules: RuleSet) -> Result<String, String> {
         let now = self.now();
         let before = self.engine.rules().hash.clone();
         let after = rules.hash.clone();
-        let how = match self.engine.reload(rules.clone()) {
-            Ok(()) => "pump states kept".to_string(),
-            Err(_) => match self.reshape(rules, now) {
-                Ok(how) => how,
-                Err(why) => {
-                    tracing::warn!(%why, sha256 = %after, "rules: a new rule file was refused; the running one stays");
-                    return Err(why);
-                }
-            },
-        };
+        let how = self.reshape(rules, now).inspect_err(|why| {
+            tracing::warn!(%why, sha256 = %after, "rules: a new rule file was refused; the running one stays");
+        })?;
         self.send_audit(Audit {
             at_ms: now,
             subject: "rules".into(),
@@ -481,7 +472,7 @@ impl Stage {
         Ok(after)
     }
 
-    /// A rule file of another shape. Pumps kept (same id, same actuator) keep their state and
+    /// A new rule file, of the same shape or not. Pumps kept (same id, same actuator) keep their state and
     /// their actuator, untouched; a pump removed is driven to its safe state and its actuator
     /// held there for the life of the process (a GPIO line released would float); a new pump
     /// starts off, as at a start (min off from now). A new pump on the very actuator of a pump
@@ -727,9 +718,13 @@ impl Stage {
             ));
         }
         let kept = carried.iter().filter(|c| c.is_some()).count();
-        reasons.push(format!("{kept} pump(s) kept with their state"));
+        reasons.push(if reasons.is_empty() {
+            "pump states kept".to_string()
+        } else {
+            format!("{kept} pump(s) kept with their state")
+        });
         let how = reasons.join("; ");
-        tracing::info!(%how, "rules: a rule file of another shape runs");
+        tracing::info!(%how, "rules: a new rule file runs");
         Ok(how)
     }
 
