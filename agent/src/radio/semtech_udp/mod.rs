@@ -122,23 +122,16 @@ pub fn euis(cfg: &SemtechUdpConfig) -> Result<Vec<u64>, String> {
     Ok(out)
 }
 
-#[derive(Debug, Default)]
-struct Forwarder {
-    eui: u64,
-    pull_addr: Option<SocketAddr>,
-    last_pull: Option<Instant>,
-    /// The forwarder's counter (`tmst`) at the last frame, and when it came.
-    anchor: Option<(u32, Instant)>,
-    first_pull: Option<Instant>,
-}
-
 #[derive(Default)]
 struct LinkState {
-    forwarders: Vec<Forwarder>,
-    /// The forwarder downlinks go to: the first that pulled, until it falls silent.
-    current: Option<usize>,
-    /// Changes when the forwarder downlinks go to changes (address or restart): counter values
-    /// of different generations are unrelated, like a concentrator's after a restart.
+    pull_addr: Option<SocketAddr>,
+    last_pull: Option<Instant>,
+    first_pull: Option<Instant>,
+    /// The forwarder's counter (`tmst`) at the last frame, and when it came.
+    anchor: Option<(u32, Instant)>,
+    /// Changes when the forwarder moves (a new address) or restarts (its counter jumps back):
+    /// counter values of different generations are unrelated, like a concentrator's after a
+    /// restart.
     generation: u64,
     next_token: u16,
     /// PULL_RESP tokens sent and not yet acknowledged.
@@ -147,9 +140,12 @@ struct LinkState {
     acks: Vec<(u16, Option<String>)>,
 }
 
-/// What the downlink stage needs of the forwarder: its counter, its address, its TX_ACKs.
+/// What the downlink stage needs of the forwarder (one per agent: `check` refuses more):
+/// its counter, its address, its TX_ACKs.
 pub struct Link {
     socket: Arc<UdpSocket>,
+    /// The forwarder's gateway EUI: datagrams of any other are refused.
+    eui: u64,
     state: Mutex<LinkState>,
     forwarder_timeout: Duration,
     /// Called when TX_ACKs arrive (wakes the downlink stage).
@@ -167,7 +163,9 @@ pub enum Sent {
 impl Link {
     /// Binds the configured address (an error names it).
     pub fn bind(cfg: &SemtechUdpConfig) -> Result<Link, String> {
-        let euis = euis(cfg)?;
+        let eui = *euis(cfg)?
+            .first()
+            .ok_or("radio.semtech_udp.gateway_euis is empty")?;
         let addr: SocketAddr = cfg
             .listen
             .parse()
@@ -179,14 +177,8 @@ impl Link {
             .map_err(|e| e.to_string())?;
         Ok(Link {
             socket: Arc::new(socket),
+            eui,
             state: Mutex::new(LinkState {
-                forwarders: euis
-                    .into_iter()
-                    .map(|eui| Forwarder {
-                        eui,
-                        ..Default::default()
-                    })
-                    .collect(),
                 generation: 1,
                 next_token: fastrand::u16(..),
                 ..Default::default()
@@ -209,33 +201,31 @@ impl Link {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The live forwarder downlinks go to, if any.
-    fn live(&self, s: &LinkState, now: Instant) -> Option<usize> {
-        s.current.filter(|&i| {
-            s.forwarders[i]
-                .last_pull
-                .is_some_and(|t| now.duration_since(t) < self.forwarder_timeout)
-        })
+    /// Whether the forwarder pulled within `forwarder_timeout`.
+    fn live(&self, s: &LinkState, now: Instant) -> bool {
+        s.last_pull
+            .is_some_and(|t| now.duration_since(t) < self.forwarder_timeout)
     }
 
     /// The forwarder's counter now (estimated from its last frame's `tmst`) and its
-    /// generation; `None` while no forwarder is live.
+    /// generation; `None` while it is not live.
     pub fn clock(&self) -> Option<(u32, u64)> {
         let now = Instant::now();
         let s = self.lock();
-        let i = self.live(&s, now)?;
-        let f = &s.forwarders[i];
-        let counter = match f.anchor {
+        if !self.live(&s, now) {
+            return None;
+        }
+        let counter = match s.anchor {
             Some((tmst, at)) => tmst.wrapping_add(now.duration_since(at).as_micros() as u32),
             // No frame yet: only "immediately" packets make sense, any counter does.
-            None => f
+            None => s
                 .first_pull
                 .map_or(0, |t| now.duration_since(t).as_micros() as u32),
         };
         Some((counter, s.generation))
     }
 
-    /// Sends `p` in a PULL_RESP to the live forwarder, if it is still the one of `generation`.
+    /// Sends `p` in a PULL_RESP to the forwarder, if it is live and still of `generation`.
     pub fn send(&self, p: &crate::radio::hal::TxPacket, generation: u64) -> Result<Sent, String> {
         let now = Instant::now();
         let (addr, token) = {
@@ -243,12 +233,9 @@ impl Link {
             if s.generation != generation {
                 return Ok(Sent::Stale);
             }
-            let Some(i) = self.live(&s, now) else {
-                return Err("no packet forwarder has pulled recently".into());
+            let (true, Some(addr)) = (self.live(&s, now), s.pull_addr) else {
+                return Err("the packet forwarder has not pulled recently".into());
             };
-            let addr = s.forwarders[i]
-                .pull_addr
-                .expect("a live forwarder has pulled");
             let token = s.next_token;
             s.next_token = s.next_token.wrapping_add(1);
             while s
@@ -274,10 +261,10 @@ impl Link {
 
     /// A TX_ACK counts only from the address its PULL_RESP went to (the forwarder's pull
     /// socket), for a token sent and not yet acknowledged.
-    fn tx_acked(&self, i: usize, from: SocketAddr, token: u16, error: Option<String>) -> bool {
+    fn tx_acked(&self, from: SocketAddr, token: u16, error: Option<String>) -> bool {
         let known = {
             let mut s = self.lock();
-            if s.forwarders[i].pull_addr != Some(from) {
+            if s.pull_addr != Some(from) {
                 return false;
             }
             match s.awaiting.iter().position(|(t, _)| *t == token) {
@@ -297,57 +284,35 @@ impl Link {
         known
     }
 
-    /// A PULL_DATA: remembers where the forwarder is; true when downlinks now go elsewhere.
-    /// Downlinks stay with the forwarder they go to while it keeps pulling: two listed
-    /// forwarders pulling in turn must not make every scheduled downlink stale.
-    fn pulled(&self, i: usize, from: SocketAddr, now: Instant) -> bool {
+    /// A PULL_DATA: remembers where the forwarder is; true when it moved or came back after
+    /// falling silent (what was scheduled against its counter is stale).
+    fn pulled(&self, from: SocketAddr, now: Instant) -> bool {
         let mut s = self.lock();
-        let current_live = self.live(&s, now);
-        let f = &mut s.forwarders[i];
-        let here_moved = f.pull_addr != Some(from);
-        f.pull_addr = Some(from);
-        f.last_pull = Some(now);
-        f.first_pull.get_or_insert(now);
-        let moved = match current_live {
-            Some(c) if c != i => false,
-            Some(_) => here_moved,
-            None => true,
-        };
-        if current_live.is_none() {
-            s.current = Some(i);
-        }
+        let moved = !self.live(&s, now) || s.pull_addr != Some(from);
+        s.pull_addr = Some(from);
+        s.last_pull = Some(now);
+        s.first_pull.get_or_insert(now);
         if moved {
             s.generation += 1;
         }
         moved
     }
 
-    fn anchored(&self, i: usize, tmst: u32, now: Instant) {
+    fn anchored(&self, tmst: u32, now: Instant) {
         let mut s = self.lock();
-        let f = &mut s.forwarders[i];
         // A counter far behind the estimate: the forwarder restarted (its counter too).
-        if let Some((t, at)) = f.anchor {
+        if let Some((t, at)) = s.anchor {
             let expected = t.wrapping_add(now.duration_since(at).as_micros() as u32);
-            if expected.wrapping_sub(tmst) as i32 > 10_000_000 && s.current == Some(i) {
+            if expected.wrapping_sub(tmst) as i32 > 10_000_000 {
                 s.generation += 1;
             }
         }
-        s.forwarders[i].anchor = Some((tmst, now));
-    }
-
-    /// The EUI of the forwarder downlinks go to.
-    fn current_eui(&self) -> Option<u64> {
-        let s = self.lock();
-        s.current.map(|i| s.forwarders[i].eui)
-    }
-
-    fn index(&self, eui: u64) -> Option<usize> {
-        self.lock().forwarders.iter().position(|f| f.eui == eui)
+        s.anchor = Some((tmst, now));
     }
 
     fn up(&self, now: Instant) -> Option<SocketAddr> {
         let s = self.lock();
-        self.live(&s, now).and_then(|i| s.forwarders[i].pull_addr)
+        self.live(&s, now).then_some(s.pull_addr).flatten()
     }
 }
 
@@ -416,10 +381,9 @@ impl Backend<'_> {
         if let Ok(mut f) = self.counters.forwarder.lock() {
             *f = Some(ForwarderFigures::default());
         }
-        let first = self.link.lock().forwarders.first().map(|f| f.eui);
         self.status(|s| s.state = RadioState::Starting);
         // The forwarder's EUI names the gateway, as a concentrator's would.
-        self.eui.send_replace(first);
+        self.eui.send_replace(Some(self.link.eui));
         tracing::info!(listen = ?self.link.local_addr(), "semtech_udp: waiting for the packet forwarder");
         let mut buf = vec![0u8; 65_536];
         let mut log = RateLog::default();
@@ -488,9 +452,9 @@ impl Backend<'_> {
             Some(addr) if state != RadioState::Up => {
                 tracing::info!(forwarder = %addr, "semtech_udp: the packet forwarder is up");
                 Counters::add(&self.counters.radio_starts, 1);
-                let eui = self.link.current_eui();
+                let eui = self.link.eui;
                 self.status(|s| {
-                    s.concentrator_eui = eui;
+                    s.concentrator_eui = Some(eui);
                     s.state = RadioState::Up;
                     s.since = Some(SystemTime::now());
                     s.cause = None;
@@ -567,7 +531,7 @@ impl Backend<'_> {
             Ok(d) => d,
             Err((r, why)) => return self.refused(r, &why, from, log),
         };
-        let Some(i) = self.link.index(d.eui()) else {
+        if d.eui() != self.link.eui {
             return self.refused(
                 Reject::UnknownEui,
                 &format!(
@@ -577,11 +541,11 @@ impl Backend<'_> {
                 from,
                 log,
             );
-        };
+        }
         match d {
             Datagram::PullData { token, .. } => {
                 self.reply(&packet::ack(packet::PULL_ACK, token), from);
-                if self.link.pulled(i, from, arrived.1) {
+                if self.link.pulled(from, arrived.1) {
                     tracing::info!(forwarder = %from, eui = format!("{:016x}", d.eui()), "semtech_udp: downlinks go to this forwarder");
                 }
                 if self.counters.radio_status().state != RadioState::Up {
@@ -589,7 +553,7 @@ impl Backend<'_> {
                 }
             }
             Datagram::TxAck { token, error, .. } => {
-                if !self.link.tx_acked(i, from, token, error) {
+                if !self.link.tx_acked(from, token, error) {
                     self.figures(|f| f.unmatched_tx_acks += 1);
                     tracing::debug!(token, %from, "semtech_udp: TX_ACK for no PULL_RESP of ours to that address (late, repeated or spoofed)");
                 }
@@ -665,7 +629,7 @@ impl Backend<'_> {
                 Counters::add(&self.counters.rx_received, frames.len() as u64);
                 let last = frames.len() - 1;
                 if let Some(t) = frames.iter().map(|f| f.packet.count_us).next_back() {
-                    self.link.anchored(i, t, arrived.1);
+                    self.link.anchored(t, arrived.1);
                 }
                 for (n, rx) in frames.into_iter().enumerate() {
                     handoff.push(Received {
@@ -733,33 +697,36 @@ mod tests {
         .unwrap()
     }
 
+    /// Downlinks are scheduled against the forwarder's counter: they go stale when it moves
+    /// (restarted on another port) or comes back after falling silent, not on its keep-alives.
     #[test]
-    fn downlinks_stay_with_a_live_forwarder_and_move_when_it_moves_or_falls_silent() {
-        let l = link(&["0000000000000001", "0000000000000002"]);
-        let (a, a2, b): (SocketAddr, SocketAddr, SocketAddr) = (
+    fn the_forwarders_counter_generation_changes_only_when_it_moves_or_comes_back() {
+        let l = link(&["0000000000000001"]);
+        let (a, a2): (SocketAddr, SocketAddr) = (
             "127.0.0.1:4001".parse().unwrap(),
             "127.0.0.1:4002".parse().unwrap(),
-            "127.0.0.1:5001".parse().unwrap(),
         );
         let t0 = Instant::now();
         let generation = |l: &Link| l.lock().generation;
-        assert!(l.pulled(0, a, t0), "the first pull: downlinks go there");
+        assert!(l.pulled(a, t0), "the first pull");
         let g = generation(&l);
-        // The other forwarder's keep-alives do not move them, nor do A's own.
         for k in 1..5 {
-            assert!(!l.pulled(1, b, t0 + Duration::from_secs(k)));
-            assert!(!l.pulled(0, a, t0 + Duration::from_secs(k)));
+            assert!(!l.pulled(a, t0 + Duration::from_secs(k)));
         }
-        assert_eq!(generation(&l), g);
-        assert_eq!(l.up(t0 + Duration::from_secs(5)), Some(a));
-        // A restarted on another port: what was scheduled against its old counter is stale.
-        assert!(l.pulled(0, a2, t0 + Duration::from_secs(6)));
+        assert_eq!(
+            (generation(&l), l.up(t0 + Duration::from_secs(5))),
+            (g, Some(a))
+        );
+        assert!(l.pulled(a2, t0 + Duration::from_secs(6)), "moved");
         assert_eq!(generation(&l), g + 1);
-        // A falls silent; B's next pull takes the downlinks.
         let later = t0 + Duration::from_secs(40);
-        assert!(l.pulled(1, b, later));
-        assert_eq!(l.up(later), Some(b));
-        assert_eq!(generation(&l), g + 2);
+        assert_eq!(l.up(later), None, "silent past forwarder_timeout");
+        assert!(l.pulled(a2, later), "back");
+        assert_eq!((generation(&l), l.up(later)), (g + 2, Some(a2)));
+        // A counter far behind the estimate: it restarted on the same port.
+        l.anchored(50_000_000, later);
+        l.anchored(1_000, later + Duration::from_millis(10));
+        assert_eq!(generation(&l), g + 3);
     }
 
     #[test]
@@ -767,10 +734,10 @@ mod tests {
         let l = link(&["0000000000000001"]);
         let fwd: SocketAddr = "127.0.0.1:9".parse().unwrap();
         assert!(
-            !l.tx_acked(0, fwd, 7, None),
+            !l.tx_acked(fwd, 7, None),
             "no PULL_RESP with token 7 was sent"
         );
-        l.pulled(0, fwd, Instant::now());
+        l.pulled(fwd, Instant::now());
         let (_, g) = l.clock().unwrap();
         let p = crate::radio::hal::TxPacket {
             freq_hz: 869_525_000,
@@ -795,12 +762,12 @@ mod tests {
         assert!(matches!(l.send(&p, g + 1), Ok(Sent::Stale)));
         let elsewhere: SocketAddr = "127.0.0.1:10".parse().unwrap();
         assert!(
-            !l.tx_acked(0, elsewhere, token, Some("COLLISION_PACKET".into())),
+            !l.tx_acked(elsewhere, token, Some("COLLISION_PACKET".into())),
             "from another address than the PULL_RESP went to"
         );
-        assert!(l.tx_acked(0, fwd, token, Some("TOO_LATE".into())));
+        assert!(l.tx_acked(fwd, token, Some("TOO_LATE".into())));
         assert!(
-            !l.tx_acked(0, fwd, token, None),
+            !l.tx_acked(fwd, token, None),
             "a repeated TX_ACK counts once"
         );
         assert_eq!(l.take_acks(), vec![(token, Some("TOO_LATE".to_string()))]);
