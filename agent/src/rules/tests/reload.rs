@@ -460,3 +460,37 @@ fn a_reload_adds_a_pump_without_a_frame_and_a_removed_class_c_pump_is_stopped() 
     assert!(!stage.engine.is_on(0));
     assert_eq!(how.len(), 64, "the new file's sha256: {how}");
 }
+
+/// A reload adding a Class C pump and a pump whose actuator does not open is refused before
+/// anything is driven: the Class C device gets no frame (opening an actuator used to send its
+/// OFF at once, before the next one failed).
+#[test]
+fn a_refused_reload_drives_none_of_the_actuators_it_opened() {
+    let b = Bench::new();
+    let keys = format!(
+        "[[device]]\ndev_eui = \"a84041000181abcd\"\ndev_addr = \"{}\"\nnwk_s_key = \"{}\"\napp_s_key = \"{}\"\n",
+        hex::encode(ACTUATOR_ADDR),
+        hex::encode(ACTUATOR_NWK),
+        hex::encode(ACTUATOR_APP)
+    );
+    let relay = b.dir.path().join("p0.jsonl");
+    let mut stage = b.stage(
+        &format!("version = 1\n{}", pump("P0", &simulated(&relay))),
+        &keys,
+    );
+    assert!(b.frames().is_empty());
+    let (head, class_c_pump) = CLASS_C_RULES.split_once("[[pump]]").unwrap();
+    let text = format!(
+        "{head}{}[[pump]]{class_c_pump}{}",
+        pump("P0", &simulated(&relay)),
+        pump("P2", NO_GPIO)
+    );
+    let e = stage.reload(load_text(&b, &text)).unwrap_err();
+    assert!(e.contains("P2"), "{e}");
+    assert!(
+        b.frames().is_empty(),
+        "a frame went out for a refused reload"
+    );
+    assert_eq!(stage.engine.rules().pumps.len(), 1);
+    assert_eq!(stage.actuators.snapshot().len(), 1);
+}
