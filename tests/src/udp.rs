@@ -265,7 +265,7 @@ impl Drop for Emulator {
 pub fn backend_config(port: u16, eui: u64) -> String {
     format!(
         "[radio]\nbackend = \"semtech_udp\"\n[radio.semtech_udp]\nlisten = \"127.0.0.1:{port}\"\n\
-         gateway_euis = [\"{eui:016x}\"]\nforwarder_timeout = \"5s\"\ntx_ack_timeout = \"500ms\"\n"
+         gateway_euis = [\"{eui:016x}\"]\nforwarder_timeout = \"5s\"\ntx_ack_timeout = \"2s\"\n"
     )
 }
 
