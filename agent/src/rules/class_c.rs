@@ -33,12 +33,16 @@ use crate::store::Queue;
 /// Time on air of a LoRa downlink at 125 kHz, CR 4/5, 8 preamble symbols, explicit header, no
 /// CRC (Semtech AN1200.13), for the duty-cycle arithmetic of the rule file's check.
 pub fn airtime(spreading_factor: u32, phy_len: usize) -> Duration {
-    let sf = spreading_factor as f64;
-    let t_sym = (1u64 << spreading_factor) as f64 / 125_000.0;
-    let de = if spreading_factor >= 11 { 1.0 } else { 0.0 };
-    let n = ((8.0 * phy_len as f64 - 4.0 * sf + 28.0) / (4.0 * (sf - 2.0 * de))).ceil();
-    let payload_symbols = 8.0 + (n * 5.0).max(0.0);
-    Duration::from_secs_f64((8.0 + 4.25 + payload_symbols) * t_sym)
+    let us = crate::radio::airtime::lora_us(
+        spreading_factor,
+        125_000,
+        crate::radio::hal::CodeRate::Cr45,
+        8,
+        false,
+        true,
+        phy_len,
+    );
+    Duration::from_micros(us.unwrap_or(0).into())
 }
 
 /// What an actuator keeps in its sub-band's duty cycle for its STOP: the OFF frame and each of
